@@ -1,0 +1,37 @@
+# One command to set up and serve (make demo), one to set up and test (make test).
+# Everything installs into .venv at the repository root.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.razor-installed
+PORT ?= 8000
+# vLLM's CPU backend sizes its KV cache from one NUMA node's memory and refuses its default
+# utilisation on small nodes; an explicit KV size avoids that (GiB).
+KV_GIB ?= 2
+
+.PHONY: setup demo serve test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml scripts/setup_env.sh
+	PYTHON=$(PYTHON) bash scripts/setup_env.sh
+	touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py --port $(PORT) --kv-gib $(KV_GIB)
+
+serve: setup
+	$(VENV)/bin/razor-vllm model prepare
+	VLLM_CPU_KVCACHE_SPACE=$(KV_GIB) $(VENV)/bin/vllm serve $$($(VENV)/bin/razor-vllm model path) \
+		--attention-backend razor --port $(PORT) --max-model-len 8192
+
+test: setup
+	$(PY) -m pytest -q -rs tests
+
+test-fast: setup
+	$(PY) -m pytest -q -rs -m "not engine" tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info razor_vllm/_C*.so

@@ -1,0 +1,229 @@
+"""The RAZOR attention backend: retrieval heads over a full paged pool, local heads over sinks +
+a recent window + one compensation token in a bounded pool.
+
+Read top to bottom in the order data flows: the Backend (capabilities), the per-pool Metadata and
+its Builder (once per step and pool), and the Impl (per layer: write this step's K/V into both
+pools, attend, fold tokens leaving the window into the compensation sums). Kernels live in
+``razor_vllm.ops``. How the pools are laid out and registered with vLLM: ``pools.py``,
+``install.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+import torch
+
+from vllm.forward_context import get_forward_context
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from razor_vllm import ops
+from razor_vllm.ops.cache import write_kv
+from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME
+
+if TYPE_CHECKING:
+    from razor_vllm.install import LayerRazorState
+
+
+class RazorAttentionBackend(AttentionBackend):
+    # The impl writes K/V itself: one layer writes into two pools at different slots.
+    forward_includes_kv_cache_update: bool = True
+
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "bfloat16", "float16", "float32"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "RAZOR"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        # Our kernels take any block size; never split vLLM's blocks.
+        return [MultipleOf(1)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []  # any
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size > 0
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Kernels index pages as [block, head, token, 2*head_size].
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls() -> type["RazorAttentionImpl"]:
+        return RazorAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["RazorMetadataBuilder"]:
+        return RazorMetadataBuilder
+
+
+@dataclass
+class RazorPoolMetadata:
+    """One step's view of one pool: exactly what the kernels need."""
+
+    num_actual_tokens: int
+    max_query_len: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32, including this step's tokens
+    block_table: torch.Tensor  # [num_reqs, max_blocks] int32, this pool's block ids
+    slot_mapping: torch.Tensor  # [num_tokens] int64, this pool's slot per new token (-1: skip)
+
+
+class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
+    """Built once per step for each pool's KV group; every layer reads it."""
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> RazorPoolMetadata:
+        cm = common_attn_metadata
+        num_reqs = cm.num_reqs
+        return RazorPoolMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            max_query_len=cm.max_query_len,
+            query_start_loc=cm.query_start_loc[: num_reqs + 1].to(torch.int32),
+            seq_lens=cm.seq_lens[:num_reqs].to(torch.int32),
+            block_table=cm.block_table_tensor[:num_reqs].to(torch.int32),
+            slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],
+        )
+
+
+class RazorAttentionImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: Optional[list[float]],
+        sliding_window: Optional[int],
+        kv_cache_dtype: str,
+        logits_soft_cap: Optional[float] = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: Optional[str] = None,
+        **extra,
+    ) -> None:
+        unsupported = []
+        if alibi_slopes is not None:
+            unsupported.append("ALiBi")
+        if sliding_window is not None:
+            unsupported.append("a model sliding window")
+        if logits_soft_cap:
+            unsupported.append("logits soft-capping")
+        if attn_type != AttentionType.DECODER:
+            unsupported.append(f"attention type {attn_type}")
+        if kv_sharing_target_layer_name is not None:
+            unsupported.append("cross-layer KV sharing")
+        if unsupported:
+            raise NotImplementedError(f"RAZOR attention does not support {', '.join(unsupported)}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.num_queries_per_kv = num_heads // num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: Optional[RazorPoolMetadata],
+        output: Optional[torch.Tensor] = None,
+        output_scale: Optional[torch.Tensor] = None,
+        output_block_scale: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        assert output is not None, "RAZOR attention writes into the output buffer vLLM passes"
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by RAZOR attention")
+        if attn_metadata is None:
+            return output  # profiling run: no KV cache yet
+        state: LayerRazorState = layer.razor_state
+        ctx = get_forward_context()
+        num_tokens = attn_metadata.num_actual_tokens
+        query, key, value = query[:num_tokens], key[:num_tokens], value[:num_tokens]
+        out = output[:num_tokens]
+        if state.retrieval.num_kv_heads:
+            self._retrieval(state, ctx, query, key, value, out)
+        if state.local.num_kv_heads:
+            self._local(state, ctx, query, key, value, out)
+        return output
+
+    def _retrieval(self, state, ctx, query, key, value, out) -> None:
+        heads = state.retrieval
+        md: RazorPoolMetadata = ctx.attn_metadata[RETRIEVAL_POOL_NAME]
+        cache = ctx.no_compile_layers[RETRIEVAL_POOL_NAME].kv_cache
+        key_cache, value_cache = cache[..., : self.head_size], cache[..., self.head_size :]
+        write_kv(key_cache, value_cache, heads.select_kv(key), heads.select_kv(value), md.slot_mapping, heads.offset)
+        out_heads = ops.paged_attention(
+            heads.select_q(query),
+            key_cache,
+            value_cache,
+            md.block_table,
+            md.seq_lens,
+            md.query_start_loc,
+            heads.offset,
+            heads.num_kv_heads,
+            self.scale,
+        )
+        heads.scatter_q(out, out_heads)
+
+    def _local(self, state, ctx, query, key, value, out) -> None:
+        heads = state.local
+        md: RazorPoolMetadata = ctx.attn_metadata[LOCAL_POOL_NAME]
+        cache = ctx.no_compile_layers[LOCAL_POOL_NAME].kv_cache
+        key_cache, value_cache = cache[..., : self.head_size], cache[..., self.head_size :]
+        comp = state.compensation(cache)
+        write_kv(key_cache, value_cache, heads.select_kv(key), heads.select_kv(value), md.slot_mapping, heads.offset)
+        out_heads = ops.local_attention(
+            heads.select_q(query),
+            key_cache,
+            value_cache,
+            comp,
+            md.block_table,
+            md.seq_lens,
+            md.query_start_loc,
+            heads.offset,
+            heads.num_kv_heads,
+            state.sink,
+            state.window,
+            self.scale,
+        )
+        heads.scatter_q(out, out_heads)
+        # Fold the tokens that leave the window for the next step now: the scheduler may hand
+        # their blocks to another request before that step runs.
+        ops.fold_compensation(
+            key_cache,
+            value_cache,
+            comp,
+            md.block_table,
+            md.seq_lens,
+            md.query_start_loc,
+            heads.offset,
+            heads.num_kv_heads,
+            state.sink,
+            state.window,
+        )

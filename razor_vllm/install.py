@@ -1,0 +1,193 @@
+"""Turning a model built with ``--attention-backend razor`` into one served from two pools.
+
+Runs in each worker right before the runner collects KV-cache specs: resolves the profile for
+this model and rank, plans the pool layout, registers the two pool layers, points every model
+attention layer at them, and logs one summary line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
+
+from razor_vllm.config import ModelFingerprint
+from razor_vllm.layout import LayerHeads, PoolLayout, plan_layout, shard_kv_heads
+from razor_vllm.options import ResolvedRazorConfig, resolve_for_vllm_config
+from razor_vllm.pools import (
+    LOCAL_POOL_NAME,
+    RETRIEVAL_POOL_NAME,
+    RazorPoolLayer,
+    build_specs,
+    compensation_view,
+)
+
+logger = init_logger("vllm." + __name__)  # under "vllm" so it shares vLLM's log handlers
+
+
+@dataclass
+class HeadSelection:
+    """One layer's heads of one kind: which KV/query heads, and where they sit in the pool."""
+
+    kv_heads: tuple[int, ...]
+    offset: int
+    queries_per_kv: int
+    kv_index: Optional[torch.Tensor] = field(default=None, repr=False)
+    q_index: Optional[torch.Tensor] = field(default=None, repr=False)
+    q_slice: Optional[slice] = None
+
+    @classmethod
+    def of(cls, kv_heads: tuple[int, ...], offset: int, num_kv_heads: int, queries_per_kv: int) -> "HeadSelection":
+        sel = cls(kv_heads, offset, queries_per_kv)
+        if kv_heads and kv_heads == tuple(range(kv_heads[0], kv_heads[-1] + 1)):
+            # Contiguous heads: slices, no copies.
+            sel.q_slice = slice(kv_heads[0] * queries_per_kv, (kv_heads[-1] + 1) * queries_per_kv)
+        sel.kv_index = torch.tensor(kv_heads, dtype=torch.long)
+        sel.q_index = torch.tensor(
+            [h * queries_per_kv + j for h in kv_heads for j in range(queries_per_kv)], dtype=torch.long
+        )
+        return sel
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.kv_heads)
+
+    def select_kv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_slice is not None:
+            return x[:, self.kv_heads[0] : self.kv_heads[-1] + 1]
+        return x.index_select(1, self.kv_index.to(x.device))
+
+    def select_q(self, q: torch.Tensor) -> torch.Tensor:
+        if self.q_slice is not None:
+            return q[:, self.q_slice]
+        return q.index_select(1, self.q_index.to(q.device))
+
+    def scatter_q(self, out: torch.Tensor, heads_out: torch.Tensor) -> None:
+        if self.q_slice is not None:
+            out[:, self.q_slice] = heads_out
+        else:
+            out.index_copy_(1, self.q_index.to(out.device), heads_out.to(out.dtype))
+
+
+@dataclass
+class LayerRazorState:
+    """What one model attention layer needs at run time (attached as ``layer.razor_state``)."""
+
+    retrieval: HeadSelection
+    local: HeadSelection
+    sink: int
+    window: int
+    layout: PoolLayout
+    head_size: int
+    _comp_cache: dict = field(default_factory=dict, repr=False)
+
+    def compensation(self, local_cache: torch.Tensor) -> torch.Tensor:
+        """fp32 compensation-sum view of the local pool (built once per bound cache tensor)."""
+        key = (local_cache.data_ptr(), tuple(local_cache.shape))
+        view = self._comp_cache.get(key)
+        if view is None:
+            self._comp_cache.clear()
+            view = self._comp_cache[key] = compensation_view(local_cache, self.layout, self.head_size)
+        return view
+
+
+def razor_layers(vllm_config: VllmConfig) -> dict[str, Attention]:
+    from razor_vllm.backend import RazorAttentionBackend
+
+    context = vllm_config.compilation_config.static_forward_context
+    return {
+        name: layer
+        for name, layer in context.items()
+        if isinstance(layer, Attention) and issubclass(layer.get_attn_backend(), RazorAttentionBackend)
+    }
+
+
+def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
+    """Idempotent; returns the layout, or None when no layer uses RAZOR."""
+    from razor_vllm.backend import RazorAttentionBackend
+
+    context = vllm_config.compilation_config.static_forward_context
+    layers = razor_layers(vllm_config)
+    if not layers:
+        return None
+    existing = [layer.razor_state.layout for layer in layers.values() if hasattr(layer, "razor_state")]
+    if existing:
+        return existing[0]
+
+    resolved = resolve_for_vllm_config(vllm_config)
+    names = sorted(layers, key=_layer_index)
+    first = layers[names[0]]
+    served = ModelFingerprint.from_hf_config(vllm_config.model_config.hf_config)
+    if len(names) != served.num_layers:
+        raise ValueError(f"razor found {len(names)} attention layers, the profile's model has {served.num_layers}")
+
+    tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+    local_kv_heads = first.num_kv_heads
+    retrieval_per_layer = [
+        shard_kv_heads(resolved.retrieval_heads[i], served.num_kv_heads, tp_size, tp_rank) for i in range(len(names))
+    ]
+    dtype = first.kv_cache_torch_dtype
+    layout = plan_layout(
+        retrieval_per_layer,
+        local_kv_heads,
+        resolved.local_block_size,
+        torch.tensor([], dtype=dtype).element_size(),
+        default_block_size=vllm_config.cache_config.block_size,
+    )
+    retrieval_spec, local_spec = build_specs(layout, first.head_size, dtype, resolved.sink, resolved.window)
+    if retrieval_spec is not None:
+        context[RETRIEVAL_POOL_NAME] = RazorPoolLayer(RETRIEVAL_POOL_NAME, retrieval_spec, RazorAttentionBackend)
+    if local_spec is not None:
+        context[LOCAL_POOL_NAME] = RazorPoolLayer(LOCAL_POOL_NAME, local_spec, RazorAttentionBackend)
+    share_target = LOCAL_POOL_NAME if local_spec is not None else RETRIEVAL_POOL_NAME
+
+    for name, heads in zip(names, layout.layers):
+        layer = layers[name]
+        g = layer.num_heads // layer.num_kv_heads
+        layer.razor_state = LayerRazorState(
+            retrieval=HeadSelection.of(heads.retrieval, heads.retrieval_offset, layer.num_kv_heads, g),
+            local=HeadSelection.of(heads.local, heads.local_offset, layer.num_kv_heads, g),
+            sink=resolved.sink,
+            window=resolved.window,
+            layout=layout,
+            head_size=layer.head_size,
+        )
+        # vLLM's cross-layer KV sharing: the runner allocates nothing for this layer, adds it to
+        # the pool's KV group (so it receives that group's metadata) and binds it that pool.
+        layer.kv_sharing_target_layer_name = share_target
+
+    if tp_rank == 0:
+        logger.info(summary_line(resolved, layout, retrieval_spec, local_spec))
+    return layout
+
+
+def summary_line(resolved: ResolvedRazorConfig, layout: PoolLayout, retrieval_spec, local_spec) -> str:
+    total = layout.num_retrieval_heads + layout.num_local_heads
+    parts = [
+        f"RAZOR: profile {resolved.profile_source}",
+        f"{layout.num_retrieval_heads}/{total} KV heads retrieval ({100 * layout.num_retrieval_heads / total:.1f}%)",
+        f"sink={resolved.sink} window={resolved.window}",
+    ]
+    if retrieval_spec is not None:
+        per_token = retrieval_spec.page_size_bytes // retrieval_spec.block_size
+        parts.append(f"retrieval pool {per_token} B/token (block {retrieval_spec.block_size})")
+    if local_spec is not None:
+        per_token = local_spec.page_size_bytes // local_spec.block_size
+        bounded = resolved.sink + resolved.window
+        parts.append(f"local pool {per_token} B/token for at most ~{bounded} tokens (block {local_spec.block_size})")
+    return ", ".join(parts)
+
+
+def _layer_index(name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(name)
+
+
+__all__ = ["install_pools", "LayerRazorState", "HeadSelection", "LayerHeads"]

@@ -1,0 +1,148 @@
+"""Where every layer's heads live in the two pools, and the pools' block sizes.
+
+One retrieval pool and one local pool each span all layers: layer ``l`` owns the contiguous
+pool heads ``[offset, offset + count)``. Layers therefore keep different numbers of retrieval
+heads (some none) without padding every layer to the largest count.
+
+vLLM allocates both pools from one block pool whose pages must be equal in size, so
+``R_pool * retrieval_block = L_pool * (local_block + tail_slots)``. The local page carries a
+tail of ``tail_slots`` token slots per head, where each request's first (sink) block keeps the
+fp32 compensation sums. A few padding heads (never read) make the equation solvable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+MIN_RETRIEVAL_BLOCK = 16
+MAX_RETRIEVAL_BLOCK = 1024
+MAX_PADDING_HEADS = 64
+
+
+@dataclass(frozen=True)
+class LayerHeads:
+    """One layer's KV heads (rank-local ids) in each pool, and where they sit in the pool."""
+
+    retrieval: tuple[int, ...]
+    local: tuple[int, ...]
+    retrieval_offset: int
+    local_offset: int
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    layers: tuple[LayerHeads, ...]
+    retrieval_pool_heads: int  # including padding
+    local_pool_heads: int  # including padding
+    retrieval_block_size: int
+    local_block_size: int
+    tail_slots: int  # extra token slots per local head and block (compensation sums)
+
+    @property
+    def num_retrieval_heads(self) -> int:
+        return sum(len(layer.retrieval) for layer in self.layers)
+
+    @property
+    def num_local_heads(self) -> int:
+        return sum(len(layer.local) for layer in self.layers)
+
+    @property
+    def has_retrieval_pool(self) -> bool:
+        return self.num_retrieval_heads > 0
+
+    @property
+    def has_local_pool(self) -> bool:
+        return self.num_local_heads > 0
+
+    def page_slots(self) -> int:
+        """Token-head slots per page (equal for both pools when both exist)."""
+        if self.has_local_pool:
+            return self.local_pool_heads * (self.local_block_size + self.tail_slots)
+        return self.retrieval_pool_heads * self.retrieval_block_size
+
+
+def tail_slots_for(dtype_size: int) -> int:
+    """Token slots per head that hold fp32 K and V sums (2 x D x 4 bytes) in a cache of ``dtype_size``."""
+    return -(-4 // dtype_size)
+
+
+def shard_kv_heads(global_heads: Sequence[int], total_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:
+    """Rank-local ids of the profile's global KV heads that ``tp_rank`` holds.
+
+    With ``tp_size <= total_kv_heads`` rank r holds global heads [r*n, (r+1)*n), n = total/tp.
+    With more ranks than KV heads, vLLM replicates: rank r holds global head r * total // tp_size.
+    """
+    if tp_size <= total_kv_heads:
+        if total_kv_heads % tp_size:
+            raise ValueError(f"{total_kv_heads} KV heads cannot be split over tensor parallel size {tp_size}")
+        per_rank = total_kv_heads // tp_size
+        first = tp_rank * per_rank
+        return [h - first for h in global_heads if first <= h < first + per_rank]
+    if tp_size % total_kv_heads:
+        raise ValueError(f"tensor parallel size {tp_size} is not a multiple of {total_kv_heads} KV heads")
+    held = tp_rank * total_kv_heads // tp_size
+    return [0] if held in global_heads else []
+
+
+def _solve_block_sizes(
+    num_retrieval: int, num_local: int, local_block: int, tail: int, preferred_retrieval_block: int
+) -> tuple[int, int, int]:
+    """(retrieval_pool_heads, local_pool_heads, retrieval_block) with equal pages and least padding."""
+    best: Optional[tuple[tuple[int, int, int], tuple[int, int, int]]] = None
+    for pad_r in range(0, MAX_PADDING_HEADS + 1):
+        for pad_l in range(0, MAX_PADDING_HEADS + 1):
+            r, l = num_retrieval + pad_r, num_local + pad_l
+            slots = l * (local_block + tail)
+            if slots % r:
+                continue
+            block = slots // r
+            if not MIN_RETRIEVAL_BLOCK <= block <= MAX_RETRIEVAL_BLOCK:
+                continue
+            # Retrieval padding costs on every token of a sequence, local padding only on the window:
+            # rank by relative retrieval waste first, then local waste, then a block size near preferred.
+            key = (pad_r * 1000 // r, pad_l * 1000 // l, abs(block - preferred_retrieval_block))
+            if best is None or key < best[0]:
+                best = (key, (r, l, block))
+        if best is not None and best[0][0] == 0:
+            break
+    if best is None:
+        raise ValueError(
+            f"no equal-page layout for {num_retrieval} retrieval and {num_local} local heads "
+            f"with local block size {local_block}; try another local_block_size"
+        )
+    return best[1]
+
+
+def plan_layout(
+    retrieval_heads_per_layer: Sequence[Sequence[int]],
+    num_kv_heads: int,
+    local_block_size: int,
+    dtype_size: int,
+    default_block_size: int = 128,
+) -> PoolLayout:
+    """Place each layer's heads (rank-local ids) into the pools and choose block sizes."""
+    counts_r = [len(h) for h in retrieval_heads_per_layer]
+    num_r = sum(counts_r)
+    num_l = num_kv_heads * len(retrieval_heads_per_layer) - num_r
+    tail = tail_slots_for(dtype_size)
+    if num_r and num_l:
+        pool_r, pool_l, block_r = _solve_block_sizes(num_r, num_l, local_block_size, tail, default_block_size)
+    else:
+        pool_r, pool_l, block_r = num_r, num_l, default_block_size
+    layers = []
+    off_r = off_l = 0
+    for heads in retrieval_heads_per_layer:
+        retrieval = tuple(sorted(heads))
+        local = tuple(h for h in range(num_kv_heads) if h not in set(retrieval))
+        layers.append(LayerHeads(retrieval, local, off_r, off_l))
+        off_r += len(retrieval)
+        off_l += len(local)
+    return PoolLayout(
+        layers=tuple(layers),
+        retrieval_pool_heads=pool_r,
+        local_pool_heads=pool_l,
+        retrieval_block_size=block_r,
+        local_block_size=local_block_size,
+        tail_slots=tail,
+    )

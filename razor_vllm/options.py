@@ -1,0 +1,109 @@
+"""Razor options from ``--additional-config '{"razor": {...}}'`` and the profile they resolve to."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from razor_vllm.config import (
+    ModelFingerprint,
+    ProfileError,
+    RazorProfile,
+    check_profile_matches,
+    find_profile_for,
+    resolve_profile,
+)
+
+ADDITIONAL_CONFIG_KEY = "razor"
+
+
+class RazorOptions(BaseModel):
+    """User options. ``None`` means: take it from the profile.
+
+    - ``profile``: path to a profile YAML or the name of a bundled one; default: the bundled
+      profile whose fingerprint matches the served model.
+    - ``window`` / ``sink``: recent-window and sink sizes (tokens) of local heads.
+    - ``local_block_size``: tokens per block of the local pool (its window is recycled per block).
+    - ``all_retrieval`` / ``all_local``: ignore the profile's head choice and keep a full cache for
+      every head (checks exactness against stock vLLM), or for none (the StreamingLLM baseline).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: Optional[str] = None
+    window: Optional[int] = Field(default=None, ge=1)
+    sink: Optional[int] = Field(default=None, ge=0)
+    local_block_size: int = Field(default=32, ge=1, le=1024)
+    all_retrieval: bool = False
+    all_local: bool = False
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Optional[dict[str, Any]]) -> "RazorOptions":
+        raw = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"--additional-config razor must be a JSON object, got {raw!r}")
+        try:
+            options = cls.model_validate(raw)
+        except ValidationError as exc:
+            details = "; ".join(
+                f"razor.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+                for e in exc.errors()
+            )
+            raise ValueError(f"invalid razor options in --additional-config: {details}") from exc
+        if options.all_retrieval and options.all_local:
+            raise ValueError("razor options all_retrieval and all_local exclude each other")
+        return options
+
+
+class ResolvedRazorConfig(BaseModel):
+    """The profile with user overrides applied: what the backend actually serves."""
+
+    model_config = ConfigDict(frozen=True)
+
+    profile: RazorProfile
+    profile_source: str
+    retrieval_heads: list[list[int]]
+    sink: int
+    window: int
+    local_block_size: int
+
+
+def resolve(options: RazorOptions, served: ModelFingerprint) -> ResolvedRazorConfig:
+    """Find and check the profile, apply overrides; raises ProfileError / ValueError with a clear message."""
+    if options.profile is not None:
+        profile = resolve_profile(options.profile)
+        source = options.profile
+        check_profile_matches(profile, served, source=f"profile '{source}'")
+    else:
+        profile = find_profile_for(served)
+        source = "bundled profile for " + served.architecture
+    heads = [list(h) for h in profile.retrieval_heads]
+    if options.all_retrieval:
+        heads = [list(range(served.num_kv_heads)) for _ in range(served.num_layers)]
+    elif options.all_local:
+        heads = [[] for _ in range(served.num_layers)]
+    sink = profile.sink if options.sink is None else options.sink
+    window = profile.window if options.window is None else options.window
+    if window < 1:
+        raise ValueError(f"razor window must be >= 1, got {window}")
+    if sink < 0:
+        raise ValueError(f"razor sink must be >= 0, got {sink}")
+    return ResolvedRazorConfig(
+        profile=profile,
+        profile_source=source,
+        retrieval_heads=heads,
+        sink=sink,
+        window=window,
+        local_block_size=options.local_block_size,
+    )
+
+
+def resolve_for_vllm_config(vllm_config: Any) -> ResolvedRazorConfig:
+    """Resolve razor options against the model vLLM is about to serve."""
+    options = RazorOptions.from_additional_config(vllm_config.additional_config)
+    served = ModelFingerprint.from_hf_config(vllm_config.model_config.hf_config)
+    try:
+        return resolve(options, served)
+    except ProfileError as exc:
+        raise ProfileError(f"razor cannot serve {vllm_config.model_config.model}: {exc}") from None

