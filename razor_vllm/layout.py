@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 MIN_RETRIEVAL_BLOCK = 16
-MAX_RETRIEVAL_BLOCK = 1024
+MAX_RETRIEVAL_BLOCK = 4096
 MAX_PADDING_HEADS = 64
 
 

@@ -1,0 +1,101 @@
+"""Each hook into vLLM internals, exercised on the installed vLLM: an upgrade that moves one fails here."""
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from razor_vllm import vllm_compat
+
+vllm_compat.install()
+
+from vllm.platforms import current_platform  # noqa: E402
+from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
+from vllm.v1.attention.selector import AttentionSelectorConfig  # noqa: E402
+
+
+def test_backend_name_registered_and_resolves_to_our_class():
+    from razor_vllm.backend import RazorAttentionBackend
+
+    member = AttentionBackendEnum["RAZOR"]
+    assert member.get_class() is RazorAttentionBackend
+    assert RazorAttentionBackend.get_name() == "RAZOR"
+    # `--attention-backend razor` goes through the same validator as the CLI.
+    from vllm.config.attention import AttentionConfig
+
+    assert AttentionConfig(backend="razor").backend is member
+
+
+def test_plugin_entry_point_is_installed():
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert names.get("razor") == "razor_vllm.plugin:register"
+
+
+def test_enum_member_unpickles_in_a_fresh_process():
+    payload = pickle.dumps(AttentionBackendEnum["RAZOR"])
+    child = subprocess.run(
+        [sys.executable, "-c", "import pickle,sys; m = pickle.loads(sys.stdin.buffer.read()); print(m.name, m.value)"],
+        input=payload,
+        capture_output=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr.decode()[-2000:]
+    assert child.stdout.decode().split() == ["RAZOR", vllm_compat.BACKEND_PATH]
+    # Built-in members still pickle by value.
+    assert pickle.loads(pickle.dumps(AttentionBackendEnum.CPU_ATTN)) is AttentionBackendEnum.CPU_ATTN
+
+
+def _selector(**kw):
+    base = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=128)
+    base.update(kw)
+    return AttentionSelectorConfig(**base)
+
+
+def test_platform_selects_razor_when_asked():
+    path = type(current_platform).get_attn_backend_cls(AttentionBackendEnum["RAZOR"], _selector())
+    assert path == vllm_compat.BACKEND_PATH
+
+
+def test_platform_refuses_models_razor_cannot_serve():
+    with pytest.raises(ValueError, match="RAZOR attention cannot serve this model: .*MLA"):
+        type(current_platform).get_attn_backend_cls(AttentionBackendEnum["RAZOR"], _selector(use_mla=True))
+    with pytest.raises(ValueError, match="attention type encoder_only"):
+        type(current_platform).get_attn_backend_cls(AttentionBackendEnum["RAZOR"], _selector(attn_type="encoder_only"))
+
+
+def test_platform_other_backends_unchanged():
+    path = type(current_platform).get_attn_backend_cls(AttentionBackendEnum.CPU_ATTN, _selector())
+    assert path != vllm_compat.BACKEND_PATH
+
+
+def test_local_spec_gets_razor_manager_after_builtin_registration():
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, register_all_kvcache_specs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from razor_vllm.pools import RazorLocalManager, RazorLocalSpec
+
+    register_all_kvcache_specs(None)
+    spec = RazorLocalSpec(block_size=32, num_kv_heads=4, head_size=64, dtype=torch.bfloat16, sliding_window=64, sink=4)
+    assert KVCacheSpecRegistry.get_manager_class(spec) is RazorLocalManager
+    full = FullAttentionSpec(block_size=32, num_kv_heads=4, head_size=64, dtype=torch.bfloat16)
+    assert KVCacheSpecRegistry.get_manager_class(full) is FullAttentionManager  # built-ins intact
+
+
+def test_runner_spec_collection_is_wrapped():
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert getattr(GPUModelRunner.get_kv_cache_spec, "__razor_wrapped__", False)
+    assert CPUModelRunner.get_kv_cache_spec is GPUModelRunner.get_kv_cache_spec
+
+
+def test_install_is_idempotent():
+    before = type(current_platform).get_attn_backend_cls
+    vllm_compat._INSTALLED = False
+    vllm_compat.install()
+    assert type(current_platform).get_attn_backend_cls.__func__ is before.__func__
