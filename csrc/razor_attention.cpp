@@ -1,0 +1,698 @@
+// RazorAttention CPU kernels for the two KV pools (layout and semantics: razor_vllm/ops/__init__.py).
+//
+//   paged_attention    causal attention of retrieval heads over the full paged cache
+//   local_attention    local heads: sinks + window + one count-weighted compensation key/value
+//   fold_compensation  after attention, add the positions leaving the window to the stored sums
+//
+// Work is split into tasks of (request, KV head, tile of queries): every key row read from the
+// cache is scored against all queries * g query rows of the tile (GQA), with an online softmax over
+// runs of keys. Caches are read through their strides (kv_cache[..., :D] and [..., D:] are views).
+// For local heads only sink positions and positions >= first query - W + 1 are dereferenced, so
+// freed window blocks may hold any id. Sums and softmax run in fp32.
+#include "cpu_vec.h"  // first: selects the at::vec ISA
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace razor {
+namespace {
+
+constexpr int64_t kTileRows = 4 * at::vec::Vectorized<float>::size();  // query rows (queries x g) per task
+constexpr int64_t kLaneMinRows = 8;  // fewer rows than this (decode): one row at a time
+constexpr int64_t kKeyRun = 32;     // keys per online-softmax update
+constexpr int64_t kParallelMinCost = 1 << 14;  // row x key pairs (~20 us of work) worth waking threads for
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// One half (key or value) of a pool cache: rows [block, head, slot] of D contiguous elements.
+template <typename T>
+struct PagedRows {
+  const T* data;
+  int64_t block_stride, head_stride, slot_stride;
+
+  explicit PagedRows(const at::Tensor& cache)
+      : data(cache.data_ptr<T>()),
+        block_stride(cache.stride(0)),
+        head_stride(cache.stride(1)),
+        slot_stride(cache.stride(2)) {}
+
+  const T* row(int64_t block, int64_t head, int64_t slot) const {
+    return data + block * block_stride + head * head_stride + slot * slot_stride;
+  }
+};
+
+// The queries of one request in this step: flattened rows [q_start, q_start + q_len), positions from p0.
+struct Span {
+  int64_t req, q_start, q_len, p0;
+  int64_t p1() const { return p0 + q_len - 1; }
+};
+
+// Consecutive positions [pos, pos + n) stored in one physical block from `slot` on.
+struct Run {
+  int64_t block, pos, slot, n;
+};
+
+// Per-step bookkeeping shared by all kernels: spans and the block table.
+struct Batch {
+  std::vector<Span> spans;
+  at::Tensor table;  // int32, keeps the storage alive
+  const int32_t* block_table;
+  int64_t table_stride, block_size;
+
+  Batch(const at::Tensor& block_table_in, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+        int64_t block_size_)
+      : block_size(block_size_) {
+    TORCH_CHECK(block_table_in.dim() == 2, "block_table must be [num_reqs, max_blocks]");
+    TORCH_CHECK(block_table_in.device().is_cpu() && seq_lens.device().is_cpu() && query_start_loc.device().is_cpu(),
+                "block_table, seq_lens and query_start_loc must be CPU tensors");
+    table = block_table_in.scalar_type() == at::kInt ? block_table_in : block_table_in.to(at::kInt);
+    if (table.stride(1) != 1) table = table.contiguous();
+    block_table = table.data_ptr<int32_t>();
+    table_stride = table.stride(0);
+
+    const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+    const at::Tensor starts = query_start_loc.to(at::kLong).contiguous();
+    const int64_t num_reqs = lens.numel();
+    TORCH_CHECK(starts.numel() == num_reqs + 1, "query_start_loc must have num_reqs + 1 entries, got ",
+                starts.numel(), " for ", num_reqs, " requests");
+    TORCH_CHECK(table.size(0) >= num_reqs, "block_table has fewer rows than seq_lens");
+    const int64_t* len = lens.data_ptr<int64_t>();
+    const int64_t* start = starts.data_ptr<int64_t>();
+    for (int64_t r = 0; r < num_reqs; ++r) {
+      const int64_t q_len = start[r + 1] - start[r];
+      if (q_len <= 0) continue;
+      TORCH_CHECK(len[r] >= q_len, "request ", r, ": seq_len ", len[r], " < query count ", q_len);
+      TORCH_CHECK((len[r] + block_size - 1) / block_size <= table.size(1), "request ", r, ": seq_len ", len[r],
+                  " needs more blocks than block_table has columns");
+      spans.push_back({r, start[r], q_len, len[r] - q_len});
+    }
+  }
+
+  int64_t block(int64_t req, int64_t pos) const { return block_table[req * table_stride + pos / block_size]; }
+
+  int64_t num_queries() const { return spans.empty() ? 0 : spans.back().q_start + spans.back().q_len; }
+
+  // Runs of [lo, hi) that stay inside one block, at most kKeyRun long. fn(run, next) also gets the
+  // following run (n == 0 after the last) so that its rows can be prefetched while this one is used.
+  template <typename Fn>
+  void for_each_run(int64_t req, int64_t lo, int64_t hi, Fn&& fn) const {
+    for (Run run = run_at(req, lo, hi); run.n > 0;) {
+      const Run next = run_at(req, run.pos + run.n, hi);
+      fn(run, next);
+      run = next;
+    }
+  }
+
+  Run run_at(int64_t req, int64_t pos, int64_t hi) const {
+    if (pos >= hi) return {0, pos, 0, 0};
+    const int64_t slot = pos % block_size;
+    return {block(req, pos), pos, slot, std::min({hi - pos, block_size - slot, kKeyRun})};
+  }
+};
+
+struct Task {
+  int64_t span, head, q_begin, q_end, cost;
+};
+
+// n consecutive cache rows as float rows: the cache itself for float, a converted copy otherwise.
+struct FloatRows {
+  const float* base;
+  int64_t stride;
+  const float* operator[](int64_t j) const { return base + j * stride; }
+};
+
+template <typename T>
+FloatRows load_rows(const PagedRows<T>& cache, int64_t block, int64_t head, int64_t slot, int64_t n, int64_t D,
+                    float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {cache.row(block, head, slot), cache.slot_stride};
+  } else {
+    for (int64_t j = 0; j < n; ++j) to_float(cache.row(block, head, slot + j), buffer + j * D, D);
+    return {buffer, D};
+  }
+}
+
+// Per-thread buffers, sized for the largest tile.
+struct Scratch {
+  int64_t padded_rows;
+  std::vector<float> m, l, acc, logits, keys, values, key_sum, value_sum, value_mean, query_t, lo, hi;
+  Scratch(int64_t rows, int64_t D)
+      : padded_rows((rows + fVec::size() - 1) / fVec::size() * fVec::size()),
+        m(padded_rows), l(padded_rows), acc(padded_rows * D), logits(kKeyRun * padded_rows), keys(kKeyRun * D),
+        values(kKeyRun * D), key_sum(D), value_sum(D), value_mean(D), query_t(padded_rows * D), lo(padded_rows),
+        hi(padded_rows) {}
+};
+
+// Runs tasks on the ATen thread pool, largest first, each thread pulling the next one (tiles of a
+// long prefill and single decode queries differ in cost by orders of magnitude). Task cost is in
+// (query row x cache row) pairs; a call with less work than kParallelMinCost stays on the calling
+// thread, where waking the pool would cost more than the work.
+template <typename Fn>
+void run_tasks(std::vector<Task>& tasks, int64_t rows, int64_t D, Fn&& fn) {
+  int64_t total = 0;
+  for (const Task& t : tasks) total += t.cost;
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  if (total < kParallelMinCost || n < 2 || at::get_num_threads() < 2 || at::in_parallel_region()) {
+    Scratch scratch(rows, D);
+    for (const Task& t : tasks) fn(t, scratch);
+    return;
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(rows, D);
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t i; (i = next.fetch_add(1)) < n;) fn(tasks[i], scratch);
+  });
+}
+
+// What a tile attends with: rows r = (query i) * g + j, query i at position first_pos + i, reading
+// KV head pool_head. Query rows are float, row r at query + (r / g) * query_stride + (r % g) * D.
+template <typename T>
+struct TileInputs {
+  const PagedRows<T>& keys;
+  const PagedRows<T>& values;
+  const Batch& batch;
+  int64_t req, pool_head, D, g, rows, first_pos;
+  float scale;
+  const float* query;
+  int64_t query_stride;
+
+  int64_t position(int64_t r) const { return first_pos + r / g; }
+  const float* query_row(int64_t r) const { return query + (r / g) * query_stride + (r % g) * D; }
+
+  // Decode streams the cache once, so it waits on memory; ask for the next run's rows early.
+  void prefetch(const Run& run) const {
+    for (int64_t j = 0; j < run.n; ++j) {
+      const char* k = reinterpret_cast<const char*>(keys.row(run.block, pool_head, run.slot + j));
+      const char* v = reinterpret_cast<const char*>(values.row(run.block, pool_head, run.slot + j));
+      for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(T)); byte += 64) {
+        __builtin_prefetch(k + byte);
+        __builtin_prefetch(v + byte);
+      }
+    }
+  }
+
+  FloatRows key_rows(const Run& run, float* buffer) const {
+    return load_rows(keys, run.block, pool_head, run.slot, run.n, D, buffer);
+  }
+  FloatRows value_rows(const Run& run, float* buffer) const {
+    return load_rows(values, run.block, pool_head, run.slot, run.n, D, buffer);
+  }
+};
+
+// Both tile kernels keep, per row, an online-softmax state (running max m, denominator l and
+// unnormalised output acc) and offer the same four steps: set_row (start a row from a given
+// state, e.g. the compensation key), attend (a range of key positions), finish (write acc / l).
+//
+// RowTile: one row at a time, dot products along D. For few rows (decode), where putting rows in
+// SIMD lanes would leave most lanes empty.
+template <typename T>
+struct RowTile {
+  const TileInputs<T>& in;
+  Scratch& s;
+
+  void set_row(int64_t r, float m, float l, const float* value) {
+    s.m[r] = m;
+    s.l[r] = l;
+    float* acc = s.acc.data() + r * in.D;
+    if (value) std::copy(value, value + in.D, acc); else std::fill(acc, acc + in.D, 0.f);
+  }
+
+  // Keys of [lo, hi); a row at position t sees those in [t - window + 1, t] (window > 0) or [0, t].
+  void attend(int64_t lo, int64_t hi, int64_t window) {
+    const int64_t D = in.D;
+    in.batch.for_each_run(in.req, lo, hi, [&](const Run& run, const Run& next) {
+      in.prefetch(next);
+      const int64_t pos0 = run.pos, n = run.n;
+      const FloatRows k = in.key_rows(run, s.keys.data());
+      const FloatRows v = in.value_rows(run, s.values.data());
+      for (int64_t r = 0; r < in.rows; ++r) {
+        const int64_t t = in.position(r);
+        const int64_t ja = std::max<int64_t>(0, window > 0 ? t - window + 1 - pos0 : 0);
+        const int64_t jb = std::min<int64_t>(n, t - pos0 + 1);
+        if (ja >= jb) continue;
+        float* logit = s.logits.data();
+        const float* q = in.query_row(r);
+        for (int64_t j = ja; j < jb; ++j) logit[j - ja] = in.scale * dot(q, k[j], D);
+        const int64_t count = jb - ja;
+        const float m_new = std::max(s.m[r], max_of(logit, count));
+        const float alpha = std::exp(s.m[r] - m_new);  // 0 on the first keys of the row
+        s.l[r] = s.l[r] * alpha + exp_shift_sum(logit, m_new, count);
+        s.m[r] = m_new;
+        mix(s.acc.data() + r * D, alpha, logit, v, ja, jb);
+      }
+    });
+  }
+
+  // acc = acc * alpha + sum_{j in [ja, jb)} p[j - ja] * v[j], accumulating 4 vectors of acc in registers.
+  void mix(float* acc, float alpha, const float* p, const FloatRows& v, int64_t ja, int64_t jb) const {
+    constexpr int64_t V = fVec::size();
+    const fVec va(alpha);
+    int64_t d = 0;
+    for (; d + 4 * V <= in.D; d += 4 * V) {
+      fVec a0 = fVec::loadu(acc + d) * va, a1 = fVec::loadu(acc + d + V) * va;
+      fVec a2 = fVec::loadu(acc + d + 2 * V) * va, a3 = fVec::loadu(acc + d + 3 * V) * va;
+      for (int64_t j = ja; j < jb; ++j) {
+        const fVec pj(p[j - ja]);
+        const float* vj = v[j] + d;
+        a0 = at::vec::fmadd(fVec::loadu(vj), pj, a0);
+        a1 = at::vec::fmadd(fVec::loadu(vj + V), pj, a1);
+        a2 = at::vec::fmadd(fVec::loadu(vj + 2 * V), pj, a2);
+        a3 = at::vec::fmadd(fVec::loadu(vj + 3 * V), pj, a3);
+      }
+      a0.store(acc + d), a1.store(acc + d + V), a2.store(acc + d + 2 * V), a3.store(acc + d + 3 * V);
+    }
+    for (; d < in.D; d += V) {  // remaining vectors, the last one partial
+      const int64_t width = std::min<int64_t>(V, in.D - d);
+      fVec a = fVec::loadu(acc + d, width) * va;
+      for (int64_t j = ja; j < jb; ++j) a = at::vec::fmadd(fVec::loadu(v[j] + d, width), fVec(p[j - ja]), a);
+      a.store(acc + d, width);
+    }
+  }
+
+  void finish(float* out, int64_t out_stride) const {
+    for (int64_t r = 0; r < in.rows; ++r) {
+      const float inv = 1.f / s.l[r];
+      const float* a = s.acc.data() + r * in.D;
+      float* o = out + (r / in.g) * out_stride + (r % in.g) * in.D;
+      for (int64_t d = 0; d < in.D; ++d) o[d] = a[d] * inv;
+    }
+  }
+};
+
+// LaneTile: rows in SIMD lanes (prefill tiles, many rows per KV head). Scores and the value update
+// are register-blocked outer products (4 keys or 4 dims x up to 4 row vectors per step), so each
+// key/value element loaded from the cache serves a whole vector of query rows; the softmax bookkeeping
+// runs across rows at once. State is transposed: query_t[d][r] (pre-scaled), acc[d][r].
+template <typename T>
+struct LaneTile {
+  static constexpr int64_t V = fVec::size();
+  static constexpr int64_t kMaxVecs = 4;  // row vectors per register block
+  const TileInputs<T>& in;
+  Scratch& s;
+  int64_t P;  // padded row count: stride of the transposed buffers
+
+  LaneTile(const TileInputs<T>& inputs, Scratch& scratch)
+      : in(inputs), s(scratch), P((inputs.rows + V - 1) / V * V) {
+    for (int64_t d = 0; d < in.D; ++d) {
+      float* qt = s.query_t.data() + d * P;
+      for (int64_t r = 0; r < in.rows; ++r) qt[r] = in.query_row(r)[d] * in.scale;
+      for (int64_t r = in.rows; r < P; ++r) qt[r] = 0.f;
+    }
+    for (int64_t r = in.rows; r < P; ++r) set_row(r, kNegInf, 0.f, nullptr);
+  }
+
+  void set_row(int64_t r, float m, float l, const float* value) {
+    s.m[r] = m;
+    s.l[r] = l;
+    for (int64_t d = 0; d < in.D; ++d) s.acc[d * P + r] = value ? value[d] : 0.f;
+  }
+
+  void attend(int64_t lo, int64_t hi, int64_t window) {
+    if (lo >= hi) return;
+    // Visible key range per row, as floats for lane-wise compares; padded rows see nothing.
+    int64_t first_seen = hi, last_seen = -1;
+    for (int64_t r = 0; r < P; ++r) {
+      const int64_t t = in.position(std::min(r, in.rows - 1));
+      const int64_t row_lo = window > 0 ? t - window + 1 : 0;
+      s.lo[r] = r < in.rows ? static_cast<float>(row_lo) : 1.f;
+      s.hi[r] = r < in.rows ? static_cast<float>(t) : 0.f;
+      if (r < in.rows) first_seen = std::min(first_seen, row_lo), last_seen = std::max(last_seen, t);
+    }
+    lo = std::max(lo, first_seen);
+    hi = std::min(hi, last_seen + 1);
+    in.batch.for_each_run(in.req, lo, hi, [&](const Run& run, const Run&) {
+      const int64_t pos0 = run.pos, n = run.n;
+      const FloatRows k = in.key_rows(run, s.keys.data());
+      const FloatRows v = in.value_rows(run, s.values.data());
+      for (int64_t c0 = 0; c0 < P; c0 += kMaxVecs * V) {
+        switch (std::min<int64_t>(kMaxVecs, (P - c0) / V)) {
+          case 1: process<1>(k, v, pos0, n, c0); break;
+          case 2: process<2>(k, v, pos0, n, c0); break;
+          case 3: process<3>(k, v, pos0, n, c0); break;
+          default: process<4>(k, v, pos0, n, c0); break;
+        }
+      }
+    });
+  }
+
+  // Keys [pos0, pos0 + n) against rows [c0, c0 + C * V).
+  template <int C>
+  void process(const FloatRows& k, const FloatRows& v, int64_t pos0, int64_t n, int64_t c0) {
+    constexpr int64_t W = C * V;  // logits row stride: logits[j][c * V + lane]
+    float* logits = s.logits.data();
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) scores<C, 4>(k, j, c0, logits + j * W);
+    for (; j < n; ++j) scores<C, 1>(k, j, c0, logits + j * W);
+
+    const fVec neg_inf(kNegInf), zero(0.f);
+    fVec row_max[C], alpha[C], shift[C], denom[C];
+    for (int c = 0; c < C; ++c) row_max[c] = neg_inf;
+    for (j = 0; j < n; ++j) {
+      const fVec pos(static_cast<float>(pos0 + j));
+      for (int c = 0; c < C; ++c) {
+        const fVec visible =
+            (fVec::loadu(s.lo.data() + c0 + c * V) <= pos) & (pos <= fVec::loadu(s.hi.data() + c0 + c * V));
+        const fVec x = fVec::blendv(neg_inf, fVec::loadu(logits + j * W + c * V), visible);
+        x.store(logits + j * W + c * V);
+        row_max[c] = at::vec::maximum(row_max[c], x);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      float* m = s.m.data() + c0 + c * V;
+      const fVec m_old = fVec::loadu(m), m_new = at::vec::maximum(m_old, row_max[c]);
+      shift[c] = fVec::blendv(m_new, zero, m_new == neg_inf);  // rows with nothing seen yet stay at 0
+      alpha[c] = (m_old - shift[c]).exp_u20();
+      m_new.store(m);
+      denom[c] = zero;
+    }
+    for (j = 0; j < n; ++j)
+      for (int c = 0; c < C; ++c) {
+        const fVec p = (fVec::loadu(logits + j * W + c * V) - shift[c]).exp_u20();
+        p.store(logits + j * W + c * V);
+        denom[c] = denom[c] + p;
+      }
+    for (int c = 0; c < C; ++c) {
+      float* l = s.l.data() + c0 + c * V;
+      at::vec::fmadd(fVec::loadu(l), alpha[c], denom[c]).store(l);
+    }
+    int64_t d = 0;
+    for (; d + 4 <= in.D; d += 4) update<C, 4>(v, n, d, c0, alpha, logits);
+    for (; d < in.D; ++d) update<C, 1>(v, n, d, c0, alpha, logits);
+  }
+
+  // logits[kb][c] = sum_d k[j + kb][d] * query_t[d][c], for KB keys at once.
+  template <int C, int KB>
+  void scores(const FloatRows& k, int64_t j, int64_t c0, float* out) const {
+    fVec acc[KB][C];
+    for (int kb = 0; kb < KB; ++kb)
+      for (int c = 0; c < C; ++c) acc[kb][c] = fVec(0.f);
+    const float* key[KB];
+    for (int kb = 0; kb < KB; ++kb) key[kb] = k[j + kb];
+    const float* qt = s.query_t.data() + c0;
+    for (int64_t d = 0; d < in.D; ++d, qt += P) {
+      fVec q[C];
+      for (int c = 0; c < C; ++c) q[c] = fVec::loadu(qt + c * V);
+      for (int kb = 0; kb < KB; ++kb) {
+        const fVec kd(key[kb][d]);
+        for (int c = 0; c < C; ++c) acc[kb][c] = at::vec::fmadd(kd, q[c], acc[kb][c]);
+      }
+    }
+    for (int kb = 0; kb < KB; ++kb)
+      for (int c = 0; c < C; ++c) acc[kb][c].store(out + kb * C * V + c * V);
+  }
+
+  // acc[d + db][c] = acc[d + db][c] * alpha[c] + sum_j v[j][d + db] * p[j][c], for DB dims at once.
+  template <int C, int DB>
+  void update(const FloatRows& v, int64_t n, int64_t d, int64_t c0, const fVec* alpha, const float* p) {
+    constexpr int64_t W = C * V;
+    fVec acc[DB][C];
+    for (int db = 0; db < DB; ++db)
+      for (int c = 0; c < C; ++c) acc[db][c] = fVec::loadu(s.acc.data() + (d + db) * P + c0 + c * V) * alpha[c];
+    for (int64_t j = 0; j < n; ++j) {
+      fVec pj[C];
+      for (int c = 0; c < C; ++c) pj[c] = fVec::loadu(p + j * W + c * V);
+      const float* vj = v[j] + d;
+      for (int db = 0; db < DB; ++db) {
+        const fVec vd(vj[db]);
+        for (int c = 0; c < C; ++c) acc[db][c] = at::vec::fmadd(vd, pj[c], acc[db][c]);
+      }
+    }
+    for (int db = 0; db < DB; ++db)
+      for (int c = 0; c < C; ++c) acc[db][c].store(s.acc.data() + (d + db) * P + c0 + c * V);
+  }
+
+  void finish(float* out, int64_t out_stride) const {
+    for (int64_t r = 0; r < in.rows; ++r) {
+      const float inv = 1.f / s.l[r];
+      float* o = out + (r / in.g) * out_stride + (r % in.g) * in.D;
+      for (int64_t d = 0; d < in.D; ++d) o[d] = s.acc[d * P + r] * inv;
+    }
+  }
+};
+
+// Calls fn(tile) with the kernel that suits the tile's row count.
+template <typename T, typename Fn>
+void with_tile(const TileInputs<T>& in, Scratch& s, Fn&& fn) {
+  if (in.rows >= kLaneMinRows) {
+    LaneTile<T> tile(in, s);
+    fn(tile);
+  } else {
+    RowTile<T> tile{in, s};
+    fn(tile);
+  }
+}
+
+// Starts each row of a local-head tile from its compensation key: for the query at t, with
+// n_d = t+1-W-S > 0, logit scale * q.k_hat + ln(n_d) (n_d keys' worth of softmax mass) and value
+// v_hat. The sums of [S, t+1-W) are the stored ones (`stored`: keys, `stored + value_offset`:
+// values; null when their range [S, p0+1-W) is empty, as the slot may then be uninitialised) plus
+// the cached rows [max(S, p0+1-W), t+1-W), added as t moves through the tile.
+template <typename T, typename Tile>
+void start_from_compensation(Tile& tile, const TileInputs<T>& in, int64_t p0, const float* stored,
+                             int64_t value_offset, int64_t sink, int64_t window, Scratch& s) {
+  const int64_t D = in.D;
+  float* key_sum = s.key_sum.data();
+  float* value_sum = s.value_sum.data();
+  if (stored) {
+    std::copy(stored, stored + D, key_sum);
+    std::copy(stored + value_offset, stored + value_offset + D, value_sum);
+  } else {
+    std::fill(key_sum, key_sum + D, 0.f);
+    std::fill(value_sum, value_sum + D, 0.f);
+  }
+  int64_t folded_end = std::max(sink, p0 + 1 - window);
+  for (int64_t i = 0; i * in.g < in.rows; ++i) {
+    const int64_t t = in.first_pos + i;
+    for (; folded_end < t + 1 - window; ++folded_end) {
+      const int64_t block = in.batch.block(in.req, folded_end), slot = folded_end % in.batch.block_size;
+      add_as_float(in.keys.row(block, in.pool_head, slot), key_sum, D);
+      add_as_float(in.values.row(block, in.pool_head, slot), value_sum, D);
+    }
+    const int64_t n_dropped = t + 1 - window - sink;
+    if (n_dropped <= 0) {
+      for (int64_t j = 0; j < in.g; ++j) tile.set_row(i * in.g + j, kNegInf, 0.f, nullptr);
+      continue;
+    }
+    const float inv = 1.f / static_cast<float>(n_dropped), log_count = std::log(static_cast<float>(n_dropped));
+    for (int64_t d = 0; d < D; ++d) s.value_mean[d] = value_sum[d] * inv;
+    for (int64_t j = 0; j < in.g; ++j) {
+      const int64_t r = i * in.g + j;
+      tile.set_row(r, in.scale * dot(in.query_row(r), key_sum, D) * inv + log_count, 1.f, s.value_mean.data());
+    }
+  }
+}
+
+// Tasks of (request, KV head, query tile); keys_seen(span, q_begin, q_end) estimates keys per query.
+template <typename KeysSeen>
+std::vector<Task> tile_tasks(const Batch& batch, int64_t num_kv_heads, int64_t g, KeysSeen&& keys_seen) {
+  const int64_t tile = std::max<int64_t>(1, kTileRows / g);
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < static_cast<int64_t>(batch.spans.size()); ++i) {
+    const Span& sp = batch.spans[i];
+    for (int64_t qb = 0; qb < sp.q_len; qb += tile) {
+      const int64_t qe = std::min(sp.q_len, qb + tile);
+      const int64_t cost = (qe - qb) * g * keys_seen(sp, qb, qe);
+      for (int64_t h = 0; h < num_kv_heads; ++h) tasks.push_back({i, h, qb, qe, cost});
+    }
+  }
+  return tasks;
+}
+
+template <typename Fn>
+void dispatch_cache_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK(false, "razor_vllm kernels support float32, bfloat16 and float16 caches, got ", dtype);
+  }
+}
+
+void check_cache_pair(const at::Tensor& key_cache, const at::Tensor& value_cache, int64_t head_offset,
+                      int64_t num_kv_heads) {
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, "caches must be [num_blocks, H_pool, block_size, D]");
+  TORCH_CHECK(key_cache.sizes() == value_cache.sizes(), "key_cache ", key_cache.sizes(), " and value_cache ",
+              value_cache.sizes(), " differ in shape");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "key and value caches differ in dtype");
+  TORCH_CHECK(key_cache.device().is_cpu() && value_cache.device().is_cpu(), "caches must be on the CPU");
+  TORCH_CHECK(key_cache.stride(3) == 1 && value_cache.stride(3) == 1, "cache rows (last dim) must be contiguous");
+  TORCH_CHECK(num_kv_heads > 0 && head_offset >= 0 && head_offset + num_kv_heads <= key_cache.size(1),
+              "heads [", head_offset, ", ", head_offset + num_kv_heads, ") are outside the pool's ", key_cache.size(1),
+              " heads");
+}
+
+void check_comp(const at::Tensor& comp, const at::Tensor& key_cache) {
+  TORCH_CHECK(comp.scalar_type() == at::kFloat && comp.dim() == 4 && comp.size(0) == key_cache.size(0) &&
+                  comp.size(1) == key_cache.size(1) && comp.size(2) == 2 && comp.size(3) == key_cache.size(3) &&
+                  comp.stride(3) == 1,
+              "comp must be float32 [num_blocks, H_pool, 2, D] with contiguous rows, got ", comp.scalar_type(), " ",
+              comp.sizes());
+}
+
+void check_rule(int64_t sink, int64_t window) {
+  TORCH_CHECK(sink >= 0 && window >= 1, "need sink >= 0 and window >= 1, got sink=", sink, " window=", window);
+}
+
+// Returns g, the query heads per KV head.
+int64_t check_query(const at::Tensor& query, const at::Tensor& key_cache, int64_t num_kv_heads) {
+  TORCH_CHECK(query.dim() == 3, "query must be [num_tokens, num_q_heads, head_size]");
+  TORCH_CHECK(query.device().is_cpu(), "query must be on the CPU");
+  TORCH_CHECK(query.size(2) == key_cache.size(3), "query head_size ", query.size(2), " != cache head_size ",
+              key_cache.size(3));
+  TORCH_CHECK(query.size(1) % num_kv_heads == 0, "num_q_heads ", query.size(1), " is not a multiple of num_kv_heads ",
+              num_kv_heads);
+  return query.size(1) / num_kv_heads;
+}
+
+// The kernels write fp32; rows past the counted queries (batch padding) are zero.
+at::Tensor float_output(const at::Tensor& query, int64_t num_queries) {
+  at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
+  TORCH_CHECK(num_queries <= query.size(0), "query_start_loc counts ", num_queries, " queries, query has ",
+              query.size(0));
+  if (num_queries < query.size(0)) out.narrow(0, num_queries, query.size(0) - num_queries).zero_();
+  return out;
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& block_table, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, int64_t head_offset, int64_t num_kv_heads,
+                           double scale) {
+  check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads);
+  const int64_t g = check_query(query, key_cache, num_kv_heads);
+  const int64_t D = query.size(2), Hq = query.size(1);
+  const Batch batch(block_table, seq_lens, query_start_loc, key_cache.size(2));
+  const at::Tensor q = query.to(at::kFloat).contiguous();
+  at::Tensor out = float_output(query, batch.num_queries());
+  const float* q_data = q.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+
+  std::vector<Task> tasks =
+      tile_tasks(batch, num_kv_heads, g, [](const Span& sp, int64_t, int64_t qe) { return sp.p0 + qe; });
+  dispatch_cache_dtype(key_cache.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const PagedRows<T> keys(key_cache), values(value_cache);
+    run_tasks(tasks, std::max(kTileRows, g), D, [&](const Task& task, Scratch& s) {
+      const Span& sp = batch.spans[task.span];
+      const int64_t first_row = sp.q_start + task.q_begin;
+      const TileInputs<T> in{keys, values, batch, sp.req, head_offset + task.head, D, g,
+                             (task.q_end - task.q_begin) * g, sp.p0 + task.q_begin, static_cast<float>(scale),
+                             q_data + first_row * Hq * D + task.head * g * D, Hq * D};
+      with_tile(in, s, [&](auto& tile) {
+        for (int64_t r = 0; r < in.rows; ++r) tile.set_row(r, kNegInf, 0.f, nullptr);
+        tile.attend(0, sp.p0 + task.q_end, /*window=*/0);
+        tile.finish(out_data + first_row * Hq * D + task.head * g * D, Hq * D);
+      });
+    });
+  });
+  return out.to(query.scalar_type());
+}
+
+at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& comp, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, int64_t head_offset, int64_t num_kv_heads,
+                           int64_t sink, int64_t window, double scale) {
+  check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads);
+  const int64_t g = check_query(query, key_cache, num_kv_heads);
+  check_rule(sink, window);
+  const int64_t D = query.size(2), Hq = query.size(1);
+  check_comp(comp, key_cache);
+  const Batch batch(block_table, seq_lens, query_start_loc, key_cache.size(2));
+  const at::Tensor q = query.to(at::kFloat).contiguous();
+  at::Tensor out = float_output(query, batch.num_queries());
+  const float* q_data = q.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const float* comp_data = comp.data_ptr<float>();
+
+  std::vector<Task> tasks = tile_tasks(batch, num_kv_heads, g, [&](const Span& sp, int64_t qb, int64_t qe) {
+    return std::min(sink, sp.p0 + qe) + (qe - qb) + window;
+  });
+  dispatch_cache_dtype(key_cache.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const PagedRows<T> keys(key_cache), values(value_cache);
+    run_tasks(tasks, std::max(kTileRows, g), D, [&](const Task& task, Scratch& s) {
+      const Span& sp = batch.spans[task.span];
+      const int64_t pool_head = head_offset + task.head;
+      const int64_t first_row = sp.q_start + task.q_begin;
+      const int64_t t_first = sp.p0 + task.q_begin, t_last = sp.p0 + task.q_end - 1;
+      const TileInputs<T> in{keys, values, batch, sp.req, pool_head, D, g, (task.q_end - task.q_begin) * g, t_first,
+                             static_cast<float>(scale), q_data + first_row * Hq * D + task.head * g * D, Hq * D};
+      with_tile(in, s, [&](auto& tile) {
+        const float* stored = sp.p0 + 1 - window > sink
+                                  ? comp_data + batch.block(sp.req, 0) * comp.stride(0) + pool_head * comp.stride(1)
+                                  : nullptr;
+        start_from_compensation(tile, in, sp.p0, stored, comp.stride(2), sink, window, s);
+        tile.attend(0, std::min(sink, t_last + 1), /*window=*/0);  // sinks: every one up to t
+        tile.attend(std::max(sink, t_first - window + 1), t_last + 1, window);
+        tile.finish(out_data + first_row * Hq * D + task.head * g * D, Hq * D);
+      });
+    });
+  });
+  return out.to(query.scalar_type());
+}
+
+void fold_compensation(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& comp,
+                       const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                       int64_t head_offset, int64_t num_kv_heads, int64_t sink, int64_t window) {
+  check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads);
+  check_rule(sink, window);
+  const int64_t D = key_cache.size(3);
+  check_comp(comp, key_cache);
+  const Batch batch(block_table, seq_lens, query_start_loc, key_cache.size(2));
+  float* comp_data = comp.data_ptr<float>();
+
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < static_cast<int64_t>(batch.spans.size()); ++i)
+    for (int64_t h = 0; h < num_kv_heads; ++h) tasks.push_back({i, h, 0, 0, batch.spans[i].q_len});
+  dispatch_cache_dtype(key_cache.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const PagedRows<T> keys(key_cache), values(value_cache);
+    run_tasks(tasks, 1, D, [&](const Task& task, Scratch&) {
+      const Span& sp = batch.spans[task.span];
+      const int64_t pool_head = head_offset + task.head;
+      float* key_sum = comp_data + batch.block(sp.req, 0) * comp.stride(0) + pool_head * comp.stride(1);
+      float* value_sum = key_sum + comp.stride(2);
+      if (sp.p0 + 1 - window <= sink) {  // sums still empty: start from zero, not the uninitialised slot
+        std::fill(key_sum, key_sum + D, 0.f);
+        std::fill(value_sum, value_sum + D, 0.f);
+      }
+      const int64_t lo = std::max(sink, sp.p0 + 1 - window), hi = std::max(sink, sp.p1() + 2 - window);
+      for (int64_t pos = lo; pos < hi; ++pos) {
+        const int64_t block = batch.block(sp.req, pos), slot = pos % batch.block_size;
+        add_as_float(keys.row(block, pool_head, slot), key_sum, D);
+        add_as_float(values.row(block, pool_head, slot), value_sum, D);
+      }
+    });
+  });
+}
+
+}  // namespace razor
+
+TORCH_LIBRARY_FRAGMENT(razor_vllm, m) {
+  m.def(
+      "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor query_start_loc, int head_offset, int num_kv_heads, float scale) -> Tensor");
+  m.def(
+      "local_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor comp, Tensor block_table, "
+      "Tensor seq_lens, Tensor query_start_loc, int head_offset, int num_kv_heads, int sink, int window, "
+      "float scale) -> Tensor");
+  m.def(
+      "fold_compensation(Tensor key_cache, Tensor value_cache, Tensor(a!) comp, Tensor block_table, "
+      "Tensor seq_lens, Tensor query_start_loc, int head_offset, int num_kv_heads, int sink, int window) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(razor_vllm, CPU, m) {
+  m.impl("paged_attention", &razor::paged_attention);
+  m.impl("local_attention", &razor::local_attention);
+  m.impl("fold_compensation", &razor::fold_compensation);
+}

@@ -1,0 +1,65 @@
+"""Run the real vLLM engine once per configuration and keep its outputs (engines are slow to start).
+
+Each run starts an LLM, generates, reads vLLM's own metrics, and shuts the engine down before the
+next one starts, so only one engine holds memory at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Any, Optional
+
+# A fixed KV size: vLLM's default sizing on CPU depends on one NUMA node's free memory.
+KV_BYTES = 256 << 20
+
+
+def engine_kwargs(model_dir, backend: str = "stock", razor: Optional[dict] = None, **overrides) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        model=str(model_dir),
+        max_model_len=4096,
+        enforce_eager=True,
+        kv_cache_memory_bytes=KV_BYTES,
+        dtype="float32",
+        seed=0,
+        max_num_seqs=16,
+        max_num_batched_tokens=2048,
+        disable_log_stats=False,  # keeps vLLM's metrics readable through llm.get_metrics()
+    )
+    if backend == "razor":
+        kwargs.update(attention_backend="razor", additional_config={"razor": dict(razor or {})})
+    kwargs.update(overrides)
+    return kwargs
+
+
+@dataclass
+class EngineRun:
+    token_ids: list[list[int]]
+    texts: list[str]
+    metrics: dict[str, float]
+    chat_texts: list[str]
+
+
+def run_engine(kwargs: dict[str, Any], prompts: list, max_tokens: int = 16, chats: Optional[list] = None) -> EngineRun:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**kwargs)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        outputs = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        chat_texts = [llm.chat(msgs, params, use_tqdm=False)[0].outputs[0].text for msgs in (chats or [])]
+        metrics = {}
+        for metric in llm.get_metrics():
+            value = getattr(metric, "value", None)
+            if isinstance(value, (int, float)):
+                metrics[metric.name] = float(value)
+        return EngineRun(
+            token_ids=[list(o.outputs[0].token_ids) for o in outputs],
+            texts=[o.outputs[0].text for o in outputs],
+            metrics=metrics,
+            chat_texts=chat_texts,
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
