@@ -45,10 +45,12 @@ def run(name: str):
         "all_retrieval": (engine_kwargs(model, "razor", {"all_retrieval": True}), GENERAL_PROMPTS + PASSKEY_PROMPTS),
         "razor": (engine_kwargs(model, "razor", razor_w), PASSKEY_PROMPTS),
         "razor_chunked": (engine_kwargs(model, "razor", razor_w, max_num_batched_tokens=64), PASSKEY_PROMPTS),
-        # A KV cache that holds about two of these requests: the rest wait or are preempted.
+        # A KV cache that holds about two of these requests. vLLM admits a request only when its
+        # whole prompt fits (scheduler_reserve_full_isl); switched off, it over-admits chunked
+        # prefills and must preempt (recompute) requests when the cache runs out.
         "razor_small_kv": (
             engine_kwargs(model, "razor", razor_w, kv_cache_memory_bytes=48 << 20, max_num_batched_tokens=256,
-                          max_model_len=2048),
+                          max_model_len=2048, scheduler_reserve_full_isl=False),
             PASSKEY_PROMPTS * 2,
         ),
         "streaming": (engine_kwargs(model, "razor", {**razor_w, "all_local": True}), PASSKEY_PROMPTS),
@@ -106,10 +108,8 @@ def test_chunked_prefill_gives_the_same_tokens():
     assert run("razor_chunked").token_ids == run("razor").token_ids
 
 
-def test_small_cache_gives_the_same_tokens():
-    """8 long requests in a cache that holds about two: they queue and recycle blocks, same tokens.
-
-    (vLLM did not preempt in this configuration; a forced-preemption check is still open, NOTES.md.)
-    """
+def test_preemption_gives_the_same_tokens():
+    """8 long requests in a cache that holds about two: vLLM preempts and recomputes; same tokens."""
     small = run("razor_small_kv")
     assert [ids[:12] for ids in small.token_ids] == run("razor").token_ids * 2
+    assert small.metrics["vllm:num_preemptions"] > 0, "the cache was not small enough to force preemption"
