@@ -55,17 +55,33 @@ def _add_profile_command(sub: argparse._SubParsersAction) -> None:
     profile.set_defaults(func=command.run)
 
 
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
+    from razor_vllm.bench import command
+
+    bench = sub.add_parser(
+        "bench",
+        help="razor vs stock: KV bytes per token/request, max concurrency, prefill/decode throughput",
+        description=command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.add_arguments(bench)
+    bench.set_defaults(func=command.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="razor-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
     _add_profile_command(sub)
+    _add_bench_command(sub)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]  # the subcommand's own arguments, recorded in profile provenance
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args) or 0
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from razor_vllm.config import ProfileError, RazorProfile, check_profile_matches
+from razor_vllm.config import ProfileError, RazorProfile, check_profile_matches, resolve_profile
 
 from . import DEFAULT_SINK, DEFAULT_WINDOW, reselect, selector_for
 from .importers import DuoAttentionImport, RetrievalHeadImport
@@ -145,7 +145,7 @@ def _model_dir(args: argparse.Namespace) -> Optional[Path]:
 def _build(args: argparse.Namespace, command: str) -> tuple[RazorProfile, dict]:
     model_dir = _model_dir(args)
     if args.from_scores:
-        stored = RazorProfile.load(args.from_scores)
+        stored = resolve_profile(args.from_scores)  # a path or a bundled profile name
         if model_dir is not None:
             check_profile_matches(stored, fingerprint_of(model_dir), source=args.from_scores)
         profile = reselect(
