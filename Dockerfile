@@ -1,6 +1,7 @@
 # razor-vllm on GPU nodes: vLLM's official OpenAI server image of the pinned release plus our plugin.
 # Build: docker build -t razor-vllm .   Run: docker run --gpus all -p 8000:8000 razor-vllm MODEL
-# (Status: the GPU kernels are the next issue; on GPUs the backend currently runs its PyTorch path.)
+# Status: not yet built or run here (no Docker engine, no GPU); GPU kernels come with the GPU issue,
+# until then the backend falls back to its PyTorch reference kernels on GPU tensors.
 FROM vllm/vllm-openai:v0.32.0
 
 WORKDIR /opt/razor-vllm

@@ -172,12 +172,17 @@ class RazorAttentionImpl(AttentionImpl):
             self._local(state, ctx, query, key, value, out)
         return output
 
-    def _retrieval(self, state, ctx, query, key, value, out) -> None:
-        heads = state.retrieval
-        md: RazorPoolMetadata = ctx.attn_metadata[RETRIEVAL_POOL_NAME]
-        cache = ctx.no_compile_layers[RETRIEVAL_POOL_NAME].kv_cache
+    def _pool(self, ctx, name: str, heads, key: torch.Tensor, value: torch.Tensor):
+        """This step's metadata and K/V caches of pool ``name``, with the layer's new K/V written in."""
+        md: RazorPoolMetadata = ctx.attn_metadata[name]
+        cache = ctx.no_compile_layers[name].kv_cache
         key_cache, value_cache = cache[..., : self.head_size], cache[..., self.head_size :]
         write_kv(key_cache, value_cache, heads.select_kv(key), heads.select_kv(value), md.slot_mapping, heads.offset)
+        return md, cache, key_cache, value_cache
+
+    def _retrieval(self, state, ctx, query, key, value, out) -> None:
+        heads = state.retrieval
+        md, _, key_cache, value_cache = self._pool(ctx, RETRIEVAL_POOL_NAME, heads, key, value)
         out_heads = ops.paged_attention(
             heads.select_q(query),
             key_cache,
@@ -193,11 +198,8 @@ class RazorAttentionImpl(AttentionImpl):
 
     def _local(self, state, ctx, query, key, value, out) -> None:
         heads = state.local
-        md: RazorPoolMetadata = ctx.attn_metadata[LOCAL_POOL_NAME]
-        cache = ctx.no_compile_layers[LOCAL_POOL_NAME].kv_cache
-        key_cache, value_cache = cache[..., : self.head_size], cache[..., self.head_size :]
+        md, cache, key_cache, value_cache = self._pool(ctx, LOCAL_POOL_NAME, heads, key, value)
         comp = state.compensation(cache)
-        write_kv(key_cache, value_cache, heads.select_kv(key), heads.select_kv(value), md.slot_mapping, heads.offset)
         out_heads = ops.local_attention(
             heads.select_q(query),
             key_cache,

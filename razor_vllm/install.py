@@ -18,7 +18,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 
 from razor_vllm.config import ModelFingerprint
-from razor_vllm.layout import LayerHeads, PoolLayout, plan_layout, shard_kv_heads
+from razor_vllm.layout import PoolLayout, plan_layout, shard_kv_heads
 from razor_vllm.options import ResolvedRazorConfig, resolve_for_vllm_config
 from razor_vllm.pools import (
     LOCAL_POOL_NAME,
@@ -43,7 +43,7 @@ class HeadSelection:
     q_slice: Optional[slice] = None
 
     @classmethod
-    def of(cls, kv_heads: tuple[int, ...], offset: int, num_kv_heads: int, queries_per_kv: int) -> "HeadSelection":
+    def of(cls, kv_heads: tuple[int, ...], offset: int, queries_per_kv: int) -> "HeadSelection":
         sel = cls(kv_heads, offset, queries_per_kv)
         if kv_heads and kv_heads == tuple(range(kv_heads[0], kv_heads[-1] + 1)):
             # Contiguous heads: slices, no copies.
@@ -151,8 +151,8 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
         layer = layers[name]
         g = layer.num_heads // layer.num_kv_heads
         layer.razor_state = LayerRazorState(
-            retrieval=HeadSelection.of(heads.retrieval, heads.retrieval_offset, layer.num_kv_heads, g),
-            local=HeadSelection.of(heads.local, heads.local_offset, layer.num_kv_heads, g),
+            retrieval=HeadSelection.of(heads.retrieval, heads.retrieval_offset, g),
+            local=HeadSelection.of(heads.local, heads.local_offset, g),
             sink=resolved.sink,
             window=resolved.window,
             layout=layout,
@@ -188,6 +188,3 @@ def _layer_index(name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 
     return extract_layer_index(name)
-
-
-__all__ = ["install_pools", "LayerRazorState", "HeadSelection", "LayerHeads"]

@@ -80,20 +80,24 @@ def install_enum_pickling() -> None:
 # RAZOR through the same validation on every platform.
 
 
-def _current_platform_class():
+def _wrap_platform_classmethod(name: str, make_wrapper) -> None:
+    """Replace ``current_platform``'s classmethod ``name`` by ``make_wrapper(original_function)``, once."""
     from vllm.platforms import current_platform
 
-    return type(current_platform)
+    platform_cls = type(current_platform)
+    original = getattr(platform_cls, name)
+    if getattr(original, "__razor_wrapped__", False):
+        return
+    wrapper = functools.wraps(original.__func__)(make_wrapper(original.__func__))
+    wrapper.__razor_wrapped__ = True
+    setattr(platform_cls, name, classmethod(wrapper))
 
 
 def wrap_platform_backend_selection() -> None:
-    platform_cls = _current_platform_class()
-    original = platform_cls.get_attn_backend_cls
-    if getattr(original, "__razor_wrapped__", False):
-        return
-    original_func = original.__func__
+    _wrap_platform_classmethod("get_attn_backend_cls", _select_backend)
 
-    @functools.wraps(original_func)
+
+def _select_backend(original_func):
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None, *args, **kwargs):
         if selected_backend is not None and getattr(selected_backend, "name", None) == BACKEND_NAME:
             from razor_vllm.backend import RazorAttentionBackend
@@ -107,8 +111,7 @@ def wrap_platform_backend_selection() -> None:
             return BACKEND_PATH
         return original_func(cls, selected_backend, attn_selector_config, num_heads, *args, **kwargs)
 
-    get_attn_backend_cls.__razor_wrapped__ = True
-    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    return get_attn_backend_cls
 
 
 # -- 4. engine configuration --------------------------------------------------------------------
@@ -123,35 +126,28 @@ def is_razor_config(vllm_config: Any) -> bool:
 
 
 def wrap_platform_config_check() -> None:
-    platform_cls = _current_platform_class()
-    original = platform_cls.check_and_update_config
-    if getattr(original, "__razor_wrapped__", False):
-        return
-    original_func = original.__func__
+    def make(original_func):
+        def check_and_update_config(cls, vllm_config, *args, **kwargs):
+            result = original_func(cls, vllm_config, *args, **kwargs)
+            if is_razor_config(vllm_config) and vllm_config.model_config is not None:
+                prepare_razor_config(vllm_config)
+            return result
 
-    @functools.wraps(original_func)
-    def check_and_update_config(cls, vllm_config, *args, **kwargs):
-        result = original_func(cls, vllm_config, *args, **kwargs)
-        if is_razor_config(vllm_config) and vllm_config.model_config is not None:
-            prepare_razor_config(vllm_config)
-        return result
+        return check_and_update_config
 
-    check_and_update_config.__razor_wrapped__ = True
-    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    _wrap_platform_classmethod("check_and_update_config", make)
 
 
 def prepare_razor_config(vllm_config: Any) -> None:
     from razor_vllm.options import resolve_for_vllm_config
 
     resolve_for_vllm_config(vllm_config)  # raises ProfileError/ValueError naming the problem
+    if getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False):
+        raise ValueError("RAZOR attention needs vLLM's hybrid KV cache manager; drop --disable-hybrid-kv-cache-manager")
     cache_config = vllm_config.cache_config
     if cache_config.enable_prefix_caching:
         logger.info("RAZOR: prefix caching switched off (local heads keep a window, not a prefix).")
         cache_config.enable_prefix_caching = False
-    scheduler_config = vllm_config.scheduler_config
-    if getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False):
-        raise ValueError("RAZOR attention needs vLLM's hybrid KV cache manager; drop --disable-hybrid-kv-cache-manager")
-    del scheduler_config
 
 
 # -- 5. the local pool's block manager ----------------------------------------------------------
@@ -161,19 +157,14 @@ def prepare_razor_config(vllm_config: Any) -> None:
 
 
 def wrap_platform_kv_spec_registration() -> None:
-    platform_cls = _current_platform_class()
-    original = platform_cls.register_custom_kv_cache_specs
-    if getattr(original, "__razor_wrapped__", False):
-        return
-    original_func = original.__func__
+    def make(original_func):
+        def register_custom_kv_cache_specs(cls, vllm_config, *args, **kwargs):
+            original_func(cls, vllm_config, *args, **kwargs)
+            register_razor_specs()
 
-    @functools.wraps(original_func)
-    def register_custom_kv_cache_specs(cls, vllm_config, *args, **kwargs):
-        original_func(cls, vllm_config, *args, **kwargs)
-        register_razor_specs()
+        return register_custom_kv_cache_specs
 
-    register_custom_kv_cache_specs.__razor_wrapped__ = True
-    platform_cls.register_custom_kv_cache_specs = classmethod(register_custom_kv_cache_specs)
+    _wrap_platform_classmethod("register_custom_kv_cache_specs", make)
 
 
 def register_razor_specs() -> None:
