@@ -27,7 +27,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from razor_vllm import ops
-from razor_vllm.ops.cache import write_kv
+from razor_vllm.ops.cache import SlotIndex, write_kv
 from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class RazorPoolMetadata:
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32
     seq_lens: torch.Tensor  # [num_reqs] int32, including this step's tokens
     block_table: torch.Tensor  # [num_reqs, max_blocks] int32, this pool's block ids
-    slot_mapping: torch.Tensor  # [num_tokens] int64, this pool's slot per new token (-1: skip)
+    slots: SlotIndex  # where this step's tokens go in this pool
 
 
 class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
@@ -105,7 +105,7 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
             query_start_loc=cm.query_start_loc[: num_reqs + 1].to(torch.int32),
             seq_lens=cm.seq_lens[:num_reqs].to(torch.int32),
             block_table=cm.block_table_tensor[:num_reqs].to(torch.int32),
-            slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],
+            slots=SlotIndex.from_slot_mapping(cm.slot_mapping[: cm.num_actual_tokens], self.kv_cache_spec.block_size),
         )
 
 
@@ -177,7 +177,7 @@ class RazorAttentionImpl(AttentionImpl):
         md: RazorPoolMetadata = ctx.attn_metadata[name]
         cache = ctx.no_compile_layers[name].kv_cache
         key_cache, value_cache = cache[..., : self.head_size], cache[..., self.head_size :]
-        write_kv(key_cache, value_cache, heads.select_kv(key), heads.select_kv(value), md.slot_mapping, heads.offset)
+        write_kv(key_cache, value_cache, heads.select_kv(key), heads.select_kv(value), md.slots, heads.offset)
         return md, cache, key_cache, value_cache
 
     def _retrieval(self, state, ctx, query, key, value, out) -> None:
