@@ -61,6 +61,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["razor = razor_vllm.plugin:register"],
+        "vllm.endpoint_plugins": ["razor_status = razor_vllm.serve.status:make_plugin"],
         "console_scripts": ["razor-vllm = razor_vllm.cli:main"],
     },
     ext_modules=ext_modules,

@@ -1,0 +1,1 @@
+"""Serving-side extras loaded by vLLM's API server (``vllm.endpoint_plugins``)."""

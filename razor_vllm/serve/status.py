@@ -1,0 +1,223 @@
+"""``GET /razor/status`` and razor's Prometheus gauges, as a vLLM ``endpoint_plugins`` entry point.
+
+vLLM loads endpoint plugins in the API server process only, and only those named in
+``VLLM_PLUGINS``; that variable then filters the general plugins too, so serve with
+``VLLM_PLUGINS=razor,razor_status``. The plugin reads the engine's ``VllmConfig`` from the
+``EngineClient`` it is handed in ``init_state`` and derives everything from it the way the workers
+do (``options.resolve_for_vllm_config`` -> ``layout.plan_layout`` -> ``pools.build_specs``), so
+the figures match the worker's "RAZOR: ..." start-up line. It never calls into the engine.
+
+Bytes per token are summed over tensor-parallel ranks (each rank plans its own pools). The
+compression ratio compares one ``max_model_len``-token sequence: stock vLLM's paged cache
+(``ceil(L / block_size)`` blocks of every layer) against razor's steady state (every retrieval
+page of the sequence plus the local pool's sink block(s) and the blocks spanning the window).
+Blocks in use per pool live in the engine-core scheduler and are not reported here.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any, Optional
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from vllm.logger import init_logger
+
+logger = init_logger("vllm." + __name__)  # under "vllm" so it shares vLLM's log handlers
+
+PLUGIN_NAME = "razor_status"
+ROUTE = "/razor/status"
+STATE_KEY = "razor_status"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# -- the status document ----------------------------------------------------------------------------
+
+
+def compute_status(vllm_config: Any) -> dict[str, Any]:
+    """Razor's resolved configuration and KV saving for ``vllm_config``; ``{"razor": False}`` if not razor."""
+    from razor_vllm.vllm_compat import is_razor_config
+
+    if vllm_config is None or not is_razor_config(vllm_config) or vllm_config.model_config is None:
+        return {"razor": False}
+
+    import torch
+
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    from razor_vllm.config import ModelFingerprint
+    from razor_vllm.layout import plan_layout, shard_kv_heads
+    from razor_vllm.options import resolve_for_vllm_config
+    from razor_vllm.pools import build_specs
+
+    model_config = vllm_config.model_config
+    resolved = resolve_for_vllm_config(vllm_config)
+    served = ModelFingerprint.from_hf_config(model_config.hf_config)
+    dtype = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model_config)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    head_token_bytes = 2 * served.head_size * elem
+    stock_block = int(vllm_config.cache_config.block_size or 128)
+    tp = int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
+    kv_heads_per_rank = served.num_kv_heads // tp if tp <= served.num_kv_heads else 1
+    max_len = int(model_config.max_model_len)
+
+    retrieval_bpt = local_bpt = razor_bytes = 0
+    pools: dict[str, dict[str, int]] = {}
+    for rank in range(tp):
+        per_layer = [shard_kv_heads(h, served.num_kv_heads, tp, rank) for h in resolved.retrieval_heads]
+        layout = plan_layout(
+            per_layer, kv_heads_per_rank, resolved.local_block_size, elem, default_block_size=stock_block
+        )
+        retrieval_spec, local_spec = build_specs(layout, served.head_size, dtype, resolved.sink, resolved.window)
+        page_bytes = layout.page_slots() * head_token_bytes
+        pages = 0
+        if retrieval_spec is not None:
+            retrieval_bpt += retrieval_spec.page_size_bytes // retrieval_spec.block_size
+            pages += _cdiv(max_len, retrieval_spec.block_size)
+            if rank == 0:
+                pools["retrieval"] = dict(
+                    heads=layout.num_retrieval_heads,
+                    pool_heads=layout.retrieval_pool_heads,
+                    block_size=retrieval_spec.block_size,
+                    page_bytes=retrieval_spec.page_size_bytes,
+                )
+        if local_spec is not None:
+            local_bpt += local_spec.page_size_bytes // local_spec.block_size
+            bs = local_spec.block_size
+            # RazorLocalManager keeps the sink block(s) and the blocks spanning the last `window` tokens.
+            pages += min(_cdiv(max_len, bs), local_spec.sink_blocks + _cdiv(resolved.window - 1, bs) + 1)
+            if rank == 0:
+                pools["local"] = dict(
+                    heads=layout.num_local_heads,
+                    pool_heads=layout.local_pool_heads,
+                    block_size=bs,
+                    page_bytes=local_spec.page_size_bytes,
+                    tail_slots=layout.tail_slots,
+                )
+        razor_bytes += pages * page_bytes
+
+    stock_bpt = served.num_layers * kv_heads_per_rank * tp * head_token_bytes
+    stock_bytes = _cdiv(max_len, stock_block) * stock_block * stock_bpt
+    count = sum(len(h) for h in resolved.retrieval_heads)
+    total = served.num_layers * served.num_kv_heads
+    return {
+        "razor": True,
+        "model": model_config.served_model_name or model_config.model,
+        "profile": {
+            "source": resolved.profile_source,
+            "fingerprint": resolved.profile.model.model_dump(),
+        },
+        "served_fingerprint": served.model_dump(),
+        "retrieval_heads": {
+            "per_layer": [sorted(h) for h in resolved.retrieval_heads],
+            "count": count,
+            "total": total,
+            "share": count / total,
+        },
+        "sink": resolved.sink,
+        "window": resolved.window,
+        "local_block_size": resolved.local_block_size,
+        "kv_cache_dtype": str(dtype).removeprefix("torch."),
+        "tensor_parallel_size": tp,
+        "stock_block_size": stock_block,
+        "pools": pools,
+        "kv_bytes_per_token": {"retrieval": retrieval_bpt, "local": local_bpt, "stock": stock_bpt},
+        "max_model_len": max_len,
+        "kv_bytes_at_max_model_len": {"razor": razor_bytes, "stock": stock_bytes},
+        "compression_ratio": stock_bytes / razor_bytes if razor_bytes else None,
+    }
+
+
+# -- Prometheus -------------------------------------------------------------------------------------
+
+_METRICS: Optional[dict[str, Any]] = None
+
+
+def _metrics() -> dict[str, Any]:
+    """razor's collectors, created once per process in prometheus_client's default registry.
+
+    That is the registry vLLM's /metrics serves with one API server; with several
+    (``PROMETHEUS_MULTIPROC_DIR`` set) vLLM reads every process's values from the multiprocess
+    directory, so the gauges use ``multiprocess_mode="mostrecent"`` and the info metric is a gauge
+    fixed at 1, as vLLM does for its own ``*_info`` metrics (multiprocess mode has no Info type).
+    """
+    global _METRICS
+    if _METRICS is None:
+        from prometheus_client import Gauge
+
+        mode = dict(multiprocess_mode="mostrecent")
+        _METRICS = {
+            "bytes": Gauge(
+                "razor_kv_bytes_per_token",
+                "KV-cache bytes per token of each razor pool and of stock vLLM (summed over TP ranks)",
+                labelnames=["pool"],
+                **mode,
+            ),
+            "ratio": Gauge(
+                "razor_compression_ratio",
+                "Stock KV bytes / razor steady-state KV bytes for one max_model_len sequence",
+                **mode,
+            ),
+            "heads": Gauge("razor_retrieval_heads", "Retrieval KV heads (full cache), all layers", **mode),
+            "info": Gauge(
+                "razor_profile_info", "The razor head profile being served", labelnames=["source", "model"], **mode
+            ),
+        }
+    return _METRICS
+
+
+def set_metrics(status: dict[str, Any]) -> None:
+    if not status.get("razor"):
+        return
+    m = _metrics()
+    for pool, value in status["kv_bytes_per_token"].items():
+        m["bytes"].labels(pool=pool).set(value)
+    if status["compression_ratio"] is not None:
+        m["ratio"].set(status["compression_ratio"])
+    m["heads"].set(status["retrieval_heads"]["count"])
+    m["info"].labels(source=status["profile"]["source"], model=str(status["model"])).set(1)
+
+
+# -- the plugin ------------------------------------------------------------------------------------
+
+
+class RazorStatusPlugin:
+    """vLLM ``EndpointPlugin``: adds ``GET /razor/status`` and sets razor's gauges at start-up."""
+
+    name = PLUGIN_NAME
+    required_tasks = None  # no task needed; on the engine-less render server the route says razor: false
+
+    def attach_router(self, app: FastAPI) -> None:
+        router = APIRouter()
+
+        @router.get(ROUTE)
+        async def razor_status(request: Request) -> JSONResponse:
+            return JSONResponse(getattr(request.app.state, STATE_KEY, None) or {"razor": False})
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        vllm_config = getattr(engine_client, "vllm_config", None) if engine_client is not None else None
+        try:
+            status = compute_status(vllm_config)
+        except Exception as exc:  # never take the server down for a status page
+            logger.exception("razor_status: cannot compute razor status")
+            status = {"razor": False, "error": f"{type(exc).__name__}: {exc}"}
+        setattr(state, STATE_KEY, status)
+        set_metrics(status)
+        if status.get("razor"):
+            logger.info(
+                "razor_status: GET %s ready; KV compression %sx at max_model_len %d",
+                ROUTE,
+                round(status["compression_ratio"] or 0, 2),
+                status["max_model_len"],
+            )
+
+
+def make_plugin() -> RazorStatusPlugin:
+    """The ``vllm.endpoint_plugins`` entry point (a zero-argument factory)."""
+    return RazorStatusPlugin()
