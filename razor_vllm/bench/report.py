@@ -1,0 +1,248 @@
+"""Tables (rich, plain text or Markdown), the JSON file and an optional plot for ``razor-vllm bench``."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO
+
+MIB = 1 << 20
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    note: str = ""
+
+
+def _mib(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / MIB:.2f}"
+
+
+def _x(v: Optional[float], digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}x"
+
+
+def _num(v: Optional[float], digits: int = 0) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def _ctx(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def tables(results: dict[str, Any]) -> list[Table]:
+    out = []
+    a = results["analytic"]
+    bpt = a["bytes_per_token"]
+    out.append(
+        Table(
+            "KV bytes per token",
+            ["cache", "heads (pool incl. padding)", "block (tokens)", "bytes/token", "tokens kept per request"],
+            [
+                ["stock", f"{a['num_layers'] * a['num_kv_heads']}", str(a["stock_block_size"]),
+                 _num(bpt["stock"]), "all"],
+                ["razor retrieval pool", f"{a['retrieval_heads']} ({a['retrieval_pool_heads']})",
+                 str(a["retrieval_block_size"]), _num(bpt["retrieval_pool"]), "all"],
+                ["razor local pool", f"{a['local_heads']} ({a['local_pool_heads']})", str(a["local_block_size"]),
+                 _num(bpt["local_pool"]), f"sink {a['sink']} + window {a['window']} (+ compensation)"],
+            ],
+            note=f"dtype {a['dtype']}; one razor page = {a['page_bytes']:,} B in either pool",
+        )
+    )
+    out.append(
+        Table(
+            "KV bytes per request (MiB)",
+            ["context", "stock", "razor steady", "razor admission", "stock/razor steady", "stock/razor admission"],
+            [
+                [_ctx(r["context"]), _mib(r["stock_bytes"]), _mib(r["razor_steady_bytes"]),
+                 _mib(r["razor_admission_bytes"]), _x(r["ratio_steady"]), _x(r["ratio_admission"])]
+                for r in a["requests"]
+            ],
+            note=f"admission = what vLLM reserves before admitting: the local pool is charged for the window "
+            f"plus {a['in_flight_tokens']} in-flight tokens (max_num_batched_tokens)",
+        )
+    )
+    out.append(
+        Table(
+            "Maximum concurrency, analytic (requests of `context` tokens in the KV size below)",
+            ["context", "KV MiB", "stock", "razor vLLM-logged", "razor steady", "ratio steady", "ratio logged"],
+            [
+                [_ctx(c["context"]), _mib(c["kv_bytes"]), _num(c["stock"], 2), _num(c["razor_vllm_logged"], 2),
+                 _num(c["razor_steady"], 2), _x(c["ratio_steady"]), _x(c["ratio_vllm_logged"])]
+                for c in a["max_concurrency"]
+            ],
+        )
+    )
+    if results.get("capacity"):
+        rows = []
+        for c in results["capacity"]:
+            s, r = c["stock"], c["razor"]
+            peak_r = str(r["peak_running"]) + ("" if r["saturated"] else "+")
+            peak_s = str(s["peak_running"]) + ("" if s["saturated"] else "+")
+            rows.append([
+                _ctx(c["context"]), _mib(c["kv_bytes"]), f"{c['prompt_tokens']}+{c['max_tokens']}",
+                f"{s['num_gpu_blocks']}/{r['num_gpu_blocks']}",
+                _num(s["vllm_max_concurrency"], 2), _num(r["vllm_max_concurrency"], 2),
+                peak_s, peak_r, _x(c["ratio_measured"]), _x(c["ratio_vllm_logged"]), _x(c["ratio_theory_steady"]),
+                f"{s['preemptions']}/{r['preemptions']}",
+            ])
+        out.append(
+            Table(
+                "Capacity in the same KV memory (vLLM engine, scheduler stats)",
+                ["context", "KV MiB", "prompt+gen", "blocks stock/razor", "vLLM max conc. stock", "razor",
+                 "peak running stock", "razor", "measured ratio", "vLLM-logged ratio", "steady-state theory",
+                 "preempt. s/r"],
+                rows,
+                note="peak running = most requests vLLM ran at once; '+' = not saturated (all submitted ran)",
+            )
+        )
+    if results.get("throughput"):
+        rows = []
+        for t in results["throughput"]:
+            s, r = t["stock"], t["razor"]
+            rows.append([
+                _ctx(t["context"]), str(t["batch"]),
+                _num(s["prefill_tok_s"]), _num(r["prefill_tok_s"]), _x(t["ratio_prefill"]),
+                _num(s["decode_tok_s"], 1), _num(r["decode_tok_s"], 1), _x(t["ratio_decode"]),
+            ])
+        out.append(
+            Table(
+                "Throughput (tokens/s)",
+                ["context", "batch", "prefill stock", "prefill razor", "razor/stock", "decode stock",
+                 "decode razor", "razor/stock"],
+                rows,
+            )
+        )
+    return out
+
+
+def render(tabs: Sequence[Table], fmt: str = "auto", stream: Optional[TextIO] = None) -> None:
+    stream = stream or sys.stdout
+    if fmt == "auto":
+        fmt = "rich" if _has_rich() else "plain"
+    for table in tabs:
+        if fmt == "rich":
+            _render_rich(table, stream)
+        elif fmt == "markdown":
+            stream.write(to_markdown(table) + "\n\n")
+        else:
+            stream.write(to_plain(table) + "\n\n")
+    stream.flush()
+
+
+def _has_rich() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _render_rich(table: Table, stream: TextIO) -> None:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    t = RichTable(title=table.title, caption=table.note or None)
+    for i, col in enumerate(table.columns):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for row in table.rows:
+        t.add_row(*row)
+    console = Console(file=stream)
+    if not console.is_terminal:
+        console = Console(file=stream, width=200)  # not a terminal: do not wrap at 80 columns
+    console.print(t)
+    console.print()
+
+
+def to_plain(table: Table) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(table.columns, *table.rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    parts = [table.title, line(table.columns), "  ".join("-" * w for w in widths)]
+    parts += [line(r) for r in table.rows]
+    if table.note:
+        parts.append(f"({table.note})")
+    return "\n".join(parts)
+
+
+def to_markdown(table: Table) -> str:
+    parts = [f"**{table.title}**", "", "| " + " | ".join(table.columns) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(table.columns))) + "|"]
+    parts += ["| " + " | ".join(r) + " |" for r in table.rows]
+    if table.note:
+        parts += ["", f"_{table.note}_"]
+    return "\n".join(parts)
+
+
+def write_json(results: dict[str, Any], path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def plot(results: dict[str, Any], path: Path) -> Optional[Path]:
+    """Bytes per request, capacity and throughput ratios in one PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = 1 + bool(results.get("capacity")) + bool(results.get("throughput"))
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
+    axes = list(axes[0])
+    a = results["analytic"]
+    ctx = [r["context"] for r in a["requests"]]
+    ax = axes.pop(0)
+    ax.plot(ctx, [r["stock_bytes"] / MIB for r in a["requests"]], "o-", label="stock")
+    ax.plot(ctx, [r["razor_admission_bytes"] / MIB for r in a["requests"]], "s--", label="razor (admission)")
+    ax.plot(ctx, [r["razor_steady_bytes"] / MIB for r in a["requests"]], "s-", label="razor (steady)")
+    ax.set(xlabel="context (tokens)", ylabel="KV MiB per request", title=f"KV per request ({a['dtype']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if results.get("capacity"):
+        ax = axes.pop(0)
+        caps = results["capacity"]
+        xs = range(len(caps))
+        w = 0.2
+        ax.bar([x - 1.5 * w for x in xs], [c["stock"]["peak_running"] for c in caps], w, label="stock peak")
+        ax.bar([x - 0.5 * w for x in xs], [c["razor"]["peak_running"] for c in caps], w, label="razor peak")
+        ax.bar([x + 0.5 * w for x in xs], [c["razor"]["vllm_max_concurrency"] or 0 for c in caps], w,
+               label="razor vLLM-logged")
+        ax.bar([x + 1.5 * w for x in xs], [c["razor_steady_concurrency"] for c in caps], w, label="razor steady theory")
+        ax.set_xticks(list(xs), [_ctx(c["context"]) for c in caps])
+        ax.set(xlabel="context", ylabel="requests at once", title="Capacity in the same KV memory")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    if results.get("throughput"):
+        ax = axes.pop(0)
+        tps = results["throughput"]
+        labels = [f"{_ctx(t['context'])} x{t['batch']}" for t in tps]
+        xs = range(len(tps))
+        ax.bar([x - 0.2 for x in xs], [t["ratio_prefill"] for t in tps], 0.4, label="prefill")
+        ax.bar([x + 0.2 for x in xs], [t["ratio_decode"] for t in tps], 0.4, label="decode")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(list(xs), labels)
+        ax.set(xlabel="context x batch", ylabel="razor / stock tokens/s", title="Throughput ratio")
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
