@@ -25,7 +25,7 @@ demo: setup
 serve: setup
 	$(VENV)/bin/razor-vllm model prepare
 	VLLM_CPU_KVCACHE_SPACE=$(KV_GIB) $(VENV)/bin/vllm serve $$($(VENV)/bin/razor-vllm model path) \
-		--attention-backend razor --port $(PORT) --max-model-len 8192
+		--attention-backend razor --port $(PORT) --max-model-len 8192 --dtype float32 --max-num-batched-tokens 512
 
 test: setup
 	$(PY) -m pytest -q -rs tests
