@@ -102,7 +102,9 @@ def vllm_server(
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         process = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # INFO logs: tests read razor's start-up lines from the server log.
+            env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO", **(env or {})}
         )
         try:
             wait_healthy(url, process, timeout, log_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 
@@ -11,6 +12,12 @@ from razor_vllm.bench import analytic, report
 from razor_vllm.bench.command import _int_list
 from razor_vllm.cli import main
 from razor_vllm.config import resolve_profile
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging_env(monkeypatch):
+    """`bench` quiets vLLM through VLLM_LOGGING_LEVEL; keep that out of later tests' servers."""
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))
 
 
 def test_help(capsys):
