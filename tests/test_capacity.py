@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
+from razor_vllm.bench.analytic import geometry
 from razor_vllm.bench.capacity import measure_capacity
 from razor_vllm.config import resolve_profile
-from razor_vllm.layout import plan_layout
 from razor_vllm.model import prepare_default_model
-from razor_vllm.pools import RazorLocalSpec
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 
@@ -18,24 +16,12 @@ KV_BYTES = 160 << 20
 CHUNK = 512  # prefill chunk: the local pool briefly holds one chunk of a prefilling request
 
 
-def cdiv(a, b):
-    return -(-a // b)
-
-
 def theoretical_ratio(profile, window: int) -> float:
     """Steady-state bytes per request, stock / razor, from the profile, W, S and block sizes."""
-    model = profile.model
-    dtype_bytes = torch.tensor([], dtype=torch.bfloat16).element_size()
-    head_token = 2 * model.head_size * dtype_bytes
+    geo = geometry(profile, "bfloat16", window=window)
     tokens = PROMPT_TOKENS + MAX_TOKENS
-    stock = cdiv(tokens, 128) * 128 * model.num_layers * model.num_kv_heads * head_token
-    layout = plan_layout(profile.retrieval_heads, model.num_kv_heads, 32, dtype_bytes)
-    page = layout.page_slots() * head_token
-    local = RazorLocalSpec(block_size=32, num_kv_heads=1, head_size=model.head_size, dtype=torch.bfloat16,
-                           sliding_window=window, sink=profile.sink)
-    local_blocks = local.sink_blocks + cdiv(window, 32) + 1
-    razor = (cdiv(tokens, layout.retrieval_block_size) + local_blocks) * page
-    return stock / razor
+    stock = geo.stock_blocks(tokens) * geo.stock_block_bytes
+    return stock / (geo.razor_steady_pages(tokens) * geo.page_bytes)
 
 
 def test_razor_holds_3x_more_long_requests():
