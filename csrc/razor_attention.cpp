@@ -601,7 +601,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
 at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                            const at::Tensor& comp, const at::Tensor& block_table, const at::Tensor& seq_lens,
                            const at::Tensor& query_start_loc, int64_t head_offset, int64_t num_kv_heads,
-                           int64_t sink, int64_t window, double scale) {
+                           int64_t sink, int64_t window, double scale, bool compensation) {
   check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads);
   const int64_t g = check_query(query, key_cache, num_kv_heads);
   check_rule(sink, window);
@@ -631,7 +631,11 @@ at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache,
         const float* stored = sp.p0 + 1 - window > sink
                                   ? comp_data + batch.block(sp.req, 0) * comp.stride(0) + pool_head * comp.stride(1)
                                   : nullptr;
-        start_from_compensation(tile, in, sp.p0, stored, comp.stride(2), sink, window, s);
+        if (compensation) {
+          start_from_compensation(tile, in, sp.p0, stored, comp.stride(2), sink, window, s);
+        } else {  // ablation: dropped tokens leave no trace
+          for (int64_t r = 0; r < in.rows; ++r) tile.set_row(r, kNegInf, 0.f, nullptr);
+        }
         tile.attend(0, std::min(sink, t_last + 1), /*window=*/0);  // sinks: every one up to t
         tile.attend(std::max(sink, t_first - window + 1), t_last + 1, window);
         tile.finish(out_data + first_row * Hq * D + task.head * g * D, Hq * D);
@@ -685,7 +689,7 @@ TORCH_LIBRARY_FRAGMENT(razor_vllm, m) {
   m.def(
       "local_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor comp, Tensor block_table, "
       "Tensor seq_lens, Tensor query_start_loc, int head_offset, int num_kv_heads, int sink, int window, "
-      "float scale) -> Tensor");
+      "float scale, bool compensation=True) -> Tensor");
   m.def(
       "fold_compensation(Tensor key_cache, Tensor value_cache, Tensor(a!) comp, Tensor block_table, "
       "Tensor seq_lens, Tensor query_start_loc, int head_offset, int num_kv_heads, int sink, int window) -> ()");

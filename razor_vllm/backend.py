@@ -213,8 +213,11 @@ class RazorAttentionImpl(AttentionImpl):
             state.sink,
             state.window,
             self.scale,
+            compensation=state.use_compensation,
         )
         heads.scatter_q(out, out_heads)
+        if not state.use_compensation:
+            return
         # Fold the tokens that leave the window for the next step now: the scheduler may hand
         # their blocks to another request before that step runs.
         ops.fold_compensation(

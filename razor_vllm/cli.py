@@ -68,12 +68,26 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=command.run)
 
 
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
+    from razor_vllm.eval import command
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="razor vs full cache vs StreamingLLM through vLLM: long-context tasks, fidelity, plots",
+        description=command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.add_arguments(evaluate)
+    evaluate.set_defaults(func=command.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="razor-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
     _add_profile_command(sub)
     _add_bench_command(sub)
+    _add_eval_command(sub)
     return parser
 
 

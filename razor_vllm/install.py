@@ -84,6 +84,7 @@ class LayerRazorState:
     sink: int
     window: int
     layout: PoolLayout
+    use_compensation: bool  # False: the no-compensation ablation
     head_size: int
     _comp_cache: dict = field(default_factory=dict, repr=False)
 
@@ -156,6 +157,7 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
             sink=resolved.sink,
             window=resolved.window,
             layout=layout,
+            use_compensation=resolved.compensation,
             head_size=layer.head_size,
         )
         # vLLM's cross-layer KV sharing: the runner allocates nothing for this layer, adds it to
@@ -174,6 +176,8 @@ def summary_line(resolved: ResolvedRazorConfig, layout: PoolLayout, retrieval_sp
         f"{layout.num_retrieval_heads}/{total} KV heads retrieval ({100 * layout.num_retrieval_heads / total:.1f}%)",
         f"sink={resolved.sink} window={resolved.window}",
     ]
+    if not resolved.compensation:
+        parts.append("compensation off")
     if retrieval_spec is not None:
         per_token = retrieval_spec.page_size_bytes // retrieval_spec.block_size
         parts.append(f"retrieval pool {per_token} B/token (block {retrieval_spec.block_size})")

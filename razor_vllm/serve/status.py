@@ -3,19 +3,25 @@
 vLLM loads endpoint plugins in the API server process only, and only those named in
 ``VLLM_PLUGINS``; that variable then filters the general plugins too, so serve with
 ``VLLM_PLUGINS=razor,razor_status``. The plugin reads the engine's ``VllmConfig`` from the
-``EngineClient`` it is handed in ``init_state`` and derives everything from it the way the workers
-do (``options.resolve_for_vllm_config`` -> ``layout.plan_layout`` -> ``pools.build_specs``), so
-the figures match the worker's "RAZOR: ..." start-up line. It never calls into the engine.
+``EngineClient`` it is handed in ``init_state`` and derives the configuration part from it the way
+the workers do (``options.resolve_for_vllm_config`` -> ``layout.plan_layout`` ->
+``pools.build_specs``), so the figures match the worker's "RAZOR: ..." start-up line.
 
 Bytes per token are summed over tensor-parallel ranks (each rank plans its own pools). The
 compression ratio compares one ``max_model_len``-token sequence: stock vLLM's paged cache
 (``ceil(L / block_size)`` blocks of every layer) against razor's steady state (every retrieval
 page of the sequence plus the local pool's sink block(s) and the blocks spanning the window).
-Blocks in use per pool live in the engine-core scheduler and are not reported here.
+
+Blocks in use per pool live in the engine core's scheduler, which this process cannot see. The
+general plugin adds a read-only engine-core utility (``vllm_compat.add_pool_usage_utility``); this
+plugin calls it on every ``GET /razor/status`` (the ``usage`` section: blocks per pool, and the
+bytes they take against what stock vLLM's paging would take for the same requests) and, from a
+small ASGI middleware, just before each ``/metrics`` scrape renders ``razor_blocks_in_use{pool}``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from argparse import Namespace
 from typing import Any, Optional
 
@@ -28,7 +34,10 @@ logger = init_logger("vllm." + __name__)  # under "vllm" so it shares vLLM's log
 
 PLUGIN_NAME = "razor_status"
 ROUTE = "/razor/status"
-STATE_KEY = "razor_status"
+METRICS_PATH = "/metrics"  # vLLM's Prometheus route
+STATE_KEY = "razor_status"  # app.state attribute: the status document
+ENGINE_KEY = "razor_status_engine"  # app.state attribute: the EngineClient handed to init_state
+USAGE_TIMEOUT_S = 10.0  # the engine core answers between steps; a step on CPU takes well under this
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -65,7 +74,7 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
     kv_heads_per_rank = served.num_kv_heads // tp if tp <= served.num_kv_heads else 1
     max_len = int(model_config.max_model_len)
 
-    retrieval_bpt = local_bpt = razor_bytes = 0
+    retrieval_bpt = local_bpt = razor_bytes = all_ranks_page_bytes = 0
     pools: dict[str, dict[str, int]] = {}
     for rank in range(tp):
         per_layer = [shard_kv_heads(h, served.num_kv_heads, tp, rank) for h in resolved.retrieval_heads]
@@ -99,6 +108,7 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
                     tail_slots=layout.tail_slots,
                 )
         razor_bytes += pages * page_bytes
+        all_ranks_page_bytes += page_bytes
 
     stock_bpt = served.num_layers * kv_heads_per_rank * tp * head_token_bytes
     stock_bytes = _cdiv(max_len, stock_block) * stock_block * stock_bpt
@@ -125,11 +135,72 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         "tensor_parallel_size": tp,
         "stock_block_size": stock_block,
         "pools": pools,
+        "page_bytes_all_ranks": all_ranks_page_bytes,  # what one block id holds, summed over TP ranks
         "kv_bytes_per_token": {"retrieval": retrieval_bpt, "local": local_bpt, "stock": stock_bpt},
         "max_model_len": max_len,
         "kv_bytes_at_max_model_len": {"razor": razor_bytes, "stock": stock_bytes},
         "compression_ratio": stock_bytes / razor_bytes if razor_bytes else None,
     }
+
+
+def describe_usage(status: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    """The ``usage`` section from ``vllm_compat.query_pool_usage``'s counts.
+
+    ``kv_bytes.razor`` is the blocks in use times the (shared) page size; ``kv_bytes.stock`` is what
+    stock vLLM's paged cache would hold for the same requests' computed tokens (whole blocks of
+    ``stock_block_size`` tokens, every layer and head); ``saving`` is their ratio while requests run.
+    """
+    blocks = dict(usage["blocks_in_use"])
+    stock_block = status["stock_block_size"]
+    stock_tokens = sum(_cdiv(n, stock_block) * stock_block for n in usage["tokens"])
+    stock = stock_tokens * status["kv_bytes_per_token"]["stock"]
+    razor = sum(blocks.values()) * status["page_bytes_all_ranks"]
+    return {
+        "blocks_in_use": blocks,
+        "num_blocks": usage["num_blocks"],
+        "free_blocks": usage["free_blocks"],
+        "requests": len(usage["tokens"]),
+        "tokens": sum(usage["tokens"]),
+        "kv_bytes": {"razor": razor, "stock": stock},
+        "saving": stock / razor if razor and stock else None,
+    }
+
+
+async def refresh_usage(state: Any) -> Optional[dict[str, Any]]:
+    """Ask the engine core for the pools' usage, set the gauges, return the ``usage`` section.
+
+    ``None`` when not serving razor; ``{"error": ...}`` (gauges left as they were) when the engine
+    cannot answer, so neither the status route nor /metrics fails with it.
+    """
+    from razor_vllm.vllm_compat import query_pool_usage
+
+    status = getattr(state, STATE_KEY, None) or {}
+    engine_client = getattr(state, ENGINE_KEY, None)
+    if not status.get("razor") or engine_client is None:
+        return None
+    try:
+        usage = await asyncio.wait_for(query_pool_usage(engine_client), USAGE_TIMEOUT_S)
+    except Exception as exc:  # a dead or stuck engine: report it, never fail the route
+        logger.warning("razor_status: pool usage unavailable: %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if usage is None:
+        return {"error": "the engine core reports no razor pools"}
+    described = describe_usage(status, usage)
+    for pool, blocks in described["blocks_in_use"].items():
+        _metrics()["blocks"].labels(pool=pool).set(blocks)
+    return described
+
+
+class RefreshUsageOnScrape:
+    """ASGI middleware: brings razor's usage gauges up to date just before vLLM renders ``/metrics``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path", "").rstrip("/") == METRICS_PATH and "app" in scope:
+            await refresh_usage(scope["app"].state)
+        await self.app(scope, receive, send)
 
 
 # -- Prometheus -------------------------------------------------------------------------------------
@@ -166,6 +237,12 @@ def _metrics() -> dict[str, Any]:
             "info": Gauge(
                 "razor_profile_info", "The razor head profile being served", labelnames=["source", "model"], **mode
             ),
+            "blocks": Gauge(
+                "razor_blocks_in_use",
+                "KV blocks each razor pool holds now (read from the engine core when /metrics is scraped)",
+                labelnames=["pool"],
+                **mode,
+            ),
         }
     return _METRICS
 
@@ -186,7 +263,7 @@ def set_metrics(status: dict[str, Any]) -> None:
 
 
 class RazorStatusPlugin:
-    """vLLM ``EndpointPlugin``: adds ``GET /razor/status`` and sets razor's gauges at start-up."""
+    """vLLM ``EndpointPlugin``: ``GET /razor/status`` and razor's gauges, usage read from the engine core."""
 
     name = PLUGIN_NAME
     required_tasks = None  # no task needed; on the engine-less render server the route says razor: false
@@ -196,9 +273,12 @@ class RazorStatusPlugin:
 
         @router.get(ROUTE)
         async def razor_status(request: Request) -> JSONResponse:
-            return JSONResponse(getattr(request.app.state, STATE_KEY, None) or {"razor": False})
+            status = getattr(request.app.state, STATE_KEY, None) or {"razor": False}
+            usage = await refresh_usage(request.app.state)
+            return JSONResponse(status if usage is None else {**status, "usage": usage})
 
         app.include_router(router)
+        app.add_middleware(RefreshUsageOnScrape)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         vllm_config = getattr(engine_client, "vllm_config", None) if engine_client is not None else None
@@ -208,7 +288,9 @@ class RazorStatusPlugin:
             logger.exception("razor_status: cannot compute razor status")
             status = {"razor": False, "error": f"{type(exc).__name__}: {exc}"}
         setattr(state, STATE_KEY, status)
+        setattr(state, ENGINE_KEY, engine_client)
         set_metrics(status)
+        await refresh_usage(state)  # the usage gauges exist before the first scrape
         if status.get("razor"):
             logger.info(
                 "razor_status: GET %s ready; KV compression %sx at max_model_len %d",

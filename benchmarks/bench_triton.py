@@ -1,0 +1,171 @@
+"""Time the Triton kernels on a GPU against what stock vLLM pays; print a table, write JSON.
+
+    .venv/bin/python benchmarks/bench_triton.py [--out out/bench_triton.json] [--dtypes bfloat16,float16]
+
+For each shape (SmolLM2-135M: 9 query / 3 KV heads, D=64; Llama-3-8B-like: 32 / 8, D=128; decode
+batches and one 512-token prefill chunk at 2k-8k context) it times one layer's kernels:
+``local_attention`` (our kernel; sinks S=4 + window W=252 + compensation), ``fold_compensation`` and
+``store_kv`` (ours), ``paged_attention`` (vLLM's unified_attention on the retrieval pool's layout,
+block 187), and ``stock_full_attention``: the same vLLM kernel on stock vLLM's own cache layout
+(block 16) over the whole context, i.e. what each of these heads costs without razor. Times are
+triton.testing.do_bench medians in ms (decode shapes also replayed from a CUDA graph); GB/s counts the
+K/V bytes each attention kernel must read.
+Needs a CUDA GPU: without one it says so and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SINK, WINDOW, LOCAL_BLOCK, RETRIEVAL_BLOCK = 4, 252, 32, 187
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    num_q_heads: int
+    num_kv_heads: int
+    head_size: int
+    batch: int  # requests
+    q_len: int  # queries per request this step
+    context: int  # seq_len including this step's queries
+
+    @property
+    def decode(self) -> bool:
+        return self.q_len == 1
+
+
+SHAPES = [
+    Shape("smollm decode 64x2k", 9, 3, 64, 64, 1, 2048),
+    Shape("smollm decode 256x4k", 9, 3, 64, 256, 1, 4096),
+    Shape("smollm prefill 512@2k", 9, 3, 64, 1, 512, 2048),
+    Shape("llama8b decode 64x4k", 32, 8, 128, 64, 1, 4096),
+    Shape("llama8b decode 16x8k", 32, 8, 128, 16, 1, 8192),
+    Shape("llama8b prefill 512@4k", 32, 8, 128, 1, 512, 4096),
+]
+
+
+def paged_cache(num_blocks: int, block_size: int, shape: Shape, dtype: torch.dtype, gen: torch.Generator):
+    """Key and value views [num_blocks, H_pool, block_size, D] of one razor pool page layout; this
+    layer's heads sit after another layer's (head_offset = num_kv_heads)."""
+    d = shape.head_size
+    kv = torch.randn(num_blocks, 2 * shape.num_kv_heads, block_size, 2 * d, generator=gen).to(dtype).cuda()
+    return kv[..., :d], kv[..., d:]
+
+
+def shuffled_table(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    return (torch.randperm(rows * cols, generator=gen) + 1).view(rows, cols).to(torch.int32).cuda()
+
+
+def local_pool(shape: Shape, dtype: torch.dtype, gen: torch.Generator) -> dict:
+    """Local pool as razor leaves it: per request block 0 (sinks + sums) and the blocks of the last
+    W + q_len tokens; block-table entries of freed blocks point at block 0 of the pool (never read)."""
+    blocks = -(-shape.context // LOCAL_BLOCK)
+    first_live = max(1, (shape.context - shape.q_len + 1 - WINDOW) // LOCAL_BLOCK)
+    live = [0] + list(range(first_live, blocks))
+    ids = shuffled_table(shape.batch, len(live), gen).cpu()
+    table = torch.zeros(shape.batch, blocks, dtype=torch.int32)
+    table[:, live] = ids
+    key_cache, value_cache = paged_cache(shape.batch * len(live) + 1, LOCAL_BLOCK, shape, dtype, gen)
+    comp = torch.randn(key_cache.shape[0], key_cache.shape[1], 2, shape.head_size, generator=gen).cuda() * 10
+    return dict(key_cache=key_cache, value_cache=value_cache, comp=comp, block_table=table.cuda())
+
+
+def kv_bytes(shape: Shape, dtype: torch.dtype, tokens: int) -> int:
+    return 2 * shape.batch * shape.num_kv_heads * tokens * shape.head_size * torch.finfo(dtype).bits // 8
+
+
+def bench(shape: Shape, dtype: torch.dtype, gen: torch.Generator, cudagraph: bool) -> list[dict]:
+    import triton.testing
+
+    from razor_vllm import triton_kernels as tk
+
+    d, n_kv, scale = shape.head_size, shape.num_kv_heads, shape.head_size**-0.5
+    tokens = shape.batch * shape.q_len
+    query = torch.randn(tokens, shape.num_q_heads, d, generator=gen).to(dtype).cuda()
+    key = torch.randn(tokens, n_kv, d, generator=gen).to(dtype).cuda()
+    seq_lens = torch.full((shape.batch,), shape.context, dtype=torch.int32, device="cuda")
+    qsl = (torch.arange(shape.batch + 1, dtype=torch.int32) * shape.q_len).cuda()
+    out = torch.empty_like(query)
+
+    local = local_pool(shape, dtype, gen)
+    local_meta = (local["block_table"], seq_lens, qsl, n_kv, n_kv)
+    pos = torch.arange(shape.context - shape.q_len, shape.context, device="cuda")
+    slots = (local["block_table"][:, pos // LOCAL_BLOCK].long() * LOCAL_BLOCK + pos % LOCAL_BLOCK).flatten()
+
+    full_blocks = -(-shape.context // RETRIEVAL_BLOCK)
+    full_key, full_value = paged_cache(shape.batch * full_blocks + 1, RETRIEVAL_BLOCK, shape, dtype, gen)
+    full_meta = (shuffled_table(shape.batch, full_blocks, gen), seq_lens, qsl, n_kv, n_kv)
+
+    # Stock vLLM: its own cache layout [num_blocks, 16, kv_heads, D] per K and V, block size 16, read by
+    # the same unified_attention (given here as the [num_blocks, heads, 16, D] view our wrapper expects).
+    stock_blocks = -(-shape.context // 16)
+    stock = torch.randn(2, shape.batch * stock_blocks + 1, 16, n_kv, d, generator=gen).to(dtype).cuda()
+    stock_meta = (shuffled_table(shape.batch, stock_blocks, gen), seq_lens, qsl, 0, n_kv)
+    stock_key, stock_value = stock[0].permute(0, 2, 1, 3), stock[1].permute(0, 2, 1, 3)
+
+    local_tokens = min(shape.context, SINK + WINDOW + shape.q_len)
+    ops = {
+        "local_attention": (lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["comp"],
+                                                       *local_meta, SINK, WINDOW, scale, out=out), local_tokens),
+        "paged_attention": (lambda: tk.paged_attention(query, full_key, full_value, *full_meta, scale, out=out),
+                            shape.context),
+        "stock_full_attention": (lambda: tk.paged_attention(query, stock_key, stock_value, *stock_meta, scale, out=out),
+                                 shape.context),
+        "fold_compensation": (lambda: tk.fold_compensation(local["key_cache"], local["value_cache"], local["comp"],
+                                                           *local_meta, SINK, WINDOW), shape.q_len),
+        "store_kv": (lambda: tk.store_kv(local["key_cache"], local["value_cache"], key, key, slots, n_kv), 0),
+    }  # fmt: skip
+    rows = []
+    for op, (fn, read_tokens) in ops.items():
+        fn()
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100)
+        graph_ms = triton.testing.do_bench_cudagraph(fn, rep=100) if cudagraph and shape.decode else None
+        gbps = kv_bytes(shape, dtype, read_tokens) / (ms * 1e-3) / 1e9 if read_tokens else None
+        rows.append(dict(shape=asdict(shape), dtype=str(dtype)[6:], op=op, ms=ms, cudagraph_ms=graph_ms, gbps=gbps))
+        graph = f"{graph_ms:8.4f}" if graph_ms is not None else "       -"
+        rate = f"{gbps:7.0f}" if gbps is not None else "      -"
+        print(f"{shape.name:24s} {str(dtype)[6:]:9s} {op:22s} {ms:8.4f} ms  graph {graph} ms  {rate} GB/s", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("out/bench_triton.json"))
+    parser.add_argument("--dtypes", default="bfloat16,float16")
+    parser.add_argument("--shapes", default="", help="substring filter on shape names")
+    parser.add_argument("--no-cudagraph", action="store_true", help="skip the CUDA-graph replay timings")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_triton.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was timed",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+
+    gen = torch.Generator().manual_seed(0)
+    print(f"{'shape':24s} {'dtype':9s} {'op':22s} {'median':>11s}  {'graph replay':>17s}  {'K/V read':>9s}")
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        for shape in (s for s in SHAPES if args.shapes in s.name):
+            rows += bench(shape, getattr(torch, dtype_name), gen, cudagraph=not args.no_cudagraph)
+
+    import triton
+    import vllm
+
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                vllm=vllm.__version__, host=platform.node(), sink=SINK, window=WINDOW, local_block=LOCAL_BLOCK,
+                retrieval_block=RETRIEVAL_BLOCK)  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

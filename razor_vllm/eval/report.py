@@ -1,0 +1,148 @@
+"""Tables and plots of ``razor-vllm eval`` results (the JSON written by the command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from razor_vllm.bench.report import Table
+from razor_vllm.eval.metrics import mean_by, prefix_credit
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _ctx(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def labels(results: dict[str, Any]) -> list[str]:
+    return [v["label"] for v in results["meta"]["variants"]]
+
+
+def tables(results: dict[str, Any]) -> list[Table]:
+    names = labels(results)
+    budgets = results["budgets"]
+    out = []
+    contexts = sorted({int(c) for b in budgets.values() for c in b})
+    out.append(Table(
+        "KV budget (share of the full cache's KV entries per request)",
+        ["variant", "retrieval heads"] + [_ctx(c) for c in contexts],
+        [[v["label"], f"{v['retrieval_heads']}/{v['total_heads']}"]
+         + [_pct(budgets[v["label"]].get(str(c))) + "%" for c in contexts] for v in results["meta"]["variants"]],
+        note="head-tokens kept: retrieval heads everything, local heads sink + window + 1 compensation token",
+    ))
+    rows = results["tasks"]
+    if rows:
+        acc = mean_by(rows, ("variant", "task", "context"), "score")
+        total = mean_by(rows, ("variant", "context"), "score")
+        tasks = sorted({r["task"] for r in rows}, key=[r["task"] for r in rows].index)
+        task_contexts = sorted({r["context"] for r in rows})
+        body = [[t, _ctx(c)] + [_pct(acc.get((n, t, c))) for n in names] for t in tasks for c in task_contexts]
+        body += [["all tasks", _ctx(c)] + [_pct(total.get((n, c))) for n in names] for c in task_contexts]
+        per_cell = len([r for r in rows if r["variant"] == names[0]])
+        out.append(Table("Task accuracy (%)", ["task", "context"] + names, body,
+                         note=f"{per_cell} prompts per variant, greedy; score = share of answers found"))
+        if all("output" in r for r in rows):
+            rows = [dict(r, partial=prefix_credit(r["answers"], r["output"])) for r in rows]
+            part = mean_by(rows, ("variant", "task", "context"), "partial")
+            body = [[t, _ctx(c)] + [_pct(part.get((n, t, c))) for n in names] for t in tasks for c in task_contexts]
+            out.append(Table("Partial credit (%)", ["task", "context"] + names, body,
+                             note="leading characters of each answer reproduced (e.g. 6 of 7 digits: 85.7)"))
+    fid = results["fidelity"]
+    if fid:
+        keys = ("variant", "context")
+        kl, top1 = mean_by(fid, keys, "kl"), mean_by(fid, keys, "top1")
+        nll, nll_full = mean_by(fid, keys, "nll"), mean_by(fid, keys, "nll_full")
+        prefix, match = mean_by(fid, keys, "greedy_prefix"), mean_by(fid, keys, "greedy_match")
+        body = []
+        for n in names:
+            for c in sorted({r["context"] for r in fid}):
+                if (n, c) not in kl:
+                    continue
+                body.append([n, _ctx(c), f"{kl[n, c]:.4f}", _pct(top1[n, c]), f"{nll[n, c] - nll_full[n, c]:+.4f}",
+                             "-" if (n, c) not in prefix else f"{prefix[n, c]:.1f}", _pct(match.get((n, c)))])
+        out.append(Table(
+            "Fidelity to the full cache on Moby-Dick (teacher-forced decode)",
+            ["variant", "prefix", "KL (nats/token)", "top-1 agree %", "ΔNLL vs full", "greedy prefix", "greedy match %"],
+            body, note="KL(full || variant) of the next-token distribution, mean over positions and slices",
+        ))
+    return out
+
+
+def heatmap_data(results: dict[str, Any]) -> dict[str, dict[tuple[float, int], float]]:
+    """Per variant: (depth, context) -> mean score over the tasks that place a needle at a depth."""
+    rows = [r for r in results["tasks"] if r["depth"] is not None]
+    depth_grid = results["meta"]["grid"]["depths"]
+    snapped = [dict(r, depth=min(depth_grid, key=lambda d: abs(d - r["depth"]))) for r in rows]
+    cells = mean_by(snapped, ("variant", "depth", "context"), "score")
+    data: dict[str, dict[tuple[float, int], float]] = {}
+    for (variant, depth, context), value in cells.items():
+        data.setdefault(variant, {})[(depth, context)] = value
+    return data
+
+
+def plots(results: dict[str, Any], directory: Path) -> list[Path]:
+    """heatmap.png (needle depth x length per variant) and budget.png (accuracy and fidelity vs KV budget)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    names = labels(results)
+    data = heatmap_data(results)
+    if data:
+        depths = sorted({d for cells in data.values() for d, _ in cells})
+        contexts = sorted({c for cells in data.values() for _, c in cells})
+        shown = [n for n in names if n in data]
+        fig, axes = plt.subplots(1, len(shown), figsize=(2.2 + 1.1 * len(contexts) * len(shown), 0.6 * len(depths) + 2),
+                                 squeeze=False, sharey=True)
+        for ax, name in zip(axes[0], shown):
+            grid = [[data[name].get((d, c), float("nan")) for c in contexts] for d in depths]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(contexts)), [_ctx(c) for c in contexts])
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    if v == v:
+                        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
+            ax.set(title=name, xlabel="context (tokens)")
+        axes[0][0].set_ylabel("needle depth")
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="accuracy")
+        path = directory / "heatmap.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+    panels = [p for p in ("tasks", "fidelity") if results[p]]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        budgets = results["budgets"]
+        colours = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per variant in both panels
+        for ax, panel in zip(axes[0], panels):
+            value = "score" if panel == "tasks" else "top1"
+            means = mean_by(results[panel], ("variant", "context"), value)
+            if panel == "fidelity":  # the reference agrees with itself
+                full = [v["label"] for v in results["meta"]["variants"] if v["mode"] == "full"]
+                means.update({(label, c): 1.0 for label in full for _, c in list(means)})
+            for name in names:
+                pts = sorted((budgets[name][str(c)], v) for (n, c), v in means.items() if n == name)
+                if pts:
+                    ax.plot([100 * b for b, _ in pts], [100 * v for _, v in pts], "o-", label=name,
+                            color=colours[name])
+            ax.set(xlabel="KV budget (% of full cache)", xlim=(0, 105),
+                   ylabel="task accuracy (%)" if panel == "tasks" else "top-1 agreement with full (%)",
+                   title="Accuracy vs KV budget" if panel == "tasks" else "Fidelity vs KV budget")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+        fig.suptitle("each point: one context length (longer context = smaller budget)", fontsize=9)
+        path = directory / "budget.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written

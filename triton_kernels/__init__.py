@@ -1,0 +1,30 @@
+"""Triton GPU kernels for both KV pools, with the signatures of ``razor_vllm.ops.reference``.
+
+Installed as ``razor_vllm.triton_kernels`` (``package_dir`` in setup.py); the layout and the
+attention rule are documented in ``razor_vllm.ops``.
+
+- ``local_attention``: local heads (sinks + window + count-weighted compensation), varlen and
+  chunked, one program per (query tile of one request, KV head); ours.
+- ``fold_compensation``: adds the positions leaving the window to the fp32 sums; ours.
+- ``paged_attention``: retrieval heads; vLLM's own Triton ``unified_attention`` reads the
+  retrieval pool through a strided view, so no kernel of ours.
+- ``store_kv``: stores this step's K/V at vLLM's ``slot_mapping`` (negative slots skipped).
+
+Every launch has a grid fixed by tensor shapes and reads its metadata from device tensors (no host
+sync, no data-dependent allocation), so a decode batch can be captured in a CUDA graph.
+"""
+
+if __name__ != "razor_vllm.triton_kernels":
+    # The source folder is named triton_kernels; when the repository root is on sys.path it would
+    # otherwise shadow OpenAI's `triton_kernels` package, which vLLM probes for by importing it.
+    raise ImportError(
+        f"{__file__} is razor_vllm.triton_kernels, not the `triton_kernels` package; "
+        "import it as razor_vllm.triton_kernels"
+    )
+
+from .cache_write import store_kv
+from .fold import fold_compensation
+from .local import local_attention
+from .paged import paged_attention
+
+__all__ = ["local_attention", "fold_compensation", "paged_attention", "store_kv"]

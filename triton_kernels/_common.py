@@ -1,0 +1,161 @@
+"""What every kernel wrapper shares: input checks, the launch plan, and small device helpers.
+
+Checks look only at shapes, dtypes, strides and devices (never at tensor contents), so they cost
+no host synchronisation and are safe inside CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Launch:
+    """One kernel launch, computed without touching the device: the wrappers run it, and tests
+    compile exactly the same argument types ahead of time for a GPU this machine need not have."""
+
+    kernel: Any  # a triton.jit function
+    grid: tuple[int, ...]
+    args: dict[str, Any]  # runtime arguments, in the kernel's parameter order
+    constexprs: dict[str, Any]
+    options: dict[str, int] = field(default_factory=dict)  # num_warps, num_stages
+
+    def __call__(self) -> None:
+        if all(self.grid):
+            self.kernel[self.grid](**self.args, **self.constexprs, **self.options)
+
+
+def head_pad(head_size: int) -> int:
+    """Power-of-two width for a head (tl.arange and tl.dot need it; 16 is the smallest dot size)."""
+    return max(16, triton.next_power_of_2(head_size))
+
+
+def check_cache_pair(key_cache: torch.Tensor, value_cache: torch.Tensor, head_offset: int, num_kv_heads: int) -> None:
+    if key_cache.dim() != 4 or value_cache.dim() != 4:
+        raise ValueError(f"caches must be [num_blocks, H_pool, block_size, D], got {tuple(key_cache.shape)}")
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"caches must both be float32, bfloat16 or float16, got {key_cache.dtype}/{value_cache.dtype}")
+    if key_cache.device != value_cache.device:
+        raise ValueError(f"key_cache is on {key_cache.device}, value_cache on {value_cache.device}")
+    if key_cache.stride(3) != 1 or value_cache.stride(3) != 1:
+        raise ValueError("cache rows (the last dimension) must be contiguous")
+    if num_kv_heads <= 0 or head_offset < 0 or head_offset + num_kv_heads > key_cache.shape[1]:
+        raise ValueError(
+            f"heads [{head_offset}, {head_offset + num_kv_heads}) are outside the pool's {key_cache.shape[1]} heads"
+        )
+
+
+def check_query(query: torch.Tensor, key_cache: torch.Tensor, num_kv_heads: int) -> int:
+    """Returns g, the query heads per KV head."""
+    if query.dim() != 3:
+        raise ValueError(f"query must be [num_tokens, num_q_heads, head_size], got {tuple(query.shape)}")
+    if query.device != key_cache.device:
+        raise ValueError(f"query is on {query.device}, the cache on {key_cache.device}")
+    if query.shape[2] != key_cache.shape[3]:
+        raise ValueError(f"query head_size {query.shape[2]} != cache head_size {key_cache.shape[3]}")
+    if query.dtype != key_cache.dtype:
+        raise ValueError(f"query is {query.dtype}, the cache {key_cache.dtype}: the Triton kernels need them equal")
+    if query.shape[1] % num_kv_heads:
+        raise ValueError(f"num_q_heads={query.shape[1]} is not a multiple of num_kv_heads={num_kv_heads}")
+    return query.shape[1] // num_kv_heads
+
+
+def check_comp(comp: torch.Tensor, key_cache: torch.Tensor) -> None:
+    expected = (key_cache.shape[0], key_cache.shape[1], 2, key_cache.shape[3])
+    if comp.dtype != torch.float32 or tuple(comp.shape) != expected or comp.stride(3) != 1:
+        raise ValueError(
+            f"comp must be float32 {list(expected)} with contiguous rows, got {comp.dtype} {list(comp.shape)}"
+        )
+    if comp.device != key_cache.device:
+        raise ValueError(f"comp is on {comp.device}, the cache on {key_cache.device}")
+
+
+def check_rule(sink: int, window: int) -> None:
+    if sink < 0 or window < 1:
+        raise ValueError(f"need sink >= 0 and window >= 1, got sink={sink} window={window}")
+
+
+def check_output(out: torch.Tensor, query: torch.Tensor) -> None:
+    if out.shape != query.shape or out.dtype != query.dtype or out.device != query.device:
+        raise ValueError(
+            f"out must match query ({tuple(query.shape)} {query.dtype} on {query.device}), "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if out.stride(2) != 1:
+        raise ValueError("out rows (the last dimension) must be contiguous")
+
+
+def metadata(
+    block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three metadata tensors as int32 on ``device`` (no copy when they already are, as vLLM's are)."""
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table must be [num_reqs, max_blocks], got {tuple(block_table.shape)}")
+    num_reqs = seq_lens.shape[0]
+    if query_start_loc.shape != (num_reqs + 1,):
+        raise ValueError(
+            f"query_start_loc must have num_reqs + 1 = {num_reqs + 1} entries, got {tuple(query_start_loc.shape)}"
+        )
+    if block_table.shape[0] < num_reqs:
+        raise ValueError(f"block_table has {block_table.shape[0]} rows for {num_reqs} requests")
+    for name, t in (("block_table", block_table), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the cache on {device}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    return block_table.to(torch.int32), seq_lens.to(torch.int32), query_start_loc.to(torch.int32)
+
+
+@triton.jit
+def find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_Q: tl.constexpr):
+    """(request, query tile inside it) of program ``pid``.
+
+    Request r owns programs [qsl[r] // BLOCK_Q + r, qsl[r+1] // BLOCK_Q + r + 1): at least
+    cdiv(q_len, BLOCK_Q) of them, so a grid of num_tokens // BLOCK_Q + num_reqs programs, known from
+    shapes alone, covers every tile. Binary search for the last r whose first program is <= pid;
+    surplus programs get a tile past their request's queries and return.
+    """
+    lo = num_reqs * 0
+    hi = num_reqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        fits = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= pid
+        lo = tl.where(fits, mid, lo)
+        hi = tl.where(fits, hi, mid - 1)
+    return lo, pid - (tl.load(query_start_loc_ptr + lo) // BLOCK_Q + lo)
+
+
+@triton.jit
+def load_kv_tile(
+    k_head_ptr,
+    v_head_ptr,
+    block_table_row_ptr,
+    pos,
+    pos_ok,
+    d,
+    d_ok,
+    stride_k_block,
+    stride_k_slot,
+    stride_v_block,
+    stride_v_slot,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Keys and values [TILE_N, HEAD_PAD] of positions ``pos`` of one request and head; masked-off
+    positions are neither looked up in the block table nor read (they may be freed blocks)."""
+    block = tl.load(block_table_row_ptr + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+    slot = (pos % BLOCK_SIZE).to(tl.int64)
+    mask = pos_ok[:, None] & d_ok[None, :]
+    k_rows = k_head_ptr + (block * stride_k_block + slot * stride_k_slot)[:, None]
+    v_rows = v_head_ptr + (block * stride_v_block + slot * stride_v_slot)[:, None]
+    return tl.load(k_rows + d[None, :], mask=mask, other=0.0), tl.load(v_rows + d[None, :], mask=mask, other=0.0)

@@ -1,0 +1,114 @@
+"""Store this step's keys and values into a pool's paged cache, straight from vLLM's slot mapping.
+
+Unlike ``razor_vllm.ops.cache.SlotIndex`` (which drops padding rows on the host), the kernel reads
+``slot_mapping`` on the device and skips negative slots (vLLM's padding), so the launch depends on
+shapes only and can be captured in a CUDA graph. One program per token, all of its heads at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import Launch, check_cache_pair, head_pad
+
+
+@triton.jit(do_not_specialize=["head_offset"])
+def _store_kv_kernel(
+    k_cache_ptr,
+    v_cache_ptr,
+    key_ptr,
+    value_ptr,
+    slot_mapping_ptr,
+    head_offset,
+    stride_key_tok,
+    stride_key_head,
+    stride_value_tok,
+    stride_value_head,
+    stride_k_block,
+    stride_k_head,
+    stride_k_slot,
+    stride_v_block,
+    stride_v_head,
+    stride_v_slot,
+    NUM_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    h = tl.arange(0, HEADS_PAD)
+    d = tl.arange(0, HEAD_PAD)
+    mask = (h < NUM_HEADS)[:, None] & (d < HEAD_SIZE)[None, :]
+    pool_head = (head_offset + h).to(tl.int64)
+    k = tl.load(key_ptr + tok * stride_key_tok + h[:, None] * stride_key_head + d[None, :], mask=mask)
+    v = tl.load(value_ptr + tok * stride_value_tok + h[:, None] * stride_value_head + d[None, :], mask=mask)
+    k_dst = k_cache_ptr + block * stride_k_block + offset * stride_k_slot + pool_head[:, None] * stride_k_head
+    v_dst = v_cache_ptr + block * stride_v_block + offset * stride_v_slot + pool_head[:, None] * stride_v_head
+    tl.store(k_dst + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def plan(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    head_offset: int,
+) -> Launch:
+    if key.dim() != 3 or key.shape != value.shape:
+        raise ValueError(
+            f"key and value must both be [num_tokens, heads, D], got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    check_cache_pair(key_cache, value_cache, head_offset, key.shape[1])
+    if key.shape[2] != key_cache.shape[3]:
+        raise ValueError(f"key head_size {key.shape[2]} != cache head_size {key_cache.shape[3]}")
+    if key.device != key_cache.device or value.device != key_cache.device or slot_mapping.device != key_cache.device:
+        raise ValueError(f"key, value and slot_mapping must be on the cache's device {key_cache.device}")
+    if slot_mapping.dim() != 1 or slot_mapping.shape[0] < key.shape[0]:
+        raise ValueError(f"slot_mapping needs one entry per token ({key.shape[0]}), got {tuple(slot_mapping.shape)}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    if key.stride(2) != 1:
+        key = key.contiguous()
+    if value.stride(2) != 1:
+        value = value.contiguous()
+    num_heads, head_size = key.shape[1], key.shape[2]
+    return Launch(
+        kernel=_store_kv_kernel,
+        grid=(key.shape[0],),
+        args=dict(
+            k_cache_ptr=key_cache, v_cache_ptr=value_cache, key_ptr=key, value_ptr=value, slot_mapping_ptr=slot_mapping,
+            head_offset=head_offset, stride_key_tok=key.stride(0), stride_key_head=key.stride(1),
+            stride_value_tok=value.stride(0), stride_value_head=value.stride(1),
+            stride_k_block=key_cache.stride(0), stride_k_head=key_cache.stride(1), stride_k_slot=key_cache.stride(2),
+            stride_v_block=value_cache.stride(0), stride_v_head=value_cache.stride(1),
+            stride_v_slot=value_cache.stride(2),
+        ),  # fmt: skip
+        constexprs=dict(
+            NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), BLOCK_SIZE=key_cache.shape[2],
+            HEAD_SIZE=head_size, HEAD_PAD=head_pad(head_size),
+        ),  # fmt: skip
+        options=dict(num_warps=1 if num_heads * head_size <= 1024 else 4),
+    )
+
+
+def store_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    head_offset: int,
+) -> None:
+    """Store key/value [T, n, D] at pool heads [head_offset, head_offset + n) of slots ``slot_mapping``
+    (block * block_size + offset in this pool; negative = padding, skipped)."""
+    plan(key_cache, value_cache, key, value, slot_mapping, head_offset)()
