@@ -94,6 +94,35 @@ def test_runner_spec_collection_is_wrapped():
     assert CPUModelRunner.get_kv_cache_spec is GPUModelRunner.get_kv_cache_spec
 
 
+def test_engine_core_answers_pool_usage():
+    """Hook 7: the utility the status route calls exists on the engine core and reads its scheduler."""
+    from types import SimpleNamespace
+
+    from vllm.v1.engine.core import EngineCore
+
+    method = getattr(EngineCore, vllm_compat.POOL_USAGE_UTILITY)
+    block = SimpleNamespace(block_id=3, is_null=False)
+    stock_scheduler = SimpleNamespace(  # one stock KV group holding a block: not a razor pool
+        kv_cache_config=SimpleNamespace(kv_cache_groups=[SimpleNamespace(layer_names=["model.layers.0.self_attn.attn"])]),
+        kv_cache_manager=SimpleNamespace(coordinator=SimpleNamespace(
+            single_type_managers=[SimpleNamespace(req_to_blocks={"r": [block]})])),
+    )
+    assert method(SimpleNamespace(scheduler=stock_scheduler)) is None  # an engine without razor pools reports nothing
+
+
+def test_runner_sampling_rewind_is_wrapped():
+    """Hook 8: both halves of the seeded-generator rewind are wrapped once, and the CPU runner uses them."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for name in ("_sample", "_bookkeeping_sync"):
+        wrapped = getattr(GPUModelRunner, name)
+        assert getattr(wrapped, "__razor_wrapped__", False), name
+        assert getattr(CPUModelRunner, name) is wrapped, name
+    vllm_compat.wrap_runner_discarded_sample_rewind()  # again: no double wrapping
+    assert not getattr(GPUModelRunner._sample.__wrapped__, "__razor_wrapped__", False)
+
+
 def test_install_is_idempotent():
     before = type(current_platform).get_attn_backend_cls
     vllm_compat._INSTALLED = False
