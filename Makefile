@@ -33,5 +33,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -rs -m "not engine" tests
 
+# Locust load test: razor then stock on 127.0.0.1, side-by-side table (loadtest/README.md).
+# Options through ARGS, e.g. make loadtest ARGS="--users 16 --run-time 3m".
+.PHONY: loadtest
+loadtest: setup
+	$(PY) -m loadtest $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info razor_vllm/_C*.so
