@@ -9,7 +9,7 @@ import os
 import pytest
 
 from razor_vllm.bench import analytic, report
-from razor_vllm.bench.command import _int_list
+from razor_vllm.bench.runinfo import int_list
 from razor_vllm.cli import main
 from razor_vllm.config import resolve_profile
 
@@ -31,7 +31,7 @@ def test_help(capsys):
 
 
 def test_contexts_parse():
-    assert _int_list("2k,4096, 8k") == [2048, 4096, 8192]
+    assert int_list("2k,4096, 8k") == [2048, 4096, 8192]
 
 
 def test_skip_engine_writes_json(tmp_path, capsys):

@@ -37,21 +37,6 @@ QUICK = dict(contexts=[1024, 2048], tp_contexts=[512, 1024], batches=[1, 4], dec
 STOCK_REQUESTS = 2.5  # default capacity KV size: stock holds floor(2.5) = 2 full requests
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(_suffix(x)) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers (2048 or 2k), got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _suffix(x: str) -> int:
-    x = x.strip().lower()
-    return int(float(x[:-1]) * 1024) if x.endswith("k") else int(x)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to run")
     what.add_argument("--quick", action="store_true",
@@ -71,15 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "picks it; on CPUs without avx512_bf16/AMX float32 runs several times faster)")
 
     sizes = parser.add_argument_group("sizes")
-    sizes.add_argument("--contexts", type=_int_list, metavar="N,N,...",
+    sizes.add_argument("--contexts", type=runinfo.int_list, metavar="N,N,...",
                        help="request lengths (prompt + generated) for the analytic and capacity parts; each "
                             "capacity engine runs with max_model_len = N (default: 2k,4k,8k; --quick: 1k,2k)")
     kv = sizes.add_mutually_exclusive_group()
     kv.add_argument("--kv-gib", type=float, metavar="G", help="KV cache size for the capacity part, GiB")
     kv.add_argument("--kv-bytes", type=int, metavar="B", help="KV cache size for the capacity part, bytes")
-    sizes.add_argument("--throughput-contexts", type=_int_list, metavar="N,N,...",
+    sizes.add_argument("--throughput-contexts", type=runinfo.int_list, metavar="N,N,...",
                        help="prompt lengths of the throughput part (default: 1k,4k; --quick: 512,1k)")
-    sizes.add_argument("--batches", type=_int_list, metavar="B,B,...",
+    sizes.add_argument("--batches", type=runinfo.int_list, metavar="B,B,...",
                        help="requests decoded together in the throughput part (default: 1,8; --quick: 1,4)")
     sizes.add_argument("--decode-tokens", type=int, metavar="N",
                        help="decode steps timed with the whole batch decoding (default: 32; --quick: 16)")
@@ -278,11 +263,7 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
 
 # --------------------------------------------------------------------------------------------------
 def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decode_tokens, kv_fixed) -> dict[str, Any]:
-    argv = getattr(args, "argv", None)
-    if argv is None:
-        argv = sys.argv[1:]
-        if "bench" in argv:
-            argv = argv[argv.index("bench") + 1:]
+    argv = runinfo.subcommand_argv(args, "bench")
     return dict(
         command="razor-vllm bench " + shlex.join(argv),
         started=runinfo.now(),

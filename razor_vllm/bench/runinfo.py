@@ -3,9 +3,11 @@ the machine and times the figures were measured on."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,3 +90,29 @@ def loadavg() -> Optional[list[float]]:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers, "2k" meaning 2048."""
+    try:
+        values = [int(_with_k_suffix(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (2048 or 2k), got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _with_k_suffix(x: str) -> int:
+    x = x.strip().lower()
+    return int(float(x[:-1]) * 1024) if x.endswith("k") else int(x)
+
+
+def subcommand_argv(args: argparse.Namespace, name: str) -> list[str]:
+    """The arguments given after ``razor-vllm NAME`` (recorded with the results)."""
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        argv = sys.argv[1:]
+        if name in argv:
+            argv = argv[argv.index(name) + 1:]
+    return list(argv)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from razor_vllm.bench import runinfo
-from razor_vllm.bench.command import _int_list
 from razor_vllm.config import ProfileError
 
 PROG = "razor-vllm eval"
@@ -77,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "sink, compensation (on,off)")
 
     grid = parser.add_argument_group("task grid")
-    grid.add_argument("--contexts", type=_int_list, metavar="N,N,...", help="prompt lengths in tokens (default 1k,2k,4k)")
+    grid.add_argument("--contexts", type=runinfo.int_list, metavar="N,N,...", help="prompt lengths in tokens (default 1k,2k,4k)")
     grid.add_argument("--depths", type=_float_list, metavar="D,D,...",
                       help="needle depths in [0, 1] for tasks with one needle (default 0,0.25,0.5,0.75,1)")
     grid.add_argument("--samples", type=int, metavar="N", help="samples per task, context and depth (default 2)")
@@ -86,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--seed", type=int, default=0, help="seed of every generated sample (default 0)")
 
     fid = parser.add_argument_group("fidelity on natural text")
-    fid.add_argument("--fidelity-contexts", type=_int_list, metavar="N,N,...",
+    fid.add_argument("--fidelity-contexts", type=runinfo.int_list, metavar="N,N,...",
                      help="prefix lengths of the Moby-Dick slices (default 2k,4k)")
     fid.add_argument("--fidelity-samples", type=int, metavar="N", help="slices per length (default 4; 0: skip)")
     fid.add_argument("--fidelity-tokens", type=int, metavar="T", help="teacher-forced tokens per slice (default 64)")
@@ -196,11 +195,7 @@ def _variants(args: argparse.Namespace, profile) -> list:
 
 
 def _meta(args, profile, model_dir, evaluation) -> dict[str, Any]:
-    argv = getattr(args, "argv", None)
-    if argv is None:
-        argv = sys.argv[1:]
-        if "eval" in argv:
-            argv = argv[argv.index("eval") + 1:]
+    argv = runinfo.subcommand_argv(args, "eval")
     return dict(
         command="razor-vllm eval " + shlex.join(argv),
         started=runinfo.now(),

@@ -45,7 +45,8 @@ def tables(results: dict[str, Any]) -> list[Table]:
         out.append(Table("Task accuracy (%)", ["task", "context"] + names, body,
                          note=f"{per_cell} prompts per variant, greedy; score = share of answers found"))
         if all("output" in r for r in rows):
-            rows = [dict(r, partial=prefix_credit(r["answers"], r["output"])) for r in rows]
+            # Older result files have no stored partial credit; it follows from the stored output.
+            rows = [r if "partial" in r else dict(r, partial=prefix_credit(r["answers"], r["output"])) for r in rows]
             part = mean_by(rows, ("variant", "task", "context"), "partial")
             body = [[t, _ctx(c)] + [_pct(part.get((n, t, c))) for n in names] for t in tasks for c in task_contexts]
             out.append(Table("Partial credit (%)", ["task", "context"] + names, body,
