@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -29,11 +30,15 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 @dataclass
 class Server:
     url: str  # http://127.0.0.1:PORT
+    port: int
     log_path: Path
     process: subprocess.Popen
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)
@@ -180,13 +185,18 @@ def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def vllm_server(
-    model: str, args: Sequence[str], log_path: Path, timeout: float = 600.0, env: Optional[dict] = None
+    model: str, args: Sequence[str], log_path: Optional[Path] = None, timeout: float = 600.0,
+    env: Optional[dict] = None,
 ) -> Iterator[Server]:
-    """Run ``vllm serve MODEL --host 127.0.0.1 --port PORT *args``; yield once /health answers 200."""
+    """Run ``vllm serve MODEL --host 127.0.0.1 --port PORT *args``; yield once /health answers 200.
+
+    The server logs at INFO (razor's start-up lines are read from it) to ``log_path`` (default: a
+    fresh temporary file).
+    """
     port = free_port()
     url = f"http://{HOST}:{port}"
-    cmd = serve_command(model, args, port)
-    log_path = Path(log_path)
+    cmd = serve_command(str(model), args, port)
+    log_path = Path(log_path or Path(tempfile.mkdtemp(prefix="vllm-serve-")) / "server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
@@ -197,7 +207,7 @@ def vllm_server(
         )  # fmt: skip
         try:
             _wait_healthy(url, process, timeout, log_path)
-            yield Server(url=url, log_path=log_path, process=process)
+            yield Server(url=url, port=port, log_path=log_path, process=process)
         finally:
             stop(process)
 

@@ -18,6 +18,7 @@ import torch
 from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
@@ -85,11 +86,22 @@ class RazorPoolMetadata:
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32
     seq_lens: torch.Tensor  # [num_reqs] int32, including this step's tokens
     block_table: torch.Tensor  # [num_reqs, max_blocks] int32, this pool's block ids
-    slots: SlotIndex  # where this step's tokens go in this pool
+    slot_mapping: torch.Tensor  # [num_actual_tokens] int64: this step's slots in this pool, -1 = padding
+    # The same slots as indices, built once per step for every layer's writes; None on GPU, where
+    # ``ops.store_kv`` reads ``slot_mapping`` on the device (no host sync, CUDA-graph safe).
+    slots: Optional[SlotIndex]
 
 
 class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
-    """Built once per step for each pool's KV group; every layer reads it."""
+    """Built once per step for each pool's KV group; every layer reads it.
+
+    Full CUDA graphs of decode batches: every tensor here is a view of the runner's persistent
+    buffers (already int32/int64, so ``.to`` copies nothing), the kernels size their grids from
+    shapes alone and skip what vLLM pads with (requests without queries, seq_len 0, slot -1), and
+    the impl allocates and indexes only on the device. Prefill stays piecewise.
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -99,13 +111,16 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
     ) -> RazorPoolMetadata:
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
+        slot_mapping = cm.slot_mapping[: cm.num_actual_tokens]
+        block_size = self.kv_cache_spec.block_size
         return RazorPoolMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
             query_start_loc=cm.query_start_loc[: num_reqs + 1].to(torch.int32),
             seq_lens=cm.seq_lens[:num_reqs].to(torch.int32),
             block_table=cm.block_table_tensor[:num_reqs].to(torch.int32),
-            slots=SlotIndex.from_slot_mapping(cm.slot_mapping[: cm.num_actual_tokens], self.kv_cache_spec.block_size),
+            slot_mapping=slot_mapping,
+            slots=None if slot_mapping.is_cuda else SlotIndex.from_slot_mapping(slot_mapping, block_size),
         )
 
 
@@ -177,7 +192,11 @@ class RazorAttentionImpl(AttentionImpl):
         md: RazorPoolMetadata = ctx.attn_metadata[name]
         cache = ctx.no_compile_layers[name].kv_cache
         key_cache, value_cache = cache[..., : self.head_size], cache[..., self.head_size :]
-        write_kv(key_cache, value_cache, heads.select_kv(key), heads.select_kv(value), md.slots, heads.offset)
+        key, value = heads.select_kv(key), heads.select_kv(value)
+        if md.slots is None:
+            ops.store_kv(key_cache, value_cache, key, value, md.slot_mapping, heads.offset)
+        else:
+            write_kv(key_cache, value_cache, key, value, md.slots, heads.offset)
         return md, cache, key_cache, value_cache
 
     def _retrieval(self, state, ctx, query, key, value, out) -> None:

@@ -136,6 +136,9 @@ class RazorProfile(_Strict):
     sink: int = Field(ge=0)
     window: int = Field(ge=1)
     retrieval_heads: list[list[int]]
+    # The compensation token for local heads; a model it does not help (measure with
+    # `razor-vllm eval --sweep compensation`) can switch it off here.
+    compensation: bool = True
     scores: dict[str, list[list[float]]] = Field(default_factory=dict)
     provenance: Provenance
 

@@ -41,6 +41,7 @@ class HeadSelection:
     kv_index: Optional[torch.Tensor] = field(default=None, repr=False)
     q_index: Optional[torch.Tensor] = field(default=None, repr=False)
     q_slice: Optional[slice] = None
+    _device_indices: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, kv_heads: tuple[int, ...], offset: int, queries_per_kv: int) -> "HeadSelection":
@@ -58,21 +59,32 @@ class HeadSelection:
     def num_kv_heads(self) -> int:
         return len(self.kv_heads)
 
+    def _index(self, name: str, device: torch.device) -> torch.Tensor:
+        """``kv_index`` or ``q_index`` on ``device``, copied there once: the first call is an eager
+        warm-up step, so CUDA-graph capture never sees a host-to-device copy."""
+        index = getattr(self, name)
+        if index.device == device:
+            return index
+        on_device = self._device_indices.get((name, device))
+        if on_device is None:
+            on_device = self._device_indices[(name, device)] = index.to(device)
+        return on_device
+
     def select_kv(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_slice is not None:
             return x[:, self.kv_heads[0] : self.kv_heads[-1] + 1]
-        return x.index_select(1, self.kv_index.to(x.device))
+        return x.index_select(1, self._index("kv_index", x.device))
 
     def select_q(self, q: torch.Tensor) -> torch.Tensor:
         if self.q_slice is not None:
             return q[:, self.q_slice]
-        return q.index_select(1, self.q_index.to(q.device))
+        return q.index_select(1, self._index("q_index", q.device))
 
     def scatter_q(self, out: torch.Tensor, heads_out: torch.Tensor) -> None:
         if self.q_slice is not None:
             out[:, self.q_slice] = heads_out
         else:
-            out.index_copy_(1, self.q_index.to(out.device), heads_out.to(out.dtype))
+            out.index_copy_(1, self._index("q_index", out.device), heads_out.to(out.dtype))
 
 
 @dataclass

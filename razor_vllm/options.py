@@ -27,7 +27,8 @@ class RazorOptions(BaseModel):
     - ``local_block_size``: tokens per block of the local pool (its window is recycled per block).
     - ``all_retrieval`` / ``all_local``: ignore the profile's head choice and keep a full cache for
       every head (checks exactness against stock vLLM), or for none (the StreamingLLM baseline).
-    - ``compensation``: ``False`` drops evicted tokens without the compensation token (an ablation).
+    - ``compensation``: whether local heads keep the compensation token (default: the profile's,
+      which defaults to true); ``False`` drops evicted tokens without it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -38,7 +39,7 @@ class RazorOptions(BaseModel):
     local_block_size: int = Field(default=32, ge=1, le=1024)
     all_retrieval: bool = False
     all_local: bool = False
-    compensation: bool = True
+    compensation: Optional[bool] = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Optional[dict[str, Any]]) -> "RazorOptions":
@@ -99,7 +100,7 @@ def resolve(options: RazorOptions, served: ModelFingerprint) -> ResolvedRazorCon
         sink=sink,
         window=window,
         local_block_size=options.local_block_size,
-        compensation=options.compensation,
+        compensation=profile.compensation if options.compensation is None else options.compensation,
     )
 
 

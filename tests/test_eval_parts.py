@@ -149,3 +149,18 @@ def test_cli_refuses_bad_arguments(tmp_path, monkeypatch, capsys):
         run("--depths", "0.5,2")
     assert exc.value.code == 2 and "depths are fractions" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_refuses_contexts_past_the_model_window(tmp_path, monkeypatch, capsys):
+    """SmolLM2 reads 8192 tokens: an 8k prompt plus its answer does not fit. Refused before any engine."""
+    from razor_vllm.cli import main
+
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
+    code = main(["eval", "--tasks", "passkey", "--contexts", "8k", "--depths", "0.5", "--samples", "1",
+                 "--modes", "full", "--fidelity-samples", "0", "--out", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "needs max_model_len" in err and "past the model's 8192 tokens" in err
+    limit = int(err.split("contexts of at most ")[1].split()[0])
+    assert 8000 < limit < 8192
+    assert not (tmp_path / "x.json").exists()

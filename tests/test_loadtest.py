@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # loadtest/ is a folder of scripts at the repository root, not installed
+from loadtest import run, server, soak, summary
+from loadtest.sse import StreamError, StreamReader
+from loadtest.workload import answer_digits, default_ranges, parse_token_range, passkey_prompt
 
-from loadtest import run, server, soak, summary  # noqa: E402
-from loadtest.sse import StreamError, StreamReader  # noqa: E402
-from loadtest.workload import answer_digits, default_ranges, parse_token_range, passkey_prompt  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CHAT_MAX_TOKENS = 8
 PASSKEY_MAX_TOKENS = 10

@@ -82,3 +82,21 @@ def test_malformed_yaml_names_the_field(tmp_path):
     path.write_text("retrieval_heads: [1, 2\n")
     with pytest.raises(ProfileError, match="not valid YAML"):
         RazorProfile.load(path)
+
+
+def test_compensation_follows_the_profile_unless_overridden(tmp_path):
+    (tmp_path / "on").mkdir(), (tmp_path / "off").mkdir()
+    on = _profile(tmp_path / "on")
+    assert "compensation: true" in on.read_text()
+    assert resolve(RazorOptions(profile=str(on)), SERVED).compensation is True
+    off = _profile(tmp_path / "off", compensation=False)
+    assert resolve(RazorOptions(profile=str(off)), SERVED).compensation is False
+    assert resolve(RazorOptions(profile=str(off), compensation=True), SERVED).compensation is True
+    assert resolve(RazorOptions(profile=str(on), compensation=False), SERVED).compensation is False
+    # Profiles written before the field existed keep the compensation token.
+    legacy = tmp_path / "legacy.yaml"
+    legacy.write_text(on.read_text().replace("compensation: true\n", ""))
+    assert RazorProfile.load(legacy).compensation is True
+    with pytest.raises(ProfileError, match="compensation"):
+        legacy.write_text(on.read_text().replace("compensation: true", "compensation: maybe"))
+        RazorProfile.load(legacy)

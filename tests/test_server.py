@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import pytest
 
-from server_utils import vllm_server
+from loadtest.server import vllm_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from server_utils import vllm_server
+from loadtest.server import vllm_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 

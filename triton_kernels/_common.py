@@ -23,9 +23,13 @@ class Launch:
 
     kernel: Any  # a triton.jit function
     grid: tuple[int, ...]
-    args: dict[str, Any]  # runtime arguments, in the kernel's parameter order
+    args: dict[str, Any]  # runtime arguments (put in the kernel's parameter order here)
     constexprs: dict[str, Any]
     options: dict[str, int] = field(default_factory=dict)  # num_warps, num_stages
+
+    def __post_init__(self) -> None:
+        order = {name: i for i, name in enumerate(self.kernel.arg_names)}
+        self.args = dict(sorted(self.args.items(), key=lambda item: order[item[0]]))
 
     def __call__(self) -> None:
         if all(self.grid):
@@ -115,6 +119,33 @@ def metadata(
     if block_table.stride(1) != 1:
         block_table = block_table.contiguous()
     return block_table.to(torch.int32), seq_lens.to(torch.int32), query_start_loc.to(torch.int32)
+
+
+def local_pool_args(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    comp: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    head_offset: int,
+    num_kv_heads: int,
+    sink: int,
+    window: int,
+) -> dict[str, Any]:
+    """Checks and launch arguments that both local-pool kernels (attention and fold) take."""
+    check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads)
+    check_comp(comp, key_cache)
+    check_rule(sink, window)
+    block_table, seq_lens, query_start_loc = metadata(block_table, seq_lens, query_start_loc, key_cache.device)
+    return dict(
+        k_ptr=key_cache, v_ptr=value_cache, comp_ptr=comp, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
+        query_start_loc_ptr=query_start_loc, head_offset=head_offset, sink=sink, window=window,
+        stride_k_block=key_cache.stride(0), stride_k_head=key_cache.stride(1), stride_k_slot=key_cache.stride(2),
+        stride_v_block=value_cache.stride(0), stride_v_head=value_cache.stride(1), stride_v_slot=value_cache.stride(2),
+        stride_c_block=comp.stride(0), stride_c_head=comp.stride(1), stride_c_kv=comp.stride(2),
+        stride_bt=block_table.stride(0),
+    )  # fmt: skip
 
 
 @triton.jit

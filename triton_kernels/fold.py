@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Launch, check_cache_pair, check_comp, check_rule, head_pad, load_kv_tile, metadata
+from ._common import Launch, head_pad, load_kv_tile, local_pool_args
 
 TILE_N = 32
 
@@ -90,22 +90,13 @@ def plan(
     sink: int,
     window: int,
 ) -> Launch:
-    check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads)
-    check_comp(comp, key_cache)
-    check_rule(sink, window)
-    block_table, seq_lens, query_start_loc = metadata(block_table, seq_lens, query_start_loc, key_cache.device)
+    args = local_pool_args(
+        key_cache, value_cache, comp, block_table, seq_lens, query_start_loc, head_offset, num_kv_heads, sink, window
+    )
     return Launch(
         kernel=_fold_kernel,
         grid=(seq_lens.shape[0], num_kv_heads),
-        args=dict(
-            k_ptr=key_cache, v_ptr=value_cache, comp_ptr=comp, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
-            query_start_loc_ptr=query_start_loc, head_offset=head_offset, sink=sink, window=window,
-            stride_k_block=key_cache.stride(0), stride_k_head=key_cache.stride(1), stride_k_slot=key_cache.stride(2),
-            stride_v_block=value_cache.stride(0), stride_v_head=value_cache.stride(1),
-            stride_v_slot=value_cache.stride(2),
-            stride_c_block=comp.stride(0), stride_c_head=comp.stride(1), stride_c_kv=comp.stride(2),
-            stride_bt=block_table.stride(0),
-        ),  # fmt: skip
+        args=args,
         constexprs=dict(
             BLOCK_SIZE=key_cache.shape[2], HEAD_SIZE=key_cache.shape[3], HEAD_PAD=head_pad(key_cache.shape[3]),
             TILE_N=TILE_N,

@@ -27,18 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    Launch,
-    check_cache_pair,
-    check_comp,
-    check_output,
-    check_query,
-    check_rule,
-    find_request,
-    head_pad,
-    load_kv_tile,
-    metadata,
-)
+from ._common import Launch, check_output, check_query, find_request, head_pad, load_kv_tile, local_pool_args
 
 LOG2E = 1.4426950408889634
 
@@ -250,12 +239,11 @@ def plan(
     out: torch.Tensor,
     compensation: bool = True,
 ) -> Launch:
-    check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads)
+    args = local_pool_args(
+        key_cache, value_cache, comp, block_table, seq_lens, query_start_loc, head_offset, num_kv_heads, sink, window
+    )
     g = check_query(query, key_cache, num_kv_heads)
-    check_comp(comp, key_cache)
-    check_rule(sink, window)
     check_output(out, query)
-    block_table, seq_lens, query_start_loc = metadata(block_table, seq_lens, query_start_loc, key_cache.device)
     if query.stride(2) != 1:
         query = query.contiguous()
     num_reqs = seq_lens.shape[0]
@@ -266,16 +254,9 @@ def plan(
         kernel=_local_attention_kernel,
         grid=(query.shape[0] // block_q + num_reqs if num_reqs else 0, num_kv_heads),
         args=dict(
-            out_ptr=out, q_ptr=query, k_ptr=key_cache, v_ptr=value_cache, comp_ptr=comp,
-            block_table_ptr=block_table, seq_lens_ptr=seq_lens, query_start_loc_ptr=query_start_loc,
-            scale_log2=float(scale) * LOG2E, num_reqs=num_reqs, head_offset=head_offset, sink=sink, window=window,
+            args, out_ptr=out, q_ptr=query, scale_log2=float(scale) * LOG2E, num_reqs=num_reqs,
             stride_q_tok=query.stride(0), stride_q_head=query.stride(1),
             stride_o_tok=out.stride(0), stride_o_head=out.stride(1),
-            stride_k_block=key_cache.stride(0), stride_k_head=key_cache.stride(1), stride_k_slot=key_cache.stride(2),
-            stride_v_block=value_cache.stride(0), stride_v_head=value_cache.stride(1),
-            stride_v_slot=value_cache.stride(2),
-            stride_c_block=comp.stride(0), stride_c_head=comp.stride(1), stride_c_kv=comp.stride(2),
-            stride_bt=block_table.stride(0),
         ),  # fmt: skip
         constexprs=dict(
             BLOCK_SIZE=key_cache.shape[2], G=g, HEAD_SIZE=query.shape[2], HEAD_PAD=head_pad(query.shape[2]),

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from razor_vllm.bench import analytic, report, runinfo
+from razor_vllm.bench import analytic, report, runinfo, synthetic
 from razor_vllm.config import ProfileError
 
 PROG = "razor-vllm bench"
@@ -35,6 +35,7 @@ DEFAULT_OUT = "out/bench.json"
 FULL = dict(contexts=[2048, 4096, 8192], tp_contexts=[1024, 4096], batches=[1, 8], decode_tokens=32)
 QUICK = dict(contexts=[1024, 2048], tp_contexts=[512, 1024], batches=[1, 4], decode_tokens=16)
 STOCK_REQUESTS = 2.5  # default capacity KV size: stock holds floor(2.5) = 2 full requests
+SYNTHETIC_SHARE, SYNTHETIC_SINK, SYNTHETIC_WINDOW = 0.15, 4, 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model and razor")
     model.add_argument("--model", default="default",
-                       help="Hugging Face checkpoint dir ('default': the embedded SmolLM2-135M-Instruct)")
+                       help="Hugging Face checkpoint dir ('default': the embedded SmolLM2-135M-Instruct), or "
+                            f"synthetic:NAME, a model shape with random weights ({', '.join(synthetic.SHAPES)})")
+    model.add_argument("--retrieval-share", type=float, default=SYNTHETIC_SHARE, metavar="F",
+                       help="synthetic models: share of KV heads drawn (seeded) as retrieval heads "
+                            f"(default: {SYNTHETIC_SHARE})")
     model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
     model.add_argument("--window", type=int, help="razor window W (default: the profile's)")
     model.add_argument("--sink", type=int, help="razor sink S (default: the profile's)")
@@ -55,13 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="model and KV dtype for every engine and the analytic part (default: auto, as vLLM "
                             "picks it; on CPUs without avx512_bf16/AMX float32 runs several times faster)")
 
+    engine = parser.add_argument_group("engines")
+    engine.add_argument("--stock-backend", metavar="NAME",
+                        help="attention backend of the stock engines, e.g. FLASH_ATTN (default: vLLM's choice)")
+    engine.add_argument("--eager", action="store_true",
+                        help="no torch.compile / CUDA graphs on a GPU (always eager on CPU)")
+
     sizes = parser.add_argument_group("sizes")
     sizes.add_argument("--contexts", type=runinfo.int_list, metavar="N,N,...",
                        help="request lengths (prompt + generated) for the analytic and capacity parts; each "
                             "capacity engine runs with max_model_len = N (default: 2k,4k,8k; --quick: 1k,2k)")
     kv = sizes.add_mutually_exclusive_group()
-    kv.add_argument("--kv-gib", type=float, metavar="G", help="KV cache size for the capacity part, GiB")
-    kv.add_argument("--kv-bytes", type=int, metavar="B", help="KV cache size for the capacity part, bytes")
+    kv.add_argument("--kv-gib", type=float, metavar="G",
+                    help="KV cache size of every engine, GiB (default: capacity: stock holds 2 full requests; "
+                         "throughput: stock holds the widest batch at the longest context)")
+    kv.add_argument("--kv-bytes", type=int, metavar="B", help="the same in bytes")
     sizes.add_argument("--throughput-contexts", type=runinfo.int_list, metavar="N,N,...",
                        help="prompt lengths of the throughput part (default: 1k,4k; --quick: 512,1k)")
     sizes.add_argument("--batches", type=runinfo.int_list, metavar="B,B,...",
@@ -91,11 +104,14 @@ def run(args: argparse.Namespace) -> int:
     tp_contexts = args.throughput_contexts or preset["tp_contexts"]
     batches = args.batches or preset["batches"]
     decode_tokens = args.decode_tokens or preset["decode_tokens"]
-    kv_fixed = args.kv_bytes if args.kv_bytes is not None else (int(args.kv_gib * (1 << 30)) if args.kv_gib else None)
+    kv_fixed = _kv_fixed(args)
     if (args.window is not None and args.window < 1) or (args.sink is not None and args.sink < 0):
         print(f"{PROG}: error: need --window >= 1 and --sink >= 0", file=sys.stderr)
         return 2
+    args.load_format = args.synthetic = None
     try:
+        if synthetic.is_synthetic(args.model):
+            _prepare_synthetic(args)
         model_dir, profile = runinfo.model_and_profile(args.model, args.profile, need_model=not args.skip_engine)
         dtype = runinfo.resolve_dtype(args.dtype, model_dir)
         geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink)
@@ -103,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
+    if not args.skip_engine and not args.eager:
+        args.eager = not _has_cuda()
     kv_for = {c: kv_fixed or analytic.default_kv_bytes(geo, c, STOCK_REQUESTS) for c in contexts}
     results: dict[str, Any] = dict(
         meta=_meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decode_tokens, kv_fixed),
@@ -136,15 +154,40 @@ def run(args: argparse.Namespace) -> int:
 
 
 
+def _kv_fixed(args: argparse.Namespace) -> Optional[int]:
+    return args.kv_bytes if args.kv_bytes is not None else (int(args.kv_gib * (1 << 30)) if args.kv_gib else None)
+
+
+def _prepare_synthetic(args: argparse.Namespace) -> None:
+    """Point ``args`` at a synthetic checkpoint and its saved profile; engines load dummy weights."""
+    sink = args.sink if args.sink is not None else SYNTHETIC_SINK
+    window = args.window if args.window is not None else SYNTHETIC_WINDOW
+    if args.profile:
+        raise ValueError("--profile cannot be combined with a synthetic model (its profile is drawn at random)")
+    command = "razor-vllm bench " + shlex.join(runinfo.subcommand_argv(args, "bench"))
+    model_dir, profile_path = synthetic.prepare(args.model, args.retrieval_share, args.seed, sink, window, command)
+    args.synthetic, args.model, args.profile, args.load_format = args.model, str(model_dir), str(profile_path), "dummy"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _engine_kwargs(args, model_dir: Path, dtype: str, backend: str, **overrides) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         model=str(model_dir),
-        enforce_eager=True,
+        enforce_eager=args.eager,
         dtype=dtype,
         seed=args.seed,
         max_num_batched_tokens=args.chunk,
         enable_prefix_caching=False,  # razor switches it off; fresh random prompts would not hit anyway
     )
+    if args.load_format:
+        kwargs["load_format"] = args.load_format
+    if backend == "stock" and args.stock_backend:
+        kwargs["attention_backend"] = args.stock_backend
     if backend == "razor":
         razor = {k: v for k, v in (("window", args.window), ("sink", args.sink)) if v is not None}
         if args.profile:
@@ -221,13 +264,29 @@ def _capacity_at(args, model_dir, geo, ctx, kv_bytes, bar, seen_geometry) -> tup
     return entry, failures
 
 
+def _fits(geo, backend: str, chunk: int):
+    """Why ``batch`` requests of ``context + max_tokens`` cannot all be in flight in ``num_blocks``
+    (None when they can): stock holds every block; razor holds the steady pages of the requests
+    already decoding plus one admission (window + a prefill chunk in the local pool)."""
+
+    def check(context: int, batch: int, max_tokens: int, num_blocks: int) -> Optional[str]:
+        tokens = context + max_tokens
+        if backend == "stock":
+            need = batch * geo.stock_blocks(tokens)
+        else:
+            need = (batch - 1) * geo.razor_steady_pages(tokens) + geo.razor_admission_pages(tokens, chunk)
+        return f"needs {need} blocks, the KV cache has {num_blocks}" if need > num_blocks else None
+
+    return check
+
+
 def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
     from razor_vllm.bench.throughput import max_tokens_for, measure_throughput
 
     longest, widest = max(contexts), max(batches)
     max_model_len = longest + max_tokens_for(longest, widest, args.chunk, decode_tokens) + 8
     # Room for the widest batch at the longest context in stock (razor needs far less), plus 10%.
-    kv_bytes = int(1.1 * widest * geo.stock_blocks(max_model_len) * geo.stock_block_bytes)
+    kv_bytes = _kv_fixed(args) or int(1.1 * widest * geo.stock_blocks(max_model_len) * geo.stock_block_bytes)
     points: dict[str, dict[tuple[int, int], dict]] = {}
     engines: dict[str, Any] = {}
     failures = 0
@@ -240,7 +299,7 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
                 kwargs, backend, contexts, batches, args.chunk, decode_tokens, seed=args.seed + 1000,
                 on_point=lambda p: bar.set_postfix(ctx=p.context, batch=p.batch, prefill=f"{p.prefill_tok_s:.0f}",
                                                    decode=f"{p.decode_tok_s:.1f}"),
-                repeat=args.repeat,
+                repeat=args.repeat, fits=_fits(geo, backend, args.chunk),
             )
             points[backend] = {(p.context, p.batch): p.as_dict() for p in pts}
             engines[backend] = info
@@ -251,13 +310,12 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
         bar.update(1)
     rows = []
     if "stock" in points and "razor" in points:
-        for key in points["stock"]:
-            s, r = points["stock"][key], points["razor"].get(key)
-            if r is None:
-                continue
+        for key in sorted(points["stock"].keys() | points["razor"].keys()):
+            s, r = points["stock"].get(key), points["razor"].get(key)
+            both = s is not None and r is not None
             rows.append(dict(context=key[0], batch=key[1], stock=s, razor=r,
-                             ratio_prefill=r["prefill_tok_s"] / s["prefill_tok_s"],
-                             ratio_decode=r["decode_tok_s"] / s["decode_tok_s"]))
+                             ratio_prefill=r["prefill_tok_s"] / s["prefill_tok_s"] if both else None,
+                             ratio_decode=r["decode_tok_s"] / s["decode_tok_s"] if both else None))
     return rows, engines, failures
 
 
@@ -268,6 +326,10 @@ def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decod
         command="razor-vllm bench " + shlex.join(argv),
         started=runinfo.now(),
         model=str(model_dir) if model_dir else args.model,
+        synthetic=args.synthetic and dict(shape=args.synthetic, retrieval_share=args.retrieval_share,
+                                          load_format=args.load_format),
+        stock_backend=args.stock_backend or "vLLM's choice",
+        cuda_graphs=not args.eager,
         profile=args.profile or f"bundled ({profile.model.architecture})",
         dtype=dtype,
         window=args.window if args.window is not None else profile.window,

@@ -36,6 +36,13 @@ def _num(v: Optional[float], digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
+NO_FIT = "no fit"
+
+
+def _tok_s(point: dict[str, Any], key: str, digits: int = 0) -> str:
+    return _num(point[key], digits) if point else NO_FIT
+
+
 def _ctx(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
@@ -109,11 +116,11 @@ def tables(results: dict[str, Any]) -> list[Table]:
     if results.get("throughput"):
         rows = []
         for t in results["throughput"]:
-            s, r = t["stock"], t["razor"]
+            s, r = t["stock"] or {}, t["razor"] or {}
             rows.append([
                 _ctx(t["context"]), str(t["batch"]),
-                _num(s["prefill_tok_s"]), _num(r["prefill_tok_s"]), _x(t["ratio_prefill"]),
-                _num(s["decode_tok_s"], 1), _num(r["decode_tok_s"], 1), _x(t["ratio_decode"]),
+                _tok_s(s, "prefill_tok_s"), _tok_s(r, "prefill_tok_s"), _x(t["ratio_prefill"]),
+                _tok_s(s, "decode_tok_s", 1), _tok_s(r, "decode_tok_s", 1), _x(t["ratio_decode"]),
             ])
         out.append(
             Table(
@@ -121,6 +128,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
                 ["context", "batch", "prefill stock", "prefill razor", "razor/stock", "decode stock",
                  "decode razor", "razor/stock"],
                 rows,
+                note=f"'{NO_FIT}': the batch cannot be in flight at once in that engine's KV cache (not run)",
             )
         )
     return out
@@ -230,7 +238,7 @@ def plot(results: dict[str, Any], path: Path) -> Optional[Path]:
         ax.grid(alpha=0.3, axis="y")
     if results.get("throughput"):
         ax = axes.pop(0)
-        tps = results["throughput"]
+        tps = [t for t in results["throughput"] if t["ratio_decode"] is not None]
         labels = [f"{_ctx(t['context'])} x{t['batch']}" for t in tps]
         xs = range(len(tps))
         ax.bar([x - 0.2 for x in xs], [t["ratio_prefill"] for t in tps], 0.4, label="prefill")

@@ -126,11 +126,15 @@ def measure_throughput(
     seed: int = 1000,
     on_point: Optional[Callable[[ThroughputPoint], None]] = None,
     repeat: int = 1,
+    fits: Optional[Callable[[int, int, int, int], Optional[str]]] = None,
 ) -> tuple[list[ThroughputPoint], dict[str, Any]]:
     """All (context, batch) points on one fresh engine; returns the points and the engine's settings.
 
     With ``repeat > 1`` each point runs that many times (fresh prompts each) and keeps the best
     prefill and the best decode figure (the least disturbed by other load on the machine).
+    ``fits(context, batch, max_tokens, num_blocks)`` says why a point cannot run all its requests
+    at once in this engine's KV cache (None: it can); such points are listed in
+    ``info["skipped"]`` instead of measured (queued requests would make the figures meaningless).
     """
     from vllm import EngineArgs, SamplingParams
     from vllm.v1.engine.llm_engine import LLMEngine
@@ -144,6 +148,7 @@ def measure_throughput(
             num_gpu_blocks=vc.cache_config.num_gpu_blocks,
             dtype=str(vc.model_config.dtype).removeprefix("torch."),
             max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens,
+            skipped=[],
         )
         # Warm-up: first-step allocations and kernel set-up, outside every measurement.
         warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -154,6 +159,11 @@ def measure_throughput(
         points = []
         for i, ctx in enumerate(contexts):
             for j, batch in enumerate(batches):
+                max_tokens = max_tokens_for(ctx, batch, chunk, decode_tokens)
+                reason = fits(ctx, batch, max_tokens, info["num_gpu_blocks"]) if fits else None
+                if reason:
+                    info["skipped"].append(dict(context=ctx, batch=batch, reason=reason))
+                    continue
                 seeds = [seed + 10000 * r + 100 * i + j for r in range(max(1, repeat))]
                 runs = [measure_point(engine, backend, ctx, batch, chunk, decode_tokens, seed=s) for s in seeds]
                 point = best_of(runs)

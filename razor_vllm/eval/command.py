@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # before vLLM is imported (also in its workers)
     from razor_vllm.eval import report
-    from razor_vllm.eval.evaluation import Evaluation, Grid
+    from razor_vllm.eval.evaluation import ContextTooLong, Evaluation, Grid
 
     preset = QUICK if args.quick else FULL
     try:
@@ -150,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
     meta = _meta(args, profile, model_dir, evaluation)
     try:
         results = evaluation.run()
+    except ContextTooLong as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # the corpus missing, an engine failing: say what, keep the traceback in --verbose
         if args.verbose:
             raise
@@ -179,7 +182,7 @@ def _variants(args: argparse.Namespace, profile) -> list:
 
     if (args.window is not None and args.window < 1) or (args.sink is not None and args.sink < 0):
         raise ValueError("need --window >= 1 and --sink >= 0")
-    compensation = not args.no_compensation
+    compensation = False if args.no_compensation else profile.compensation
     default_modes = ["full", "streaming"] if args.sweep else ["full", "razor", "streaming"]
     modes = args.modes or default_modes
     if "full" not in modes:

@@ -16,6 +16,10 @@ from razor_vllm.eval.variants import Variant
 MAX_LEN_MARGIN = 64
 
 
+class ContextTooLong(ValueError):
+    """A grid whose prompts plus answers do not fit the model's context window."""
+
+
 def cell_seed(seed: int, *parts: Any) -> int:
     """A seed per grid cell that does not depend on which other cells run."""
     return (seed * 1_000_003 + zlib.crc32("/".join(map(str, parts)).encode())) % (2**31)
@@ -93,9 +97,21 @@ class Evaluation:
         return items
 
     def max_model_len(self, samples: list[Sample], texts: list[TextItem]) -> int:
+        """Room for the longest prompt and its answer; refuses (before any engine starts) a grid
+        the model's own context window cannot hold, saying which contexts would fit."""
+        from razor_vllm.profile.selectors import context_length_of, hf_config_of
+
+        answer = [s.max_tokens for s in samples] + [max(len(t.continuation), self.grid.greedy_tokens) for t in texts]
         longest = [s.context_tokens + s.max_tokens for s in samples]
         longest += [len(t.prefix) + max(len(t.continuation), self.grid.greedy_tokens) for t in texts]
-        return max(longest) + MAX_LEN_MARGIN
+        needed = max(longest) + MAX_LEN_MARGIN
+        limit = context_length_of(hf_config_of(self.model_dir))
+        if limit is not None and needed > limit:
+            raise ContextTooLong(
+                f"the longest prompt plus its answer needs max_model_len {needed}, past the model's {limit} "
+                f"tokens; use contexts of at most {limit - max(answer) - MAX_LEN_MARGIN} tokens"
+            )
+        return needed
 
     def run(self) -> dict[str, Any]:
         from transformers import AutoTokenizer

@@ -1,0 +1,87 @@
+"""Realistic model shapes without their weights, for benchmarks: a checkpoint dir that holds only a
+config (the engine runs with vLLM's ``load_format="dummy"``, random weights) and a synthetic head
+profile that keeps a seeded random share of KV heads as retrieval heads.
+
+Attention time and KV-cache size depend on shapes alone, so razor can be measured on 8B-class
+models where no weights can be downloaded. The tokenizer (and so the vocabulary) is the default
+model's: Llama-3's real 128k vocabulary would only grow the embedding and LM head, which neither
+pool touches. Benchmarks use random token ids and ``ignore_eos``, so generated text never matters.
+
+    razor-vllm bench --model synthetic:llama-3-8b --retrieval-share 0.15 --contexts 8192,32768
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+PREFIX = "synthetic:"
+
+# Only what differs from the default model's Llama config. ``tiny`` is for CPU tests of the machinery.
+SHAPES: dict[str, dict] = {
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, rope_theta=500000.0, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, rope_theta=10000.0, tie_word_embeddings=True),
+}  # fmt: skip
+MAX_POSITIONS = 131072
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def is_synthetic(model: str) -> bool:
+    return model.startswith(PREFIX)
+
+
+def shape_name(model: str) -> str:
+    name = model.removeprefix(PREFIX)
+    if name not in SHAPES:
+        raise ValueError(f"--model {model}: unknown synthetic shape {name!r}; choose from {', '.join(SHAPES)}")
+    return name
+
+
+def make_checkpoint(name: str, root: Path, tokenizer_dir: Path) -> Path:
+    """``root/<name>``: the default model's config with ``name``'s shapes, and its tokenizer (no weights)."""
+    shape = dict(SHAPES[name])
+    config = json.loads((tokenizer_dir / "config.json").read_text())
+    config.pop("_model_name_or_path", None)
+    rope_theta = shape.pop("rope_theta")
+    config.update(shape, max_position_embeddings=MAX_POSITIONS, dtype="bfloat16",
+                  rope_parameters={"rope_theta": rope_theta, "rope_type": "default"})  # fmt: skip
+    target = root / name
+    target.mkdir(parents=True, exist_ok=True)
+    for file in TOKENIZER_FILES:
+        if (tokenizer_dir / file).is_file():
+            shutil.copyfile(tokenizer_dir / file, target / file)
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return target
+
+
+def make_profile(model_dir: Path, share: float, seed: int, sink: int, window: int, command: str):
+    """round(share x all KV heads) retrieval heads drawn uniformly at random (seeded)."""
+    import razor_vllm
+    from razor_vllm.config import Provenance, RazorProfile, utc_now
+    from razor_vllm.profile.selectors import fingerprint_of
+
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"--retrieval-share must be in [0, 1], got {share}")
+    model = fingerprint_of(model_dir)
+    every = [(layer, head) for layer in range(model.num_layers) for head in range(model.num_kv_heads)]
+    chosen = random.Random(seed).sample(every, round(share * len(every)))
+    heads = [sorted(h for layer_id, h in chosen if layer_id == layer) for layer in range(model.num_layers)]
+    provenance = Provenance(method="manual", command=command, tool_version=razor_vllm.__version__,
+                            created=utc_now(), seed=seed, ratio=share)  # fmt: skip
+    return RazorProfile(model=model, sink=sink, window=window, retrieval_heads=heads, provenance=provenance)
+
+
+def prepare(model: str, share: float, seed: int, sink: int, window: int, command: str) -> tuple[Path, Path]:
+    """The checkpoint dir and the saved profile YAML for ``synthetic:<name>``, under the model cache."""
+    from razor_vllm.model import cache_root, prepare_default_model
+
+    name = shape_name(model)
+    model_dir = make_checkpoint(name, cache_root() / "synthetic", prepare_default_model(progress=True))
+    profile = make_profile(model_dir, share, seed, sink, window, command)
+    return model_dir, profile.save(model_dir / f"razor-profile-share{share:g}-seed{seed}.yaml")

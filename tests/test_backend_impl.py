@@ -1,0 +1,212 @@
+"""The backend's metadata builder and impl, driven directly (no engine) against the dense oracle.
+
+The engine tests exercise the backend through vLLM on CPU, where the impl writes K/V through the
+per-step ``SlotIndex``. On a GPU it takes the other branch: metadata carries no index and the impl
+stores straight from ``slot_mapping`` with ``ops.store_kv`` (the CUDA-graph-safe path). Both
+branches run here, step by step through a chunked, mixed prefill/decode schedule of several
+requests, with two pools laid out as ``install_pools`` lays them out, shuffled NaN-poisoned
+blocks, non-contiguous head selections, and the padding vLLM adds to full CUDA-graph batches (a
+request without queries, seq_len 0, NULL block-table row, tokens with slot -1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm.forward_context import ForwardContext, override_forward_context
+from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
+
+from razor_vllm.backend import RazorAttentionImpl, RazorMetadataBuilder
+from razor_vllm.install import HeadSelection, LayerRazorState
+from razor_vllm.layout import plan_layout
+from razor_vllm.ops.dense import dense_razor_attention
+from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, build_specs
+
+from test_kernels import make_schedule, relative_error
+
+NUM_KV_HEADS, G, HEAD_SIZE, SINK, WINDOW, LOCAL_BLOCK = 3, 3, 32, 4, 24, 16
+# Layer 0 keeps KV head 1 in full, layer 1 heads 0 and 2: both leave a non-contiguous set somewhere.
+RETRIEVAL = [[1], [0, 2]]
+NULL_BLOCK = 0  # vLLM's null block: never allocated here, so NaN
+
+
+class Pool:
+    """One pool as vLLM allocates it (raw pages of ``page_bytes``, viewed per the spec) with a
+    shuffled block manager. Blocks are never freed: the kernel tests cover freed window blocks."""
+
+    def __init__(self, spec, page_elems: int, num_blocks: int, rng: random.Random, device: str = "cpu"):
+        self.block_size = spec.block_size
+        heads, width = spec.num_kv_heads, 2 * spec.head_size
+        pages = torch.full((num_blocks, page_elems), math.nan, device=device)
+        self.kv_cache = pages.as_strided(
+            (num_blocks, heads, spec.block_size, width), (page_elems, spec.block_size * width, width, 1)
+        )
+        self.free = [b for b in range(num_blocks) if b != NULL_BLOCK]
+        rng.shuffle(self.free)
+        self.tables: dict[int, list[int]] = {}
+
+    def allocate(self, rid: int, end: int) -> None:
+        table = self.tables.setdefault(rid, [])
+        while len(table) * self.block_size < end:
+            table.append(self.free.pop())
+
+    def slot(self, rid: int, pos: int) -> int:
+        return self.tables[rid][pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def block_table(self, rids: list[int], width: int) -> torch.Tensor:
+        table = torch.full((len(rids), width), NULL_BLOCK, dtype=torch.int32)
+        for row, rid in enumerate(rids):
+            blocks = self.tables.get(rid, [])
+            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return table
+
+
+def build_layer_states():
+    layout = plan_layout(RETRIEVAL, NUM_KV_HEADS, LOCAL_BLOCK, 4)
+    retrieval_spec, local_spec = build_specs(layout, HEAD_SIZE, torch.float32, SINK, WINDOW)
+    states = [
+        LayerRazorState(
+            retrieval=HeadSelection.of(heads.retrieval, heads.retrieval_offset, G),
+            local=HeadSelection.of(heads.local, heads.local_offset, G),
+            sink=SINK,
+            window=WINDOW,
+            layout=layout,
+            use_compensation=True,
+            head_size=HEAD_SIZE,
+        )
+        for heads in layout.layers
+    ]
+    return states, retrieval_spec, local_spec
+
+
+def common_metadata(batch, pool: Pool, pad_tokens: int, device: str = "cpu") -> CommonAttentionMetadata:
+    """What vLLM's runner hands the builder: int32 metadata, int64 slots; one padding request and
+    ``pad_tokens`` padding tokens, as a full CUDA graph pads a batch."""
+    rids = [rid for rid, _, _ in batch] + [-1]
+    q_lens = [hi - lo for _, lo, hi in batch] + [0]
+    query_start_loc = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([hi for _, _, hi in batch] + [0], dtype=torch.int32)
+    slots = [pool.slot(rid, p) for rid, lo, hi in batch for p in range(lo, hi)] + [-1] * pad_tokens
+    width = max(len(t) for t in pool.tables.values()) + 1
+    return CommonAttentionMetadata(
+        query_start_loc=query_start_loc.to(device),
+        query_start_loc_cpu=query_start_loc,
+        seq_lens=seq_lens.to(device),
+        num_reqs=len(rids),
+        num_actual_tokens=len(slots),
+        max_query_len=max(q_lens),
+        max_seq_len=int(seq_lens.max()),
+        block_table_tensor=pool.block_table(rids, width).to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+    )
+
+
+def step_rows(layer_data, batch, index: int, pad_tokens: int, device: str) -> torch.Tensor:
+    """This step's rows of q (index 0), k (1) or v (2), then ``pad_tokens`` rows of noise."""
+    rows = [layer_data[rid][index][lo:hi] for rid, lo, hi in batch]
+    return torch.cat(rows + [torch.randn(pad_tokens, *rows[0].shape[1:])]).to(device)
+
+
+def test_builder_supports_full_cuda_graphs_of_decode_batches():
+    states, retrieval_spec, _ = build_layer_states()
+    assert RazorMetadataBuilder.get_cudagraph_support(None, retrieval_spec) == (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    )
+
+
+def test_metadata_aliases_the_runner_buffers():
+    """A CUDA graph replays on the addresses it captured: every tensor the kernels read must be a
+    view of the runner's persistent buffers, never a per-step copy."""
+    _, retrieval_spec, _ = build_layer_states()
+    pool = Pool(retrieval_spec, retrieval_spec.page_size_bytes // 4, 8, random.Random(0))
+    pool.allocate(0, 5)
+    cm = common_metadata([(0, 0, 5)], pool, pad_tokens=3)
+    md = RazorMetadataBuilder(retrieval_spec, [], None, torch.device("cpu")).build(0, cm)
+    assert md.query_start_loc.data_ptr() == cm.query_start_loc.data_ptr()
+    assert md.seq_lens.data_ptr() == cm.seq_lens.data_ptr()
+    assert md.block_table.data_ptr() == cm.block_table_tensor.data_ptr()
+    assert md.slot_mapping.data_ptr() == cm.slot_mapping.data_ptr()
+    assert md.slots is not None and md.slots.rows.tolist() == [0, 1, 2, 3, 4]  # padding is never written
+
+
+# CPU: both store branches (the C++ kernels); CUDA: Triton kernels, store from slot_mapping, device
+# head indices. vLLM's unified_attention (retrieval heads) takes fp32 through TF32 on NVIDIA.
+PATHS = [
+    ("cpu", "slot_index", 1e-4),
+    ("cpu", "slot_mapping", 1e-4),
+    pytest.param("cuda", "slot_mapping", 5e-3,
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
+
+
+@pytest.mark.parametrize("device, store, tolerance", PATHS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_impl_matches_dense_oracle(device, store, tolerance, seed):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    states, retrieval_spec, local_spec = build_layer_states()
+    layout = states[0].layout
+    lengths = [9, SINK + WINDOW + 1, 75, 131]
+    schedule = make_schedule(lengths, rng, max_chunk=24, style="mixed")
+    total = sum(lengths) + 4 * len(lengths)
+    page_elems = retrieval_spec.page_size_bytes // 4
+    assert local_spec.page_size_bytes == retrieval_spec.page_size_bytes
+    pools = {
+        RETRIEVAL_POOL_NAME: Pool(retrieval_spec, page_elems, total // retrieval_spec.block_size + 8, rng, device),
+        LOCAL_POOL_NAME: Pool(local_spec, page_elems, total // local_spec.block_size + 8, rng, device),
+    }
+    impl = RazorAttentionImpl(NUM_KV_HEADS * G, HEAD_SIZE, HEAD_SIZE**-0.5, NUM_KV_HEADS, None, None, "auto")
+    data = [
+        [
+            (
+                torch.randn(n, NUM_KV_HEADS * G, HEAD_SIZE),
+                torch.randn(n, NUM_KV_HEADS, HEAD_SIZE) + 0.5,
+                torch.randn(n, NUM_KV_HEADS, HEAD_SIZE) - 0.5,
+            )
+            for n in lengths
+        ]
+        for _ in states
+    ]
+    outputs = [[torch.full(q.shape, math.nan) for q, _, _ in layer_data] for layer_data in data]
+
+    for batch in schedule:
+        pad_tokens = rng.randint(0, 3)
+        metadata = {}
+        for name, pool in pools.items():
+            for rid, _, hi in batch:
+                pool.allocate(rid, hi)
+            spec = retrieval_spec if name == RETRIEVAL_POOL_NAME else local_spec
+            builder = RazorMetadataBuilder(spec, [], None, torch.device(device))
+            md = builder.build(0, common_metadata(batch, pool, pad_tokens, device))
+            assert (md.slots is None) == (device == "cuda")
+            metadata[name] = dataclasses.replace(md, slots=None) if store == "slot_mapping" else md
+        ctx = ForwardContext(
+            no_compile_layers={name: SimpleNamespace(kv_cache=pool.kv_cache) for name, pool in pools.items()},
+            attn_metadata=metadata,
+            slot_mapping={},
+        )
+        for layer_index, state in enumerate(states):
+            q, k, v = (step_rows(data[layer_index], batch, i, pad_tokens, device) for i in range(3))
+            out = torch.full_like(q, math.nan)
+            with override_forward_context(ctx):
+                impl.forward(SimpleNamespace(razor_state=state), q, k, v, None, metadata[LOCAL_POOL_NAME], out)
+            row = 0
+            for rid, lo, hi in batch:
+                outputs[layer_index][rid][lo:hi] = out[row : row + hi - lo].cpu()
+                row += hi - lo
+
+    for layer_index, retrieval in enumerate(RETRIEVAL):
+        flags = [h in retrieval for h in range(NUM_KV_HEADS)]
+        for rid, (q, k, v) in enumerate(data[layer_index]):
+            expected = dense_razor_attention(
+                q.double(), k.double(), v.double(), range(q.shape[0]), flags, SINK, WINDOW, HEAD_SIZE**-0.5
+            )
+            err = relative_error(outputs[layer_index][rid].double(), expected)
+            assert err < tolerance, f"layer {layer_index} request {rid}: relative error {err:.3g}"
+    assert layout.layers[0].local == (0, 2) and layout.layers[1].retrieval == (0, 2)  # index paths were taken

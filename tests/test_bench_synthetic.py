@@ -1,0 +1,104 @@
+"""``razor-vllm bench --model synthetic:NAME``: model shapes with random weights and a drawn profile,
+and the throughput part's "does this batch fit" rule, down to one real engine pair on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from razor_vllm.bench import analytic, synthetic
+from razor_vllm.bench.command import _fits
+from razor_vllm.cli import main
+from razor_vllm.config import RazorProfile
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging_env(monkeypatch):
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))
+
+
+def run_bench(tmp_path, *args: str) -> tuple[int, dict]:
+    out = tmp_path / "bench.json"
+    rc = main(["bench", *args, "--out", str(out), "--format", "plain"])
+    return rc, json.loads(out.read_text()) if out.exists() else {}
+
+
+def test_llama_8b_shape_and_profile(tmp_path):
+    rc, data = run_bench(tmp_path, "--model", "synthetic:llama-3-8b", "--skip-engine", "--dtype", "bfloat16",
+                         "--contexts", "8k,32k")
+    assert rc == 0
+    meta, a = data["meta"], data["analytic"]
+    assert meta["synthetic"] == dict(shape="synthetic:llama-3-8b", retrieval_share=0.15, load_format="dummy")
+    # Llama-3-8B in bf16: 32 layers x 8 KV heads x (K+V) x 128 x 2 bytes = 128 KiB per token.
+    assert a["bytes_per_token"]["stock"] == 32 * 8 * 2 * 128 * 2
+    assert (a["window"], a["sink"]) == (1024, 4)
+    config = json.loads((synthetic.make_checkpoint("llama-3-8b", tmp_path, _default_dir()) / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]) == (32, 8, 128)
+    assert not list(tmp_path.glob("llama-3-8b/*.safetensors"))  # weights come from load_format=dummy
+
+    profile = RazorProfile.load(meta["model"] + "/razor-profile-share0.15-seed0.yaml")
+    assert profile.num_retrieval_heads == round(0.15 * 256) == 38
+    assert (profile.model.num_layers, profile.model.num_kv_heads, profile.model.head_size) == (32, 8, 128)
+    assert 38 * 2 * 128 * 2 == a["bytes_per_token"]["retrieval_pool"]
+    again = synthetic.make_profile(meta["model"], 0.15, 0, 4, 1024, "test")
+    other = synthetic.make_profile(meta["model"], 0.15, 1, 4, 1024, "test")
+    assert again.retrieval_heads == profile.retrieval_heads != other.retrieval_heads
+    # Razor's gain grows with context: at 32k a request holds far less than stock's.
+    assert a["requests"][1]["ratio_steady"] > a["requests"][0]["ratio_steady"] > 3
+
+
+def _default_dir():
+    from razor_vllm.model import prepare_default_model
+
+    return prepare_default_model(progress=False)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "synthetic:llama-9000"], "unknown synthetic shape 'llama-9000'"),
+        (["--model", "synthetic:tiny", "--retrieval-share", "1.5"], "--retrieval-share must be in [0, 1]"),
+        (["--model", "synthetic:tiny", "--profile", "smollm2-135m-instruct"], "--profile cannot be combined"),
+    ],
+)
+def test_bad_synthetic_options(tmp_path, capsys, args, message):
+    rc, _ = run_bench(tmp_path, *args, "--skip-engine")
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fit_rule(tmp_path):
+    model_dir = synthetic.make_checkpoint("llama-3-8b", tmp_path, _default_dir())
+    profile = synthetic.make_profile(model_dir, 0.15, 0, 4, 1024, "test")
+    geo = analytic.geometry(profile, "bfloat16")
+    tokens, chunk = 32768 + 100, 512
+    blocks = 2 * geo.stock_blocks(tokens)
+    stock, razor = _fits(geo, "stock", chunk), _fits(geo, "razor", chunk)
+    assert stock(32768, 2, 100, blocks) is None
+    assert stock(32768, 3, 100, blocks) == f"needs {3 * geo.stock_blocks(tokens)} blocks, the KV cache has {blocks}"
+    # The same memory in razor pages holds several times as many 32k requests.
+    razor_blocks = geo.razor_num_blocks(blocks * geo.stock_block_bytes)
+    assert razor(32768, 8, 100, razor_blocks) is None
+    assert razor(32768, 64, 100, razor_blocks) is not None
+
+
+def test_tiny_synthetic_engines_measure_what_fits(tmp_path):
+    """Real engines with dummy weights: a batch that stock's KV cache cannot hold at once is listed
+    as skipped for stock and measured for razor, in the same KV bytes."""
+    rc, data = run_bench(
+        tmp_path, "--model", "synthetic:tiny", "--retrieval-share", "0.25", "--window", "64", "--dtype", "float32",
+        "--skip-capacity", "--throughput-contexts", "512", "--batches", "1,6", "--decode-tokens", "4",
+        "--chunk", "128", "--kv-bytes", str(4 << 20),
+    )
+    assert rc == 0, data
+    rows = {r["batch"]: r for r in data["throughput"]}
+    assert rows[1]["stock"]["decode_tok_s"] > 0 and rows[1]["razor"]["decode_tok_s"] > 0
+    assert rows[1]["ratio_decode"] > 0
+    assert rows[6]["stock"] is None and rows[6]["ratio_decode"] is None
+    assert rows[6]["razor"]["decode_tokens"] >= 6 * 4  # all six decoded together
+    skipped = data["throughput_engines"]["stock"]["skipped"]
+    assert [(s["context"], s["batch"]) for s in skipped] == [(512, 6)]
+    assert data["throughput_engines"]["razor"]["skipped"] == []
+    assert data["meta"]["cuda_graphs"] is False  # CPU: always eager
