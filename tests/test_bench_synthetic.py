@@ -72,16 +72,22 @@ def test_bad_synthetic_options(tmp_path, capsys, args, message):
 def test_fit_rule(tmp_path):
     model_dir = synthetic.make_checkpoint("llama-3-8b", tmp_path, _default_dir())
     profile = synthetic.make_profile(model_dir, 0.15, 0, 4, 1024, "test")
-    geo = analytic.geometry(profile, "bfloat16")
+    geo = analytic.geometry(profile, "bfloat16", stock_block_size=128)
+    gpu = geo.with_stock_block_size(16)  # what an engine with vLLM's GPU block size plans
+    assert gpu == analytic.geometry(profile, "bfloat16", stock_block_size=16)
     tokens, chunk = 32768 + 100, 512
-    blocks = 2 * geo.stock_blocks(tokens)
-    stock, razor = _fits(geo, "stock", chunk), _fits(geo, "razor", chunk)
-    assert stock(32768, 2, 100, blocks) is None
-    assert stock(32768, 3, 100, blocks) == f"needs {3 * geo.stock_blocks(tokens)} blocks, the KV cache has {blocks}"
+    blocks = 2 * gpu.stock_blocks(tokens)
+    engine = dict(num_gpu_blocks=blocks, block_size=16)
+    stock, razor = _fits(geo, "stock", chunk), _fits(geo, "razor", chunk, vllm_block_size=16)
+    assert stock(32768, 2, 100, engine) is None
+    assert stock(32768, 3, 100, engine) == f"needs {3 * gpu.stock_blocks(tokens)} blocks, the KV cache has {blocks}"
     # The same memory in razor pages holds several times as many 32k requests.
-    razor_blocks = geo.razor_num_blocks(blocks * geo.stock_block_bytes)
-    assert razor(32768, 8, 100, razor_blocks) is None
-    assert razor(32768, 64, 100, razor_blocks) is not None
+    razor_engine = dict(num_gpu_blocks=gpu.razor_num_blocks(blocks * gpu.stock_block_bytes),
+                        block_size=gpu.layout.retrieval_block_size)  # what a razor engine reports
+    assert razor(32768, 8, 100, razor_engine) is None
+    assert razor(32768, 64, 100, razor_engine) is not None
+    # An engine laid out from another vLLM block size: no guess, the point runs.
+    assert razor(32768, 64, 100, dict(razor_engine, block_size=razor_engine["block_size"] + 1)) is None
 
 
 def test_tiny_synthetic_engines_measure_what_fits(tmp_path):
@@ -102,3 +108,7 @@ def test_tiny_synthetic_engines_measure_what_fits(tmp_path):
     assert [(s["context"], s["batch"]) for s in skipped] == [(512, 6)]
     assert data["throughput_engines"]["razor"]["skipped"] == []
     assert data["meta"]["cuda_graphs"] is False  # CPU: always eager
+    engines = data["throughput_engines"]
+    razor_geo = analytic.geometry(RazorProfile.load(data["meta"]["profile"]), "float32", window=64,
+                                  stock_block_size=engines["stock"]["block_size"])
+    assert engines["razor"]["block_size"] == razor_geo.layout.retrieval_block_size  # the razor check ran

@@ -24,7 +24,7 @@ Pure Python (no vLLM import), so ``razor-vllm bench --skip-engine`` and its test
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 from razor_vllm.config import ModelFingerprint, RazorProfile
@@ -55,6 +55,20 @@ class KVGeometry:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    def with_stock_block_size(self, block_size: int) -> "KVGeometry":
+        """The same model and profile on an engine whose vLLM block size is ``block_size`` (razor's
+        retrieval block follows it, as ``install_pools`` plans it)."""
+        if block_size == self.stock_block_size:
+            return self
+        layout = plan_layout(
+            [list(layer.retrieval) for layer in self.layout.layers],
+            self.num_kv_heads,
+            self.layout.local_block_size,
+            self.dtype_bytes,
+            default_block_size=block_size,
+        )
+        return replace(self, stock_block_size=block_size, layout=layout)
 
     @property
     def head_token_bytes(self) -> int:

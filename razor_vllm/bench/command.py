@@ -264,18 +264,26 @@ def _capacity_at(args, model_dir, geo, ctx, kv_bytes, bar, seen_geometry) -> tup
     return entry, failures
 
 
-def _fits(geo, backend: str, chunk: int):
-    """Why ``batch`` requests of ``context + max_tokens`` cannot all be in flight in ``num_blocks``
-    (None when they can): stock holds every block; razor holds the steady pages of the requests
-    already decoding plus one admission (window + a prefill chunk in the local pool)."""
+def _fits(geo: analytic.KVGeometry, backend: str, chunk: int, vllm_block_size: Optional[int] = None):
+    """Why ``batch`` requests of ``context + max_tokens`` cannot all be in flight in an engine's KV
+    cache (None when they can): stock holds every block; razor holds the steady pages of the
+    requests already decoding plus one admission (window + a prefill chunk in the local pool).
 
-    def check(context: int, batch: int, max_tokens: int, num_blocks: int) -> Optional[str]:
+    Blocks are counted in the engine's units: stock's block size is the one its engine reports;
+    razor's engine reports its retrieval block, planned from vLLM's block size (``vllm_block_size``,
+    read from the stock engine), so razor's check runs only when that plan matches the engine."""
+
+    def check(context: int, batch: int, max_tokens: int, info: dict[str, Any]) -> Optional[str]:
         tokens = context + max_tokens
         if backend == "stock":
-            need = batch * geo.stock_blocks(tokens)
+            need = batch * geo.with_stock_block_size(info["block_size"]).stock_blocks(tokens)
         else:
-            need = (batch - 1) * geo.razor_steady_pages(tokens) + geo.razor_admission_pages(tokens, chunk)
-        return f"needs {need} blocks, the KV cache has {num_blocks}" if need > num_blocks else None
+            engine = geo.with_stock_block_size(vllm_block_size or geo.stock_block_size)
+            if engine.layout.retrieval_block_size != info["block_size"]:
+                return None  # not the layout this engine planned: run the point rather than guess
+            need = (batch - 1) * engine.razor_steady_pages(tokens) + engine.razor_admission_pages(tokens, chunk)
+        have = info["num_gpu_blocks"]
+        return f"needs {need} blocks, the KV cache has {have}" if need > have else None
 
     return check
 
@@ -299,7 +307,8 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
                 kwargs, backend, contexts, batches, args.chunk, decode_tokens, seed=args.seed + 1000,
                 on_point=lambda p: bar.set_postfix(ctx=p.context, batch=p.batch, prefill=f"{p.prefill_tok_s:.0f}",
                                                    decode=f"{p.decode_tok_s:.1f}"),
-                repeat=args.repeat, fits=_fits(geo, backend, args.chunk),
+                repeat=args.repeat,
+                fits=_fits(geo, backend, args.chunk, vllm_block_size=engines.get("stock", {}).get("block_size")),
             )
             points[backend] = {(p.context, p.batch): p.as_dict() for p in pts}
             engines[backend] = info

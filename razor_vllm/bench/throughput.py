@@ -126,14 +126,14 @@ def measure_throughput(
     seed: int = 1000,
     on_point: Optional[Callable[[ThroughputPoint], None]] = None,
     repeat: int = 1,
-    fits: Optional[Callable[[int, int, int, int], Optional[str]]] = None,
+    fits: Optional[Callable[[int, int, int, dict[str, Any]], Optional[str]]] = None,
 ) -> tuple[list[ThroughputPoint], dict[str, Any]]:
     """All (context, batch) points on one fresh engine; returns the points and the engine's settings.
 
     With ``repeat > 1`` each point runs that many times (fresh prompts each) and keeps the best
     prefill and the best decode figure (the least disturbed by other load on the machine).
-    ``fits(context, batch, max_tokens, num_blocks)`` says why a point cannot run all its requests
-    at once in this engine's KV cache (None: it can); such points are listed in
+    ``fits(context, batch, max_tokens, info)`` says why a point cannot run all its requests at once
+    in this engine's KV cache (``info``: its settings below; None: it can); such points are listed in
     ``info["skipped"]`` instead of measured (queued requests would make the figures meaningless).
     """
     from vllm import EngineArgs, SamplingParams
@@ -146,6 +146,7 @@ def measure_throughput(
             max_model_len=vc.model_config.max_model_len,
             kv_cache_bytes=engine_kwargs.get("kv_cache_memory_bytes"),
             num_gpu_blocks=vc.cache_config.num_gpu_blocks,
+            block_size=vc.cache_config.block_size,
             dtype=str(vc.model_config.dtype).removeprefix("torch."),
             max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens,
             skipped=[],
@@ -160,7 +161,7 @@ def measure_throughput(
         for i, ctx in enumerate(contexts):
             for j, batch in enumerate(batches):
                 max_tokens = max_tokens_for(ctx, batch, chunk, decode_tokens)
-                reason = fits(ctx, batch, max_tokens, info["num_gpu_blocks"]) if fits else None
+                reason = fits(ctx, batch, max_tokens, info) if fits else None
                 if reason:
                     info["skipped"].append(dict(context=ctx, batch=batch, reason=reason))
                     continue
