@@ -61,6 +61,8 @@ def _default_dir():
         (["--model", "synthetic:llama-9000"], "unknown synthetic shape 'llama-9000'"),
         (["--model", "synthetic:tiny", "--retrieval-share", "1.5"], "--retrieval-share must be in [0, 1]"),
         (["--model", "synthetic:tiny", "--profile", "smollm2-135m-instruct"], "--profile cannot be combined"),
+        (["--stock-backend", "FLASH_ATTENTION"], "--stock-backend FLASH_ATTENTION: not one of vLLM's attention"),
+        (["--stock-backend", "razor"], "--stock-backend razor: not one of"),
     ],
 )
 def test_bad_synthetic_options(tmp_path, capsys, args, message):

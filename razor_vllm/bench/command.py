@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     args.load_format = args.synthetic = None
     try:
+        if args.stock_backend:
+            _check_stock_backend(args.stock_backend)
         if synthetic.is_synthetic(args.model):
             _prepare_synthetic(args)
         model_dir, profile = runinfo.model_and_profile(args.model, args.profile, need_model=not args.skip_engine)
@@ -167,6 +169,14 @@ def _prepare_synthetic(args: argparse.Namespace) -> None:
     command = "razor-vllm bench " + shlex.join(runinfo.subcommand_argv(args, "bench"))
     model_dir, profile_path = synthetic.prepare(args.model, args.retrieval_share, args.seed, sink, window, command)
     args.synthetic, args.model, args.profile, args.load_format = args.model, str(model_dir), str(profile_path), "dummy"
+
+
+def _check_stock_backend(name: str) -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if name.upper() not in AttentionBackendEnum.__members__ or name.upper() == "RAZOR":
+        known = ", ".join(m for m in AttentionBackendEnum.__members__ if "MLA" not in m and m != "RAZOR")
+        raise ValueError(f"--stock-backend {name}: not one of vLLM's attention backends ({known})")
 
 
 def _has_cuda() -> bool:
