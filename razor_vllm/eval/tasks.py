@@ -27,7 +27,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 FILLER_SENTENCES = tuple(s + "." for s in FILLER.rstrip(".").split(". "))
 HAYSTACKS = ("noise", "text")
 
-# Needle keys: short, common, single-word nouns (the model should recognise each one in the question).
+# Needle keys: short, common, single-word nouns (each must be told apart from the others in the answer prefix).
 KEY_WORDS = tuple(
     """
     apple banana cherry grape lemon mango melon orange peach pear plum berry onion carrot potato tomato
@@ -39,7 +39,7 @@ KEY_WORDS = tuple(
     silver copper marble velvet cotton crystal diamond pearl ruby emerald thunder winter summer autumn spring
     """.split()
 )
-COMMON_SHARE = 0.3  # common_words: share of the list's entries taken by the frequent words
+COMMON_SHARE = 0.3  # common_words: share of the list's entries taken by the frequent words (RULER: ~1/3)
 
 
 @dataclass(frozen=True)
@@ -96,16 +96,23 @@ _NIAH_HEADER = (
     "I will quiz you about them afterwards.\n\n"
 )
 _NIAH_NEEDLE = "The special magic {kind} for {key} is {value}."
-_NIAH_FOOTER = "\n\nWhat is the special magic {kind} for {key}? The special magic {kind} for {key} is"
+_NIAH_FOOTER = "\n\nThe special magic {kind} for {key} is"
+
+
+_PASSKEY_HEADER = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+                   "Find it and memorize it. I will quiz you about it.\n\n")
+# Prompt formats tuned on the default model (stock vLLM, fp32, greedy, ~1k tokens): a question line before
+# the answer prefix, or a needle that ends "... is the pass key.", made it answer a copy of the wrong words.
+_PASSKEY_NEEDLE = "The pass key is {key}. Remember it."
+_PASSKEY_FOOTER = "\n\nThe pass key is"
 
 
 def _passkey(rng: random.Random, depth: float) -> _Layout:
     key = _number(rng)
     return _Layout(
-        header="There is an important piece of information hidden inside a lot of irrelevant text. "
-        "Find it and memorize it. I will quiz you about it.\n\n",
-        footer="\n\nWhat is the pass key? The pass key is",
-        needles=(_Needle(depth, f"The pass key is {key}. Remember it. {key} is the pass key."),),
+        header=_PASSKEY_HEADER,
+        footer=_PASSKEY_FOOTER,
+        needles=(_Needle(depth, _PASSKEY_NEEDLE.format(key=key)),),
         answers=(key,),
         answer_text=f" {key}.",
         depth=depth,
@@ -138,11 +145,9 @@ def _niah(kind: str, value_of: Callable[[random.Random], str], distractors: int)
 
 
 _VT_HEADER = "Memorize and track the chain of variable assignments hidden in the following text.\n\n"
-_VT_FOOTER = (
-    "\n\nQuestion: Find all variables that are assigned the value {value} in the text above. "
-    "Answer: According to the chain of variable assignments in the text above, {count} variables "
-    "are assigned the value {value}, they are:"
-)
+# RULER's question ("Find all variables that are assigned the value ...") scored 0/4; ending on "VAR" makes
+# the model list names.
+_VT_FOOTER = "\n\nThe variables that are assigned the value {value} are: VAR"
 
 
 def _variable_name(rng: random.Random) -> str:
@@ -168,7 +173,7 @@ def _variable_tracking(rng: random.Random, depth: None, num_hops: int = 4, num_c
     query = names[: num_hops + 1]
     return _Layout(
         header=_VT_HEADER,
-        footer=_VT_FOOTER.format(value=values[0], count=len(query)),
+        footer=_VT_FOOTER.format(value=values[0]),
         needles=tuple(needles),
         answers=tuple(query),
         answer_text=" " + ", ".join(f"VAR {name}" for name in query),
@@ -179,7 +184,7 @@ def _variable_tracking(rng: random.Random, depth: None, num_hops: int = 4, num_c
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("passkey", "a 7-digit pass key hidden in repeated filler", True, _passkey),
+        TaskSpec("passkey", "a 7-digit pass key hidden in a long context", True, _passkey),
         TaskSpec("niah_number", "the 7-digit special magic number for a word, one needle", True,
                  _niah("number", _number, 0)),
         TaskSpec("niah_uuid", "the special magic uuid for a word, one needle", True, _niah("uuid", _uuid, 0)),
@@ -287,17 +292,18 @@ _CWE_HEADER = ("Below is a numbered list of words. In these words, some appear m
                "Memorize the ones that appear most often.\n")
 _CWE_FOOTER = ("\nQuestion: What are the {count} most common words in the above list? "
                "Answer: The top {count} words that appear most often in the list are:")
-_CWE_ENTRY = "{index}. {word}"
-_CWE_JOIN = " "
 
 
-def _common_words(tokenizer, target: int, rng: random.Random, num_common: int = 10,
-                  rare_repeats: int = 3) -> tuple[str, _Layout]:
-    """A numbered list where ``num_common`` words repeat many times among rare ones (RULER's cwe)."""
+def _common_words(tokenizer, target: int, rng: random.Random, num_common: int = 10, rare_repeats: int = 3,
+                  common_share: float = COMMON_SHARE) -> tuple[str, _Layout]:
+    """A numbered list where ``num_common`` words repeat many times among rare ones (RULER's cwe): the
+    frequent words fill ``common_share`` of the entries, every rare word appears ``rare_repeats`` times."""
     from razor_vllm.eval import corpus
 
     if num_common < 1 or rare_repeats < 1:
         raise ValueError(f"num_common and rare_repeats must be at least 1, got {num_common} and {rare_repeats}")
+    if not 0 < common_share < 1:
+        raise ValueError(f"common_share must be in (0, 1), got {common_share}")
     vocabulary = corpus.vocabulary()
     words = rng.sample(vocabulary, len(vocabulary))
     common, rare = words[:num_common], words[num_common:]
@@ -306,13 +312,13 @@ def _common_words(tokenizer, target: int, rng: random.Random, num_common: int = 
     common_min = rare_repeats + 2  # every frequent word stays clearly ahead of every rare one
 
     def render(entries: int) -> str:
-        repeats = max(common_min, round(COMMON_SHARE * entries / num_common))
+        repeats = max(common_min, round(common_share * entries / num_common))
         rare_entries = max(0, entries - num_common * repeats)
         if math.ceil(rare_entries / rare_repeats) > len(rare):
             raise ValueError(f"context_tokens={target} needs more distinct words than the corpus has ({len(rare)})")
         listed = common * repeats + (rare[: math.ceil(rare_entries / rare_repeats)] * rare_repeats)[:rare_entries]
         random.Random(order_seed).shuffle(listed)
-        return header + _CWE_JOIN.join(_CWE_ENTRY.format(index=i + 1, word=w) for i, w in enumerate(listed)) + footer
+        return header + " ".join(f"{i + 1}. {word}" for i, word in enumerate(listed)) + footer
 
     low = num_common * common_min
     _, prompt = _largest_fitting(render, tokenizer, target, low, max(low, target))
@@ -334,7 +340,8 @@ def make_samples(task: str, tokenizer, context_tokens: int, num_samples: int, se
     ``depth``: for tasks with ``uses_depth``, where the (queried) needle goes, in [0, 1]; None draws one per
     sample. ``haystack``: "noise" (repeated filler) or "text" (contiguous Moby-Dick sentences from a random
     place; needs the corpus). ``options``: task knobs (``num_distractors`` for niah/multikey, ``num_hops`` and
-    ``num_chains`` for variable_tracking, ``num_common`` and ``rare_repeats`` for common_words).
+    ``num_chains`` for variable_tracking, ``num_common``, ``rare_repeats`` and ``common_share`` for
+    common_words, whose list is the whole context, so it ignores ``haystack``).
     """
     spec = TASKS.get(task)
     if spec is None:
