@@ -3,7 +3,7 @@ serves its shard of them.
 
 A tiny Llama (4 layers, 4 query / 2 KV heads) runs with TP=2, one KV head per rank, and a profile
 whose retrieval heads fall differently on the ranks in every layer (rank 1 only, rank 0 only, none,
-both). If a rank picked the wrong heads, its local/retrieval split would differ from the TP=1 run's
+both); a second one with a single KV head, which vLLM replicates on both ranks. If a rank picked the wrong heads, its local/retrieval split would differ from the TP=1 run's
 and so would the log-probabilities; razor's own difference from stock (window 16 on prompts of up
 to 300 tokens) shows the comparison can tell.
 """
@@ -26,14 +26,15 @@ pytestmark = [
     pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="TP=2 on CPU binds one core per rank"),
 ]
 
-RETRIEVAL = [[1], [0], [], [0, 1]]  # global KV-head ids per layer
+# KV heads of the model -> retrieval heads per layer (global KV-head ids)
+PROFILES = {2: [[1], [0], [], [0, 1]], 1: [[0], [], [0], []]}
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+@pytest.fixture(scope="module", params=sorted(PROFILES, reverse=True), ids=lambda n: f"{n}kv")
+def tiny_model(request, tmp_path_factory):
+    path = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), num_kv_heads=request.param)
     profile = RazorProfile(
-        model=fingerprint_of(path), sink=4, window=16, retrieval_heads=RETRIEVAL,
+        model=fingerprint_of(path), sink=4, window=16, retrieval_heads=PROFILES[request.param],
         provenance=Provenance(method="manual", command="test", tool_version="0", created=utc_now()),
     )  # fmt: skip
     return path, profile.save(path / "razor-profile.yaml")
