@@ -22,11 +22,9 @@ completed request, a request failed for any reason other than a wrong passkey an
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib.util
 import json
 import os
-import platform
 import re
 import shlex
 import signal
@@ -39,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 from loadtest import server as srv
 from loadtest import summary
+from razor_vllm.bench import runinfo
 from loadtest.workload import CHAT_QUESTIONS, default_ranges, parse_token_range
 
 PROG = "python -m loadtest"
@@ -300,8 +299,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{PROG}: {backend}: {exc}", file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    results["meta"]["finished"] = utc_now()
-    results["meta"]["machine"]["load_average_end"] = list(os.getloadavg())
+    results["meta"]["finished"] = runinfo.now()
+    results["meta"]["machine"]["load_average_end"] = runinfo.loadavg()
     json_path, md_path = summary.write(results, out, args.format)
     say(f"wrote {json_path}, {md_path} and locust's CSVs in {out}/")
     found = problems(results)
@@ -318,7 +317,7 @@ def _meta(args: argparse.Namespace, model: str, served_name: str, near: str, far
     argv = getattr(args, "argv", None)
     return {
         "command": shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)]),
-        "started": utc_now(),
+        "started": runinfo.now(),
         "users": args.users,
         "spawn_rate": args.spawn_rate,
         "run_time": f"{args.run_time} s",
@@ -334,13 +333,8 @@ def _meta(args: argparse.Namespace, model: str, served_name: str, near: str, far
         "sink": args.sink,
         "workload": {"chat_max_tokens": args.chat_max_tokens, "near_tokens": near, "far_tokens": far,
                      "stream_share": args.stream_share, "seed": args.seed},  # fmt: skip
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "load_average_start": list(os.getloadavg())},  # fmt: skip
+        "machine": dict(runinfo.machine(), load_average_start=runinfo.loadavg()),
     }
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def say(text: str) -> None:
@@ -348,10 +342,4 @@ def say(text: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return run(args)
+    return runinfo.command_main(PROG, __doc__, add_arguments, run, argv)

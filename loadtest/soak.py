@@ -25,8 +25,8 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from loadtest import server as srv
-from loadtest.run import parse_duration, say, utc_now
+from loadtest.run import parse_duration, say
 from loadtest.sse import STREAM_OPTIONS, StreamReader
 from loadtest.workload import CHAT_QUESTIONS, PASSKEY_MAX_TOKENS, passkey_prompt
+from razor_vllm.bench import runinfo
 
 PROG = "python -m loadtest.soak"
 STORY_OPENINGS = [
@@ -354,8 +355,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": " ".join([*PROG.split(), *getattr(args, "argv", sys.argv[1:])]), "started": utc_now(),
-            "load_average_start": list(os.getloadavg())}
+    meta = {"command": shlex.join([*PROG.split(), *getattr(args, "argv", sys.argv[1:])]), "started": runinfo.now(),
+            "load_average_start": runinfo.loadavg()}
     if args.url:
         if not args.url.startswith(f"http://{srv.HOST}:"):
             print(f"{PROG}: error: --url must be http://{srv.HOST}:PORT (loopback only)", file=sys.stderr)
@@ -368,8 +369,8 @@ def run(args: argparse.Namespace) -> int:
                              env={"VLLM_PLUGINS": "razor,razor_status"}) as server:  # fmt: skip
             say(f"razor server up at {server.url}")
             result = run_soak(args, server.url, served_name, alive=server.alive)
-    meta["finished"] = utc_now()
-    meta["load_average_end"] = list(os.getloadavg())
+    meta["finished"] = runinfo.now()
+    meta["load_average_end"] = runinfo.loadavg()
     result = {"meta": meta, **result, "checks": dict(checks(result))}
     render(report_tables(args, result), args.format)
     path = write_json(result, out / "soak.json")
@@ -378,13 +379,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return run(args)
+    return runinfo.command_main(PROG, __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

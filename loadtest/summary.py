@@ -12,13 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from razor_vllm.bench.report import Table, render, to_markdown
+from razor_vllm.bench.report import Table, number, render, to_markdown
 
 ENTRY_ORDER = ["chat", "chat stream", "passkey near", "passkey near stream", "passkey far", "passkey far stream"]
-
-
-def _num(v: Optional[float], digits: int = 0) -> str:
-    return "-" if v is None else f"{v:,.{digits}f}"
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
@@ -75,7 +71,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
     rows = []
     for label, getter, digits, ratio_ok in HEADLINE:
         values = [getter(backends[n]) for n in names]
-        row = [label, *(_num(v, digits) for v in values)]
+        row = [label, *(number(v, digits) for v in values)]
         if pair:
             row.append(_ratio(getter(backends["razor"]), getter(backends["stock"])) if ratio_ok else "")
         rows.append(row)
@@ -97,14 +93,14 @@ def tables(results: dict[str, Any]) -> list[Table]:
         cells: dict[str, list[str]] = {k: [] for k in ("n", "p50", "p95", "ttft", "prompt", "tok", "fail")}
         for n in names:
             e = _get(backends[n], "locust", "entries", entry) or {}
-            cells["n"].append(_num(e.get("requests")))
-            cells["p50"].append(_num(e.get("p50_ms")))
-            cells["p95"].append(_num(e.get("p95_ms")))
-            cells["ttft"].append(_num(_get(e, "ttft", "p50_ms")))
+            cells["n"].append(number(e.get("requests")))
+            cells["p50"].append(number(e.get("p50_ms")))
+            cells["p95"].append(number(e.get("p95_ms")))
+            cells["ttft"].append(number(_get(e, "ttft", "p50_ms")))
             responses = e.get("responses") or 0
-            cells["prompt"].append(_num(e["prompt_tokens"] / responses) if responses else "-")
-            cells["tok"].append(_num(e["output_tokens"] / responses, 1) if responses else "-")
-            cells["fail"].append(_num(e.get("failures")))
+            cells["prompt"].append(number(e["prompt_tokens"] / responses) if responses else "-")
+            cells["tok"].append(number(e["output_tokens"] / responses, 1) if responses else "-")
+            cells["fail"].append(number(e.get("failures")))
         entry_rows.append([entry] + ["/".join(cells[k]) for k in cells])
     out.append(Table(f"Per request type ({' / '.join(names)})",
                      ["request", "completed", "p50 ms", "p95 ms", "TTFT p50 ms", "prompt tokens (mean)",

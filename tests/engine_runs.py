@@ -38,14 +38,16 @@ class EngineRun:
     texts: list[str]
     metrics: dict[str, float]
     chat_texts: list[str]
+    logprobs: list[list[float]]  # of each generated token (empty unless asked for)
 
 
-def run_engine(kwargs: dict[str, Any], prompts: list, max_tokens: int = 16, chats: Optional[list] = None) -> EngineRun:
+def run_engine(kwargs: dict[str, Any], prompts: list, max_tokens: int = 16, chats: Optional[list] = None,
+               logprobs: bool = False) -> EngineRun:
     from vllm import LLM, SamplingParams
 
     llm = LLM(**kwargs)
     try:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=1 if logprobs else None)
         outputs = llm.generate(prompts, params, use_tqdm=False) if prompts else []
         chat_texts = [llm.chat(msgs, params, use_tqdm=False)[0].outputs[0].text for msgs in (chats or [])]
         metrics = {}
@@ -58,7 +60,11 @@ def run_engine(kwargs: dict[str, Any], prompts: list, max_tokens: int = 16, chat
             texts=[o.outputs[0].text for o in outputs],
             metrics=metrics,
             chat_texts=chat_texts,
-        )
+            logprobs=[
+                [step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                for o in outputs
+            ] if logprobs else [],
+        )  # fmt: skip
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm

@@ -14,12 +14,6 @@ from razor_vllm.cli import main
 from razor_vllm.config import resolve_profile
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging_env(monkeypatch):
-    """`bench` quiets vLLM through VLLM_LOGGING_LEVEL; keep that out of later tests' servers."""
-    monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))
-
-
 def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])
@@ -117,3 +111,16 @@ def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     png = report.plot(_fake_results(), tmp_path / "bench.png")
     assert png is not None and png.stat().st_size > 0
+
+
+def test_commands_put_the_logging_level_back(tmp_path, monkeypatch):
+    """bench/eval quiet vLLM through VLLM_LOGGING_LEVEL (inherited by its workers) for their own run
+    only: an in-process caller, e.g. a later server test, keeps its INFO logs."""
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    seen = []
+    monkeypatch.setattr(report, "render", lambda *a, **k: seen.append(os.environ.get("VLLM_LOGGING_LEVEL")))
+    assert main(["bench", "--skip-engine", "--out", str(tmp_path / "b.json"), "--format", "plain"]) == 0
+    assert seen == ["ERROR"] and "VLLM_LOGGING_LEVEL" not in os.environ
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    assert main(["bench", "--skip-engine", "--out", str(tmp_path / "b.json"), "--format", "plain"]) == 0
+    assert seen[-1] == "DEBUG" and os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"

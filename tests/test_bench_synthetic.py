@@ -4,7 +4,6 @@ and the throughput part's "does this batch fit" rule, down to one real engine pa
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -14,18 +13,13 @@ from razor_vllm.cli import main
 from razor_vllm.config import RazorProfile
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging_env(monkeypatch):
-    monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))
-
-
 def run_bench(tmp_path, *args: str) -> tuple[int, dict]:
     out = tmp_path / "bench.json"
     rc = main(["bench", *args, "--out", str(out), "--format", "plain"])
     return rc, json.loads(out.read_text()) if out.exists() else {}
 
 
-def test_llama_8b_shape_and_profile(tmp_path):
+def test_llama_8b_shape_and_profile(tmp_path, default_model_dir):
     rc, data = run_bench(tmp_path, "--model", "synthetic:llama-3-8b", "--skip-engine", "--dtype", "bfloat16",
                          "--contexts", "8k,32k")
     assert rc == 0
@@ -34,7 +28,7 @@ def test_llama_8b_shape_and_profile(tmp_path):
     # Llama-3-8B in bf16: 32 layers x 8 KV heads x (K+V) x 128 x 2 bytes = 128 KiB per token.
     assert a["bytes_per_token"]["stock"] == 32 * 8 * 2 * 128 * 2
     assert (a["window"], a["sink"]) == (1024, 4)
-    config = json.loads((synthetic.make_checkpoint("llama-3-8b", tmp_path, _default_dir()) / "config.json").read_text())
+    config = json.loads((synthetic.make_checkpoint("llama-3-8b", tmp_path, default_model_dir) / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]) == (32, 8, 128)
     assert not list(tmp_path.glob("llama-3-8b/*.safetensors"))  # weights come from load_format=dummy
 
@@ -47,12 +41,6 @@ def test_llama_8b_shape_and_profile(tmp_path):
     assert again.retrieval_heads == profile.retrieval_heads != other.retrieval_heads
     # Razor's gain grows with context: at 32k a request holds far less than stock's.
     assert a["requests"][1]["ratio_steady"] > a["requests"][0]["ratio_steady"] > 3
-
-
-def _default_dir():
-    from razor_vllm.model import prepare_default_model
-
-    return prepare_default_model(progress=False)
 
 
 @pytest.mark.parametrize(
@@ -71,8 +59,8 @@ def test_bad_synthetic_options(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_fit_rule(tmp_path):
-    model_dir = synthetic.make_checkpoint("llama-3-8b", tmp_path, _default_dir())
+def test_fit_rule(tmp_path, default_model_dir):
+    model_dir = synthetic.make_checkpoint("llama-3-8b", tmp_path, default_model_dir)
     profile = synthetic.make_profile(model_dir, 0.15, 0, 4, 1024, "test")
     geo = analytic.geometry(profile, "bfloat16", stock_block_size=128)
     gpu = geo.with_stock_block_size(16)  # what an engine with vLLM's GPU block size plans

@@ -61,22 +61,13 @@ def eval_slice(tmp_path_factory):
     Variants: full, razor (the shipped profile, W=256), streaming (every head local), and razor with a
     window longer than every prompt (nothing dropped: must equal full).
     """
-    import os
-
     from razor_vllm.cli import main
 
     out = tmp_path_factory.mktemp("eval") / "slice.json"
-    level = os.environ.get("VLLM_LOGGING_LEVEL")
-    try:
-        code = main(["eval", "--modes", "full,razor,streaming", "--sweep", "window=2048", "--tasks", "niah_number",
-                     "--contexts", "1k", "--depths", "0.25,0.75", "--samples", "1", "--fidelity-contexts", "1k",
-                     "--fidelity-samples", "1", "--fidelity-tokens", "24", "--greedy-tokens", "16",
-                     "--kv-gib", "0.5", "--format", "plain", "--out", str(out), "--plot-dir", str(out.parent)])
-    finally:  # the command quiets vLLM for its own run; later server tests need INFO logs
-        if level is None:
-            os.environ.pop("VLLM_LOGGING_LEVEL", None)
-        else:
-            os.environ["VLLM_LOGGING_LEVEL"] = level
+    code = main(["eval", "--modes", "full,razor,streaming", "--sweep", "window=2048", "--tasks", "niah_number",
+                 "--contexts", "1k", "--depths", "0.25,0.75", "--samples", "1", "--fidelity-contexts", "1k",
+                 "--fidelity-samples", "1", "--fidelity-tokens", "24", "--greedy-tokens", "16",
+                 "--kv-gib", "0.5", "--format", "plain", "--out", str(out), "--plot-dir", str(out.parent)])
     assert code == 0
     return json.loads(out.read_text()), out.parent
 

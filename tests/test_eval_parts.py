@@ -131,10 +131,9 @@ def test_tables_and_plots(profile, tmp_path):
     assert all(p.stat().st_size > 1000 for p in written)
 
 
-def test_cli_refuses_bad_arguments(tmp_path, monkeypatch, capsys):
+def test_cli_refuses_bad_arguments(tmp_path, capsys):
     from razor_vllm.cli import main
 
-    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")  # the command's quiet default must not leak into other tests
 
     def run(*args):
         code = main(["eval", *args, "--out", str(tmp_path / "x.json")])
@@ -151,11 +150,10 @@ def test_cli_refuses_bad_arguments(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_cli_refuses_contexts_past_the_model_window(tmp_path, monkeypatch, capsys):
+def test_cli_refuses_contexts_past_the_model_window(tmp_path, capsys):
     """SmolLM2 reads 8192 tokens: an 8k prompt plus its answer does not fit. Refused before any engine."""
     from razor_vllm.cli import main
 
-    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
     code = main(["eval", "--tasks", "passkey", "--contexts", "8k", "--depths", "0.5", "--samples", "1",
                  "--modes", "full", "--fidelity-samples", "0", "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err

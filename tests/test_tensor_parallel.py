@@ -10,7 +10,6 @@ to 300 tokens) shows the comparison can tell.
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 
@@ -19,6 +18,7 @@ import pytest
 from razor_vllm.config import Provenance, RazorProfile, utc_now
 from razor_vllm.profile.selectors import fingerprint_of
 
+from engine_runs import EngineRun, engine_kwargs, run_engine
 from tiny_models import build_tiny_llama
 
 pytestmark = [
@@ -40,37 +40,22 @@ def tiny_model(request, tmp_path_factory):
     return path, profile.save(path / "razor-profile.yaml")
 
 
-def generate(model, tp: int, razor: dict | None, monkeypatch) -> list[tuple[list[int], list[float]]]:
+def generate(model, tp: int, razor: dict | None, monkeypatch) -> EngineRun:
     """Greedy tokens and their log-probabilities for three prompts (40, 150 and 300 tokens)."""
-    from vllm import LLM, SamplingParams
-
     # vLLM's CPU worker binds each rank's threads to a NUMA node; this machine has one.
     if tp > 1:
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tp)))
     else:
         monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    kwargs = dict(model=str(model), tensor_parallel_size=tp, enforce_eager=True, dtype="float32", max_model_len=512,
-                  kv_cache_memory_bytes=32 << 20, seed=0, max_num_batched_tokens=64)  # fmt: skip
-    if razor is not None:
-        kwargs.update(attention_backend="razor", additional_config={"razor": razor})
+    kwargs = engine_kwargs(model, "stock" if razor is None else "razor", razor, tensor_parallel_size=tp,
+                           max_model_len=512, kv_cache_memory_bytes=32 << 20, max_num_batched_tokens=64)
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(4, 500) for _ in range(n)]} for n in (40, 150, 300)]
-    llm = LLM(**kwargs)
-    try:
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, logprobs=1), use_tqdm=False)
-        results = []
-        for out in outs:
-            tokens = list(out.outputs[0].token_ids)
-            results.append((tokens, [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens)]))
-        return results
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+    return run_engine(kwargs, prompts, max_tokens=16, logprobs=True)
 
 
-def max_logprob_gap(a, b) -> float:
-    return max(abs(x - y) for (_, la), (_, lb) in zip(a, b) for x, y in zip(la, lb))
+def max_logprob_gap(a: EngineRun, b: EngineRun) -> float:
+    return max(abs(x - y) for la, lb in zip(a.logprobs, b.logprobs) for x, y in zip(la, lb))
 
 
 def test_each_rank_serves_its_shard_of_the_profile(tiny_model, monkeypatch):
@@ -79,7 +64,7 @@ def test_each_rank_serves_its_shard_of_the_profile(tiny_model, monkeypatch):
     razor_tp1 = generate(model, 1, razor, monkeypatch)
     razor_tp2 = generate(model, 2, razor, monkeypatch)
     stock_tp2 = generate(model, 2, None, monkeypatch)
-    assert [t for t, _ in razor_tp2] == [t for t, _ in razor_tp1]
+    assert razor_tp2.token_ids == razor_tp1.token_ids
     assert max_logprob_gap(razor_tp1, razor_tp2) < 1e-5  # only the all-reduce's rounding
     assert max_logprob_gap(razor_tp2, stock_tp2) > 1e-4  # razor's window does change the numbers
     all_retrieval = generate(model, 2, {"profile": str(profile), "all_retrieval": True}, monkeypatch)

@@ -566,7 +566,9 @@ def test_kernels_compile_for_gpus(case, arch):
     from triton.compiler import ASTSource
 
     plan = aot_plan(*case[:-1])
-    signature = {k: _signature(v) for k, v in plan.args.items()} | {k: "constexpr" for k in plan.constexprs}
+    # In the kernel's parameter order: the plan holds its arguments by name, in no particular order.
+    assert set(plan.kernel.arg_names) == plan.args.keys() | plan.constexprs.keys()
+    signature = {k: _signature(plan.args[k]) if k in plan.args else "constexpr" for k in plan.kernel.arg_names}
     source = ASTSource(fn=plan.kernel, signature=signature, constexprs=plan.constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=plan.options)
     assert "cubin" in compiled.asm

@@ -23,13 +23,9 @@ class Launch:
 
     kernel: Any  # a triton.jit function
     grid: tuple[int, ...]
-    args: dict[str, Any]  # runtime arguments (put in the kernel's parameter order here)
+    args: dict[str, Any]  # runtime arguments, by name (the launch passes them as keywords)
     constexprs: dict[str, Any]
     options: dict[str, int] = field(default_factory=dict)  # num_warps, num_stages
-
-    def __post_init__(self) -> None:
-        order = {name: i for i, name in enumerate(self.kernel.arg_names)}
-        self.args = dict(sorted(self.args.items(), key=lambda item: order[item[0]]))
 
     def __call__(self) -> None:
         if all(self.grid):

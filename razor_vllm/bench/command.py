@@ -20,7 +20,6 @@ Three parts, one table each (printed) and one section each in the JSON file:
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -97,8 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # before vLLM is imported (also in workers)
+    with runinfo.quiet_vllm(args.verbose):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     preset = QUICK if args.quick else FULL
     contexts = args.contexts or preset["contexts"]
     tp_contexts = args.throughput_contexts or preset["tp_contexts"]
@@ -121,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
-    if not args.skip_engine and not args.eager:
-        args.eager = not _has_cuda()
+    args.eager = args.eager or args.skip_engine or not _has_cuda()  # graphs only where engines run on a GPU
     kv_for = {c: kv_fixed or analytic.default_kv_bytes(geo, c, STOCK_REQUESTS) for c in contexts}
     results: dict[str, Any] = dict(
         meta=_meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decode_tokens, kv_fixed),
@@ -370,13 +371,7 @@ def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decod
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:  # for `python -m razor_vllm.bench.command`
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return run(args)
+    return runinfo.command_main(PROG, __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

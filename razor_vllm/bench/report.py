@@ -30,7 +30,8 @@ def _x(v: Optional[float], digits: int = 2) -> str:
     return f"{v:.{digits}f}x"
 
 
-def _num(v: Optional[float], digits: int = 0) -> str:
+def number(v: Optional[float], digits: int = 0) -> str:
+    """A table cell: thousands separators, "-" for a missing or NaN value."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{v:,.{digits}f}"
@@ -40,7 +41,7 @@ NO_FIT = "no fit"
 
 
 def _tok_s(point: dict[str, Any], key: str, digits: int = 0) -> str:
-    return _num(point[key], digits) if point else NO_FIT
+    return number(point[key], digits) if point else NO_FIT
 
 
 def _ctx(n: int) -> str:
@@ -57,11 +58,11 @@ def tables(results: dict[str, Any]) -> list[Table]:
             ["cache", "heads (pool incl. padding)", "block (tokens)", "bytes/token", "tokens kept per request"],
             [
                 ["stock", f"{a['num_layers'] * a['num_kv_heads']}", str(a["stock_block_size"]),
-                 _num(bpt["stock"]), "all"],
+                 number(bpt["stock"]), "all"],
                 ["razor retrieval pool", f"{a['retrieval_heads']} ({a['retrieval_pool_heads']})",
-                 str(a["retrieval_block_size"]), _num(bpt["retrieval_pool"]), "all"],
+                 str(a["retrieval_block_size"]), number(bpt["retrieval_pool"]), "all"],
                 ["razor local pool", f"{a['local_heads']} ({a['local_pool_heads']})", str(a["local_block_size"]),
-                 _num(bpt["local_pool"]), f"sink {a['sink']} + window {a['window']} (+ compensation)"],
+                 number(bpt["local_pool"]), f"sink {a['sink']} + window {a['window']} (+ compensation)"],
             ],
             note=f"dtype {a['dtype']}; one razor page = {a['page_bytes']:,} B in either pool",
         )
@@ -84,8 +85,8 @@ def tables(results: dict[str, Any]) -> list[Table]:
             "Maximum concurrency, analytic (requests of `context` tokens in the KV size below)",
             ["context", "KV MiB", "stock", "razor vLLM-logged", "razor steady", "ratio steady", "ratio logged"],
             [
-                [_ctx(c["context"]), _mib(c["kv_bytes"]), _num(c["stock"], 2), _num(c["razor_vllm_logged"], 2),
-                 _num(c["razor_steady"], 2), _x(c["ratio_steady"]), _x(c["ratio_vllm_logged"])]
+                [_ctx(c["context"]), _mib(c["kv_bytes"]), number(c["stock"], 2), number(c["razor_vllm_logged"], 2),
+                 number(c["razor_steady"], 2), _x(c["ratio_steady"]), _x(c["ratio_vllm_logged"])]
                 for c in a["max_concurrency"]
             ],
         )
@@ -99,7 +100,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
             rows.append([
                 _ctx(c["context"]), _mib(c["kv_bytes"]), f"{c['prompt_tokens']}+{c['max_tokens']}",
                 f"{s['num_gpu_blocks']}/{r['num_gpu_blocks']}",
-                _num(s["vllm_max_concurrency"], 2), _num(r["vllm_max_concurrency"], 2),
+                number(s["vllm_max_concurrency"], 2), number(r["vllm_max_concurrency"], 2),
                 peak_s, peak_r, _x(c["ratio_measured"]), _x(c["ratio_vllm_logged"]), _x(c["ratio_theory_steady"]),
                 f"{s['preemptions']}/{r['preemptions']}",
             ])

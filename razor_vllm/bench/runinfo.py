@@ -4,12 +4,13 @@ the machine and times the figures were measured on."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from razor_vllm.config import ProfileError
 
@@ -116,3 +117,34 @@ def subcommand_argv(args: argparse.Namespace, name: str) -> list[str]:
         if name in argv:
             argv = argv[argv.index(name) + 1:]
     return list(argv)
+
+
+def command_main(
+    prog: str,
+    description: Optional[str],
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    argv: Optional[Sequence[str]] = None,
+) -> int:
+    """Run one command on its own (``python -m ...``): parse ``argv`` and record it for the results."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return run(args)
+
+
+@contextlib.contextmanager
+def quiet_vllm(verbose: bool) -> Iterator[None]:
+    """vLLM's logs at ERROR for one command (unless ``verbose`` or already set): the variable must be
+    set before vLLM is imported and is inherited by its workers. Put back afterwards, so that an
+    in-process caller (a test, a notebook) keeps its own logging."""
+    if verbose or "VLLM_LOGGING_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
+    try:
+        yield
+    finally:
+        os.environ.pop("VLLM_LOGGING_LEVEL", None)

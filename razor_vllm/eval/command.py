@@ -21,7 +21,6 @@ against the KV budget). ``razor_vllm.cli`` calls :func:`add_arguments` and :func
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import shutil
 import sys
@@ -114,8 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # before vLLM is imported (also in its workers)
+    with runinfo.quiet_vllm(args.verbose):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from razor_vllm.eval import report
     from razor_vllm.eval.evaluation import ContextTooLong, Evaluation, Grid
 
@@ -216,11 +218,7 @@ def _meta(args, profile, model_dir, evaluation) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:  # python -m razor_vllm.eval.command
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return run(args)
+    return runinfo.command_main(PROG, __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -101,15 +101,16 @@ class Evaluation:
         the model's own context window cannot hold, saying which contexts would fit."""
         from razor_vllm.profile.selectors import context_length_of, hf_config_of
 
-        answer = [s.max_tokens for s in samples] + [max(len(t.continuation), self.grid.greedy_tokens) for t in texts]
-        longest = [s.context_tokens + s.max_tokens for s in samples]
-        longest += [len(t.prefix) + max(len(t.continuation), self.grid.greedy_tokens) for t in texts]
-        needed = max(longest) + MAX_LEN_MARGIN
+        # (prompt, answer) tokens of every prompt the engines will see
+        lengths = [(s.context_tokens, s.max_tokens) for s in samples]
+        lengths += [(len(t.prefix), max(len(t.continuation), self.grid.greedy_tokens)) for t in texts]
+        needed = max(prompt + answer for prompt, answer in lengths) + MAX_LEN_MARGIN
         limit = context_length_of(hf_config_of(self.model_dir))
         if limit is not None and needed > limit:
+            longest_answer = max(answer for _, answer in lengths)
             raise ContextTooLong(
                 f"the longest prompt plus its answer needs max_model_len {needed}, past the model's {limit} "
-                f"tokens; use contexts of at most {limit - max(answer) - MAX_LEN_MARGIN} tokens"
+                f"tokens; use contexts of at most {limit - longest_answer - MAX_LEN_MARGIN} tokens"
             )
         return needed
 
