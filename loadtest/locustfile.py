@@ -35,13 +35,13 @@ from locust.stats import StatsEntry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `loadtest` importable when run by path
 
-from loadtest.sse import STREAM_OPTIONS, StreamReader  # noqa: E402
 from loadtest.workload import (  # noqa: E402
     CHAT_QUESTIONS,
     PASSKEY_MAX_TOKENS,
     parse_token_range,
     random_passkey,
 )
+from razor_vllm.serve.harness import STREAM_OPTIONS, StreamReader  # noqa: E402
 
 WRONG_ANSWER = "wrong passkey answer"
 
@@ -112,8 +112,15 @@ class _OpenAIUser(HttpUser):
         self.rng = random.Random(f"{opts.workload_seed}:{type(self).__name__}:{self.user_id}")
         self.sent = 0
 
-    def _request(self, path: str, name: str, body: dict, chat: bool,
-                 check: Optional[Callable[[str], bool]] = None, expected: str = "") -> None:  # fmt: skip
+    def _request(
+        self,
+        path: str,
+        name: str,
+        body: dict,
+        chat: bool,
+        check: Optional[Callable[[str], bool]] = None,
+        expected: str = "",
+    ) -> None:
         opts = self.environment.parsed_options
         self.sent += 1
         stream = self.rng.random() < opts.stream_share
@@ -122,8 +129,9 @@ class _OpenAIUser(HttpUser):
             body = {**body, **STREAM_OPTIONS}
         body = {"model": _run["model"], **body}
         start = time.perf_counter()
-        with self.client.post(path, json=body, name=name, stream=stream, catch_response=True,
-                              timeout=opts.request_timeout) as resp:  # fmt: skip
+        with self.client.post(
+            path, json=body, name=name, stream=stream, catch_response=True, timeout=opts.request_timeout
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.error or resp.text[:200]}")
                 return
@@ -142,8 +150,16 @@ class _OpenAIUser(HttpUser):
                 return
             self._judge(resp, name, text, finish, usage, check, expected)
 
-    def _judge(self, resp, name: str, text: Optional[str], finish: Optional[str], usage: Optional[dict],
-               check: Optional[Callable[[str], bool]], expected: str) -> None:  # fmt: skip
+    def _judge(
+        self,
+        resp,
+        name: str,
+        text: Optional[str],
+        finish: Optional[str],
+        usage: Optional[dict],
+        check: Optional[Callable[[str], bool]],
+        expected: str,
+    ) -> None:
         """Count the tokens; mark the request failed unless it finished, has usage and (if checkable) is right."""
         if usage:
             counts = _tokens[name]
@@ -161,8 +177,16 @@ class _OpenAIUser(HttpUser):
             result = _checks[name]
             result["right" if right else "wrong"] += 1
             # Which request of which user: the same (user, n) is the same prompt in every run.
-            result["answers"].append({"user": self.user_id, "n": self.sent, "expected": expected, "got": text,
-                                      "prompt_tokens": usage.get("prompt_tokens"), "right": right})  # fmt: skip
+            result["answers"].append(
+                {
+                    "user": self.user_id,
+                    "n": self.sent,
+                    "expected": expected,
+                    "got": text,
+                    "prompt_tokens": usage.get("prompt_tokens"),
+                    "right": right,
+                }
+            )
             if right:
                 resp.success()
             else:
@@ -176,9 +200,13 @@ class _OpenAIUser(HttpUser):
             size += len(line) + 1
             if reader.feed(line) and len(reader.pieces) == 1:
                 self.environment.events.request.fire(
-                    request_type="TTFT", name=name, response_time=(time.perf_counter() - start) * 1000,
-                    response_length=0, exception=None, context={},
-                )  # fmt: skip
+                    request_type="TTFT",
+                    name=name,
+                    response_time=(time.perf_counter() - start) * 1000,
+                    response_length=0,
+                    exception=None,
+                    context={},
+                )
             if reader.done:
                 break
         reader.finish()
@@ -194,9 +222,12 @@ class ChatUser(_OpenAIUser):
     @task
     def chat(self) -> None:
         question = self.rng.choice(CHAT_QUESTIONS)
-        body = {"messages": [{"role": "user", "content": question}],
-                "max_tokens": self.environment.parsed_options.chat_max_tokens,
-                "temperature": 0.2, "top_p": 0.9}  # the model card's sampling; free text, not checked
+        body = {
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": self.environment.parsed_options.chat_max_tokens,
+            "temperature": 0.2,
+            "top_p": 0.9,
+        }  # the model card's sampling; free text, not checked
         self._request("/v1/chat/completions", "chat", body, chat=True)
 
 
@@ -213,8 +244,14 @@ class RetrievalUser(_OpenAIUser):
         near = self.sent % 3 != 2  # self.sent: requests this user sent so far
         passkey = random_passkey(self.rng, parse_token_range(opts.near_tokens if near else opts.far_tokens))
         body = {"prompt": passkey.prompt, "max_tokens": PASSKEY_MAX_TOKENS, "temperature": 0}
-        self._request("/v1/completions", "passkey near" if near else "passkey far", body, chat=False,
-                      check=passkey.check, expected=passkey.key)  # fmt: skip
+        self._request(
+            "/v1/completions",
+            "passkey near" if near else "passkey far",
+            body,
+            chat=False,
+            check=passkey.check,
+            expected=passkey.key,
+        )
 
 
 # -- the extra report --------------------------------------------------------------------------------

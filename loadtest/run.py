@@ -31,14 +31,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from loadtest import server as srv
 from loadtest import summary
-from razor_vllm.bench import runinfo
 from loadtest.workload import CHAT_QUESTIONS, default_ranges, parse_token_range
+from razor_vllm.common import runinfo
+from razor_vllm.serve import harness as srv
 
 PROG = "python -m loadtest"
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -85,85 +84,126 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load = parser.add_argument_group("load")
     load.add_argument("--users", type=_positive, default=8, help="concurrent locust users (default: 8)")
     load.add_argument("--spawn-rate", type=float, default=2.0, help="users started per second (default: 2)")
-    load.add_argument("--run-time", type=parse_duration, default="2m", metavar="T",
-                      help="locust run time per backend: 90s, 2m, 1m30s (default: 2m)")
-    load.add_argument("--backends", type=_backends, default=list(BACKENDS), metavar="razor,stock",
-                      help="which servers to test, in this order (default: razor,stock)")
+    load.add_argument(
+        "--run-time",
+        type=parse_duration,
+        default="2m",
+        metavar="T",
+        help="locust run time per backend: 90s, 2m, 1m30s (default: 2m)",
+    )
+    load.add_argument(
+        "--backends",
+        type=_backends,
+        default=list(BACKENDS),
+        metavar="razor,stock",
+        help="which servers to test, in this order (default: razor,stock)",
+    )
     load.add_argument("--chat-max-tokens", type=_positive, default=64, help="max_tokens of chat requests")
-    load.add_argument("--near-tokens", type=_token_range, metavar="LOW-HIGH",
-                      help="passkey prompt lengths near the window (default: W/2-2W)")
-    load.add_argument("--far-tokens", type=_token_range, metavar="LOW-HIGH",
-                      help="passkey prompt lengths far past the window (default: 4W to max_model_len - 74)")
+    load.add_argument(
+        "--near-tokens",
+        type=_token_range,
+        metavar="LOW-HIGH",
+        help="passkey prompt lengths near the window (default: W/2-2W)",
+    )
+    load.add_argument(
+        "--far-tokens",
+        type=_token_range,
+        metavar="LOW-HIGH",
+        help="passkey prompt lengths far past the window (default: 4W to max_model_len - 74)",
+    )
     load.add_argument("--stream-share", type=float, default=0.5, help="share of streamed requests (default: 0.5)")
     load.add_argument("--seed", type=int, default=0, help="seed of the users' prompt sequences (default: 0)")
 
     engine = parser.add_argument_group("server (the same for both backends)")
-    engine.add_argument("--model", default="default",
-                        help="checkpoint dir ('default': the embedded SmolLM2-135M-Instruct)")
-    engine.add_argument("--kv-mib", type=_positive, default=256,
-                        help="KV cache size, MiB (default: 256; stock then holds about 5.8k tokens in fp32)")
+    engine.add_argument(
+        "--model", default="default", help="checkpoint dir ('default': the embedded SmolLM2-135M-Instruct)"
+    )
+    engine.add_argument(
+        "--kv-mib",
+        type=_positive,
+        default=256,
+        help="KV cache size, MiB (default: 256; stock then holds about 5.8k tokens in fp32)",
+    )
     engine.add_argument("--max-model-len", type=_positive, default=4096, help="default: 4096")
     engine.add_argument("--max-num-seqs", type=_positive, default=64, help="default: 64")
-    engine.add_argument("--max-num-batched-tokens", type=_positive, default=512,
-                        help="chunked-prefill budget per step (default: 512)")
-    engine.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
-                        help="default: float32 (bf16 is several times slower on CPUs without bf16 instructions)")
+    engine.add_argument(
+        "--max-num-batched-tokens", type=_positive, default=512, help="chunked-prefill budget per step (default: 512)"
+    )
+    engine.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="default: float32 (bf16 is several times slower on CPUs without bf16 instructions)",
+    )
     engine.add_argument("--window", type=_positive, help="razor window W (default: the profile's, 256)")
     engine.add_argument("--sink", type=int, help="razor sink tokens (default: the profile's)")
     engine.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for /health")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="out/loadtest", help="output directory (default: out/loadtest)")
-    out.add_argument("--format", default="auto", choices=["auto", "rich", "plain", "markdown"],
-                     help="table style (default: rich when installed)")
+    out.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "rich", "plain", "markdown"],
+        help="table style (default: rich when installed)",
+    )
 
 
 # -- one backend -----------------------------------------------------------------------------------------
 
 
 def server_args(args: argparse.Namespace, backend: str, served_name: str) -> list[str]:
-    common = [
-        "--dtype", args.dtype,
-        "--max-model-len", str(args.max_model_len),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-        "--max-num-seqs", str(args.max_num_seqs),
-        "--kv-cache-memory-bytes", str(args.kv_mib << 20),
-        "--served-model-name", served_name,
-        "--seed", "0",
-        "--no-enable-prefix-caching",
-        "--enforce-eager",  # no torch.compile: starts in ~30 s instead of ~80 s on CPU
-    ]  # fmt: skip
-    if backend != "razor":
-        return common
     razor = {k: v for k, v in (("window", args.window), ("sink", args.sink)) if v is not None}
-    extra = ["--additional-config", json.dumps({"razor": razor})] if razor else []
-    return ["--attention-backend", "razor", *extra, *common]
+    options = {
+        "--attention-backend": "razor" if backend == "razor" else None,
+        "--additional-config": json.dumps({"razor": razor}) if backend == "razor" and razor else None,
+        "--dtype": args.dtype,
+        "--max-model-len": args.max_model_len,
+        "--max-num-batched-tokens": args.max_num_batched_tokens,
+        "--max-num-seqs": args.max_num_seqs,
+        "--kv-cache-memory-bytes": args.kv_mib << 20,
+        "--served-model-name": served_name,
+        "--seed": 0,
+    }
+    # --enforce-eager: no torch.compile, the server starts in about half the time (README, CPU notes).
+    return srv.cli_args(options, "--no-enable-prefix-caching", "--enforce-eager")
 
 
 def warm_up(url: str, served_name: str) -> None:
     """One chat and one completion request before timing (first requests pay one-off set-up)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     for path, body in (
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": CHAT_QUESTIONS[0]}], "max_tokens": 4}),
         ("/v1/completions", {"prompt": "The grass is green. " * 40, "max_tokens": 4}),
     ):
-        req = urllib.request.Request(url + path, data=json.dumps({"model": served_name, **body}).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-        with opener.open(req, timeout=300) as resp:
-            resp.read()
+        status, reply = srv.post_json(url + path, {"model": served_name, **body}, timeout=300)
+        if status != 200:
+            raise RuntimeError(f"warm-up request to {path} answered {status}: {reply}")
 
 
-def locust_command(args: argparse.Namespace, url: str, prefix: Path, served_name: str,
-                   near: str, far: str) -> list[str]:  # fmt: skip
-    return [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.run_time}s",
-        "--host", url, "--csv", str(prefix), "--csv-full-history", "--html", f"{prefix}.html",
-        "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0",
-        "--model-name", served_name, "--chat-max-tokens", str(args.chat_max_tokens),
-        "--near-tokens", near, "--far-tokens", far, "--stream-share", str(args.stream_share),
-        "--workload-seed", str(args.seed), "--extra-out", f"{prefix}_extra.json",
-    ]  # fmt: skip
+def locust_command(
+    args: argparse.Namespace, url: str, prefix: Path, served_name: str, near: str, far: str
+) -> list[str]:
+    options = {
+        "-f": LOCUSTFILE,
+        "-u": args.users,
+        "-r": args.spawn_rate,
+        "-t": f"{args.run_time}s",
+        "--host": url,
+        "--csv": prefix,
+        "--html": f"{prefix}.html",
+        "--loglevel": "WARNING",
+        "--exit-code-on-error": 0,
+        # the workload's own options (loadtest/locustfile.py)
+        "--model-name": served_name,
+        "--chat-max-tokens": args.chat_max_tokens,
+        "--near-tokens": near,
+        "--far-tokens": far,
+        "--stream-share": args.stream_share,
+        "--workload-seed": args.seed,
+        "--extra-out": f"{prefix}_extra.json",
+    }
+    flags = ("--headless", "--csv-full-history", "--only-summary")
+    return [sys.executable, "-m", "locust", *srv.cli_args(options, *flags)]
 
 
 def run_locust(cmd: list[str], log_path: Path, timeout: float) -> int:
@@ -182,13 +222,19 @@ def run_locust(cmd: list[str], log_path: Path, timeout: float) -> int:
             srv.stop(process, timeout=15)
 
 
-def run_backend(args: argparse.Namespace, backend: str, model: str, served_name: str, out: Path,
-                near: str, far: str) -> dict[str, Any]:  # fmt: skip
+def run_backend(
+    args: argparse.Namespace, backend: str, model: str, served_name: str, out: Path, near: str, far: str
+) -> dict[str, Any]:
     prefix = out / backend
     result: dict[str, Any] = {"server_args": server_args(args, backend, served_name)}
     t0 = time.monotonic()
-    with srv.vllm_server(model, result["server_args"], out / f"{backend}_server.log", timeout=args.server_timeout,
-                         env={"VLLM_PLUGINS": "razor,razor_status"}) as server:  # fmt: skip
+    with srv.vllm_server(
+        model,
+        result["server_args"],
+        out / f"{backend}_server.log",
+        timeout=args.server_timeout,
+        env={"VLLM_PLUGINS": "razor,razor_status"},
+    ) as server:
         result["startup_s"] = round(time.monotonic() - t0, 1)
         say(f"{backend}: server up at {server.url} in {result['startup_s']} s; warming up")
         warm_up(server.url, served_name)
@@ -214,10 +260,12 @@ def run_backend(args: argparse.Namespace, backend: str, model: str, served_name:
                 "idle": idle,
                 "preemptions": _delta(before, after, "vllm:num_preemptions_total"),
                 "generation_tokens": _delta(before, after, "vllm:generation_tokens_total"),
-                "finished": {reason: _delta(before, after, f'vllm:request_success_total{{finished_reason="{reason}"}}')
-                             for reason in ("stop", "length", "error")},  # vLLM does not count aborts here
+                "finished": {
+                    reason: _delta(before, after, f'vllm:request_success_total{{finished_reason="{reason}"}}')
+                    for reason in ("stop", "length", "error")
+                },  # vLLM does not count aborts here
                 "razor_status": _status_digest(json.loads(status[1])) if status[0] == 200 else None,
-            }  # fmt: skip
+            }
         else:
             result["server"] = {**peaks, "error": "the server died during the run" + server.log_tail()}
     extra_path = Path(f"{prefix}_extra.json")
@@ -269,8 +317,10 @@ def problems(results: dict[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("locust") is None:
-        print(f"{PROG}: error: locust is not installed (pip install 'razor-vllm[load]' or pip install locust)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG}: error: locust is not installed (pip install 'razor-vllm[load]' or pip install locust)",
+            file=sys.stderr,
+        )
         return 2
     if not 0.0 <= args.stream_share <= 1.0:
         print(f"{PROG}: error: --stream-share must be in [0, 1]", file=sys.stderr)
@@ -331,8 +381,13 @@ def _meta(args: argparse.Namespace, model: str, served_name: str, near: str, far
         "dtype": args.dtype,
         "window": args.window,
         "sink": args.sink,
-        "workload": {"chat_max_tokens": args.chat_max_tokens, "near_tokens": near, "far_tokens": far,
-                     "stream_share": args.stream_share, "seed": args.seed},  # fmt: skip
+        "workload": {
+            "chat_max_tokens": args.chat_max_tokens,
+            "near_tokens": near,
+            "far_tokens": far,
+            "stream_share": args.stream_share,
+            "seed": args.seed,
+        },
         "machine": dict(runinfo.machine(), load_average_start=runinfo.loadavg()),
     }
 

@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from loadtest import server as srv
 from loadtest.run import parse_duration, say
-from loadtest.sse import STREAM_OPTIONS, StreamReader
 from loadtest.workload import CHAT_QUESTIONS, PASSKEY_MAX_TOKENS, passkey_prompt
-from razor_vllm.bench import runinfo
+from razor_vllm.common import runinfo
+from razor_vllm.serve import harness as srv
 
 PROG = "python -m loadtest.soak"
 STORY_OPENINGS = [
@@ -49,10 +48,9 @@ STORY_OPENINGS = [
 
 @dataclass(frozen=True)
 class Item:
-    """One catalogue prompt: the request body (without model/stream) and how often it is drawn."""
+    """One catalogue prompt: the request body (without model/stream), chat or completion, how often drawn."""
 
     name: str
-    path: str
     body: dict
     chat: bool
     weight: int
@@ -61,15 +59,15 @@ class Item:
 def catalogue(max_model_len: int) -> list[Item]:
     """Fixed prompts: greedy, so each has one right answer; lengths straddle and pass the window."""
     items = [
-        Item(f"chat {i}", "/v1/chat/completions",
-             {"messages": [{"role": "user", "content": q}], "max_tokens": 48, "temperature": 0}, True, 3)
+        Item(f"chat {i}", {"messages": [{"role": "user", "content": q}], "max_tokens": 48, "temperature": 0}, True, 3)
         for i, q in enumerate(CHAT_QUESTIONS[:6])
-    ]  # fmt: skip
+    ]
     items += [
-        Item(f"story {i}", "/v1/completions",
-             {"prompt": opening, "max_tokens": 64 + 32 * i, "temperature": 0, "ignore_eos": True}, False, 2)
+        Item(
+            f"story {i}", {"prompt": opening, "max_tokens": 64 + 32 * i, "temperature": 0, "ignore_eos": True}, False, 2
+        )
         for i, opening in enumerate(STORY_OPENINGS)
-    ]  # fmt: skip
+    ]
     keys = ["7481923", "3318842", "9051176", "2604417", "5536120", "8820391"]
     lengths = [150, 240, 400, 900, 1500, 2500]
     for key, tokens in zip(keys, lengths):
@@ -79,9 +77,14 @@ def catalogue(max_model_len: int) -> list[Item]:
         p = passkey_prompt(key, tokens, depth=0.3)
         # The 240-token prompt decodes 48 tokens: its window slides during decode.
         max_tokens, extra = (48, {"ignore_eos": True}) if tokens == 240 else (PASSKEY_MAX_TOKENS, {})
-        items.append(Item(f"passkey {kind} {tokens}", "/v1/completions",
-                          {"prompt": p.prompt, "max_tokens": max_tokens, "temperature": 0, **extra}, False,
-                          2 if kind == "near" else 1))  # fmt: skip
+        items.append(
+            Item(
+                f"passkey {kind} {tokens}",
+                {"prompt": p.prompt, "max_tokens": max_tokens, "temperature": 0, **extra},
+                False,
+                2 if kind == "near" else 1,
+            )
+        )
     return items
 
 
@@ -92,23 +95,32 @@ class Answer:
     completion_tokens: Optional[int]
 
 
-async def stream_once(client, url: str, model: str, item: Item, cancel_after_chunks: Optional[int] = None,
-                      cancel_after_s: Optional[float] = None) -> tuple[str, Answer]:  # fmt: skip
-    """Stream one request; return (outcome, what arrived). The outcome is completed, cancelled or error: ..."""
-    body = {"model": model, **item.body, **STREAM_OPTIONS}
-    reader = StreamReader(chat=item.chat)
+VLLM_EXTRAS = ("ignore_eos",)  # request fields vLLM adds to the OpenAI API: sent as the client's extra_body
+
+
+async def stream_once(
+    client, model: str, item: Item, cancel_after_chunks: Optional[int] = None, cancel_after_s: Optional[float] = None
+) -> tuple[str, Answer]:
+    """Stream one request through the openai client; return (outcome, what arrived).
+
+    The outcome is completed, cancelled or ``error: ...``. Leaving the stream's ``async with`` (after
+    ``cancel_after_chunks`` text chunks, or when ``cancel_after_s`` runs out) closes the connection
+    mid-stream, which is how a client hangs up. A stream that ends without a finish reason was cut short.
+    """
+    params = {k: v for k, v in item.body.items() if k not in VLLM_EXTRAS}
+    extra = {k: v for k, v in item.body.items() if k in VLLM_EXTRAS}
+    got = srv.Streamed()
 
     async def consume() -> str:
-        async with client.stream("POST", url + item.path, json=body) as resp:
-            if resp.status_code != 200:
-                return f"error: HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-            async for line in resp.aiter_lines():
-                if reader.feed(line) and cancel_after_chunks is not None and len(reader.pieces) >= cancel_after_chunks:
-                    return "cancelled"  # leaving the block closes the connection mid-stream
-                if reader.done:
-                    break
-            reader.finish()
-            return "completed"
+        create = client.chat.completions.create if item.chat else client.completions.create
+        stream = await create(
+            model=model, stream=True, stream_options={"include_usage": True}, extra_body=extra or None, **params
+        )
+        async with stream:
+            async for chunk in stream:
+                if got.add(chunk) and cancel_after_chunks is not None and len(got.pieces) >= cancel_after_chunks:
+                    return "cancelled"
+        return "completed" if got.finish_reason else "error: the stream ended without a finish reason"
 
     try:
         if cancel_after_s is not None:
@@ -120,25 +132,16 @@ async def stream_once(client, url: str, model: str, item: Item, cancel_after_chu
             outcome = await consume()
     except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
         outcome = f"error: {type(exc).__name__}: {exc}"
-    answer = Answer(reader.text, reader.finish_reason, (reader.usage or {}).get("completion_tokens"))
+    answer = Answer(got.text, got.finish_reason, (got.usage or {}).get("completion_tokens"))
     return outcome, answer
-
-
-def _client(max_connections: int, timeout: float):
-    import httpx
-
-    # trust_env off: loopback traffic never goes through an environment proxy.
-    return httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(timeout),
-                             limits=httpx.Limits(max_connections=max_connections,
-                                                 max_keepalive_connections=max_connections))  # fmt: skip
 
 
 async def one_by_one(url: str, model: str, items: list[Item]) -> dict[str, Answer]:
     """Each prompt alone (nothing else in flight): the expected answers."""
     answers = {}
-    async with _client(4, 600) as client:
+    async with srv.async_openai_client(url, timeout=600, max_connections=4) as client:
         for item in items:
-            outcome, answer = await stream_once(client, url, model, item)
+            outcome, answer = await stream_once(client, model, item)
             if outcome != "completed":
                 raise RuntimeError(f"reference request {item.name!r}: {outcome}")
             answers[item.name] = answer
@@ -160,8 +163,17 @@ class SoakStats:
         return dict(self.__dict__)
 
 
-async def soak(url: str, model: str, items: list[Item], expected: dict[str, Answer], streams: int, duration: float,
-               cancel_share: float, seed: int, drain_timeout: float) -> tuple[SoakStats, list[dict], list[str]]:
+async def soak(
+    url: str,
+    model: str,
+    items: list[Item],
+    expected: dict[str, Answer],
+    streams: int,
+    duration: float,
+    cancel_share: float,
+    seed: int,
+    drain_timeout: float,
+) -> tuple[SoakStats, list[dict], list[str]]:
     stats = SoakStats()
     mismatches: list[dict] = []
     errors: list[str] = []
@@ -181,7 +193,7 @@ async def soak(url: str, model: str, items: list[Item], expected: dict[str, Answ
             elif roll < cancel_share:
                 cancel_s = rng.uniform(0.05, 3.0)
             stats.started += 1
-            outcome, answer = await stream_once(client, url, model, item, cancel_chunks, cancel_s)
+            outcome, answer = await stream_once(client, model, item, cancel_chunks, cancel_s)
             if outcome == "cancelled":
                 stats.cancelled_full_tokens += want.completion_tokens or 0
                 if answer.text:
@@ -199,10 +211,17 @@ async def soak(url: str, model: str, items: list[Item], expected: dict[str, Answ
             if (answer.text, answer.finish_reason) == (want.text, want.finish_reason):
                 stats.correct += 1
             elif len(mismatches) < 20:
-                mismatches.append({"prompt": item.name, "expected": want.text, "got": answer.text,
-                                   "expected_finish": want.finish_reason, "got_finish": answer.finish_reason})
+                mismatches.append(
+                    {
+                        "prompt": item.name,
+                        "expected": want.text,
+                        "got": answer.text,
+                        "expected_finish": want.finish_reason,
+                        "got_finish": answer.finish_reason,
+                    }
+                )
 
-    async with _client(streams + 8, 900) as client:
+    async with srv.async_openai_client(url, timeout=900, max_connections=streams + 8) as client:
         tasks = [asyncio.create_task(worker(i, client)) for i in range(streams)]
         _, pending = await asyncio.wait(tasks, timeout=duration + drain_timeout)
         for task in pending:  # still running long after the deadline: count as errors, hang up
@@ -221,11 +240,16 @@ async def soak(url: str, model: str, items: list[Item], expected: dict[str, Answ
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", type=int, default=100, help="concurrent client streams (default: 100)")
     parser.add_argument("--duration", type=parse_duration, default="3m", help="soak time: 90s, 3m (default: 3m)")
-    parser.add_argument("--cancel-share", type=float, default=0.3,
-                        help="share of requests the client hangs up on (default: 0.3)")
+    parser.add_argument(
+        "--cancel-share", type=float, default=0.3, help="share of requests the client hangs up on (default: 0.3)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--drain-timeout", type=float, default=600,
-                        help="seconds after the deadline for running requests to finish (default: 600)")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=600,
+        help="seconds after the deadline for running requests to finish (default: 600)",
+    )
     parser.add_argument("--url", help="an already running server on 127.0.0.1 (default: start one)")
     parser.add_argument("--model", default="default", help="checkpoint dir ('default': SmolLM2-135M-Instruct)")
     parser.add_argument("--kv-mib", type=int, default=1024, help="KV cache size, MiB (default: 1024)")
@@ -238,16 +262,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def server_args(args: argparse.Namespace, served_name: str) -> list[str]:
-    extra = ["--additional-config", json.dumps({"razor": {"window": args.window}})] if args.window else []
-    return [
-        "--attention-backend", "razor", *extra,
-        "--dtype", "float32", "--enforce-eager", "--seed", "0",
-        "--max-model-len", str(args.max_model_len),
-        "--max-num-seqs", str(args.max_num_seqs),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-        "--kv-cache-memory-bytes", str(args.kv_mib << 20),
-        "--served-model-name", served_name,
-    ]  # fmt: skip
+    options = {
+        "--attention-backend": "razor",
+        "--additional-config": json.dumps({"razor": {"window": args.window}}) if args.window else None,
+        "--dtype": "float32",
+        "--seed": 0,
+        "--max-model-len": args.max_model_len,
+        "--max-num-seqs": args.max_num_seqs,
+        "--max-num-batched-tokens": args.max_num_batched_tokens,
+        "--kv-cache-memory-bytes": args.kv_mib << 20,
+        "--served-model-name": served_name,
+    }
+    return srv.cli_args(options, "--enforce-eager")
 
 
 def run_soak(args: argparse.Namespace, url: str, model: str, alive) -> dict[str, Any]:
@@ -256,16 +282,30 @@ def run_soak(args: argparse.Namespace, url: str, model: str, alive) -> dict[str,
     say(f"reference answers for {len(items)} prompts, one at a time")
     t0 = time.monotonic()
     expected = asyncio.run(one_by_one(url, model, items))
-    result: dict[str, Any] = {"cancel_share": args.cancel_share, "reference_s": round(time.monotonic() - t0, 1),
-                              "expected": {k: a.__dict__ for k, a in expected.items()}}  # fmt: skip
+    result: dict[str, Any] = {
+        "cancel_share": args.cancel_share,
+        "reference_s": round(time.monotonic() - t0, 1),
+        "expected": {k: a.__dict__ for k, a in expected.items()},
+    }
     before = srv.metrics(url)
     sampler = srv.MetricsSampler(url)
     sampler.start()
     say(f"soak: {args.streams} streams for {args.duration} s, {args.cancel_share:.0%} cancelled")
     t0 = time.monotonic()
     try:
-        stats, mismatches, errors = asyncio.run(soak(url, model, items, expected, args.streams, args.duration,
-                                                     args.cancel_share, args.seed, args.drain_timeout))
+        stats, mismatches, errors = asyncio.run(
+            soak(
+                url,
+                model,
+                items,
+                expected,
+                args.streams,
+                args.duration,
+                args.cancel_share,
+                args.seed,
+                args.drain_timeout,
+            )
+        )
     finally:
         peaks = sampler.stop()
     result["soak_s"] = round(time.monotonic() - t0, 1)
@@ -277,15 +317,19 @@ def run_soak(args: argparse.Namespace, url: str, model: str, alive) -> dict[str,
     result["idle"] = srv.wait_idle(url, timeout=120)
     after = srv.metrics(url)
     generated = after.get("vllm:generation_tokens_total", 0) - before.get("vllm:generation_tokens_total", 0)
-    result["server"].update({
-        # Tokens the engine generated for requests the client hung up on: far below their full
-        # answers when the disconnects abort them (vLLM does not count aborts in request_success).
-        "generated_for_cancelled": generated - stats.output_tokens,
-        "preemptions": after.get("vllm:num_preemptions_total", 0) - before.get("vllm:num_preemptions_total", 0),
-        "finished": {r: after.get(f'vllm:request_success_total{{finished_reason="{r}"}}', 0)
-                     - before.get(f'vllm:request_success_total{{finished_reason="{r}"}}', 0)
-                     for r in ("stop", "length", "error")},
-    })  # fmt: skip
+    result["server"].update(
+        {
+            # Tokens the engine generated for requests the client hung up on: far below their full
+            # answers when the disconnects abort them (vLLM does not count aborts in request_success).
+            "generated_for_cancelled": generated - stats.output_tokens,
+            "preemptions": after.get("vllm:num_preemptions_total", 0) - before.get("vllm:num_preemptions_total", 0),
+            "finished": {
+                r: after.get(f'vllm:request_success_total{{finished_reason="{r}"}}', 0)
+                - before.get(f'vllm:request_success_total{{finished_reason="{r}"}}', 0)
+                for r in ("stop", "length", "error")
+            },
+        }
+    )
     result["health"] = srv.healthy(url)
     again = asyncio.run(one_by_one(url, model, items))
     result["after_idle_same_answers"] = sum(again[k].__dict__ == expected[k].__dict__ for k in expected)
@@ -304,8 +348,10 @@ def checks(result: dict[str, Any]) -> list[tuple[str, bool]]:
     cancelled = stats.get("cancelled_mid_stream", 0) + stats.get("cancelled_before_first_token", 0)
     aborted = cancelled == 0 or server.get("generated_for_cancelled", float("inf")) < stats["cancelled_full_tokens"]
     return [
-        ("server alive after the soak and at the end",
-         bool(result.get("alive_after_soak") and result.get("alive_at_end"))),
+        (
+            "server alive after the soak and at the end",
+            bool(result.get("alive_after_soak") and result.get("alive_at_end")),
+        ),
         ("no request failed", stats.get("errors", 1) == 0),
         ("requests completed", stats.get("completed", 0) > 0),
         ("every completed request gave the expected text", stats.get("completed", -1) == stats.get("correct")),
@@ -313,13 +359,15 @@ def checks(result: dict[str, Any]) -> list[tuple[str, bool]]:
         ("cancelled requests were aborted (fewer tokens generated for them than their full answers)", aborted),
         ("idle: no running/waiting request, KV usage 0, razor pools empty", bool(idle) and srv.is_idle(idle)),
         ("/health answers 200", bool(result.get("health"))),
-        (f"after the soak every prompt alone still gives its reference answer ({n})",
-         result.get("after_idle_same_answers") == n and n > 0),
-    ]  # fmt: skip
+        (
+            f"after the soak every prompt alone still gives its reference answer ({n})",
+            result.get("after_idle_same_answers") == n and n > 0,
+        ),
+    ]
 
 
 def report_tables(args: argparse.Namespace, result: dict[str, Any]):
-    from razor_vllm.bench.report import Table
+    from razor_vllm.common.tables import Table
 
     stats, server = result.get("stats", {}), result.get("server", {})
     finished = server.get("finished", {})
@@ -327,20 +375,28 @@ def report_tables(args: argparse.Namespace, result: dict[str, Any]):
         ("streams x duration", f"{args.streams} x {args.duration} s (+ drain: soak took {result.get('soak_s')} s)"),
         ("requests started", stats.get("started")),
         ("completed / correct", f"{stats.get('completed')} / {stats.get('correct')}"),
-        ("cancelled mid-stream / before the first token",
-         f"{stats.get('cancelled_mid_stream')} / {stats.get('cancelled_before_first_token')}"),
+        (
+            "cancelled mid-stream / before the first token",
+            f"{stats.get('cancelled_mid_stream')} / {stats.get('cancelled_before_first_token')}",
+        ),
         ("errors", stats.get("errors")),
         ("output tokens of completed requests", stats.get("output_tokens")),
-        ("server: finished stop / length / error",
-         " / ".join(str(int(finished.get(r, 0))) for r in ("stop", "length", "error")) if finished else "-"),
-        ("tokens generated for cancelled requests / their full answers",
-         f"{server.get('generated_for_cancelled', '-')} / {stats.get('cancelled_full_tokens')}"),
-        ("server: peak running / waiting",
-         f"{server.get('peak_running', 0):.0f} / {server.get('peak_waiting', 0):.0f}"),
+        (
+            "server: finished stop / length / error",
+            " / ".join(str(int(finished.get(r, 0))) for r in ("stop", "length", "error")) if finished else "-",
+        ),
+        (
+            "tokens generated for cancelled requests / their full answers",
+            f"{server.get('generated_for_cancelled', '-')} / {stats.get('cancelled_full_tokens')}",
+        ),
+        (
+            "server: peak running / waiting",
+            f"{server.get('peak_running', 0):.0f} / {server.get('peak_waiting', 0):.0f}",
+        ),
         ("server: peak KV usage", f"{100 * server.get('peak_kv_usage', 0):.1f}%"),
         ("server: preemptions", server.get("preemptions")),
         ("idle after", json.dumps(result.get("idle"))),
-    ]  # fmt: skip
+    ]
     return [
         Table("Soak (razor)", ["", "value"], [[k, str(v)] for k, v in figures]),
         Table("Checks", ["check", "result"], [[name, "ok" if ok else "FAILED"] for name, ok in checks(result)]),
@@ -348,15 +404,18 @@ def report_tables(args: argparse.Namespace, result: dict[str, Any]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from razor_vllm.bench.report import render, write_json
+    from razor_vllm.common.tables import render, write_json
 
     if not 0.0 <= args.cancel_share < 1.0 or args.streams < 1:
         print(f"{PROG}: error: need --streams >= 1 and 0 <= --cancel-share < 1", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": shlex.join([*PROG.split(), *getattr(args, "argv", sys.argv[1:])]), "started": runinfo.now(),
-            "load_average_start": runinfo.loadavg()}
+    meta = {
+        "command": shlex.join([*PROG.split(), *getattr(args, "argv", sys.argv[1:])]),
+        "started": runinfo.now(),
+        "load_average_start": runinfo.loadavg(),
+    }
     if args.url:
         if not args.url.startswith(f"http://{srv.HOST}:"):
             print(f"{PROG}: error: --url must be http://{srv.HOST}:PORT (loopback only)", file=sys.stderr)
@@ -365,8 +424,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_soak(args, args.url, models[0]["id"], alive=lambda: srv.healthy(args.url))
     else:
         model, served_name = srv.resolve_model(args.model)
-        with srv.vllm_server(model, server_args(args, served_name), out / "server.log",
-                             env={"VLLM_PLUGINS": "razor,razor_status"}) as server:  # fmt: skip
+        with srv.vllm_server(
+            model, server_args(args, served_name), out / "server.log", env={"VLLM_PLUGINS": "razor,razor_status"}
+        ) as server:
             say(f"razor server up at {server.url}")
             result = run_soak(args, server.url, served_name, alive=server.alive)
     meta["finished"] = runinfo.now()

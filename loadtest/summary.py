@@ -2,7 +2,7 @@
 
 Input: the runner's results, one entry per backend holding the locustfile's extra report
 (``locust``) and what the runner read from the server (``server``). Output: tables in the format of
-``razor-vllm bench`` (rich, plain or Markdown, :mod:`razor_vllm.bench.report`), ``summary.json``
+``razor-vllm bench`` (rich, plain or Markdown, :mod:`razor_vllm.common.tables`), ``summary.json``
 and ``summary.md``. Ratios are razor / stock from the same run.
 """
 
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from razor_vllm.bench.report import Table, number, render, to_markdown
+from razor_vllm.common.tables import Table, number, render, to_markdown
 
 ENTRY_ORDER = ["chat", "chat stream", "passkey near", "passkey near stream", "passkey far", "passkey far stream"]
 
@@ -81,11 +81,15 @@ def tables(results: dict[str, Any]) -> list[Table]:
             right, checked = _checks(backends[n].get("locust") or {}, word)
             cells.append(f"{right}/{checked}" if checked else "-")
         rows.append([label, *cells] + ([""] if pair else []))
-    title = (f"Load test: {meta['users']} users, spawn {meta['spawn_rate']}/s, {meta['run_time']} per backend "
-             f"(locust, 127.0.0.1)")  # fmt: skip
-    note = (f"model {meta['model_name']}, max_model_len {meta['max_model_len']}, "
-            f"KV {meta['kv_bytes'] / 2**20:.0f} MiB, "
-            f"{meta['dtype']}; latency = whole request (streams: to [DONE]); failures include wrong passkey answers")
+    title = (
+        f"Load test: {meta['users']} users, spawn {meta['spawn_rate']}/s, {meta['run_time']} per backend "
+        f"(locust, 127.0.0.1)"
+    )
+    note = (
+        f"model {meta['model_name']}, max_model_len {meta['max_model_len']}, "
+        f"KV {meta['kv_bytes'] / 2**20:.0f} MiB, "
+        f"{meta['dtype']}; latency = whole request (streams: to [DONE]); failures include wrong passkey answers"
+    )
     out = [Table(title, columns, rows, note=note)]
 
     entry_rows = []
@@ -102,9 +106,22 @@ def tables(results: dict[str, Any]) -> list[Table]:
             cells["tok"].append(number(e["output_tokens"] / responses, 1) if responses else "-")
             cells["fail"].append(number(e.get("failures")))
         entry_rows.append([entry] + ["/".join(cells[k]) for k in cells])
-    out.append(Table(f"Per request type ({' / '.join(names)})",
-                     ["request", "completed", "p50 ms", "p95 ms", "TTFT p50 ms", "prompt tokens (mean)",
-                      "output tokens (mean)", "failures"], entry_rows))  # fmt: skip
+    out.append(
+        Table(
+            f"Per request type ({' / '.join(names)})",
+            [
+                "request",
+                "completed",
+                "p50 ms",
+                "p95 ms",
+                "TTFT p50 ms",
+                "prompt tokens (mean)",
+                "output tokens (mean)",
+                "failures",
+            ],
+            entry_rows,
+        )
+    )
     return out
 
 

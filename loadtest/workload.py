@@ -66,12 +66,7 @@ def passkey_prompt(key: str, tokens: int, depth: float) -> Passkey:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     repeats = max(2, round((tokens - NEEDLE_TOKENS) / FILLER_TOKENS))
     before = round(repeats * depth)
-    prompt = (
-        FILLER * before
-        + f"The pass key is {key}. Remember it. "
-        + FILLER * (repeats - before)
-        + "The pass key is"
-    )
+    prompt = FILLER * before + f"The pass key is {key}. Remember it. " + FILLER * (repeats - before) + "The pass key is"
     return Passkey(prompt=prompt, key=key, approx_tokens=repeats * FILLER_TOKENS + NEEDLE_TOKENS, depth=depth)
 
 

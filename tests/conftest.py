@@ -1,17 +1,145 @@
-"""Shared fixtures: the prepared default model and markers for slow tests."""
+"""Shared fixtures (the prepared default model, the shared razor server) and the ``engine`` marker's check.
 
-import sys
-from pathlib import Path
+Every test that starts a vLLM engine (``LLM(...)``, ``vllm serve``, a command that runs either) carries
+``@pytest.mark.engine``, so that ``make test-fast`` (``-m "not engine"``) starts none. The check: while a
+test without the marker sets up and runs, a thread watches this process's descendants, and the test fails
+if one of them is a vLLM engine or server process (vLLM titles them ``VLLM::EngineCore``, ``VLLM::Worker``,
+``VLLM::APIServer``; ``vllm serve`` before it renames itself). A test that asks for the ``razor_server``
+fixture without the marker is refused at collection. Not seen: an engine run inside the test process itself
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which no test here does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
 
 import pytest
 
-# loadtest/ (whose server helpers the server tests share) is a folder at the repository root, not installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from razor_vllm.model import prepare_default_model
+from razor_vllm.serve import harness
+
+import serving
 
 
 @pytest.fixture(scope="session")
 def default_model_dir():
     """SmolLM2-135M-Instruct as a safetensors checkpoint (converted once, then cached)."""
     return prepare_default_model(progress=False)
+
+
+# -- the shared razor server ----------------------------------------------------------------------------
+
+SERVER_FIXTURE = "razor_server"
+_shared = {"stack": None, "users": 0}
+
+
+@pytest.fixture(scope="session")
+def razor_server(default_model_dir, tmp_path_factory):
+    """One ``vllm serve`` with razor (settings: tests/serving.py) for every serving test of the session.
+
+    Stopped after the last test that uses it (not at the end of the session: later engine tests get the
+    memory and cores back), and each of those tests fails if the server died during it.
+    """
+    stack = contextlib.ExitStack()
+    _shared["stack"] = stack
+    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    server = stack.enter_context(
+        harness.vllm_server(default_model_dir, serving.SERVER_ARGS, log_path=log_path, env=serving.SERVER_ENV)
+    )
+    yield server
+    stack.close()
+
+
+@pytest.fixture(autouse=True)
+def _razor_server_survives(request):
+    yield
+    if SERVER_FIXTURE in request.fixturenames:
+        server = request.getfixturevalue(SERVER_FIXTURE)
+        assert server.alive(), "the shared server died during this test" + server.log_tail()
+
+
+# -- the engine marker ------------------------------------------------------------------------------------
+
+ENGINE_TITLES = ("VLLM::",)
+_WATCH = pytest.StashKey["EngineWatch"]()
+
+
+class EngineWatch(threading.Thread):
+    """Polls this process's descendants; remembers the first that is a vLLM engine or server."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.seen: str | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while self.seen is None and not self._done.wait(self.interval):
+            with contextlib.suppress(psutil.Error):
+                for child in me.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        cmdline = " ".join(child.cmdline()).strip()
+                        if cmdline.startswith(ENGINE_TITLES) or ("vllm" in cmdline and " serve " in cmdline):
+                            self.seen = f"pid {child.pid}: {cmdline[:200]}"
+                            break
+
+    def stop(self) -> str | None:
+        self._done.set()
+        self.join(timeout=5)
+        return self.seen
+
+
+@pytest.fixture
+def unwatched_engine_titles(request):
+    """Only for the test of this check, which starts processes titled as engines (not engines) on purpose."""
+    watch = request.node.stash.get(_WATCH, None)
+    if watch is not None:
+        watch.stop()
+        watch.seen = None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURE in getattr(item, "fixturenames", ()) and item.get_closest_marker("engine") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses the {SERVER_FIXTURE} fixture without @pytest.mark.engine")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    _shared["users"] = sum(SERVER_FIXTURE in getattr(item, "fixturenames", ()) for item in session.items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("engine") is None:
+        watch = EngineWatch()
+        item.stash[_WATCH] = watch
+        watch.start()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    result = yield
+    watch = item.stash.get(_WATCH, None)
+    if watch is not None and (seen := watch.stop()):
+        pytest.fail(f"this test started a vLLM engine or server ({seen}) but has no @pytest.mark.engine marker")
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    try:
+        return (yield)
+    finally:
+        watch = item.stash.get(_WATCH, None)
+        if watch is not None:
+            watch.stop()
+        if SERVER_FIXTURE in getattr(item, "fixturenames", ()):
+            _shared["users"] -= 1
+            if _shared["users"] <= 0 and _shared["stack"] is not None:
+                _shared["stack"].close()  # the last test that needs the shared server is done

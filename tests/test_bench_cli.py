@@ -9,7 +9,7 @@ import os
 import pytest
 
 from razor_vllm.bench import analytic, report
-from razor_vllm.bench.runinfo import int_list
+from razor_vllm.common.runinfo import int_list
 from razor_vllm.cli import main
 from razor_vllm.config import resolve_profile
 

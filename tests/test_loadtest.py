@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import run, server, soak, summary
-from loadtest.sse import StreamError, StreamReader
+from loadtest import run, soak, summary
 from loadtest.workload import answer_digits, default_ranges, parse_token_range, passkey_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,66 +61,38 @@ def test_bad_inputs_get_clear_errors():
     for bad in ("", "2x", "0s"):
         with pytest.raises(Exception, match="duration"):
             run.parse_duration(bad)
-    result = subprocess.run([sys.executable, "-m", "loadtest", "--backends", "razor,vllm"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--backends", "razor,vllm"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "subset of razor,stock" in result.stderr
-
-
-def test_stream_reader_assembles_text_and_refuses_broken_streams():
-    reader = StreamReader(chat=True)
-    lines = [
-        b'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}', b"",
-        b'data: {"choices": [{"delta": {"content": "Par"}}]}',
-        b'data: {"choices": [{"delta": {"content": "is"}, "finish_reason": "stop"}]}',
-        b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}', b"data: [DONE]",
-    ]  # fmt: skip
-    added = [reader.feed(line) for line in lines]
-    reader.finish()
-    assert added == ["", None, "Par", "is", "", None]
-    assert (reader.text, reader.finish_reason, reader.usage["completion_tokens"]) == ("Paris", "stop", 2)
-
-    cut = StreamReader(chat=False)
-    cut.feed(b'data: {"choices": [{"text": " 12"}]}')
-    with pytest.raises(StreamError, match="without \\[DONE\\]"):
-        cut.finish()
-    with pytest.raises(StreamError, match="error event"):
-        StreamReader(chat=False).feed(b'data: {"error": {"message": "engine dead", "code": 500}}')
-
-
-def test_idle_means_every_block_back_in_the_free_pool():
-    text = "\n".join([
-        "# TYPE vllm:num_requests_running gauge",
-        'vllm:num_requests_running{engine="0",model_name="m"} 0.0',
-        "# TYPE vllm:num_requests_waiting gauge",
-        'vllm:num_requests_waiting{engine="0",model_name="m"} 0.0',
-        "# TYPE vllm:kv_cache_usage_perc gauge",
-        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.0',
-        "# TYPE razor_blocks_in_use gauge",
-        'razor_blocks_in_use{pool="retrieval"} 0.0',
-        'razor_blocks_in_use{pool="local"} 1.0',
-        "# TYPE vllm:request_success counter",
-        'vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 3.0',
-        'vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 2.0',
-    ]) + "\n"  # fmt: skip
-    m = server.parse_metrics(text)
-    assert m["vllm:request_success_total"] == 5.0 and m['vllm:request_success_total{finished_reason="stop"}'] == 3.0
-    r = server.reading(m)
-    assert r["razor_blocks_in_use"] == {"retrieval": 0.0, "local": 1.0}
-    assert not server.is_idle(r)  # vLLM's usage gauge says 0, but a local-pool block is still held
-    assert server.is_idle(server.reading(server.parse_metrics(text.replace("} 1.0", "} 0.0"))))
-    assert not server.is_idle(server.reading({}))  # no KV gauge at all is not "empty"
 
 
 def test_soak_catalogue_fits_the_context_and_checks_fail_on_a_wrong_answer():
     assert {i.name for i in soak.catalogue(4096)} >= {"passkey far 2500", "chat 0", "story 2"}
     small = soak.catalogue(1024)
     assert all(int(i.name.split()[-1]) + 100 <= 1024 for i in small if i.name.startswith("passkey"))
-    good = {"cancel_share": 0.3, "expected": {"a": {}}, "alive_after_soak": True, "alive_at_end": True,
-            "health": True, "after_idle_same_answers": 1,
-            "stats": {"errors": 0, "completed": 5, "correct": 5, "cancelled_mid_stream": 2,
-                      "cancelled_before_first_token": 1, "cancelled_full_tokens": 90},
-            "server": {"generated_for_cancelled": 40},
-            "idle": {"running": 0.0, "waiting": 0.0, "kv_cache_usage": 0.0}}  # fmt: skip
+    good = {
+        "cancel_share": 0.3,
+        "expected": {"a": {}},
+        "alive_after_soak": True,
+        "alive_at_end": True,
+        "health": True,
+        "after_idle_same_answers": 1,
+        "stats": {
+            "errors": 0,
+            "completed": 5,
+            "correct": 5,
+            "cancelled_mid_stream": 2,
+            "cancelled_before_first_token": 1,
+            "cancelled_full_tokens": 90,
+        },
+        "server": {"generated_for_cancelled": 40},
+        "idle": {"running": 0.0, "waiting": 0.0, "kv_cache_usage": 0.0},
+    }
     assert all(ok for _, ok in soak.checks(good))
     wrong = {**good, "stats": {**good["stats"], "correct": 4}}
     leaked = {**good, "idle": {**good["idle"], "razor_blocks_in_use": {"local": 2.0}}}
@@ -172,16 +143,36 @@ def _cmdline(p) -> list:
         return []
 
 
-
 @pytest.fixture(scope="module")
 def loadtest_run(tmp_path_factory, default_model_dir):
     out = tmp_path_factory.mktemp("loadtest")
     cmd = [
-        sys.executable, "-m", "loadtest", "--users", "2", "--spawn-rate", "2", "--run-time", "15s",
-        "--chat-max-tokens", str(CHAT_MAX_TOKENS), "--max-model-len", "2048", "--kv-mib", "256",
-        "--near-tokens", "100-230", "--far-tokens", "600-1200", "--stream-share", "0.5", "--format", "plain",
-        "--out", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "loadtest",
+        "--users",
+        "2",
+        "--spawn-rate",
+        "2",
+        "--run-time",
+        "15s",
+        "--chat-max-tokens",
+        str(CHAT_MAX_TOKENS),
+        "--max-model-len",
+        "2048",
+        "--kv-mib",
+        "256",
+        "--near-tokens",
+        "100-230",
+        "--far-tokens",
+        "600-1200",
+        "--stream-share",
+        "0.5",
+        "--format",
+        "plain",
+        "--out",
+        str(out),
+    ]
     runner = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = runner.communicate(timeout=900)  # about 2 minutes on a quiet 2-core machine
@@ -247,8 +238,12 @@ def test_loadtest_command_runs_razor_and_stock(loadtest_run):
     # servers answered (user i's n-th request is the same prompt in both runs) gets the same answer.
     def near_answers(backend):
         entries = results["backends"][backend]["locust"]["entries"]
-        return {(a["user"], a["n"]): a for name, e in entries.items() if name.startswith("passkey near")
-                for a in e["checks"]["answers"]}  # fmt: skip
+        return {
+            (a["user"], a["n"]): a
+            for name, e in entries.items()
+            if name.startswith("passkey near")
+            for a in e["checks"]["answers"]
+        }
 
     razor, stock = near_answers("razor"), near_answers("stock")
     common = razor.keys() & stock.keys()

@@ -1,12 +1,13 @@
 """`vllm serve DEFAULT_MODEL --attention-backend razor`: the OpenAI-compatible server end to end.
 
-One real server per module (started once, ~30 s), fp32 so greedy answers are deterministic (the
-first token of "What is the capital of France?" is a near tie in bf16, see README). Checks:
+One real server, shared with tests/test_server_status.py (the ``razor_server`` fixture of conftest.py,
+settings in tests/serving.py: fp32, so greedy answers are deterministic, window 128). Checks:
 correct answers through the openai client and raw HTTP, streaming and not; bad requests get a 4xx
 with a message and the engine keeps serving; a client that drops mid-stream is aborted and frees
-its KV; a bounded concurrent mini-soak with cancellations; the KV usage gauge returns to 0.
+its KV; a bounded concurrent mini-soak with cancellations; the KV usage gauge and razor's blocks in
+use per pool return to 0.
 
-Traffic goes to 127.0.0.1 only (no proxies: urllib without ProxyHandler, httpx with trust_env off).
+Traffic goes to 127.0.0.1 only, never through an environment proxy (razor_vllm/serve/harness.py).
 """
 
 from __future__ import annotations
@@ -16,132 +17,56 @@ import json
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
-from typing import Any, Optional
 
 import pytest
 
-from loadtest.server import vllm_server
+from razor_vllm.serve import harness
+
+from serving import MAX_MODEL_LEN, MODEL
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 
-MODEL = "smollm2-135m-instruct"
-MAX_MODEL_LEN = 2048
 FRANCE_Q = "What is the capital of France?"
 FRANCE_PROMPT = "The capital of France is"
 TIMEOUT = 120
 
-SERVER_ARGS = [
-    "--attention-backend", "razor",
-    "--dtype", "float32",
-    "--max-model-len", str(MAX_MODEL_LEN),
-    "--max-num-batched-tokens", "512",
-    "--max-num-seqs", "32",
-    "--kv-cache-memory-bytes", str(256 << 20),
-    "--served-model-name", MODEL,
-    "--seed", "0",
-    "--enforce-eager",  # no torch.compile: starts in ~30 s instead of ~80 s here
-]  # fmt: skip
 
-# No proxy handler: never route loopback traffic through an environment proxy.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+@pytest.fixture(scope="module")
+def server(razor_server):
+    return razor_server
 
 
 @pytest.fixture(scope="module")
-def server(default_model_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    with vllm_server(default_model_dir, SERVER_ARGS, log_path=log_path, timeout=600) as srv:
-        yield srv
-        assert srv.process.poll() is None, "the server died during the tests" + srv.log_text()[-4000:]
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    import httpx
-    import openai
-
-    http_client = httpx.Client(trust_env=False, timeout=TIMEOUT)
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="EMPTY", http_client=http_client, max_retries=0) as c:
+def client(razor_server):
+    with razor_server.client(TIMEOUT) as c:
         yield c
 
 
-# -- raw HTTP helpers -------------------------------------------------------------------------------
+def post_json(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
+    return harness.post_json(url, body, raw=raw, timeout=TIMEOUT)
 
 
-def post_json(url: str, body: Any, raw: Optional[bytes] = None) -> tuple[int, dict]:
-    """POST a JSON body (or raw bytes); return (status, parsed JSON body), for errors too."""
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with _OPENER.open(req, timeout=TIMEOUT) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        payload = err.read()
-        try:
-            return err.code, json.loads(payload)
-        except ValueError:
-            return err.code, {"raw": payload.decode(errors="replace")}
-
-
-def get_text(url: str) -> str:
-    with _OPENER.open(url, timeout=30) as resp:
-        return resp.read().decode()
-
-
-def stream_sse(port: int, path: str, body: dict) -> tuple[list[dict], list[float], bool]:
-    """POST a streaming request with http.client; return (events, arrival times, saw [DONE])."""
+def stream_sse(port: int, path: str, body: dict, chat: bool) -> harness.StreamReader:
+    """POST a streaming request with http.client and read the raw server-sent events as they arrive."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
     try:
         conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 200, resp.read()
         assert resp.getheader("Content-Type", "").startswith("text/event-stream")
-        events, times, done = [], [], False
-        while True:
-            line = resp.readline()
-            if not line:
-                break
-            line = line.strip()
-            if not line.startswith(b"data: "):
-                continue
-            data = line[len(b"data: "):]
-            if data == b"[DONE]":
-                done = True
-                break
-            events.append(json.loads(data))
-            times.append(time.monotonic())
-        return events, times, done
+        reader = harness.StreamReader(chat=chat)
+        while not reader.done and (line := resp.readline()):
+            reader.feed(line)
+        return reader
     finally:
         conn.close()
 
 
-def metric(url: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus sample over the label sets that match `labels` (0 if absent)."""
-    total, found = 0.0, False
-    for line in get_text(url + "/metrics").splitlines():
-        if line.startswith("#") or not (line.startswith(name + "{") or line.startswith(name + " ")):
-            continue
-        if any(f'{key}="{value}"' not in line for key, value in labels.items()):
-            continue
-        total += float(line.rsplit(" ", 1)[1])
-        found = True
-    assert found or labels, f"metric {name} not exported"
-    return total
-
-
-def wait_idle(url: str, timeout: float = 20.0) -> dict:
-    """Poll /metrics until no request runs or waits and the KV usage gauge is 0; return the last values."""
-    deadline = time.monotonic() + timeout
-    while True:
-        values = {
-            "running": metric(url, "vllm:num_requests_running"),
-            "waiting": metric(url, "vllm:num_requests_waiting"),
-            "kv_usage": metric(url, "vllm:kv_cache_usage_perc"),
-        }
-        if values == {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0} or time.monotonic() > deadline:
-            return values
-        time.sleep(0.25)
+def metric(url: str, name: str) -> float:
+    """A Prometheus sample summed over its label sets (it must be exported)."""
+    values = harness.metrics(url)
+    assert name in values, f"metric {name} not exported"
+    return values[name]
 
 
 def completion_body(prompt: str = FRANCE_PROMPT, **extra) -> dict:
@@ -149,8 +74,13 @@ def completion_body(prompt: str = FRANCE_PROMPT, **extra) -> dict:
 
 
 def chat_body(question: str = FRANCE_Q, **extra) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 32,
-            "temperature": 0, **extra}  # fmt: skip
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 32,
+        "temperature": 0,
+        **extra,
+    }
 
 
 def assert_serving(server) -> None:
@@ -167,8 +97,8 @@ def test_server_runs_razor(server):
     """The served engine really uses razor (its start-up line), and the model is listed."""
     log = server.log_text()
     assert "RAZOR:" in log, log[-4000:]
-    models = json.loads(get_text(server.url + "/v1/models"))
-    assert [m["id"] for m in models["data"]] == [MODEL]
+    status, models = server.get("/v1/models")
+    assert status == 200 and [m["id"] for m in json.loads(models)["data"]] == [MODEL]
 
 
 # -- 1. correct answers: openai client and raw HTTP, streaming and not --------------------------------
@@ -180,12 +110,17 @@ def test_completion_openai_client(client):
     assert out.choices[0].finish_reason in ("stop", "length")
     assert out.usage.completion_tokens > 0
 
-    chunks = list(client.completions.create(model=MODEL, prompt=FRANCE_PROMPT, max_tokens=8, temperature=0,
-                                            stream=True))  # fmt: skip
+    chunks = list(
+        client.completions.create(model=MODEL, prompt=FRANCE_PROMPT, max_tokens=8, temperature=0, stream=True)
+    )
     texts = [c.choices[0].text for c in chunks if c.choices]
     assert sum(1 for t in texts if t) >= 2, "expected the text in several chunks"
     assert "".join(texts) == out.choices[0].text
     assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
+
+    streamed = harness.stream(client, MODEL, prompt=FRANCE_PROMPT, max_tokens=8, temperature=0)
+    assert (streamed.text, streamed.finish_reason) == (out.choices[0].text, out.choices[0].finish_reason)
+    assert streamed.usage["completion_tokens"] == out.usage.completion_tokens  # asked for: include_usage
 
 
 def test_chat_openai_client(client):
@@ -195,12 +130,16 @@ def test_chat_openai_client(client):
     assert "Paris" in answer, answer
     assert out.choices[0].finish_reason in ("stop", "length")
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0,
-                                                 stream=True))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0, stream=True)
+    )
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert sum(1 for d in deltas if d) >= 2, "expected the answer in several chunks"
     assert "".join(deltas) == answer
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == out.choices[0].finish_reason
+
+    streamed = harness.stream(client, MODEL, messages=messages, max_tokens=32, temperature=0)
+    assert (streamed.text, streamed.finish_reason) == (answer, out.choices[0].finish_reason)
 
 
 def test_completion_raw_http(server):
@@ -210,8 +149,9 @@ def test_completion_raw_http(server):
     assert text.startswith(" Paris"), body
     assert body["usage"]["completion_tokens"] == 16 or body["choices"][0]["finish_reason"] == "stop"
 
-    events, times, done = stream_sse(server.port, "/v1/completions", completion_body(max_tokens=16, stream=True))
-    assert done, "stream did not end with [DONE]"
+    reader = stream_sse(server.port, "/v1/completions", completion_body(max_tokens=16, stream=True), chat=False)
+    reader.finish()  # the stream ended with [DONE]
+    events, times = reader.events, reader.times
     pieces = [e["choices"][0]["text"] for e in events if e["choices"]]
     assert "".join(pieces) == text
     content_times = [t for e, t in zip(events, times) if e["choices"] and e["choices"][0]["text"]]
@@ -227,8 +167,9 @@ def test_chat_raw_http(server):
     answer = body["choices"][0]["message"]["content"]
     assert "Paris" in answer, body
 
-    events, times, done = stream_sse(server.port, "/v1/chat/completions", chat_body(stream=True))
-    assert done
+    reader = stream_sse(server.port, "/v1/chat/completions", chat_body(stream=True), chat=True)
+    reader.finish()  # the stream ended with [DONE]
+    events, times = reader.events, reader.times
     assert events[0]["choices"][0]["delta"].get("role") == "assistant"
     deltas = [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
     assert "".join(deltas) == answer
@@ -246,8 +187,12 @@ BAD_REQUESTS = {
     # name: (path, JSON body or raw bytes, expected status, substring of the error message)
     "prompt_too_long": ("/v1/completions", completion_body(LONG_PROMPT), 400, "maximum context length is 2048"),
     "chat_too_long": ("/v1/chat/completions", chat_body(LONG_PROMPT), 400, "maximum context length is 2048"),
-    "prompt_too_long_stream": ("/v1/completions", completion_body(LONG_PROMPT, stream=True), 400,
-                               "maximum context length"),
+    "prompt_too_long_stream": (
+        "/v1/completions",
+        completion_body(LONG_PROMPT, stream=True),
+        400,
+        "maximum context length",
+    ),
     "max_tokens_over_len": ("/v1/completions", completion_body(max_tokens=5000), 400, "max_tokens"),
     "truncated_json": ("/v1/completions", b'{"model": "x", "prompt": ', 400, "JSON decode error"),
     "not_json": ("/v1/chat/completions", b"this is not json", 400, "JSON decode error"),
@@ -262,7 +207,7 @@ BAD_REQUESTS = {
     "huge_top_logprobs": ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=100000), 400, "logprobs"),
     "unknown_model": ("/v1/completions", {**completion_body(), "model": "no-such-model"}, 404, "does not exist"),
     "unknown_model_chat": ("/v1/chat/completions", {**chat_body(), "model": "no-such-model"}, 404, "does not exist"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
@@ -298,8 +243,10 @@ def test_bad_requests_through_openai_client(client, server):
 def _open_stream_and_drop(port: int, path: str, body: dict, chunks: int = 2) -> int:
     """Send a streaming request over a bare socket, read `chunks` SSE events, then close the socket."""
     payload = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\nAccept: text/event-stream\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nAccept: text/event-stream\r\n\r\n"
+    ).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     try:
         sock.sendall(head + payload)
@@ -317,19 +264,21 @@ def _open_stream_and_drop(port: int, path: str, body: dict, chunks: int = 2) -> 
 
 def test_client_disconnect_mid_stream_aborts_request(server):
     url = server.url
-    assert wait_idle(url)["running"] == 0
+    assert harness.wait_idle(url, timeout=20)["running"] == 0
     generated_before = metric(url, "vllm:generation_tokens_total")
     max_tokens = 1400  # with ignore_eos this would run for a long time if the abort were lost
 
-    # One completion, one chat; the prompt is long enough that razor's window (256) drops tokens.
+    # One completion, one chat; the prompt is long enough that razor's window (128) drops tokens.
     prompt = "Once upon a time, " * 100  # 501 tokens
-    _open_stream_and_drop(server.port, "/v1/completions",
-                          completion_body(prompt, max_tokens=max_tokens, ignore_eos=True, stream=True))  # fmt: skip
-    _open_stream_and_drop(server.port, "/v1/chat/completions",
-                          chat_body(max_tokens=max_tokens, ignore_eos=True, stream=True), chunks=3)  # fmt: skip
+    _open_stream_and_drop(
+        server.port, "/v1/completions", completion_body(prompt, max_tokens=max_tokens, ignore_eos=True, stream=True)
+    )
+    _open_stream_and_drop(
+        server.port, "/v1/chat/completions", chat_body(max_tokens=max_tokens, ignore_eos=True, stream=True), chunks=3
+    )
 
-    idle = wait_idle(url, timeout=30)
-    assert idle == {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0}, idle
+    idle = harness.wait_idle(url, timeout=30)
+    assert harness.is_idle(idle) and idle["razor_blocks_in_use"] == {"retrieval": 0.0, "local": 0.0}, idle
     generated = metric(url, "vllm:generation_tokens_total") - generated_before
     # vLLM 0.32 does not count client aborts in vllm:request_success_total{finished_reason="abort"}
     # (that counter stays 0), so the abort shows as far fewer generated tokens than requested.
@@ -337,7 +286,7 @@ def test_client_disconnect_mid_stream_aborts_request(server):
     assert generated < max_tokens, f"{generated} tokens generated: the dropped requests ran on"
     assert server.process.poll() is None
     assert_serving(server)
-    assert wait_idle(url)["kv_usage"] == 0.0
+    assert harness.is_idle(harness.wait_idle(url, timeout=20))
 
 
 # -- 4. bounded mini-soak ----------------------------------------------------------------------------
@@ -356,21 +305,29 @@ def _soak_one(client, i: int, results: dict, start: threading.Barrier) -> None:
         start.wait(timeout=60)
         if cancel:
             prompt = f"Story number {i}. " + "Once upon a time, " * (5 * i)  # 20 to 580 tokens
-            stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=SOAK_CANCELLED_TOKENS,
-                                               temperature=0.8, extra_body={"ignore_eos": True}, stream=True)
+            stream = client.completions.create(
+                model=MODEL,
+                prompt=prompt,
+                max_tokens=SOAK_CANCELLED_TOKENS,
+                temperature=0.8,
+                extra_body={"ignore_eos": True},
+                stream=True,
+            )
             first = next(iter(stream))
             stream.close()  # closes the HTTP connection mid-stream
             results[i] = ("cancelled", first.choices[0].text if first.choices else "", None)
         elif i % 2 == 0:
-            stream = client.completions.create(model=MODEL, prompt=FRANCE_PROMPT, max_tokens=8 + i, temperature=0,
-                                               stream=True)  # fmt: skip
+            stream = client.completions.create(
+                model=MODEL, prompt=FRANCE_PROMPT, max_tokens=8 + i, temperature=0, stream=True
+            )
             chunks = list(stream)
             text = "".join(c.choices[0].text for c in chunks if c.choices)
             finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
             results[i] = ("completion", text, finish)
         else:
-            stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": FRANCE_Q}],
-                                                    max_tokens=32, temperature=0, stream=True)  # fmt: skip
+            stream = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": FRANCE_Q}], max_tokens=32, temperature=0, stream=True
+            )
             chunks = list(stream)
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -381,23 +338,23 @@ def _soak_one(client, i: int, results: dict, start: threading.Barrier) -> None:
 
 def test_mini_soak_concurrent_streams_with_cancellations(server, client):
     url = server.url
-    assert wait_idle(url)["kv_usage"] == 0.0
+    assert harness.wait_idle(url, timeout=20)["kv_cache_usage"] == 0.0
     generated_before = metric(url, "vllm:generation_tokens_total")
     results: dict[int, tuple] = {}
     start = threading.Barrier(SOAK_REQUESTS)
-    threads = [threading.Thread(target=_soak_one, args=(client, i, results, start), daemon=True)
-               for i in range(SOAK_REQUESTS)]  # fmt: skip
+    threads = [
+        threading.Thread(target=_soak_one, args=(client, i, results, start), daemon=True) for i in range(SOAK_REQUESTS)
+    ]
 
-    peak_usage, peak_running = 0.0, 0.0
+    sampler = harness.MetricsSampler(url, interval=0.2)
+    sampler.start()
     t0 = time.monotonic()
     for t in threads:
         t.start()
-    while any(t.is_alive() for t in threads) and time.monotonic() - t0 < 150:
-        peak_usage = max(peak_usage, metric(url, "vllm:kv_cache_usage_perc"))
-        peak_running = max(peak_running, metric(url, "vllm:num_requests_running"))
-        time.sleep(0.2)
     for t in threads:
-        t.join(timeout=5)
+        t.join(timeout=max(0.0, t0 + 150 - time.monotonic()))
+    peaks = sampler.stop()
+    peak_usage, peak_running = peaks["peak_kv_usage"], peaks["peak_running"]
     assert not any(t.is_alive() for t in threads), "soak requests still running after 150 s"
 
     errors = {i: r for i, r in results.items() if r[0] == "error"}
@@ -416,13 +373,15 @@ def test_mini_soak_concurrent_streams_with_cancellations(server, client):
 
     # The gauge moved while requests ran (it tracks razor's pools) and several ran at once.
     assert peak_usage > 0.0 and peak_running > 1, (peak_usage, peak_running)
-    idle = wait_idle(url, timeout=30)
-    assert idle == {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0}, idle
+    idle = harness.wait_idle(url, timeout=30)
+    assert harness.is_idle(idle) and idle["razor_blocks_in_use"] == {"retrieval": 0.0, "local": 0.0}, idle
     # Cancelled streams stop generating: without the aborts they would add 1000 tokens each.
     generated = metric(url, "vllm:generation_tokens_total") - generated_before
     completed_max = sum(8 + i if i % 2 == 0 else 32 for i in range(SOAK_REQUESTS) if i % 3 != 2)
-    print(f"soak: peak kv usage {peak_usage:.3f}, peak running {peak_running:.0f}, {generated:.0f} tokens "
-          f"generated (completed requests at most {completed_max}), {time.monotonic() - t0:.1f} s")
+    print(
+        f"soak: peak kv usage {peak_usage:.3f}, peak running {peak_running:.0f}, {generated:.0f} tokens "
+        f"generated (completed requests at most {completed_max}), {time.monotonic() - t0:.1f} s"
+    )
     assert generated < completed_max + SOAK_CANCELLED_TOKENS * (SOAK_REQUESTS // 3) // 4, generated
     assert server.process.poll() is None
     assert_serving(server)

@@ -1,6 +1,7 @@
 """`GET /razor/status` and razor's Prometheus gauges on a real `vllm serve` (one server, ~30 s).
 
-The server runs with ``VLLM_PLUGINS=razor,razor_status`` (endpoint plugins load only when
+The server (shared with tests/test_server.py: the ``razor_server`` fixture, settings in
+tests/serving.py) runs with ``VLLM_PLUGINS=razor,razor_status`` (endpoint plugins load only when
 allowlisted, and the allowlist then filters the general plugins too) and a window override, and
 the status is checked against the bundled profile, against the worker's "RAZOR: ..." start-up log
 line (the same layout computed in another process), and against /metrics. Blocks in use per pool,
@@ -15,41 +16,17 @@ import json
 import math
 import re
 import time
-import urllib.error
 import urllib.request
 from argparse import Namespace
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
-from loadtest.server import vllm_server
+from razor_vllm.serve import harness
+
+from serving import MAX_MODEL_LEN, MODEL, WINDOW
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
-
-MODEL = "smollm2-135m-instruct"
-MAX_MODEL_LEN = 2048
-WINDOW = 128  # overrides the profile's 256
-
-SERVER_ARGS = [
-    "--attention-backend", "razor",
-    "--dtype", "float32",
-    "--max-model-len", str(MAX_MODEL_LEN),
-    "--max-num-batched-tokens", "512",
-    "--max-num-seqs", "8",
-    "--kv-cache-memory-bytes", str(128 << 20),
-    "--served-model-name", MODEL,
-    "--seed", "0",
-    "--enforce-eager",
-    "--additional-config", json.dumps({"razor": {"window": WINDOW}}),
-]  # fmt: skip
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def get(url: str) -> tuple[int, str, str]:
-    with _OPENER.open(url, timeout=30) as resp:
-        return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
 
 
 def profile() -> dict:
@@ -58,28 +35,16 @@ def profile() -> dict:
     return resolve_profile(MODEL).model_dump()
 
 
-def samples(metrics_text: str, name: str) -> dict[str, float]:
-    """{label part ('' when none): value} of every sample of `name`."""
-    out = {}
-    for line in metrics_text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
-        if m:
-            out[m.group(1) or ""] = float(m.group(2))
-    return out
-
-
 @pytest.fixture(scope="module")
-def server(default_model_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    env = {"VLLM_PLUGINS": "razor,razor_status"}
-    with vllm_server(default_model_dir, SERVER_ARGS, log_path=log_path, timeout=600, env=env) as srv:
-        yield srv
-        assert srv.process.poll() is None, "the server died during the tests" + srv.log_text()[-4000:]
+def server(razor_server):
+    return razor_server
 
 
 @pytest.fixture(scope="module")
 def status(server) -> dict:
-    code, ctype, body = get(server.url + "/razor/status")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+    with opener.open(server.url + "/razor/status", timeout=30) as resp:
+        code, ctype, body = resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
     assert code == 200 and ctype.startswith("application/json"), (code, ctype, body)
     return json.loads(body)
 
@@ -112,9 +77,10 @@ def test_bytes_per_token_and_ratio(status, server):
     assert (retrieval["heads"], local["heads"]) == (14, 76)
     assert 14 <= retrieval["pool_heads"] and 76 <= local["pool_heads"]  # plus padding heads, if any
     assert bpt["retrieval"] == retrieval["pool_heads"] * head_token
-    assert bpt["local"] == local["pool_heads"] * (local["block_size"] + local["tail_slots"]) * head_token // local[
-        "block_size"
-    ]
+    assert (
+        bpt["local"]
+        == local["pool_heads"] * (local["block_size"] + local["tail_slots"]) * head_token // local["block_size"]
+    )
     assert retrieval["page_bytes"] == local["page_bytes"]  # one block pool, equal pages
 
     # The worker (another process) logged the same pools.
@@ -139,24 +105,28 @@ def test_bytes_per_token_and_ratio(status, server):
     assert 3 < status["compression_ratio"] < 90 / 14
 
 
+def unlabelled(m: dict[str, float], name: str) -> float:
+    """The value of a metric exported once, without labels."""
+    assert name in m and not any(key.startswith(name + "{") for key in m), sorted(k for k in m if name in k)
+    return m[name]
+
+
 def test_metrics_agree_with_status(server, status):
-    _, _, text = get(server.url + "/metrics")
-    per_token = samples(text, "razor_kv_bytes_per_token")
-    assert per_token == {f'{{pool="{p}"}}': float(v) for p, v in status["kv_bytes_per_token"].items()}, per_token
-    assert samples(text, "razor_compression_ratio") == {"": pytest.approx(status["compression_ratio"])}
-    assert samples(text, "razor_retrieval_heads") == {"": 14.0}
-    info = samples(text, "razor_profile_info")
-    assert list(info.values()) == [1.0], info
+    m = server.metrics()
+    per_token = harness.labelled(m, "razor_kv_bytes_per_token")
+    assert per_token == {p: float(v) for p, v in status["kv_bytes_per_token"].items()}, per_token
+    assert unlabelled(m, "razor_compression_ratio") == pytest.approx(status["compression_ratio"])
+    assert unlabelled(m, "razor_retrieval_heads") == 14.0
+    info = {key: value for key, value in m.items() if key.startswith("razor_profile_info{")}
+    assert list(info.values()) == [1.0] and m["razor_profile_info"] == 1.0, info
     labels = next(iter(info))
     assert f'source="{status["profile"]["source"]}"' in labels and f'model="{MODEL}"' in labels, labels
-    assert "vllm:num_requests_running" in text  # the same registry as vLLM's own metrics
+    assert "vllm:num_requests_running" in m  # the same registry as vLLM's own metrics
 
 
 def test_status_route_is_read_only(server):
-    req = urllib.request.Request(server.url + "/razor/status", data=b"{}", method="POST")
-    with pytest.raises(urllib.error.HTTPError) as err:
-        _OPENER.open(req, timeout=30)
-    assert err.value.code == 405
+    code, _ = harness.post_json(server.url + "/razor/status", {})
+    assert code == 405
 
 
 def test_not_razor_answers_false():
@@ -168,7 +138,10 @@ def test_not_razor_answers_false():
 
     plugin = make_plugin()
     assert isinstance(plugin, RazorStatusPlugin) and plugin.name == "razor_status"
-    for engine_client in (None, SimpleNamespace(vllm_config=SimpleNamespace(attention_config=SimpleNamespace(backend=None)))):
+    for engine_client in (
+        None,
+        SimpleNamespace(vllm_config=SimpleNamespace(attention_config=SimpleNamespace(backend=None))),
+    ):
         app = FastAPI()
         plugin.attach_router(app)
         asyncio.run(plugin.init_state(engine_client, app.state, Namespace()))
@@ -180,20 +153,10 @@ def test_not_razor_answers_false():
 # -- blocks in use per pool (read from the engine core) ---------------------------------------------
 
 
-def post_json(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with _OPENER.open(req, timeout=300) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, {"raw": err.read().decode(errors="replace")}
-
-
 def usage_now(server) -> tuple[dict, dict[str, float]]:
     """(/razor/status usage section, razor_blocks_in_use samples by pool from /metrics)."""
-    _, _, body = get(server.url + "/razor/status")
-    _, _, text = get(server.url + "/metrics")
-    gauges = {k.split('"')[1]: v for k, v in samples(text, "razor_blocks_in_use").items()}
+    _, body = server.get("/razor/status", timeout=30)
+    gauges = harness.labelled(server.metrics(), "razor_blocks_in_use")
     return json.loads(body)["usage"], gauges
 
 
@@ -204,22 +167,17 @@ def assert_idle(server, usage: dict, gauges: dict) -> None:
 
 def test_blocks_in_use_per_pool_during_a_long_request_and_when_idle(server, status):
     """Retrieval blocks grow with the sequence, local blocks stay at sink + window; 0 again when idle."""
-    import http.client
-
     assert_idle(server, *usage_now(server))
     prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 130)  # 1300 tokens, 3 chunks of 512
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True}
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
-    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    events = 0
-    while events < 4:  # decoding now (the prompt is in the cache); 60 tokens to go
-        line = resp.readline()
-        assert line, "the stream ended early"
-        events += line.startswith(b"data: {")
-    usage, gauges = usage_now(server)
-    conn.close()  # drops the request; vLLM aborts it
+    with server.client(300) as client:
+        stream = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=64, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        with stream:
+            for _ in zip(range(4), stream):
+                pass  # decoding now (the prompt is in the cache); 60 tokens to go
+            usage, gauges = usage_now(server)
+    # leaving the stream closed the connection: vLLM aborts the request
 
     retrieval, local = status["pools"]["retrieval"], status["pools"]["local"]
     blocks = usage["blocks_in_use"]
@@ -254,18 +212,25 @@ def test_blocks_in_use_per_pool_during_a_long_request_and_when_idle(server, stat
 
 def test_seeded_request_with_a_chunked_prompt_is_answered_and_the_server_keeps_serving(server):
     filler = " ".join(["The quick brown fox jumps over the lazy dog."] * 100)  # > --max-num-batched-tokens
-    body = {"model": MODEL, "prompt": filler + "\nThe capital of France is", "max_tokens": 8, "temperature": 0.3,
-            "seed": 11}  # fmt: skip
-    code, first = post_json(server.url + "/v1/completions", body)
+    body = {
+        "model": MODEL,
+        "prompt": filler + "\nThe capital of France is",
+        "max_tokens": 8,
+        "temperature": 0.3,
+        "seed": 11,
+    }
+    code, first = harness.post_json(server.url + "/v1/completions", body, timeout=300)
     assert code == 200, first
     assert first["usage"]["prompt_tokens"] > 512, first["usage"]
     text = first["choices"][0]["text"]
     assert "Paris" in text, text
-    code, again = post_json(server.url + "/v1/completions", body)
+    code, again = harness.post_json(server.url + "/v1/completions", body, timeout=300)
     assert code == 200 and again["choices"][0]["text"] == text  # the seed decides (chunking does not:
     # tests/test_reliability.py)
 
-    code, plain = post_json(server.url + "/v1/completions", {"model": MODEL, "prompt": "The capital of France is",
-                                                             "max_tokens": 4, "temperature": 0})  # fmt: skip
+    code, plain = harness.post_json(
+        server.url + "/v1/completions",
+        {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0},
+    )
     assert code == 200 and plain["choices"][0]["text"].startswith(" Paris"), plain
     assert server.process.poll() is None

@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from razor_vllm.bench import analytic, report, runinfo, synthetic
+from razor_vllm.bench import analytic, report, synthetic
+from razor_vllm.common import runinfo
 from razor_vllm.config import ProfileError
 
 PROG = "razor-vllm bench"

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from razor_vllm.bench import runinfo
+from razor_vllm.common import runinfo
 from razor_vllm.config import ProfileError
 
 PROG = "razor-vllm eval"
@@ -166,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     meta.update(finished=runinfo.now(), load_average_end=runinfo.loadavg())
     results = dict(meta=meta, **results)
 
-    from razor_vllm.bench.report import render, write_json
+    from razor_vllm.common.tables import render, write_json
 
     render(report.tables(results), args.format)
     print(f"wrote {write_json(results, out)}", file=sys.stderr)

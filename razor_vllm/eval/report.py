@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from razor_vllm.bench.report import Table
+from razor_vllm.common.tables import Table
 from razor_vllm.eval.metrics import mean_by, prefix_credit
 
 

@@ -115,7 +115,7 @@ def subcommand_argv(args: argparse.Namespace, name: str) -> list[str]:
     if argv is None:
         argv = sys.argv[1:]
         if name in argv:
-            argv = argv[argv.index(name) + 1:]
+            argv = argv[argv.index(name) + 1 :]
     return list(argv)
 
 
@@ -127,8 +127,9 @@ def command_main(
     argv: Optional[Sequence[str]] = None,
 ) -> int:
     """Run one command on its own (``python -m ...``): parse ``argv`` and record it for the results."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
