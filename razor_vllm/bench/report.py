@@ -1,10 +1,11 @@
-"""The tables and the optional plot of ``razor-vllm bench`` (rendering and the JSON file: :mod:`razor_vllm.common.tables`)."""
+"""The tables and the optional plot of ``razor-vllm bench``.
+
+Rendering (rich, plain text, Markdown) and the JSON file: :mod:`razor_vllm.common.tables`, re-exported here.
+"""
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
