@@ -61,6 +61,7 @@ setup(
         "gpu": [f"vllm=={VLLM_VERSION}"],
         "test": [
             "pytest>=8",
+            "ruff==0.17.6",  # tests/test_lint.py: lint and format (pyproject.toml); pinned, formats differ by version
             "openai",
             "requests",
             # tests/test_deploy.py: Dockerfile lint, Kubernetes/Compose schemas, build-context rules
