@@ -75,7 +75,7 @@ setup(
             "locust>=2.20",  # tests/test_loadtest.py runs the load-test command
         ],
         "bench": ["rich", "matplotlib"],
-        "load": ["locust>=2.20", "httpx", "rich"],  # loadtest/: python -m loadtest, python -m loadtest.soak
+        "load": ["locust>=2.20", "httpx", "openai", "rich"],  # loadtest/: python -m loadtest, python -m loadtest.soak
     },
     entry_points={
         "vllm.general_plugins": ["razor = razor_vllm.plugin:register"],

@@ -6,7 +6,7 @@ tables behind them, the settings used); ``selection.to_profile(...)`` turns it i
 the selectors and the paper's probe selector (:class:`EchoInductionSelector`); the ALiBi and import
 selectors live in ``alibi.py`` and ``importers.py``.
 
-Selection rule (paper, section 1 of research/algorithm.md): over all (layer, KV head) pairs of the model,
+Selection rule (the RazorAttention paper, arXiv 2407.15891): over all (layer, KV head) pairs of the model,
 the top ``induction_ratio`` by induction score united with the top ``echo_ratio`` by echo score. A ratio
 ``r`` of ``N`` heads means ``k = floor(r * N + 0.5)`` heads (round half up), at least 1 when ``r > 0``;
 ties go to the lower layer, then the lower head id. Scores are stored rounded to 6 significant digits and
