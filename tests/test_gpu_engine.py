@@ -15,7 +15,12 @@ import torch
 from engine_runs import engine_kwargs, run_engine
 from test_engine_razor import GENERAL_PROMPTS, PASSKEY_PROMPTS, PASSKEYS
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.engine,
+    pytest.mark.gpu,
+    pytest.mark.default_model,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 RAZOR = {"window": 128}
 PROMPTS = GENERAL_PROMPTS + PASSKEY_PROMPTS
