@@ -165,7 +165,7 @@ def server_args(args: argparse.Namespace, backend: str, served_name: str) -> lis
         "--served-model-name": served_name,
         "--seed": 0,
     }
-    # --enforce-eager: no torch.compile, the server starts in about half the time (README, CPU notes).
+    # --enforce-eager: no torch.compile, minutes off each start on a CPU (README, notes on the CPU build).
     return srv.cli_args(options, "--no-enable-prefix-caching", "--enforce-eager")
 
 

@@ -4,7 +4,7 @@ Its settings are the expectations those tests assert against, so they live here,
 fp32 so greedy answers are deterministic (the first token of "What is the capital of France?" is a
 near tie in bf16, see README); the status plugin is allowlisted (``VLLM_PLUGINS``: endpoint plugins load
 only when listed, and the list then filters the general plugins too); a window override that the
-status route must show; ``--enforce-eager``: no torch.compile, the server starts in about half the time.
+status route must show; ``--enforce-eager``: no torch.compile (minutes off the start on a CPU: README).
 """
 
 from __future__ import annotations
