@@ -15,7 +15,6 @@ import asyncio
 import json
 import math
 import re
-import time
 import urllib.request
 from argparse import Namespace
 from types import SimpleNamespace
@@ -201,10 +200,8 @@ def test_blocks_in_use_per_pool_during_a_long_request_and_when_idle(server, stat
     assert 0 <= gauges["retrieval"] - blocks["retrieval"] <= 1, (gauges, blocks)
     assert abs(gauges["local"] - blocks["local"]) <= 1, (gauges, blocks)
 
-    deadline = time.monotonic() + 30
-    while (now := usage_now(server))[0]["requests"] and time.monotonic() < deadline:
-        time.sleep(0.25)  # the abort reaches the engine core
-    assert_idle(server, *now)
+    harness.wait_idle(server.url, timeout=30)  # until the abort reached the engine core and freed both pools
+    assert_idle(server, *usage_now(server))
 
 
 # -- seeded sampling with a prompt prefilled in chunks (vLLM 0.32's CPU runner would die) -----------
