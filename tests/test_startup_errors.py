@@ -114,7 +114,7 @@ def test_vllm_serve_stops_before_any_engine_starts(unservable_models):
     """The CLI exits with the message; no engine process is started for a model razor cannot serve."""
     import subprocess
 
-    from loadtest.server import free_port, serve_command
+    from razor_vllm.serve.harness import free_port, serve_command
 
     args = ["--attention-backend", "razor", "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20)]
     cmd = serve_command(str(unservable_models["deepseek_v2"]), args, free_port())
