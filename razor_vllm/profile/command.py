@@ -61,6 +61,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     probe.add_argument(
         "--block-size", type=int, default=512, metavar="Q", help="queries per scoring block (default: 512)"
     )
+    probe.add_argument(
+        "--key-block-size",
+        type=int,
+        default=1024,
+        metavar="K",
+        help="keys per scoring tile (streaming softmax; peak scorer memory heads x Q x K x 8 bytes; default: 1024; "
+        "0: exact full rows, memory growing with the probe length)",
+    )
+
+    run = parser.add_argument_group("where the model runs")
+    run.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N or auto (default: auto = cuda when a GPU is visible, else cpu)",
+    )
+    run.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations (default: auto = bfloat16 on a GPU, float32 on the CPU); "
+        "scores are always computed in float32",
+    )
+    run.add_argument(
+        "--device-map",
+        choices=["auto"],
+        help="auto: spread the layers over every visible GPU with accelerate (for models larger than one GPU)",
+    )
 
     sel = parser.add_argument_group("selection")
     sel.add_argument(
@@ -154,6 +181,8 @@ def _build(args: argparse.Namespace, command: str) -> tuple[RazorProfile, dict]:
         return profile, {}
     if model_dir is None:
         raise ProfileError("--model DIR is required (unless --from-scores)")
+    if args.key_block_size < 0:
+        raise ProfileError(f"--key-block-size must be >= 0 (0: exact rows), got {args.key_block_size}")
     if args.threshold is not None and args.ratio is not None:
         raise ProfileError("give --threshold or --ratio, not both")
     if args.import_duo or args.import_retrieval_head:
@@ -176,6 +205,11 @@ def _build(args: argparse.Namespace, command: str) -> tuple[RazorProfile, dict]:
             alibi_eps=args.alibi_eps,
             context_length=args.context_length,
             progress=not args.quiet,
+            device=args.device,
+            dtype=args.dtype,
+            device_map=args.device_map,
+            key_block_size=args.key_block_size or None,
+            show_estimate=not args.quiet,
         )
     selection = selector.select(model_dir)
     profile = selection.to_profile(sink=args.sink, window=args.window, command=command)
