@@ -55,7 +55,11 @@ def unsupported_reasons(vllm_config: Any) -> list[str]:
             "it uses multi-head latent attention (MLA, DeepSeek-V2/V3 style): its cache holds one compressed "
             "latent per token, not per-head K/V, so there are no KV heads to split into retrieval and local heads"
         )
-    if model_config.uses_alibi:
+    from razor_vllm.config import position_encoding_of
+
+    # vLLM's own test misses configs that say ALiBi only through their family's convention
+    # (Baichuan-13B: no max_position_embeddings); ours reads those too (config.position_encoding_of).
+    if model_config.uses_alibi or position_encoding_of(text_config) == "alibi":
         reasons.append("it adds ALiBi position biases, which the razor kernels do not apply")
     window = model_config.get_sliding_window()
     if window is not None and not backend.supports_sliding_window():
