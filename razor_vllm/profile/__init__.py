@@ -19,7 +19,7 @@ from typing import Optional
 from razor_vllm.config import RazorProfile
 
 from .alibi import AlibiRangeSelector, alibi_head_ranges
-from .importers import DuoAttentionImport, RetrievalHeadImport
+from .importers import DuoAttentionImport, KVzipImport, RetrievalHeadImport
 from .probe import Probe, default_tokens, default_vocab_range, make_probe
 from .scoring import ATTN_IMPLEMENTATION, QueryHeadScores, kv_head_scores, score_probe
 from .selectors import (
@@ -43,6 +43,7 @@ __all__ = [
     "EchoInductionSelector",
     "HeadSelection",
     "HeadSelector",
+    "KVzipImport",
     "Probe",
     "QueryHeadScores",
     "RetrievalHeadImport",
