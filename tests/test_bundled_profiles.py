@@ -246,3 +246,24 @@ def test_bundled_profiles_rebuild_byte_for_byte(tmp_path):
         assert rebuilt.model_dump(exclude={"provenance": {"tool_version"}}) == shipped.model_dump(
             exclude={"provenance": {"tool_version"}}
         )
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_vllm_config_of_the_real_model_resolves_to_its_bundled_profile(name, tmp_path, default_model_dir):
+    """vLLM's own config path (EngineArgs -> VllmConfig, as `vllm serve MODEL --attention-backend razor`
+    builds it; no engine process): razor finds nothing to refuse and picks the bundled profile."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from razor_vllm.bench import synthetic
+    from razor_vllm.model_support import unsupported_reasons
+    from razor_vllm.options import resolve_for_vllm_config
+
+    model_dir = synthetic.make_checkpoint(name, tmp_path, default_model_dir)
+    vllm_config = EngineArgs(
+        model=str(model_dir), load_format="dummy", attention_backend="razor", max_model_len=4096, dtype="bfloat16",
+        kv_cache_memory_bytes=1 << 30, enforce_eager=True,
+    ).create_engine_config()  # fmt: skip
+    assert unsupported_reasons(vllm_config) == []
+    resolved = resolve_for_vllm_config(vllm_config)
+    assert resolved.profile == resolve_profile(name)
+    assert resolved.retrieval_heads == resolve_profile(name).retrieval_heads
