@@ -498,3 +498,16 @@ def test_cli_prints_estimate_and_progress(tiny_llama, capsys):
     err = capsys.readouterr().err
     assert "estimate for a 145-token probe on cpu, float32" in err and "peak memory" in err
     assert "probing layers" in err
+
+
+def test_device_map_auto_loads_through_accelerate_and_scores_the_same(tiny_llama):
+    # without a GPU accelerate places every layer on the CPU; the path (hooks, input on the
+    # embedding's device, per-layer sums) is the one multi-GPU runs take
+    probe = make_probe(tokens=40, repeats=3, vocab_range=(200, 230), seed=1, prefix_id=BOS_ID)
+    plain = scoring.score_probe(scoring.load_model(tiny_llama, dtype="float32"), probe.input_ids, probe.scored_mask())
+    mapped_model = scoring.load_model(tiny_llama, dtype="float32", device_map="auto")
+    assert {p.device.type for p in mapped_model.parameters()} == {"cpu"}
+    mapped = scoring.score_probe(mapped_model, probe.input_ids, probe.scored_mask())
+    torch.testing.assert_close(mapped.induction, plain.induction, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="--device-map must be 'auto'"):
+        scoring.load_model(tiny_llama, device_map="balanced")
