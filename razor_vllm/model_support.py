@@ -67,6 +67,11 @@ def unsupported_reasons(vllm_config: Any) -> list[str]:
             f"it has a sliding attention window of its own ({window} tokens; --disable-sliding-window serves it "
             "with full attention, max_model_len capped at the window)"
         )
+    if getattr(text_config, "dual_chunk_attention_config", None):
+        reasons.append(
+            "it uses dual chunk attention (dual_chunk_attention_config, e.g. Qwen2.5-*-Instruct-1M): its chunked "
+            "RoPE and attention are not what the razor kernels compute"
+        )
     if getattr(text_config, "attn_logit_softcapping", None):
         reasons.append("it soft-caps attention logits, which the razor kernels do not do")
     if getattr(text_config, "num_kv_shared_layers", 0):

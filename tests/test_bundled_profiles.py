@@ -299,3 +299,35 @@ def test_engine_runs_the_real_layer_shapes_with_dummy_weights(name, tmp_path, de
     run = run_engine(kwargs, prompts, max_tokens=4)
     assert [len(t) for t in run.token_ids] == [4, 4]
     assert all(0 <= t < served.vocab_size for tokens in run.token_ids for t in tokens)
+
+
+def test_qwen_1m_models_with_dual_chunk_attention_are_refused_by_name(tmp_path, default_model_dir):
+    """KVzip's Qwen2.5 head files are for the -Instruct-1M models (not bundled): their dual chunk
+    attention is refused with a reason before any engine process, not served wrongly."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    # Qwen/Qwen2.5-7B-Instruct-1M's config.json values (public fixtures quoting it), layers cut to 2
+    config = dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584, intermediate_size=18944,
+        num_attention_heads=28, num_hidden_layers=2, num_key_value_heads=4, max_position_embeddings=1010000,
+        rope_theta=10000000.0, rms_norm_eps=1e-05, sliding_window=32768, use_sliding_window=False,
+        tie_word_embeddings=False, torch_dtype="bfloat16", vocab_size=152064,
+        dual_chunk_attention_config={"chunk_size": 262144, "local_size": 8192,
+                                     "original_max_position_embeddings": 262144},
+    )  # fmt: skip
+    target = tmp_path / "qwen"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps(config))
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(default_model_dir / file, target / file)
+    args = dict(model=str(target), load_format="dummy", attention_backend="razor", max_model_len=4096,
+                dtype="bfloat16", kv_cache_memory_bytes=1 << 30, enforce_eager=True)  # fmt: skip
+    # refused while vLLM builds its config (vllm_compat's hook), naming the model and the reason
+    with pytest.raises(ValueError, match=r"RAZOR attention cannot serve .*qwen \(Qwen2ForCausalLM\): it uses dual chunk"):
+        EngineArgs(**args).create_engine_config()
+    config.pop("dual_chunk_attention_config")
+    (target / "config.json").write_text(json.dumps(config))
+    # the same model without DCA: servable; it stops only for want of a profile (none is bundled for it)
+    with pytest.raises(ValueError, match="no head profile") as info:
+        EngineArgs(**args).create_engine_config()
+    assert "dual chunk" not in str(info.value)
