@@ -46,7 +46,7 @@ setup(
     # Head profiles live in the top-level configs/ folder and ship as package data; the GPU kernels
     # live in triton_kernels/ (never importable as a top-level `triton_kernels`, which vLLM probes for).
     package_dir={"razor_vllm.configs": "configs", "razor_vllm.triton_kernels": "triton_kernels"},
-    package_data={"razor_vllm.configs": ["*.yaml"]},
+    package_data={"razor_vllm.configs": ["*.yaml", "models/*.json", "THIRD_PARTY.md"]},
     install_requires=[
         "pydantic>=2.5",
         "pyyaml>=6",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,7 +28,14 @@ class _Strict(BaseModel):
 
 
 class ModelFingerprint(_Strict):
-    """What must agree between a profile and the model it is applied to."""
+    """What must agree between a profile and the model it is applied to.
+
+    The shape fields (architecture .. position_encoding) must agree for a profile to be usable at
+    all. ``context_length`` and ``rope_scaling`` tell apart checkpoints of one shape (Llama-3-8B-
+    Instruct and Llama-3.1-8B-Instruct differ only there: 8192 tokens and plain RoPE vs 131072 and
+    ``llama3`` scaling x8); they take part in choosing a bundled profile automatically, not in
+    checking a profile the user names. ``None`` (profiles written before they existed) matches any.
+    """
 
     architecture: str
     model_type: str
@@ -38,6 +45,15 @@ class ModelFingerprint(_Strict):
     head_size: int = Field(gt=0)
     vocab_size: int = Field(gt=0)
     position_encoding: Literal["rope", "alibi", "other"]
+    # Identity of the checkpoint among models of one shape (optional; None matches any model).
+    context_length: Optional[int] = Field(default=None, gt=0)
+    rope_scaling: Optional[str] = None
+
+    #: Fields a profile must share with the model it is applied to (the rest identify a checkpoint).
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "architecture", "model_type", "num_layers", "num_attention_heads", "num_kv_heads", "head_size",
+        "vocab_size", "position_encoding",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _gqa_divides(self) -> "ModelFingerprint":
@@ -68,26 +84,85 @@ class ModelFingerprint(_Strict):
             head_size=head_size,
             vocab_size=cfg.vocab_size,
             position_encoding=position_encoding_of(cfg),
+            context_length=_context_length_of(cfg),
+            rope_scaling=rope_scaling_of(cfg),
         )
 
-    def mismatches(self, served: "ModelFingerprint") -> list[str]:
-        """Human-readable differences ``profile value != served value``; empty when they agree."""
+    def mismatches(self, served: "ModelFingerprint", identity: bool = False) -> list[str]:
+        """Human-readable differences ``profile value != served value``; empty when they agree.
+
+        ``identity=False``: the shape fields only (is the profile usable for this model at all);
+        ``identity=True``: also the checkpoint's context length and RoPE scaling where the profile
+        names them (is this the profile *of* this model).
+        """
+        names = type(self).model_fields if identity else self.SHAPE_FIELDS
         out = []
-        for name in type(self).model_fields:
+        for name in names:
             mine, theirs = getattr(self, name), getattr(served, name)
+            if name not in self.SHAPE_FIELDS and mine is None:
+                continue
             if mine != theirs:
                 out.append(f"{name}: profile has {mine!r}, model has {theirs!r}")
         return out
 
+    @property
+    def identity_fields(self) -> int:
+        """How many of the optional identity fields this fingerprint names (more = more specific)."""
+        return sum(getattr(self, name) is not None for name in type(self).model_fields if name not in self.SHAPE_FIELDS)
+
 
 def position_encoding_of(cfg: Any) -> str:
-    if getattr(cfg, "alibi", False) or getattr(cfg, "model_type", "") in ("bloom", "mpt", "baichuan"):
+    """``alibi``, ``rope`` or ``other``, from what the config itself says about positions.
+
+    ALiBi markers: Falcon's ``alibi`` flag, ``position_encoding_type: alibi``, MPT's
+    ``attn_config.alibi``, BLOOM (ALiBi is its only encoding). RoPE markers: ``rope_theta``,
+    ``rope_scaling``, ``rope_parameters``. Baichuan's remote code names neither: its 7B models
+    (Baichuan-7B, Baichuan2-7B) use RoPE and their configs declare the rotary table's
+    ``max_position_embeddings``; the 13B models use ALiBi and declare only ``model_max_length``.
+    So a Baichuan config is RoPE when it declares ``max_position_embeddings`` and ALiBi otherwise
+    (the family name alone said ALiBi for both, which refused Baichuan2-7B, one of the paper's models).
+    """
+    model_type = getattr(cfg, "model_type", "")
+    attn_config = getattr(cfg, "attn_config", None)
+    mpt_alibi = attn_config.get("alibi", False) if isinstance(attn_config, dict) else getattr(attn_config, "alibi", False)
+    declared = str(getattr(cfg, "position_encoding_type", None) or getattr(cfg, "position_embedding_type", None) or "")
+    if getattr(cfg, "alibi", False) or declared.lower() == "alibi" or mpt_alibi or model_type == "bloom":
         return "alibi"
-    if getattr(cfg, "rope_theta", None) is not None or getattr(cfg, "rope_scaling", None) is not None:
+    if declared.lower() in ("rope", "rotary"):
         return "rope"
-    if getattr(cfg, "rope_parameters", None) is not None:
+    if any(getattr(cfg, name, None) is not None for name in ("rope_theta", "rope_scaling", "rope_parameters")):
         return "rope"
+    if model_type == "baichuan":
+        return "rope" if getattr(cfg, "max_position_embeddings", None) is not None else "alibi"
     return "other"
+
+
+def _context_length_of(cfg: Any) -> Optional[int]:
+    value = getattr(cfg, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def rope_scaling_of(cfg: Any) -> Optional[str]:
+    """The RoPE variant as one short string: ``default``, or ``<type> x<factor>`` (``llama3 x8``,
+    ``linear x8``, ``yarn x4``); None for models without RoPE or a layout this does not read
+    (per-layer-type ``rope_parameters``).
+
+    Reads transformers 5's ``rope_parameters`` and the config.json form (``rope_scaling``) alike.
+    """
+    params = getattr(cfg, "rope_parameters", None)
+    if params is None:
+        params = getattr(cfg, "rope_scaling", None)
+        if params is None:
+            return "default" if getattr(cfg, "rope_theta", None) is not None else None
+    if not isinstance(params, dict):
+        return None
+    kind = params.get("rope_type") or params.get("type")
+    if kind is None:
+        return None if any(isinstance(v, dict) for v in params.values()) else "default"
+    if kind == "default":
+        return "default"
+    factor = params.get("factor")
+    return f"{kind} x{float(factor):g}" if isinstance(factor, (int, float)) else str(kind)
 
 
 def _first_attr(cfg: Any, *names: str, default: Any = ...) -> Any:
@@ -103,7 +178,7 @@ def _first_attr(cfg: Any, *names: str, default: Any = ...) -> Any:
 class Provenance(_Strict):
     """How a profile was produced, enough to reproduce it."""
 
-    method: Literal["echo_induction", "alibi_range", "duo_attention", "retrieval_head", "manual"]
+    method: Literal["echo_induction", "alibi_range", "duo_attention", "retrieval_head", "kvzip", "manual"]
     command: str
     tool_version: str
     created: str
@@ -119,6 +194,10 @@ class Provenance(_Strict):
     # Imported head files (DuoAttention, Retrieval Head): the share of KV heads kept, or the score cut-off.
     ratio: Optional[float] = Field(default=None, ge=0, le=1)
     threshold: Optional[float] = None
+    # Imported from a public repository (bundled profiles): where exactly, and under which licence.
+    repository: Optional[str] = None
+    commit: Optional[str] = None
+    license: Optional[str] = None
 
     @field_validator("probe_vocab_range")
     @classmethod
@@ -133,6 +212,9 @@ class RazorProfile(_Strict):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     model: ModelFingerprint
+    # Hugging Face ids of the checkpoints this profile was made for (bundled profiles); when several
+    # bundled profiles fit a served model, the one naming it wins.
+    model_names: list[str] = Field(default_factory=list)
     sink: int = Field(ge=0)
     window: int = Field(ge=1)
     retrieval_heads: list[list[int]]
@@ -274,16 +356,41 @@ def resolve_profile(spec: str | Path) -> RazorProfile:
     raise ProfileError(f"profile '{spec}': not a file and not a bundled profile (bundled: {', '.join(names) or 'none'})")
 
 
-def find_profile_for(served: ModelFingerprint, search_dir: Optional[Path] = None) -> RazorProfile:
-    """The bundled profile whose fingerprint equals the served model's; refuses with the nearest differences."""
-    search_dir = search_dir or bundled_profiles_dir()
+def bundled_profile_paths(search_dir: Optional[Path] = None) -> list[Path]:
+    return sorted(Path(search_dir or bundled_profiles_dir()).glob("*.yaml"))
+
+
+def _names_match(profile: RazorProfile, name_hint: Optional[str]) -> bool:
+    if not name_hint:
+        return False
+    hint = str(name_hint).rstrip("/").lower()
+    return any(hint == n.lower() or hint.endswith("/" + n.lower().split("/")[-1]) for n in profile.model_names)
+
+
+def find_profile_for(
+    served: ModelFingerprint, search_dir: Optional[Path] = None, name_hint: Optional[str] = None
+) -> RazorProfile:
+    """The bundled profile *of* the served model; refuses with the nearest differences.
+
+    A profile fits when its shape fields equal the model's and so do the identity fields it names
+    (context length, RoPE scaling), so Llama-3.1-8B-Instruct's profile is not applied to Llama-3-8B-
+    Instruct or to Gradient's 1M-context Llama-3. Among several fits: the one whose ``model_names``
+    match ``name_hint`` (the served model's id or path), then the most specific fingerprint, then
+    the file name. The bundled set holds one profile per fingerprint (tests/test_bundled_profiles.py).
+    """
+    search_dir = Path(search_dir or bundled_profiles_dir())
+    fits: list[tuple[tuple[int, int, str], RazorProfile]] = []
     nearest: list[tuple[int, str, list[str]]] = []
-    for path in sorted(Path(search_dir).glob("*.yaml")):
+    for path in bundled_profile_paths(search_dir):
         profile = RazorProfile.load(path)
-        diffs = profile.model.mismatches(served)
+        diffs = profile.model.mismatches(served, identity=True)
         if not diffs:
-            return profile
-        nearest.append((len(diffs), path.name, diffs))
+            key = (-int(_names_match(profile, name_hint)), -profile.model.identity_fields, path.name)
+            fits.append((key, profile))
+        else:
+            nearest.append((len(diffs), path.name, diffs))
+    if fits:
+        return min(fits, key=lambda item: item[0])[1]
     detail = ""
     if nearest:
         _, name, diffs = min(nearest)
@@ -291,7 +398,8 @@ def find_profile_for(served: ModelFingerprint, search_dir: Optional[Path] = None
     raise ProfileError(
         f"no head profile in {search_dir} matches the served model "
         f"({served.architecture}, {served.num_layers} layers, {served.num_kv_heads} KV heads, "
-        f"head size {served.head_size}, vocab {served.vocab_size}){detail}. "
+        f"head size {served.head_size}, vocab {served.vocab_size}, context {served.context_length}, "
+        f"RoPE {served.rope_scaling}){detail}. "
         "Produce one with `razor-vllm profile --model DIR` and pass it with "
         "--additional-config '{\"razor\": {\"profile\": PATH}}'"
     )

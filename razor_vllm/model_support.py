@@ -55,13 +55,22 @@ def unsupported_reasons(vllm_config: Any) -> list[str]:
             "it uses multi-head latent attention (MLA, DeepSeek-V2/V3 style): its cache holds one compressed "
             "latent per token, not per-head K/V, so there are no KV heads to split into retrieval and local heads"
         )
-    if model_config.uses_alibi:
+    from razor_vllm.config import position_encoding_of
+
+    # vLLM's own test misses configs that say ALiBi only through their family's convention
+    # (Baichuan-13B: no max_position_embeddings); ours reads those too (config.position_encoding_of).
+    if model_config.uses_alibi or position_encoding_of(text_config) == "alibi":
         reasons.append("it adds ALiBi position biases, which the razor kernels do not apply")
     window = model_config.get_sliding_window()
     if window is not None and not backend.supports_sliding_window():
         reasons.append(
             f"it has a sliding attention window of its own ({window} tokens; --disable-sliding-window serves it "
             "with full attention, max_model_len capped at the window)"
+        )
+    if getattr(text_config, "dual_chunk_attention_config", None):
+        reasons.append(
+            "it uses dual chunk attention (dual_chunk_attention_config, e.g. Qwen2.5-*-Instruct-1M): its chunked "
+            "RoPE and attention are not what the razor kernels compute"
         )
     if getattr(text_config, "attn_logit_softcapping", None):
         reasons.append("it soft-caps attention logits, which the razor kernels do not do")

@@ -135,3 +135,70 @@ def test_profile_model_and_cli_use_theorem_1_for_alibi(tiny_bloom, tmp_path):
     # BLOOM's config names no context length: without --context-length the command says so
     args = parser.parse_args(["--model", str(tiny_bloom), "--quiet"])
     assert command.run(args) == 2
+
+
+# -- classification by the config's position encoding --------------------------------------------------
+# config.json values of Baichuan2-7B-Chat and Baichuan2-13B-Chat (baichuan-inc on the Hugging Face hub;
+# the 13B's fields as in vLLM's former vllm/transformers_utils/configs/baichuan_13b.py: model_max_length,
+# no max_position_embeddings). Both are model_type "baichuan", architecture BaichuanForCausalLM.
+BAICHUAN2_7B = dict(
+    architectures=["BaichuanForCausalLM"], model_type="baichuan", hidden_size=4096, intermediate_size=11008,
+    num_attention_heads=32, num_hidden_layers=32, max_position_embeddings=4096, model_max_length=4096,
+    vocab_size=125696, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)  # fmt: skip
+BAICHUAN2_13B = dict(
+    architectures=["BaichuanForCausalLM"], model_type="baichuan", hidden_size=5120, intermediate_size=13696,
+    num_attention_heads=40, num_hidden_layers=40, model_max_length=4096, vocab_size=125696, rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def _config(values):
+    from transformers import PretrainedConfig
+
+    values = dict(values)
+    cfg = PretrainedConfig(**{k: v for k, v in values.items() if k != "model_type"})
+    cfg.model_type = values["model_type"]  # remote-code configs: an instance attribute, not a registered class
+    return cfg
+
+
+def test_baichuan2_7b_is_rope_and_13b_is_alibi():
+    from razor_vllm.config import ModelFingerprint, position_encoding_of
+
+    seven, thirteen = _config(BAICHUAN2_7B), _config(BAICHUAN2_13B)
+    assert position_encoding_of(seven) == "rope"
+    assert position_encoding_of(thirteen) == "alibi"
+    fp7, fp13 = ModelFingerprint.from_hf_config(seven), ModelFingerprint.from_hf_config(thirteen)
+    assert (fp7.position_encoding, fp7.num_layers, fp7.num_kv_heads, fp7.head_size) == ("rope", 32, 32, 128)
+    assert (fp13.position_encoding, fp13.num_layers, fp13.num_kv_heads, fp13.head_size) == ("alibi", 40, 40, 128)
+
+
+@pytest.mark.parametrize(
+    "values,expected",
+    [
+        (dict(model_type="falcon", alibi=True, rope_theta=10000.0), "alibi"),  # the flag wins
+        (dict(model_type="mpt", attn_config={"alibi": True}), "alibi"),
+        (dict(model_type="mpt", attn_config={"alibi": False}), "other"),
+        (dict(model_type="bloom"), "alibi"),
+        (dict(model_type="codellm", position_encoding_type="alibi"), "alibi"),
+        (dict(model_type="omni", position_embedding_type="rope"), "rope"),
+        (dict(model_type="llama", rope_theta=500000.0), "rope"),
+        (dict(model_type="gpt2"), "other"),
+    ],
+)
+def test_position_encoding_comes_from_the_config(values, expected):
+    from razor_vllm.config import position_encoding_of
+
+    assert position_encoding_of(_config(values)) == expected
+
+
+def test_baichuan2_7b_gets_the_probe_and_13b_theorem_1(tmp_path, monkeypatch):
+    """The profiler picks its selector from the same classification."""
+    from razor_vllm import profile as profile_pkg
+    from razor_vllm.config import ModelFingerprint
+    from razor_vllm.profile import EchoInductionSelector
+
+    for values, kind in ((BAICHUAN2_7B, EchoInductionSelector), (BAICHUAN2_13B, AlibiRangeSelector)):
+        fingerprint = ModelFingerprint.from_hf_config(_config(values))
+        monkeypatch.setattr(profile_pkg, "fingerprint_of", lambda _dir, fp=fingerprint: fp)
+        assert isinstance(profile_pkg.selector_for(tmp_path), kind)

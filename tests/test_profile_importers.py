@@ -143,3 +143,74 @@ def test_import_needs_model_and_existing_file(tiny_llama, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert cli(["--model", str(tiny_llama), "--ratio", "0.5"]) == 2
     assert "apply to --import-duo" in capsys.readouterr().err
+
+
+# -- KVzip ----------------------------------------------------------------------------------------
+
+
+def save_pt(tmp_path, name, rows, dtype=None):
+    import torch
+
+    path = tmp_path / name
+    torch.save(torch.tensor(rows, dtype=dtype or torch.bfloat16), path)
+    return path
+
+
+def test_kvzip_ratio_threshold_and_max_over_files(tiny_llama, tmp_path):
+    from razor_vllm.profile import KVzipImport
+
+    # [layers=4, KV heads=2] as KVzip saves them (bf16 on the GPU there; here on the CPU)
+    qa = save_pt(tmp_path, "m-qa-0.pt", [[0.5, 0.25], [1.0, 0.125], [0.75, 0.5], [0.0625, 0.875]])
+    repo = save_pt(tmp_path, "m-repoqa-0.pt", [[0.5, 0.9375], [0.25, 0.125], [0.75, 0.5], [0.0625, 0.25]])
+    one = KVzipImport(qa, ratio=0.25).select(tiny_llama)
+    assert one.retrieval_heads == [[], [0], [], [1]]  # 1.0 and 0.875
+    assert one.scores == {"kvzip": [[0.5, 0.25], [1.0, 0.125], [0.75, 0.5], [0.0625, 0.875]]}
+    both = KVzipImport([qa, repo], ratio=0.25).select(tiny_llama)  # KVzip's own rule: elementwise max
+    assert both.scores["kvzip"][0] == [0.5, 0.9375]
+    assert both.retrieval_heads == [[1], [0], [], []]
+    assert KVzipImport(qa, threshold=0.5).select(tiny_llama).retrieval_heads == [[0], [0], [0, 1], [1]]
+    with pytest.raises(ValueError, match="give a threshold or a ratio"):
+        KVzipImport(qa)
+
+
+def test_ratio_keeps_ties_at_the_cut(tiny_llama, tmp_path):
+    # DuoAttention gates saturate at 1.0: a 25% cut (2 of 8) inside a tie of three keeps all three
+    tsv = write(tmp_path, "duo.tsv", "1.0\t0.1\n0.2\t1.0\n0.5\t0.7\n1.0\t0.6\n")
+    selection = DuoAttentionImport(tsv, ratio=0.25).select(tiny_llama)
+    assert selection.retrieval_heads == [[0], [1], [], [0]]
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [([[0.5, 0.5]] * 3, r"shape \[3, 2\], the model has 4 layers x 2 KV heads"), ([[float("nan"), 0.5]] * 4, "non-finite")],
+)
+def test_kvzip_malformed_files(tiny_llama, tmp_path, rows, message):
+    import torch
+
+    from razor_vllm.profile import KVzipImport
+
+    path = save_pt(tmp_path, "bad.pt", rows, dtype=torch.float32)
+    with pytest.raises(ProfileError, match=message):
+        KVzipImport(path, ratio=0.5).select(tiny_llama)
+    (tmp_path / "junk.pt").write_text("not a tensor")
+    with pytest.raises(ProfileError, match="not a torch tensor file"):
+        KVzipImport(tmp_path / "junk.pt", ratio=0.5).select(tiny_llama)
+
+
+def test_kvzip_cli_end_to_end(tiny_llama, tmp_path):
+    a = save_pt(tmp_path, "a.pt", [[0.5, 0.25], [1.0, 0.125], [0.75, 0.5], [0.0625, 0.875]])
+    b = save_pt(tmp_path, "b.pt", [[0.5, 0.9375], [0.25, 0.125], [0.75, 0.5], [0.0625, 0.25]])
+    out = tmp_path / "kvzip.yaml"
+    assert cli(["--model", str(tiny_llama), "--import-kvzip", str(a), str(b), "--ratio", "0.25", "--out", str(out),
+                "--quiet"]) == 0  # fmt: skip
+    profile = RazorProfile.load(out)
+    assert profile.provenance.method == "kvzip" and profile.provenance.source == f"{a}, {b}"
+    assert profile.retrieval_heads == [[1], [0], [], []]
+
+
+def test_profile_list_shows_the_bundled_profiles(capsys):
+    assert cli(["list"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["profile", "model", "heads", "share", "sink/window", "source"]
+    assert "meta-llama/Llama-3.1-8B-Instruct" in out and "kvzip: snu-mllab/KVzip@5d84729 (MIT)" in out
+    assert "smollm2-135m-instruct" in out and "14/90" in out

@@ -379,3 +379,135 @@ def test_cli_errors_are_reported(argv, message, capsys):
 def test_cli_rejects_vocab_range_outside_vocabulary(tiny_llama, capsys):
     assert run_cli(["--model", str(tiny_llama), "--vocab-low", "500", "--vocab-high", "600", "--quiet"]) == 2
     assert "vocab size 512" in capsys.readouterr().err
+
+
+# -- streaming scorer: same scores as exact rows, memory independent of the probe length -----------
+
+
+@pytest.mark.parametrize("block_size,key_block_size", [(16, 7), (50, 64), (33, 1000)])
+def test_streaming_scores_equal_exact_rows_on_tiny_gqa_model(tiny_llama, block_size, key_block_size):
+    # 4 query heads over 2 KV heads; duplicates inside a repeat (30 ids for 40 tokens) and tiles that
+    # straddle the query blocks' diagonals at every offset
+    probe = make_probe(tokens=40, repeats=3, vocab_range=(200, 230), seed=1, prefix_id=BOS_ID)
+    model = scoring.load_model(tiny_llama, dtype=torch.float64)
+    exact = scoring.score_probe(model, probe.input_ids, probe.scored_mask(), block_size=block_size, key_block_size=None)
+    streamed = scoring.score_probe(
+        model, probe.input_ids, probe.scored_mask(), block_size=block_size, key_block_size=key_block_size
+    )
+    torch.testing.assert_close(streamed.echo, exact.echo, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(streamed.induction, exact.induction, rtol=1e-12, atol=1e-14)
+    assert exact.induction.max() > 3 * exact.induction.min()  # not a comparison of constants
+
+
+def test_streaming_scores_equal_exact_rows_on_default_model(default_model_dir):
+    # SmolLM2-135M (9 query heads over 3 KV heads, 30 layers) in float32, as `razor-vllm profile` runs it
+    probe = make_probe(tokens=100, repeats=3, vocab_range=(10000, 12500), seed=0, prefix_id=1)
+    model = scoring.load_model(default_model_dir, dtype=torch.float32)
+    kwargs = dict(block_size=96)
+    exact = scoring.score_probe(model, probe.input_ids, probe.scored_mask(), key_block_size=None, **kwargs)
+    streamed = scoring.score_probe(model, probe.input_ids, probe.scored_mask(), key_block_size=80, **kwargs)
+    # float32 softmax both ways; the streaming normaliser sums tiles in another order
+    torch.testing.assert_close(streamed.echo, exact.echo, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(streamed.induction, exact.induction, rtol=1e-4, atol=1e-7)
+    # the stored (6-digit) KV-head scores select the same heads
+    n_kv = 3
+    ind = [[float(f"{x:.6g}") for x in row] for row in kv_head_scores(exact.induction, n_kv).tolist()]
+    ind_s = [[float(f"{x:.6g}") for x in row] for row in kv_head_scores(streamed.induction, n_kv).tolist()]
+    assert set(global_top_k(ind, 13)) == set(global_top_k(ind_s, 13))
+
+
+def _random_layer(seq, heads=4, kv=2, dim=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (seq,), generator=gen)
+    q = torch.randn(1, heads, seq, dim, generator=gen, dtype=torch.float64) * 2
+    k = torch.randn(1, kv, seq, dim, generator=gen, dtype=torch.float64) * 2
+    return ids, torch.arange(seq) >= seq // 4, q, k
+
+
+@pytest.mark.parametrize("seq", [300, 1200])
+def test_streaming_peak_tile_is_bounded_by_the_blocks_not_the_probe_length(seq):
+    """The largest tensor the scorer materialises: heads x block x key block, at any probe length
+    (the exact path's grows with it). Counted from the tile shapes, not timed or sampled."""
+    ids, scored, q, k = _random_layer(seq)
+    streaming = ProbeScorer(ids, scored, num_layers=1, num_heads=4, block_size=64, key_block_size=32)
+    streaming.observe(0, q, k, None, 0.3)
+    exact = ProbeScorer(ids, scored, num_layers=1, num_heads=4, block_size=64, key_block_size=None)
+    exact.observe(0, q, k, None, 0.3)
+    assert streaming.max_tile_elements == 4 * 64 * 32
+    assert exact.max_tile_elements == max(4 * (b - a) * b for a, b in exact._blocks)  # rows of up to seq keys
+    assert exact.max_tile_elements > 4 * 64 * (seq - 100)
+    torch.testing.assert_close(streaming.result().echo, exact.result().echo, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(streaming.result().induction, exact.result().induction, rtol=1e-12, atol=1e-15)
+
+
+def test_streaming_honours_masks_that_hide_whole_tiles():
+    # a mask hiding the first 40 keys from most queries: rows whose first tiles are all -inf
+    ids, scored, q, k = _random_layer(120, seed=2)
+    allowed = torch.ones(120, 120, dtype=torch.bool)
+    allowed[60:, :40] = False
+    results = []
+    for key_block in (None, 16):
+        scorer = ProbeScorer(ids, scored, num_layers=1, num_heads=4, block_size=32, key_block_size=key_block)
+        scorer.observe(0, q, k, allowed[None, None], 0.5)
+        results.append(scorer.result())
+    assert torch.isfinite(results[1].echo).all()
+    torch.testing.assert_close(results[1].echo, results[0].echo, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(results[1].induction, results[0].induction, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scoring_on_cuda_matches_cpu_and_keeps_everything_on_the_gpu(tiny_llama):
+    probe = make_probe(tokens=40, repeats=3, vocab_range=(200, 230), seed=1, prefix_id=BOS_ID)
+    cpu = scoring.score_probe(scoring.load_model(tiny_llama, dtype=torch.float32), probe.input_ids, probe.scored_mask())
+    gpu_model = scoring.load_model(tiny_llama, dtype="float32", device="cuda")
+    assert all(p.is_cuda for p in gpu_model.parameters())
+    gpu = scoring.score_probe(gpu_model, probe.input_ids, probe.scored_mask(), block_size=16, key_block_size=16)
+    torch.testing.assert_close(gpu.induction, cpu.induction, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gpu.echo, cpu.echo, rtol=1e-4, atol=1e-6)
+
+
+def test_estimate_arithmetic():
+    from razor_vllm.profile.estimate import ModelSize, estimate
+
+    llama8b = ModelSize(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
+                        vocab=128256, tied=False)  # fmt: skip
+    assert llama8b.params == 8_030_261_248  # Llama-3-8B's published count
+    est = estimate(llama8b, 10_001, torch.bfloat16, block_size=512, key_block_size=1024)
+    assert est.weight_bytes == 2 * llama8b.params
+    assert est.scorer_bytes == 32 * 512 * 1024 * 8 + 512 * 1024  # logits + exp tiles (fp32) + mask
+    # streaming tiles do not grow with the probe; exact rows do
+    longer = estimate(llama8b, 40_001, torch.bfloat16, block_size=512, key_block_size=1024)
+    assert longer.scorer_bytes == est.scorer_bytes
+    exact = estimate(llama8b, 40_001, torch.bfloat16, block_size=512, key_block_size=None)
+    assert exact.scorer_bytes == 32 * 512 * 40_001 * 8 + 512 * 40_001
+    assert est.seconds is None and "parameters" in est.describe(10_001, "cuda")
+
+
+def test_cli_rejects_bad_device_and_key_block(tiny_llama, capsys):
+    assert run_cli(["--model", str(tiny_llama), "--device", "tpu", "--quiet", *PROBE_ARGS]) == 2
+    assert "--device must be" in capsys.readouterr().err
+    assert run_cli(["--model", str(tiny_llama), "--key-block-size", "-1", "--quiet"]) == 2
+    assert "--key-block-size" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_cli(["--model", str(tiny_llama), "--device", "cuda", "--quiet", *PROBE_ARGS]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_prints_estimate_and_progress(tiny_llama, capsys):
+    assert run_cli(["--model", str(tiny_llama), *PROBE_ARGS, "--device", "cpu", "--dtype", "float32"]) == 0
+    err = capsys.readouterr().err
+    assert "estimate for a 145-token probe on cpu, float32" in err and "peak memory" in err
+    assert "probing layers" in err
+
+
+def test_device_map_auto_loads_through_accelerate_and_scores_the_same(tiny_llama):
+    # without a GPU accelerate places every layer on the CPU; the path (hooks, input on the
+    # embedding's device, per-layer sums) is the one multi-GPU runs take
+    probe = make_probe(tokens=40, repeats=3, vocab_range=(200, 230), seed=1, prefix_id=BOS_ID)
+    plain = scoring.score_probe(scoring.load_model(tiny_llama, dtype="float32"), probe.input_ids, probe.scored_mask())
+    mapped_model = scoring.load_model(tiny_llama, dtype="float32", device_map="auto")
+    assert {p.device.type for p in mapped_model.parameters()} == {"cpu"}
+    mapped = scoring.score_probe(mapped_model, probe.input_ids, probe.scored_mask())
+    torch.testing.assert_close(mapped.induction, plain.induction, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="--device-map must be 'auto'"):
+        scoring.load_model(tiny_llama, device_map="balanced")

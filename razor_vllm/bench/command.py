@@ -167,7 +167,10 @@ def _prepare_synthetic(args: argparse.Namespace) -> None:
     sink = args.sink if args.sink is not None else SYNTHETIC_SINK
     window = args.window if args.window is not None else SYNTHETIC_WINDOW
     if args.profile:
-        raise ValueError("--profile cannot be combined with a synthetic model (its profile is drawn at random)")
+        raise ValueError("--profile cannot be combined with a synthetic model (its profile is drawn at random, "
+                         "or for synthetic:<bundled profile> the bundled one)")
+    if synthetic.is_bundled(args.model):
+        args.retrieval_share = None  # the bundled profile's heads, not a drawn share
     command = "razor-vllm bench " + shlex.join(runinfo.subcommand_argv(args, "bench"))
     model_dir, profile_path = synthetic.prepare(args.model, args.retrieval_share, args.seed, sink, window, command)
     args.synthetic, args.model, args.profile, args.load_format = args.model, str(model_dir), str(profile_path), "dummy"

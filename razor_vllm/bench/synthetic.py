@@ -8,6 +8,11 @@ model's: Llama-3's real 128k vocabulary would only grow the embedding and LM hea
 pool touches. Benchmarks use random token ids and ``ignore_eos``, so generated text never matters.
 
     razor-vllm bench --model synthetic:llama-3-8b --retrieval-share 0.15 --contexts 8192,32768
+
+``synthetic:<bundled profile>`` (``synthetic:llama-3.1-8b-instruct``, ...) instead takes that model's
+real public config (``configs/models/<name>.json``, vocabulary included) and the profile that razor
+picks for it automatically (``config.find_profile_for``), so a bundled profile is checked against
+its model's real shapes without the weights.
 """
 
 from __future__ import annotations
@@ -36,21 +41,37 @@ def is_synthetic(model: str) -> bool:
     return model.startswith(PREFIX)
 
 
+def bundled_model_configs() -> dict[str, Path]:
+    """Bundled profile name -> its model's public config.json values (configs/models/<name>.json)."""
+    from razor_vllm.config import bundled_profiles_dir
+
+    return {p.stem: p for p in sorted((bundled_profiles_dir() / "models").glob("*.json"))}
+
+
 def shape_name(model: str) -> str:
     name = model.removeprefix(PREFIX)
-    if name not in SHAPES:
-        raise ValueError(f"--model {model}: unknown synthetic shape {name!r}; choose from {', '.join(SHAPES)}")
+    if name not in SHAPES and name not in bundled_model_configs():
+        choices = ", ".join([*SHAPES, *bundled_model_configs()])
+        raise ValueError(f"--model {model}: unknown synthetic shape {name!r}; choose from {choices}")
     return name
 
 
+def is_bundled(model: str) -> bool:
+    return model.removeprefix(PREFIX) in bundled_model_configs()
+
+
 def make_checkpoint(name: str, root: Path, tokenizer_dir: Path) -> Path:
-    """``root/<name>``: the default model's config with ``name``'s shapes, and its tokenizer (no weights)."""
-    shape = dict(SHAPES[name])
-    config = json.loads((tokenizer_dir / "config.json").read_text())
-    config.pop("_model_name_or_path", None)
-    rope_theta = shape.pop("rope_theta")
-    config.update(shape, max_position_embeddings=MAX_POSITIONS, dtype="bfloat16",
-                  rope_parameters={"rope_theta": rope_theta, "rope_type": "default"})  # fmt: skip
+    """``root/<name>``: the default model's config with ``name``'s shapes (a bundled model: its own
+    public config), and the default model's tokenizer (no weights)."""
+    if name in bundled_model_configs():
+        config = json.loads(bundled_model_configs()[name].read_text())
+    else:
+        shape = dict(SHAPES[name])
+        config = json.loads((tokenizer_dir / "config.json").read_text())
+        config.pop("_model_name_or_path", None)
+        rope_theta = shape.pop("rope_theta")
+        config.update(shape, max_position_embeddings=MAX_POSITIONS, dtype="bfloat16",
+                      rope_parameters={"rope_theta": rope_theta, "rope_type": "default"})  # fmt: skip
     target = root / name
     target.mkdir(parents=True, exist_ok=True)
     for file in TOKENIZER_FILES:
@@ -77,11 +98,26 @@ def make_profile(model_dir: Path, share: float, seed: int, sink: int, window: in
     return RazorProfile(model=model, sink=sink, window=window, retrieval_heads=heads, provenance=provenance)
 
 
+def bundled_profile_path(profile) -> Path:
+    """The bundled YAML file a loaded bundled profile came from."""
+    from razor_vllm.config import RazorProfile, bundled_profile_paths
+
+    for path in bundled_profile_paths():
+        if RazorProfile.load(path) == profile:
+            return path
+    raise ValueError("profile is not one of the bundled profiles")
+
+
 def prepare(model: str, share: float, seed: int, sink: int, window: int, command: str) -> tuple[Path, Path]:
     """The checkpoint dir and the saved profile YAML for ``synthetic:<name>``, under the model cache."""
     from razor_vllm.model import cache_root, prepare_default_model
 
     name = shape_name(model)
     model_dir = make_checkpoint(name, cache_root() / "synthetic", prepare_default_model(progress=True))
+    if name in bundled_model_configs():
+        from razor_vllm.config import find_profile_for
+        from razor_vllm.profile.selectors import fingerprint_of
+
+        return model_dir, bundled_profile_path(find_profile_for(fingerprint_of(model_dir)))
     profile = make_profile(model_dir, share, seed, sink, window, command)
     return model_dir, profile.save(model_dir / f"razor-profile-share{share:g}-seed{seed}.yaml")

@@ -19,7 +19,7 @@ from typing import Optional
 from razor_vllm.config import RazorProfile
 
 from .alibi import AlibiRangeSelector, alibi_head_ranges
-from .importers import DuoAttentionImport, RetrievalHeadImport
+from .importers import DuoAttentionImport, KVzipImport, RetrievalHeadImport
 from .probe import Probe, default_tokens, default_vocab_range, make_probe
 from .scoring import ATTN_IMPLEMENTATION, QueryHeadScores, kv_head_scores, score_probe
 from .selectors import (
@@ -43,6 +43,7 @@ __all__ = [
     "EchoInductionSelector",
     "HeadSelection",
     "HeadSelector",
+    "KVzipImport",
     "Probe",
     "QueryHeadScores",
     "RetrievalHeadImport",
@@ -74,6 +75,11 @@ def selector_for(
     alibi_eps: float = 1e-3,
     context_length: Optional[int] = None,
     progress: bool = False,
+    device: str = "cpu",
+    dtype="float32",
+    device_map: Optional[str] = None,
+    key_block_size: Optional[int] = 1024,
+    show_estimate: bool = False,
 ) -> HeadSelector:
     """The paper's selector for this model: Theorem 1 for ALiBi models, the echo/induction probe otherwise."""
     if fingerprint_of(model_dir).position_encoding == "alibi":
@@ -87,6 +93,11 @@ def selector_for(
         seed=seed,
         block_size=block_size,
         progress=progress,
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        key_block_size=key_block_size,
+        show_estimate=show_estimate,
     )
 
 

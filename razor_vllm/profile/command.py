@@ -4,6 +4,8 @@
     razor-vllm profile --from-scores PROFILE.yaml --induction-ratio R  re-select, no probe
     razor-vllm profile --model DIR --import-duo full_attention_heads.tsv [--threshold T | --ratio R]
     razor-vllm profile --model DIR --import-retrieval-head head_score.json [--threshold T | --ratio R]
+    razor-vllm profile --model DIR --import-kvzip head_score/M-*.pt (--threshold T | --ratio R)
+    razor-vllm profile list                                            the bundled profiles
 
 ``razor_vllm.cli`` calls :func:`add_arguments` and :func:`run`. The exact command line is recorded in
 the profile's provenance: set ``args.argv`` to the arguments after ``profile`` to record them; without
@@ -21,7 +23,7 @@ from typing import Optional, Sequence
 from razor_vllm.config import ProfileError, RazorProfile, check_profile_matches, resolve_profile
 
 from . import DEFAULT_SINK, DEFAULT_WINDOW, reselect, selector_for
-from .importers import DuoAttentionImport, RetrievalHeadImport
+from .importers import DuoAttentionImport, KVzipImport, RetrievalHeadImport
 from .probe import PAPER_REPEATS, default_tokens, default_vocab_range
 from .selectors import context_length_of, fingerprint_of, hf_config_of
 
@@ -29,6 +31,9 @@ PROG = "razor-vllm profile"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", nargs="?", choices=["list"], help="list: show the bundled profiles (model, heads, share, source)"
+    )
     src = parser.add_argument_group("what to profile")
     src.add_argument(
         "--model",
@@ -40,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--from-scores", metavar="PROFILE", help="re-select from a profile's stored scores (no probe)")
     how.add_argument("--import-duo", metavar="TSV", help="import DuoAttention's full_attention_heads.tsv")
     how.add_argument("--import-retrieval-head", metavar="JSON", help="import a Retrieval Head head_score/*.json")
+    how.add_argument(
+        "--import-kvzip",
+        metavar="PT",
+        nargs="+",
+        help="import KVzip utils/head_score/*.pt (several: elementwise max); needs --ratio or --threshold",
+    )
     parser.add_argument("--out", metavar="PATH", help="write the profile here (default: print the YAML to stdout)")
 
     probe = parser.add_argument_group("probe (echo/induction scores)")
@@ -61,6 +72,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     probe.add_argument(
         "--block-size", type=int, default=512, metavar="Q", help="queries per scoring block (default: 512)"
     )
+    probe.add_argument(
+        "--key-block-size",
+        type=int,
+        default=1024,
+        metavar="K",
+        help="keys per scoring tile (streaming softmax; peak scorer memory heads x Q x K x 8 bytes; default: 1024; "
+        "0: exact full rows, memory growing with the probe length)",
+    )
+
+    run = parser.add_argument_group("where the model runs")
+    run.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N or auto (default: auto = cuda when a GPU is visible, else cpu)",
+    )
+    run.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations (default: auto = bfloat16 on a GPU, float32 on the CPU); "
+        "scores are always computed in float32",
+    )
+    run.add_argument(
+        "--device-map",
+        choices=["auto"],
+        help="auto: spread the layers over every visible GPU with accelerate (for models larger than one GPU)",
+    )
 
     sel = parser.add_argument_group("selection")
     sel.add_argument(
@@ -77,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threshold",
         type=float,
         metavar="T",
-        help="imports: keep heads scoring >= T (default: 0.5 DuoAttention, 0.1 Retrieval Head)",
+        help="imports: keep heads scoring >= T (default: 0.5 DuoAttention, 0.1 Retrieval Head; KVzip: none)",
     )
     sel.add_argument("--ratio", type=float, metavar="R", help="imports: keep this global share of KV heads instead")
     sel.add_argument(
@@ -103,6 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "action", None) == "list":
+        sys.stdout.write(list_bundled())
+        return 0
     try:
         profile, stats = _build(args, command_line(args))
     except (ProfileError, ValueError, NotImplementedError, FileNotFoundError, OSError) as exc:
@@ -118,6 +159,25 @@ def run(args: argparse.Namespace) -> int:
         where = f" -> {args.out}" if args.out else ""
         print(f"{profile.provenance.method}: {profile.summary()}{extra}{where}", file=sys.stderr)
     return 0
+
+
+def list_bundled(search_dir: Optional[Path] = None) -> str:
+    """A table of the bundled profiles: name, model, retrieval heads, share, sink/window, source."""
+    from razor_vllm.config import bundled_profile_paths
+
+    rows = [("profile", "model", "heads", "share", "sink/window", "source")]
+    for path in bundled_profile_paths(search_dir):
+        p = RazorProfile.load(path)
+        prov = p.provenance
+        if prov.repository:
+            source = f"{prov.method}: {prov.repository.removeprefix('https://github.com/')}@{(prov.commit or '')[:7]} ({prov.license})"
+        else:
+            source = prov.method
+        model = p.model_names[0] if p.model_names else f"{p.model.architecture} ({p.model.num_layers} layers)"
+        rows.append((path.stem, model, f"{p.num_retrieval_heads}/{p.total_kv_heads}", f"{100 * p.retrieval_share:.1f}%",
+                     f"{p.sink}/{p.window}", source))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n" for r in rows)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -154,16 +214,20 @@ def _build(args: argparse.Namespace, command: str) -> tuple[RazorProfile, dict]:
         return profile, {}
     if model_dir is None:
         raise ProfileError("--model DIR is required (unless --from-scores)")
+    if args.key_block_size < 0:
+        raise ProfileError(f"--key-block-size must be >= 0 (0: exact rows), got {args.key_block_size}")
     if args.threshold is not None and args.ratio is not None:
         raise ProfileError("give --threshold or --ratio, not both")
-    if args.import_duo or args.import_retrieval_head:
+    if args.import_duo or args.import_retrieval_head or args.import_kvzip:
         if args.import_duo:
             selector = DuoAttentionImport(args.import_duo, threshold=args.threshold, ratio=args.ratio)
+        elif args.import_kvzip:
+            selector = KVzipImport(args.import_kvzip, threshold=args.threshold, ratio=args.ratio)
         else:
             selector = RetrievalHeadImport(args.import_retrieval_head, threshold=args.threshold, ratio=args.ratio)
     else:
         if args.threshold is not None or args.ratio is not None:
-            raise ProfileError("--threshold/--ratio apply to --import-duo/--import-retrieval-head only")
+            raise ProfileError("--threshold/--ratio apply to --import-duo/--import-retrieval-head/--import-kvzip only")
         selector = selector_for(
             model_dir,
             tokens=args.tokens,
@@ -176,6 +240,11 @@ def _build(args: argparse.Namespace, command: str) -> tuple[RazorProfile, dict]:
             alibi_eps=args.alibi_eps,
             context_length=args.context_length,
             progress=not args.quiet,
+            device=args.device,
+            dtype=args.dtype,
+            device_map=args.device_map,
+            key_block_size=args.key_block_size or None,
+            show_estimate=not args.quiet,
         )
     selection = selector.select(model_dir)
     profile = selection.to_profile(sink=args.sink, window=args.window, command=command)

@@ -3,6 +3,11 @@
 - DuoAttention (mit-han-lab/duo-attention) ships ``full_attention_heads.tsv``: one line per layer, one
   tab-separated float per KV head (the learned gate; near 1 = needs the full cache). Selection: gate
   ``>= threshold`` (default 0.5), or the global top ``ratio`` of KV heads.
+- KVzip (snu-mllab/KVzip) ships ``utils/head_score/<model>-<task>-<idx>.pt``: one torch tensor of
+  shape [layers, KV heads] (KVzip's head-level importance, max-pooled over the context). Several files
+  for one model are combined with an elementwise max, as KVzip's own ``load_head_score`` does.
+  Selection: score ``>= threshold`` (no default cut-off is published: give one) or the global top
+  ``ratio``.
 - Retrieval Head (nightdessert/Retrieval_Head) ships ``head_score/<model>.json``: ``{"layer-head": [scores]}``
   over *query* heads. A head's score is the mean of its list (as in that repo); a KV head takes the max
   over the query heads of its group (query head ``h`` reads KV head ``h // (heads / kv_heads)``).
@@ -17,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 from razor_vllm.config import ModelFingerprint, ProfileError
 
@@ -34,16 +39,35 @@ from .selectors import (
 )
 
 
+def select_ratio_with_ties(table: ScoreTable, ratio: float) -> list[list[int]]:
+    """The global top ``ratio`` of KV heads, and every head scoring the same as the last one kept.
+
+    Published scores tie a lot (DuoAttention's learned gates saturate: 22-43% of the 8B models' KV
+    heads sit at exactly 1.0), and a cut inside a tie would be an arbitrary choice (DuoAttention's own
+    code adds random noise; a lower-layer-first tie-break piles every pick into the first layers).
+    Keeping the whole tie never drops a head the source rates as high as a kept one; the share can
+    then exceed ``ratio``.
+    """
+    total = sum(len(row) for row in table)
+    k = top_k_count(ratio, total)
+    if k == 0:
+        return [[] for _ in table]
+    layer, head = global_top_k(table, k)[-1]
+    return select_threshold(table, table[layer][head])
+
+
 @dataclass
 class _ImportSelector(HeadSelector):
-    path: str | Path
+    path: Union[str, Path, Sequence[Union[str, Path]]]
     threshold: Optional[float] = None
     ratio: Optional[float] = None
 
-    default_threshold: ClassVar[float]
+    default_threshold: ClassVar[Optional[float]]
     score_name: ClassVar[str]
 
     def __post_init__(self) -> None:
+        if self.default_threshold is None and self.threshold is None and self.ratio is None:
+            raise ValueError(f"{self.method}: give a threshold or a ratio (the source publishes no cut-off)")
         if self.threshold is not None and self.ratio is not None:
             raise ValueError("give a threshold or a ratio, not both")
         if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
@@ -51,15 +75,14 @@ class _ImportSelector(HeadSelector):
 
     def select(self, source: ModelSource) -> HeadSelection:
         fingerprint = fingerprint_of(source)
-        path = Path(self.path)
-        if not path.is_file():
-            raise ProfileError(f"{path}: no such file")
-        table = round_scores(self.read_scores(path, fingerprint))
-        provenance: dict[str, Any] = dict(method=self.method, source=str(path))
+        paths = [Path(p) for p in (self.path if isinstance(self.path, (list, tuple)) else [self.path])]
+        for path in paths:
+            if not path.is_file():
+                raise ProfileError(f"{path}: no such file")
+        table = round_scores(self.read_all(paths, fingerprint))
+        provenance: dict[str, Any] = dict(method=self.method, source=", ".join(str(p) for p in paths))
         if self.ratio is not None:
-            total = fingerprint.num_layers * fingerprint.num_kv_heads
-            chosen = set(global_top_k(table, top_k_count(self.ratio, total)))
-            heads = [sorted(h for l, h in chosen if l == layer) for layer in range(fingerprint.num_layers)]
+            heads = select_ratio_with_ties(table, self.ratio)
             provenance["ratio"] = self.ratio
         else:
             threshold = self.default_threshold if self.threshold is None else self.threshold
@@ -69,6 +92,11 @@ class _ImportSelector(HeadSelector):
 
     def read_scores(self, path: Path, model: ModelFingerprint) -> ScoreTable:
         raise NotImplementedError
+
+    def read_all(self, paths: list[Path], model: ModelFingerprint) -> ScoreTable:
+        """One file's table; several files: the elementwise max (a head important for any of them)."""
+        tables = [self.read_scores(path, model) for path in paths]
+        return [[max(values) for values in zip(*rows)] for rows in zip(*tables)]
 
 
 @dataclass
@@ -98,6 +126,35 @@ class DuoAttentionImport(_ImportSelector):
                 f"{model.num_layers} layers x {model.num_kv_heads} KV heads"
             )
         return rows
+
+
+@dataclass
+class KVzipImport(_ImportSelector):
+    """KVzip's ``utils/head_score/*.pt`` (a [layers, KV heads] tensor); several files: elementwise max."""
+
+    method: ClassVar[str] = "kvzip"
+    default_threshold: ClassVar[Optional[float]] = None
+    score_name: ClassVar[str] = "kvzip"
+
+    def read_scores(self, path: Path, model: ModelFingerprint) -> ScoreTable:
+        import torch
+
+        try:
+            # weights_only: a plain tensor, no pickled code; saved from CUDA, hence map_location
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+            raise ProfileError(f"{path}: not a torch tensor file: {exc}") from exc
+        if not isinstance(data, torch.Tensor):
+            raise ProfileError(f"{path}: expected one tensor [layers, KV heads], got {type(data).__name__}")
+        table = data.squeeze().double()
+        if table.shape != (model.num_layers, model.num_kv_heads):
+            raise ProfileError(
+                f"{path}: a tensor of shape {list(data.shape)}, the model has "
+                f"{model.num_layers} layers x {model.num_kv_heads} KV heads"
+            )
+        if not torch.isfinite(table).all():
+            raise ProfileError(f"{path}: non-finite value")
+        return table.tolist()
 
 
 @dataclass

@@ -57,7 +57,24 @@ def copy_pairs(input_ids: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Ten
 
 
 class ProbeScorer:
-    """Accumulates echo/induction attention for one forward pass over one sequence (batch size 1)."""
+    """Accumulates echo/induction attention for one forward pass over one sequence (batch size 1).
+
+    Two ways to get the attention each scored query pays to its echo/induction keys:
+
+    - streaming (``key_block_size`` set, the default): for each block of ``block_size`` queries, walk
+      the keys in blocks of ``key_block_size``, keep a running row maximum and softmax normaliser
+      (as flash attention does) and pick out only the raw logits at the echo/induction positions;
+      at the end ``p = exp(logit - max) / normaliser``. Nothing of size ``L`` per row is kept, so the
+      largest tensor is one ``heads x block_size x key_block_size`` logit tile whatever the probe
+      length (the paper's 10,001 tokens or more);
+    - exact (``key_block_size=None``): one ``heads x block_size x L`` softmax per query block, as
+      before; kept as the reference the streaming path is tested against.
+
+    Every tensor lives on the device of the layer's query (with ``device_map="auto"`` layers sit
+    on different GPUs; sums stay per layer on that device until :meth:`result`).
+    ``max_tile_elements`` records the largest logit tile materialised (the peak-memory bound the
+    tests check without timing or allocator statistics).
+    """
 
     def __init__(
         self,
@@ -67,24 +84,35 @@ class ProbeScorer:
         num_heads: int,
         block_size: int = 512,
         progress: bool = False,
+        key_block_size: Optional[int] = 1024,
     ) -> None:
         if input_ids.dim() != 1 or scored.shape != input_ids.shape:
             raise ValueError("input_ids and scored must be 1-D tensors of the same length")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if key_block_size is not None and key_block_size < 1:
+            raise ValueError(f"key_block_size must be >= 1 (or None: exact rows), got {key_block_size}")
         self.seq_len = int(input_ids.numel())
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.block_size = block_size
+        self.key_block_size = key_block_size
         self.num_scored = int(scored.sum())
         if self.num_scored == 0:
             raise ValueError("no scored query positions")
-        self.qpos, self.kpos = copy_pairs(input_ids, scored)
-        self.echo_sum = torch.zeros(num_layers, num_heads, dtype=torch.float64)
-        self.induction_sum = torch.zeros(num_layers, num_heads, dtype=torch.float64)
+        self.qpos, self.kpos = copy_pairs(input_ids.cpu(), scored.cpu())
+        self._sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (echo, induction) on its device
         self.layers_seen: list[int] = []
-        first = int(torch.nonzero(scored)[0])
+        self.max_tile_elements = 0
+        first = int(torch.nonzero(scored.cpu())[0])
         self._blocks = [(a, min(a + block_size, self.seq_len)) for a in range(first, self.seq_len, block_size)]
+        bounds = torch.searchsorted(self.qpos, torch.tensor([b for blk in self._blocks for b in blk], dtype=torch.int64))
+        # Per query block: (rows, echo cols, induction cols) of its copy pairs, CPU int64.
+        self._pairs = [
+            (self.qpos[lo:hi] - a, self.kpos[lo:hi], self.kpos[lo:hi] + 1)
+            for (a, _), lo, hi in zip(self._blocks, bounds[0::2].tolist(), bounds[1::2].tolist())
+        ]
+        self._device_pairs: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._progress = None
         if progress:
             from tqdm.auto import tqdm
@@ -108,11 +136,14 @@ class ProbeScorer:
                 f"probe saw attention calls for layers {sorted(self.layers_seen)}, expected {expected}: the model "
                 "does not route every layer's attention through transformers' AttentionInterface"
             )
-        return QueryHeadScores(
-            echo=self.echo_sum / self.num_scored,
-            induction=self.induction_sum / self.num_scored,
-            num_scored=self.num_scored,
-        )
+        echo = torch.stack([self._sums[layer][0].cpu() for layer in expected])
+        induction = torch.stack([self._sums[layer][1].cpu() for layer in expected])
+        return QueryHeadScores(echo=echo / self.num_scored, induction=induction / self.num_scored, num_scored=self.num_scored)
+
+    def _pairs_on(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if device not in self._device_pairs:
+            self._device_pairs[device] = [tuple(t.to(device) for t in pair) for pair in self._pairs]
+        return self._device_pairs[device]
 
     def observe(
         self,
@@ -134,28 +165,85 @@ class ProbeScorer:
             raise ValueError(f"layer {layer}: {n_heads} query heads, {n_kv} KV heads, scorer expects {self.num_heads}")
         if layer in self.layers_seen:
             raise RuntimeError(f"layer {layer} observed twice in one probe pass")
+        device = query.device
         group = n_heads // n_kv
         dtype = torch.promote_types(query.dtype, torch.float32)
         q = query[0].to(dtype).reshape(n_kv, group, q_len, head_dim)
         k = key[0].to(dtype)
         mask = None if attention_mask is None else attention_mask[0]  # (1 or H, L, L)
-        echo = torch.zeros(n_heads, dtype=torch.float64)
-        induction = torch.zeros(n_heads, dtype=torch.float64)
-        bounds = torch.searchsorted(self.qpos, torch.tensor([b for blk in self._blocks for b in blk]))
-        for n, (a, b) in enumerate(self._blocks):
-            lo, hi = int(bounds[2 * n]), int(bounds[2 * n + 1])
-            if lo == hi:
+        echo = torch.zeros(n_heads, dtype=torch.float64, device=device)
+        induction = torch.zeros(n_heads, dtype=torch.float64, device=device)
+        for (a, b), (rows, echo_cols, ind_cols) in zip(self._blocks, self._pairs_on(device)):
+            if rows.numel() == 0:
                 continue
-            rows = self.qpos[lo:hi] - a
-            cols = self.kpos[lo:hi]
-            probs = self._block_probs(q[:, :, a:b], k[:, :b], mask, a, b, scaling)  # (H, b - a, b)
-            echo += probs[:, rows, cols].sum(-1, dtype=torch.float64)
-            induction += probs[:, rows, cols + 1].sum(-1, dtype=torch.float64)
-        self.echo_sum[layer] += echo
-        self.induction_sum[layer] += induction
+            if self.key_block_size is None:
+                probs = self._block_probs(q[:, :, a:b], k[:, :b], mask, a, b, scaling)  # (H, b - a, b)
+                self.max_tile_elements = max(self.max_tile_elements, probs.numel())
+                echo += probs[:, rows, echo_cols].sum(-1, dtype=torch.float64)
+                induction += probs[:, rows, ind_cols].sum(-1, dtype=torch.float64)
+            else:
+                e, i = self._block_streaming(q[:, :, a:b], k, mask, a, b, scaling, rows, echo_cols, ind_cols)
+                echo += e
+                induction += i
+        self._sums[layer] = (echo, induction)
         self.layers_seen.append(layer)
         if self._progress is not None:
             self._progress.update(1)
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], a: int, c: int, scaling: float):
+        """Masked logits of queries ``[a, a + B)`` for keys ``[c, c + K)``; q (Hkv, G, B, d), k (Hkv, K, d) -> (H, B, K)."""
+        n_kv, group, rows, head_dim = q.shape
+        cols = k.shape[1]
+        logits = torch.bmm(q.reshape(n_kv, group * rows, head_dim), k.transpose(1, 2))
+        logits = logits.view(n_kv * group, rows, cols).mul_(scaling)
+        self.max_tile_elements = max(self.max_tile_elements, logits.numel())
+        if c + cols - 1 > a:  # the tile reaches past some query's own position
+            future = torch.ones(rows, cols, dtype=torch.bool, device=q.device).triu_(a - c + 1)
+            logits.masked_fill_(future, -math.inf)
+        if mask is not None:
+            tile_mask = mask[:, a : a + rows, c : c + cols]
+            if tile_mask.dtype == torch.bool:
+                logits.masked_fill_(~tile_mask, -math.inf)
+            else:
+                logits.add_(tile_mask.to(logits.dtype))
+        return logits
+
+    def _block_streaming(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        a: int,
+        b: int,
+        scaling: float,
+        rows: torch.Tensor,
+        echo_cols: torch.Tensor,
+        ind_cols: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Echo and induction attention summed over one query block, keys visited tile by tile."""
+        n_heads = q.shape[0] * q.shape[1]
+        width = self.key_block_size
+        device = q.device
+        running_max = torch.full((n_heads, b - a), -math.inf, dtype=q.dtype, device=device)
+        normaliser = torch.zeros(n_heads, b - a, dtype=q.dtype, device=device)
+        echo_logits = torch.full((n_heads, rows.numel()), -math.inf, dtype=q.dtype, device=device)
+        ind_logits = torch.full_like(echo_logits, -math.inf)
+        for c in range(0, b, width):
+            d = min(c + width, b)
+            logits = self._logits(q, k[:, c:d], mask, a, c, scaling)  # (H, B, d - c)
+            new_max = torch.maximum(running_max, logits.amax(-1))
+            shift = new_max.masked_fill(new_max == -math.inf, 0.0)  # rows with no key yet: nothing to rescale
+            normaliser.mul_(torch.exp(running_max - shift)).add_(torch.exp(logits - shift[..., None]).sum(-1))
+            running_max = new_max
+            for cols, out in ((echo_cols, echo_logits), (ind_cols, ind_logits)):
+                here = ((cols >= c) & (cols < d)).nonzero().squeeze(-1)
+                if here.numel():
+                    out[:, here] = logits[:, rows[here], cols[here] - c]
+        shift = running_max.masked_fill(running_max == -math.inf, 0.0)[:, rows]
+        total = normaliser[:, rows]
+        echo = (torch.exp(echo_logits - shift) / total).sum(-1, dtype=torch.float64)
+        induction = (torch.exp(ind_logits - shift) / total).sum(-1, dtype=torch.float64)
+        return echo, induction
 
     @staticmethod
     def _block_probs(
@@ -165,7 +253,7 @@ class ProbeScorer:
         n_kv, group, rows, head_dim = q.shape
         logits = torch.bmm(q.reshape(n_kv, group * rows, head_dim), k.transpose(1, 2))
         logits = logits.view(n_kv * group, rows, b).mul_(scaling)
-        future = torch.ones(rows, b, dtype=torch.bool).triu_(a + 1)
+        future = torch.ones(rows, b, dtype=torch.bool, device=q.device).triu_(a + 1)
         logits.masked_fill_(future, -math.inf)
         if mask is not None:
             block_mask = mask[:, a:b, :b]
@@ -211,13 +299,68 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
-def load_model(model_dir: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A causal LM from ``model_dir`` on the CPU, in ``dtype``, with the probe attention installed."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto``: ``cuda`` when a GPU is visible, else ``cpu``; ``cuda``/``cuda:N`` checked to exist."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible to torch")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it (else float16), float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    model_dir: str,
+    dtype: str | torch.dtype = torch.float32,
+    device: str = "cpu",
+    device_map: Optional[str] = None,
+) -> torch.nn.Module:
+    """A causal LM from ``model_dir`` in ``dtype`` with the probe attention installed.
+
+    ``device_map="auto"`` spreads the layers over every visible GPU (and the CPU if they run out)
+    through accelerate; otherwise the whole model goes to ``device``. The weights are loaded
+    straight in ``dtype`` (never a float32 copy first), so an 8B model in bf16 takes ~16 GB.
+    """
     from transformers import AutoModelForCausalLM
 
     register()
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, attn_implementation=ATTN_IMPLEMENTATION)
+    if device_map is not None:
+        if device_map != "auto":
+            raise ValueError(f"--device-map must be 'auto' (or absent), got {device_map!r}")
+        try:
+            import accelerate  # noqa: F401
+        except ImportError as exc:
+            raise ValueError("--device-map auto needs the 'accelerate' package (pip install accelerate)") from exc
+        kwargs["device_map"] = "auto"
+    elif device != "cpu":
+        kwargs["device_map"] = device  # load each tensor straight onto the GPU
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     return model.eval()
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the token ids must go: the input embedding's device (the first GPU under device_map)."""
+    return model.get_input_embeddings().weight.device
 
 
 def use_probe_attention(model: torch.nn.Module) -> None:
@@ -232,11 +375,13 @@ def score_probe(
     scored: torch.Tensor,
     block_size: int = 512,
     progress: bool = False,
+    key_block_size: Optional[int] = 1024,
 ) -> QueryHeadScores:
     """Run ``model`` once over ``input_ids`` (1-D) and return echo/induction per (layer, query head).
 
     ``model`` must use the probe attention (:func:`load_model` or :func:`use_probe_attention`).
-    Only the decoder stack runs (no LM head over every position), without a KV cache.
+    Only the decoder stack runs (no LM head over every position), without a KV cache, on the
+    model's own device(s). ``key_block_size=None`` scores with exact full rows (the reference path).
     """
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         raise ValueError(
@@ -251,9 +396,10 @@ def score_probe(
         num_heads=cfg.num_attention_heads,
         block_size=block_size,
         progress=progress,
+        key_block_size=key_block_size,
     )
     with torch.inference_mode(), scorer.active():
-        model.base_model(input_ids=input_ids[None], use_cache=False)
+        model.base_model(input_ids=input_ids[None].to(input_device(model)), use_cache=False)
     return scorer.result()
 
 

@@ -181,6 +181,12 @@ class EchoInductionSelector(HeadSelector):
     seed: int = 0
     block_size: int = 512
     progress: bool = False
+    # Where and how the model runs (checkpoint dirs only; a loaded model stays where it is).
+    device: str = "cpu"
+    dtype: Any = torch.float32  # a torch.dtype or "auto"/"float32"/"bfloat16"/"float16"
+    device_map: Optional[str] = None
+    key_block_size: Optional[int] = 1024  # None: exact full rows (the reference path)
+    show_estimate: bool = False  # print the time/memory estimate (stderr) before loading
 
     def __post_init__(self) -> None:
         for name in ("induction_ratio", "echo_ratio"):
@@ -225,7 +231,27 @@ class EchoInductionSelector(HeadSelector):
             finally:
                 if previous != scoring.ATTN_IMPLEMENTATION:
                     model.set_attn_implementation(previous)
-        return self._probe_loaded(scoring.load_model(str(source)))
+        if self.show_estimate:
+            self._print_estimate(Path(source))
+        return self._probe_loaded(
+            scoring.load_model(str(source), dtype=self.dtype, device=self.device, device_map=self.device_map)
+        )
+
+    def probe_length(self, context: Optional[int]) -> int:
+        return 1 + (self.tokens or _probe.default_tokens(self.repeats, context)) * self.repeats
+
+    def _print_estimate(self, model_dir: Path) -> None:
+        import sys
+
+        from .estimate import estimate_for_checkpoint
+
+        device = "cuda" if self.device_map == "auto" else scoring.resolve_device(self.device)
+        dtype = scoring.resolve_dtype(self.dtype, device)
+        length = self.probe_length(context_length_of(hf_config_of(model_dir)))
+        est = estimate_for_checkpoint(model_dir, length, dtype, device, self.block_size, self.key_block_size)
+        where = "the visible GPUs (device_map=auto)" if self.device_map == "auto" else device
+        dtype_name = str(dtype).removeprefix("torch.")
+        print(f"razor-vllm profile: {est.describe(length, f'{where}, {dtype_name}')}", file=sys.stderr)
 
     def _probe_loaded(self, model: torch.nn.Module) -> HeadSelection:
         import resource
@@ -248,7 +274,12 @@ class EchoInductionSelector(HeadSelector):
             )
         start = time.perf_counter()
         per_query = scoring.score_probe(
-            model, probe.input_ids, probe.scored_mask(), block_size=self.block_size, progress=self.progress
+            model,
+            probe.input_ids,
+            probe.scored_mask(),
+            block_size=self.block_size,
+            progress=self.progress,
+            key_block_size=self.key_block_size,
         )
         elapsed = time.perf_counter() - start
         n_kv = fingerprint.num_kv_heads
@@ -272,4 +303,8 @@ class EchoInductionSelector(HeadSelector):
             "probe_seconds": round(elapsed, 1),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         }
+        if torch.cuda.is_available() and any(p.is_cuda for p in model.parameters()):
+            stats["peak_gpu_mib"] = sum(
+                torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())
+            ) // (1 << 20)
         return HeadSelection(fingerprint, heads, scores, provenance, stats=stats)
