@@ -27,7 +27,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from razor_vllm import ops
+from razor_vllm import kv_dtypes, ops
 from razor_vllm.ops.cache import SlotIndex, write_kv
 from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME
 
@@ -40,7 +40,8 @@ class RazorAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = True
 
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "bfloat16", "float16", "float32"]
+    # Per platform (kv_dtypes.py): fp8 only where every kernel of both pools reads it.
+    supported_kv_cache_dtypes: ClassVar[list[str]] = kv_dtypes.supported_kv_cache_dtypes()
 
     @staticmethod
     def get_name() -> str:
