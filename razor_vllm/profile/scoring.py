@@ -146,11 +146,12 @@ class ProbeScorer:
             lo, hi = int(bounds[2 * n]), int(bounds[2 * n + 1])
             if lo == hi:
                 continue
-            rows = self.qpos[lo:hi] - a
-            cols = self.kpos[lo:hi]
+            rows = (self.qpos[lo:hi] - a).to(q.device)
+            cols = self.kpos[lo:hi].to(q.device)
             probs = self._block_probs(q[:, :, a:b], k[:, :b], mask, a, b, scaling)  # (H, b - a, b)
-            echo += probs[:, rows, cols].sum(-1, dtype=torch.float64)
-            induction += probs[:, rows, cols + 1].sum(-1, dtype=torch.float64)
+            # The sums come back to the host (the model may run on a GPU; the scores live on the CPU).
+            echo += probs[:, rows, cols].sum(-1, dtype=torch.float64).cpu()
+            induction += probs[:, rows, cols + 1].sum(-1, dtype=torch.float64).cpu()
         self.echo_sum[layer] += echo
         self.induction_sum[layer] += induction
         self.layers_seen.append(layer)
@@ -165,7 +166,7 @@ class ProbeScorer:
         n_kv, group, rows, head_dim = q.shape
         logits = torch.bmm(q.reshape(n_kv, group * rows, head_dim), k.transpose(1, 2))
         logits = logits.view(n_kv * group, rows, b).mul_(scaling)
-        future = torch.ones(rows, b, dtype=torch.bool).triu_(a + 1)
+        future = torch.ones(rows, b, dtype=torch.bool, device=logits.device).triu_(a + 1)
         logits.masked_fill_(future, -math.inf)
         if mask is not None:
             block_mask = mask[:, a:b, :b]
@@ -253,7 +254,8 @@ def score_probe(
         progress=progress,
     )
     with torch.inference_mode(), scorer.active():
-        model.base_model(input_ids=input_ids[None], use_cache=False)
+        device = next(model.parameters()).device  # the probe runs where the model is (CPU or GPU)
+        model.base_model(input_ids=input_ids[None].to(device), use_cache=False)
     return scorer.result()
 
 
