@@ -161,16 +161,20 @@ def _timer(device: str):
 
 
 def _local_call(tk, query, local: dict, seq_lens, qsl, n_kv: int, scale: float, out, max_query_len: int):
-    """The local kernel, in whichever API this checkout has (the ops contract's, or the older positional)."""
-    try:
-        from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
-    except ImportError:
+    """The Triton local kernel, in whichever API it has: the ops contract's once ported to block tails
+    (it then has write_block_tails), else the older positional one (the same sinks + window +
+    compensation reads, so its time stands for the layer's local heads)."""
+    if not hasattr(tk, "write_block_tails"):
         return lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["comp"],
                                           local["block_table"], seq_lens, qsl, 0, n_kv, SINK, WINDOW, scale,
                                           out=out)
+    from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
+
+    # The compressed rule for every query (a prefill chunk at 128k in exact mode is plain causal
+    # attention over the whole prompt, i.e. what the retrieval rows time; the pool here keeps the window only).
     batch = PagedBatch(block_table=local["block_table"], seq_lens=seq_lens, query_start_loc=qsl,
-                       prompt_lens=seq_lens if max_query_len == 1 else seq_lens + 1, max_query_len=max_query_len)
-    rule, heads = LocalRule(sink=SINK, window=WINDOW), PoolHeads(offset=0, count=n_kv)
+                       max_query_len=max_query_len)
+    rule, heads = LocalRule(sink=SINK, window=WINDOW, exact_prefill=False), PoolHeads(offset=0, count=n_kv)
     return lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["comp"], batch, heads,
                                       rule, scale)
 

@@ -68,32 +68,48 @@ def test_fp8_cache_view_rejects_other_storage():
 # The reference kernels on any device (RAZOR_VLLM_KERNELS=reference on a GPU)
 
 
-def _retrieval_step():
+def _step():
+    """One mixed step (a chunk past the window, a decode, a padding request) of one pool."""
+    from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
+
     gen = torch.Generator().manual_seed(5)
-    kv = torch.randn(6, 3, 8, 32, generator=gen)
-    query = torch.randn(4, 4, 16, generator=gen)
-    block_table = torch.tensor([[2, 4, 0], [1, 5, 3]], dtype=torch.int32)
-    seq_lens = torch.tensor([11, 20], dtype=torch.int32)
-    qsl = torch.tensor([0, 1, 4], dtype=torch.int32)
-    return query, kv[..., :16], kv[..., 16:], block_table, seq_lens, qsl
+    kv = torch.randn(8, 3, 8, 32, generator=gen)
+    tails = torch.randn(8, 3, 2, 16, generator=gen)
+    query = torch.randn(7, 4, 16, generator=gen)
+    batch = PagedBatch(
+        block_table=torch.tensor([[2, 4, 6], [1, 5, 3], [0, 0, 0]], dtype=torch.int32),
+        seq_lens=torch.tensor([22, 20, 0], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, 6, 7, 7], dtype=torch.int32),
+        prompt_lens=torch.tensor([22, 12, 0], dtype=torch.int32),
+        max_query_len=6,
+    )
+    return query, kv, tails, batch, PoolHeads(offset=1, count=2), LocalRule(sink=2, window=5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ops/reference.py builds host tensors (torch.arange without device=); the kernels branch makes it "
-    "device-agnostic (issue 15 item 4): this turns XPASS (strict: a failure) once merged, then drop the marker",
-)
 def test_reference_builds_nothing_on_the_default_device():
     """Every tensor the reference makes must live on its inputs' device. With the default device set
     to "meta", a factory call without device= makes a meta tensor, and combining it with the (CPU)
-    caches raises, exactly as a host tensor against CUDA caches would on a GPU."""
+    caches raises, exactly as a host tensor against CUDA caches would on a GPU: all three kernels,
+    exact and compressed prefill, give the same results as without the meta default."""
     from razor_vllm.ops import reference
 
-    query, key_cache, value_cache, block_table, seq_lens, qsl = _retrieval_step()
-    expected = reference.paged_attention(query, key_cache, value_cache, block_table, seq_lens, qsl, 1, 2, 0.25)
+    query, kv, tails, batch, heads, rule = _step()
+    k, v = kv[..., :16], kv[..., 16:]
+    for exact in (True, False):
+        r = type(rule)(sink=rule.sink, window=rule.window, exact_prefill=exact)
+        expected = reference.local_attention(query, k, v, tails, batch, heads, r, 0.25)
+        with torch.device("meta"):
+            got = reference.local_attention(query, k, v, tails, batch, heads, r, 0.25)
+        assert got.device.type == "cpu" and torch.equal(got, expected)
+    expected = reference.paged_attention(query, k, v, batch, heads, 0.25)
     with torch.device("meta"):
-        got = reference.paged_attention(query, key_cache, value_cache, block_table, seq_lens, qsl, 1, 2, 0.25)
+        got = reference.paged_attention(query, k, v, batch, heads, 0.25)
     assert got.device.type == "cpu" and torch.equal(got, expected)
+    want = tails.clone()
+    reference.write_block_tails(k, v, want, batch, heads, rule)
+    with torch.device("meta"):
+        reference.write_block_tails(k, v, tails, batch, heads, rule)
+    assert torch.equal(tails, want) and tails.device.type == "cpu"
 
 
 def test_the_meta_default_device_catches_host_tensors():
