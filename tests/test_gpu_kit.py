@@ -133,3 +133,11 @@ def test_gpu_check_dry_run(kit, tmp_path):
     }
     assert all(r["razor_over_stock_vllm"] > 0 for r in timing["ratios"])
     assert "GPU check (dry, interpreter): PASS" in proc.stdout
+
+
+def test_kernels_come_from_this_checkout():
+    """With PYTHONPATH=<checkout> (worktrees, the GPU machine with nothing installed), the Triton
+    kernels are this checkout's triton_kernels/, not those of wherever an editable install points."""
+    import razor_vllm.triton_kernels as tk
+
+    assert Path(tk.__file__).resolve().parent == ROOT / "triton_kernels"
