@@ -146,12 +146,11 @@ class ProbeScorer:
             lo, hi = int(bounds[2 * n]), int(bounds[2 * n + 1])
             if lo == hi:
                 continue
-            rows = (self.qpos[lo:hi] - a).to(q.device)
-            cols = self.kpos[lo:hi].to(q.device)
+            rows = self.qpos[lo:hi] - a
+            cols = self.kpos[lo:hi]
             probs = self._block_probs(q[:, :, a:b], k[:, :b], mask, a, b, scaling)  # (H, b - a, b)
-            # The sums come back to the host (the model may run on a GPU; the scores live on the CPU).
-            echo += probs[:, rows, cols].sum(-1, dtype=torch.float64).cpu()
-            induction += probs[:, rows, cols + 1].sum(-1, dtype=torch.float64).cpu()
+            echo += probs[:, rows, cols].sum(-1, dtype=torch.float64)
+            induction += probs[:, rows, cols + 1].sum(-1, dtype=torch.float64)
         self.echo_sum[layer] += echo
         self.induction_sum[layer] += induction
         self.layers_seen.append(layer)
@@ -166,7 +165,7 @@ class ProbeScorer:
         n_kv, group, rows, head_dim = q.shape
         logits = torch.bmm(q.reshape(n_kv, group * rows, head_dim), k.transpose(1, 2))
         logits = logits.view(n_kv * group, rows, b).mul_(scaling)
-        future = torch.ones(rows, b, dtype=torch.bool, device=logits.device).triu_(a + 1)
+        future = torch.ones(rows, b, dtype=torch.bool).triu_(a + 1)
         logits.masked_fill_(future, -math.inf)
         if mask is not None:
             block_mask = mask[:, a:b, :b]
@@ -254,8 +253,7 @@ def score_probe(
         progress=progress,
     )
     with torch.inference_mode(), scorer.active():
-        device = next(model.parameters()).device  # the probe runs where the model is (CPU or GPU)
-        model.base_model(input_ids=input_ids[None].to(device), use_cache=False)
+        model.base_model(input_ids=input_ids[None], use_cache=False)
     return scorer.result()
 
 
