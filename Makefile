@@ -40,5 +40,14 @@ test-fast: setup
 loadtest: setup
 	$(PY) -m loadtest $(ARGS)
 
+# The GPU check kit (.gpukit, ignored): vLLM's Triton attention files from the installed package under an
+# import shim, plus the profiler's wheels; carry it to a CUDA machine and run scripts/gpu_check.sh there.
+.PHONY: gpu-kit gpu-check-dry
+gpu-kit: setup
+	$(PY) scripts/gpu_kit.py
+
+gpu-check-dry: gpu-kit
+	GPU_CHECK_PYTHON=$(PY) scripts/gpu_check.sh --dry
+
 clean:
-	rm -rf $(VENV) build *.egg-info razor_vllm/_C*.so
+	rm -rf $(VENV) build *.egg-info razor_vllm/_C*.so .gpukit

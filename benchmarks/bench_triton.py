@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,30 +53,31 @@ SHAPES = [
 ]
 
 
-def paged_cache(num_blocks: int, block_size: int, shape: Shape, dtype: torch.dtype, gen: torch.Generator):
+def paged_cache(num_blocks: int, block_size: int, shape: Shape, dtype: torch.dtype, gen: torch.Generator,
+                device: str = "cuda"):
     """Key and value views [num_blocks, H_pool, block_size, D] of one razor pool page layout; this
     layer's heads sit after another layer's (head_offset = num_kv_heads)."""
     d = shape.head_size
-    kv = torch.randn(num_blocks, 2 * shape.num_kv_heads, block_size, 2 * d, generator=gen).to(dtype).cuda()
+    kv = torch.randn(num_blocks, 2 * shape.num_kv_heads, block_size, 2 * d, generator=gen).to(dtype).to(device)
     return kv[..., :d], kv[..., d:]
 
 
-def shuffled_table(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
-    return (torch.randperm(rows * cols, generator=gen) + 1).view(rows, cols).to(torch.int32).cuda()
+def shuffled_table(rows: int, cols: int, gen: torch.Generator, device: str = "cuda") -> torch.Tensor:
+    return (torch.randperm(rows * cols, generator=gen) + 1).view(rows, cols).to(torch.int32).to(device)
 
 
-def local_pool(shape: Shape, dtype: torch.dtype, gen: torch.Generator) -> dict:
+def local_pool(shape: Shape, dtype: torch.dtype, gen: torch.Generator, device: str = "cuda") -> dict:
     """Local pool as razor leaves it: per request block 0 (sinks + sums) and the blocks of the last
     W + q_len tokens; block-table entries of freed blocks point at block 0 of the pool (never read)."""
     blocks = -(-shape.context // LOCAL_BLOCK)
     first_live = max(1, (shape.context - shape.q_len + 1 - WINDOW) // LOCAL_BLOCK)
     live = [0] + list(range(first_live, blocks))
-    ids = shuffled_table(shape.batch, len(live), gen).cpu()
+    ids = shuffled_table(shape.batch, len(live), gen, "cpu")
     table = torch.zeros(shape.batch, blocks, dtype=torch.int32)
     table[:, live] = ids
-    key_cache, value_cache = paged_cache(shape.batch * len(live) + 1, LOCAL_BLOCK, shape, dtype, gen)
-    comp = torch.randn(key_cache.shape[0], key_cache.shape[1], 2, shape.head_size, generator=gen).cuda() * 10
-    return dict(key_cache=key_cache, value_cache=value_cache, comp=comp, block_table=table.cuda())
+    key_cache, value_cache = paged_cache(shape.batch * len(live) + 1, LOCAL_BLOCK, shape, dtype, gen, device)
+    comp = torch.randn(key_cache.shape[0], key_cache.shape[1], 2, shape.head_size, generator=gen).to(device) * 10
+    return dict(key_cache=key_cache, value_cache=value_cache, comp=comp, block_table=table.to(device))
 
 
 def kv_bytes(shape: Shape, dtype: torch.dtype, tokens: int) -> int:
@@ -135,6 +137,152 @@ def bench(shape: Shape, dtype: torch.dtype, gen: torch.Generator, cudagraph: boo
         rate = f"{gbps:7.0f}" if gbps is not None else "      -"
         print(f"{shape.name:24s} {str(dtype)[6:]:9s} {op:22s} {ms:8.4f} ms  graph {graph} ms  {rate} GB/s", flush=True)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Long context: one layer of razor against the stock baselines (used by benchmarks/gpu_check.py)
+
+RETRIEVAL_FRACTION = 0.15  # the paper's share of retrieval heads (at least one KV head per layer here)
+
+
+def _timer(device: str):
+    """triton.testing.do_bench's median on CUDA; one untimed-quality wall-clock run in the interpreter."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+    def wall(fn):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    return wall
+
+
+def _local_call(tk, query, local: dict, seq_lens, qsl, n_kv: int, scale: float, out, max_query_len: int):
+    """The Triton local kernel, in whichever API it has: the ops contract's once ported to block tails
+    (it then has write_block_tails), else the older positional one (the same sinks + window +
+    compensation reads, so its time stands for the layer's local heads)."""
+    if not hasattr(tk, "write_block_tails"):
+        return lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["comp"],
+                                          local["block_table"], seq_lens, qsl, 0, n_kv, SINK, WINDOW, scale,
+                                          out=out)
+    from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
+
+    # The compressed rule for every query (a prefill chunk at 128k in exact mode is plain causal
+    # attention over the whole prompt, i.e. what the retrieval rows time; the pool here keeps the window only).
+    batch = PagedBatch(block_table=local["block_table"], seq_lens=seq_lens, query_start_loc=qsl,
+                       max_query_len=max_query_len)
+    rule, heads = LocalRule(sink=SINK, window=WINDOW, exact_prefill=False), PoolHeads(offset=0, count=n_kv)
+    return lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["comp"], batch, heads,
+                                      rule, scale)
+
+
+def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device: str) -> list[dict]:
+    """Time one layer at ``context`` (the last ``q_len`` positions are this step's queries).
+
+    stock_vllm: vLLM's unified_attention over every KV head in vLLM's own cache layout (block 16),
+    choosing 2D or split-key exactly as vLLM's TRITON_ATTN does (max_query_len, grid size).
+    flash_sdpa: torch's flash SDPA over contiguous K/V (GQA expanded beforehand), the stock
+    FLASH_ATTN stand-in: no paging at all, so a lower bound for what stock pays.
+    razor: retrieval heads (15%, at least one) through vLLM's kernel on the razor pool (block 187,
+    split-key by shape) plus the other heads through our local kernel (sinks + window + compensation).
+    """
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from razor_vllm import triton_kernels as tk
+
+    timer = _timer(device)
+    d, n_kv, g = model.head_size, model.num_kv_heads, model.g
+    n_ret = max(1, round(RETRIEVAL_FRACTION * n_kv))
+    n_loc = n_kv - n_ret
+    scale = d**-0.5
+    tokens = batch * q_len
+    dev = torch.device(device)
+    dgen = torch.Generator(device=dev).manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+
+    def rand(*shape):  # drawn on the device: 128k-token caches are gigabytes
+        return torch.randn(*shape, generator=dgen, device=dev, dtype=dtype)
+
+    def table(rows, cols):
+        return (torch.randperm(rows * cols, generator=gen) + 1).view(rows, cols).to(torch.int32).to(dev)
+
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    qsl = (torch.arange(batch + 1, dtype=torch.int32) * q_len).to(dev)
+    rows = []
+
+    def record(name, fn, heads):
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ms = timer(fn)
+        rows.append(dict(model=model.name, context=context, batch=batch, q_len=q_len, dtype=str(dtype)[6:],
+                         op=name, kv_heads=heads, ms=ms))
+
+    # Stock: all heads, vLLM's layout [blocks, 16, kv_heads, D] (given as our [blocks, heads, 16, D] view).
+    query = rand(tokens, n_kv * g, d)
+    out = torch.empty_like(query)
+    blocks = -(-context // 16)
+    stock = rand(2, batch * blocks + 1, 16, n_kv, d)
+    stock_table = table(batch, blocks)
+    sk, sv = stock[0].permute(0, 2, 1, 3), stock[1].permute(0, 2, 1, 3)
+    record("stock_vllm", lambda: tk.paged_attention(query, sk, sv, stock_table, seq_lens, qsl, 0, n_kv, scale,
+                                                    out=out, max_query_len=q_len), n_kv)
+    # Flash SDPA over contiguous K/V: [batch, heads, len, D], causal over the last q_len positions.
+    q4 = query.view(batch, q_len, n_kv * g, d).transpose(1, 2)
+    k4 = rand(batch, n_kv, context, d).repeat_interleave(g, dim=1)
+    v4 = rand(batch, n_kv, context, d).repeat_interleave(g, dim=1)
+    mask = None
+    if q_len > 1:  # bottom-right causal: query i sees keys [0, context - q_len + i]
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(q_len, context)
+    backends = [SDPBackend.FLASH_ATTENTION] if device == "cuda" else [SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        record("flash_sdpa", lambda: F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale), n_kv)
+    # Razor: retrieval heads over the razor pool (block 187), split-key chosen by the kernel.
+    q_ret, out_ret = query[:, : n_ret * g], torch.empty_like(query[:, : n_ret * g])
+    rblocks = -(-context // RETRIEVAL_BLOCK)
+    rkv = rand(batch * rblocks + 1, n_ret, RETRIEVAL_BLOCK, 2 * d)
+    rtable = table(batch, rblocks)
+    record("razor_retrieval", lambda: tk.paged_attention(q_ret, rkv[..., :d], rkv[..., d:], rtable, seq_lens, qsl,
+                                                         0, n_ret, scale, out=out_ret, max_query_len=q_len), n_ret)
+    if q_len == 1 and device == "cuda":
+        record("razor_retrieval_2d_only", lambda: tk.paged_attention(
+            q_ret, rkv[..., :d], rkv[..., d:], rtable, seq_lens, qsl, 0, n_ret, scale, out=out_ret,
+            max_query_len=q_len, split_keys=False), n_ret)
+    # Local heads: this layer's others; a rank with one KV head (70B at TP=8) holds either kind in a
+    # given layer, so there the local kernel is timed on that head and ratios() weighs the two kinds.
+    heads = n_loc or n_kv
+    shape = Shape("", heads * g, heads, d, batch, q_len, context)
+    local = local_pool(shape, dtype, gen, device)
+    q_loc = query[:, n_ret * g :] if n_loc else query
+    out_loc = torch.empty_like(q_loc)
+    record("razor_local" if n_loc else "razor_local_all_heads",
+           _local_call(tk, q_loc, local, seq_lens, qsl, heads, scale, out_loc, q_len), heads)
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """razor (retrieval + local) over each stock baseline, per (model, phase, context)."""
+    out = []
+    keys = sorted({(r["model"], r["q_len"], r["context"], r["batch"]) for r in rows})
+    for model, q_len, context, batch in keys:
+        ms = {r["op"]: r["ms"] for r in rows if (r["model"], r["q_len"], r["context"], r["batch"]) == (model, q_len,
+                                                                                                   context, batch)}
+        if "razor_local" in ms:  # this layer's retrieval heads + its local heads
+            razor = ms["razor_retrieval"] + ms["razor_local"]
+        else:  # one KV head per rank: a layer is retrieval with probability RETRIEVAL_FRACTION
+            razor = RETRIEVAL_FRACTION * ms["razor_retrieval"] + (1 - RETRIEVAL_FRACTION) * ms["razor_local_all_heads"]
+        out.append(dict(model=model, phase="decode" if q_len == 1 else "prefill", context=context, batch=batch,
+                        q_len=q_len, razor_ms=razor, stock_vllm_ms=ms.get("stock_vllm"),
+                        flash_sdpa_ms=ms.get("flash_sdpa"), razor_over_stock_vllm=razor / ms["stock_vllm"],
+                        razor_over_flash_sdpa=razor / ms["flash_sdpa"],
+                        split_speedup=(ms["razor_retrieval_2d_only"] / ms["razor_retrieval"]
+                                       if "razor_retrieval_2d_only" in ms else None)))
+    return out
 
 
 def main() -> None:

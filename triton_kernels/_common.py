@@ -7,13 +7,14 @@ no host synchronisation and are safe inside CUDA-graph capture.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # vLLM's fp8/fp8_e4m3 and fp8_e5m2 KV caches
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, *FP8_DTYPES)
 
 
 @dataclass
@@ -37,13 +38,20 @@ def head_pad(head_size: int) -> int:
     return max(16, triton.next_power_of_2(head_size))
 
 
-def check_cache_pair(key_cache: torch.Tensor, value_cache: torch.Tensor, head_offset: int, num_kv_heads: int) -> None:
+def check_cache_pair(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, head_offset: int, num_kv_heads: int, allow_fp8: bool = False
+) -> None:
+    """``allow_fp8``: the kernel reads float8 caches with vLLM's scales (store_kv, paged_attention)."""
     if key_cache.dim() != 4 or value_cache.dim() != 4:
         raise ValueError(f"caches must be [num_blocks, H_pool, block_size, D], got {tuple(key_cache.shape)}")
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
-    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in CACHE_DTYPES:
-        raise ValueError(f"caches must both be float32, bfloat16 or float16, got {key_cache.dtype}/{value_cache.dtype}")
+    allowed = CACHE_DTYPES if allow_fp8 else tuple(d for d in CACHE_DTYPES if d not in FP8_DTYPES)
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in allowed:
+        raise ValueError(
+            f"caches must both be float32, bfloat16, float16{' or float8 (e4m3fn/e5m2)' if allow_fp8 else ''}, "
+            f"got {key_cache.dtype}/{value_cache.dtype}"
+        )
     if key_cache.device != value_cache.device:
         raise ValueError(f"key_cache is on {key_cache.device}, value_cache on {value_cache.device}")
     if key_cache.stride(3) != 1 or value_cache.stride(3) != 1:
@@ -62,11 +70,32 @@ def check_query(query: torch.Tensor, key_cache: torch.Tensor, num_kv_heads: int)
         raise ValueError(f"query is on {query.device}, the cache on {key_cache.device}")
     if query.shape[2] != key_cache.shape[3]:
         raise ValueError(f"query head_size {query.shape[2]} != cache head_size {key_cache.shape[3]}")
-    if query.dtype != key_cache.dtype:
+    if query.dtype != key_cache.dtype and key_cache.dtype not in FP8_DTYPES:
         raise ValueError(f"query is {query.dtype}, the cache {key_cache.dtype}: the Triton kernels need them equal")
+    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"query must be float32, bfloat16 or float16, got {query.dtype}")
     if query.shape[1] % num_kv_heads:
         raise ValueError(f"num_q_heads={query.shape[1]} is not a multiple of num_kv_heads={num_kv_heads}")
     return query.shape[1] // num_kv_heads
+
+
+def check_scales(
+    key_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]
+) -> None:
+    """An fp8 cache needs vLLM's per-tensor scales (stored = value / scale): 1-element fp32 tensors
+    on the cache's device, read by the kernel (no host sync); other caches take none."""
+    if key_cache.dtype not in FP8_DTYPES:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale/v_scale are for float8 caches; this cache is {key_cache.dtype}")
+        return
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"a {key_cache.dtype} cache needs {name} (the layer's _{name}, fp32, 1 element)")
+        if scale.dtype != torch.float32 or scale.numel() < 1 or scale.device != key_cache.device:
+            raise ValueError(
+                f"{name} must be a float32 tensor on {key_cache.device}, got {scale.dtype} "
+                f"{tuple(scale.shape)} on {scale.device}"
+            )
 
 
 def check_comp(comp: torch.Tensor, key_cache: torch.Tensor) -> None:

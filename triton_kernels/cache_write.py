@@ -3,15 +3,22 @@
 Unlike ``razor_vllm.ops.cache.SlotIndex`` (which drops padding rows on the host), the kernel reads
 ``slot_mapping`` on the device and skips negative slots (vLLM's padding), so the launch depends on
 shapes only and can be captured in a CUDA graph. One program per token, all of its heads at once.
+
+fp8 caches (vLLM's ``--kv-cache-dtype fp8/fp8_e4m3/fp8_e5m2``): pass float8 views of the pool and the
+layer's per-tensor ``k_scale``/``v_scale``; the kernel stores ``value / scale`` clamped to the format's
+finite range and rounded to nearest, as vLLM's ``reshape_and_cache_flash`` does (saturating instead
+of producing inf/NaN for outliers).
 """
 
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import Launch, check_cache_pair, head_pad
+from ._common import FP8_DTYPES, Launch, check_cache_pair, check_scales, head_pad
 
 
 @triton.jit(do_not_specialize=["head_offset"])
@@ -21,6 +28,8 @@ def _store_kv_kernel(
     key_ptr,
     value_ptr,
     slot_mapping_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     head_offset,
     stride_key_tok,
     stride_key_head,
@@ -37,6 +46,8 @@ def _store_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
+    FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
@@ -52,6 +63,9 @@ def _store_kv_kernel(
     v = tl.load(value_ptr + tok * stride_value_tok + h[:, None] * stride_value_head + d[None, :], mask=mask)
     k_dst = k_cache_ptr + block * stride_k_block + offset * stride_k_slot + pool_head[:, None] * stride_k_head
     v_dst = v_cache_ptr + block * stride_v_block + offset * stride_v_slot + pool_head[:, None] * stride_v_head
+    if FP8:
+        k = tl.clamp(k.to(tl.float32) / tl.load(k_scale_ptr), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32) / tl.load(v_scale_ptr), -FP8_MAX, FP8_MAX)
     tl.store(k_dst + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_dst + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -63,12 +77,16 @@ def plan(
     value: torch.Tensor,
     slot_mapping: torch.Tensor,
     head_offset: int,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> Launch:
     if key.dim() != 3 or key.shape != value.shape:
         raise ValueError(
             f"key and value must both be [num_tokens, heads, D], got {tuple(key.shape)} and {tuple(value.shape)}"
         )
-    check_cache_pair(key_cache, value_cache, head_offset, key.shape[1])
+    check_cache_pair(key_cache, value_cache, head_offset, key.shape[1], allow_fp8=True)
+    check_scales(key_cache, k_scale, v_scale)
+    fp8 = key_cache.dtype in FP8_DTYPES
     if key.shape[2] != key_cache.shape[3]:
         raise ValueError(f"key head_size {key.shape[2]} != cache head_size {key_cache.shape[3]}")
     if key.device != key_cache.device or value.device != key_cache.device or slot_mapping.device != key_cache.device:
@@ -87,6 +105,7 @@ def plan(
         grid=(key.shape[0],),
         args=dict(
             k_cache_ptr=key_cache, v_cache_ptr=value_cache, key_ptr=key, value_ptr=value, slot_mapping_ptr=slot_mapping,
+            k_scale_ptr=k_scale if fp8 else slot_mapping, v_scale_ptr=v_scale if fp8 else slot_mapping,
             head_offset=head_offset, stride_key_tok=key.stride(0), stride_key_head=key.stride(1),
             stride_value_tok=value.stride(0), stride_value_head=value.stride(1),
             stride_k_block=key_cache.stride(0), stride_k_head=key_cache.stride(1), stride_k_slot=key_cache.stride(2),
@@ -95,7 +114,8 @@ def plan(
         ),  # fmt: skip
         constexprs=dict(
             NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), BLOCK_SIZE=key_cache.shape[2],
-            HEAD_SIZE=head_size, HEAD_PAD=head_pad(head_size),
+            HEAD_SIZE=head_size, HEAD_PAD=head_pad(head_size), FP8=fp8,
+            FP8_MAX=torch.finfo(key_cache.dtype).max if fp8 else 0.0,
         ),  # fmt: skip
         options=dict(num_warps=1 if num_heads * head_size <= 1024 else 4),
     )
@@ -107,8 +127,14 @@ def store_kv(
     key: torch.Tensor,
     value: torch.Tensor,
     slot_mapping: torch.Tensor,
-    head_offset: int,
+    heads: Any,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> None:
-    """Store key/value [T, n, D] at pool heads [head_offset, head_offset + n) of slots ``slot_mapping``
-    (block * block_size + offset in this pool; negative = padding, skipped)."""
-    plan(key_cache, value_cache, key, value, slot_mapping, head_offset)()
+    """Store key/value [T, n, D] at pool heads [offset, offset + n) of slots ``slot_mapping``
+    (block * block_size + offset in this pool; negative = padding, skipped).
+
+    ``heads``: the contract's ``PoolHeads`` or the first pool head (int). fp8 caches need the scales.
+    """
+    head_offset = heads if isinstance(heads, int) else heads.offset
+    plan(key_cache, value_cache, key, value, slot_mapping, head_offset, k_scale, v_scale)()

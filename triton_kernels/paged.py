@@ -8,19 +8,40 @@ slice of the head axis (a pointer offset). It looks up each key's block as
 need not be a power of two (e.g. 187), handles GQA, varlen and chunked queries (cu_seqlens_q =
 query_start_loc, seqused_k = seq_lens) and requests without queries (batch padding).
 
-Launch: vLLM's 2D grid (num_tokens // BLOCK_Q + num_reqs, kv_heads) is fixed by shapes, so the call
-is CUDA-graph safe. Its split-softmax 3D decode path needs the builder to own scratch buffers and
-pass ``max_query_len``, which the ops signature does not carry; it is not used.
-fp32 inputs go through tl.dot's default precision (TF32 on NVIDIA), as in vLLM's TRITON_ATTN.
+Two launches, chosen from shapes and the step's exact ``max_query_len`` (a host value every vLLM
+builder has; the same for every replay of a captured decode graph):
+
+- 2D (vLLM's prefill path): one program per (query tile, KV head), each walking the whole context.
+  Used for prefill and for decode batches large enough to fill the GPU.
+- split-key ("3D", vLLM's split-softmax decode path): each (request, KV head) is further split into
+  ``SPLIT_SEGMENTS`` segments of the key axis, each writes a partial softmax (max, sum, output) to
+  fp32 scratch, and a second kernel merges them. Used for pure-decode steps (max_query_len == 1)
+  whose 2D grid would have at most about ``MIN_2D_PROGRAMS`` programs: RazorAttention leaves few
+  retrieval heads per layer (often 1 or 2 KV heads), so a small decode batch at 32k-128k context would
+  otherwise run a handful of programs, each reading the whole context, on a 132-SM GPU. vLLM's own
+  TRITON_ATTN picks the same way (MIN_LAUNCH_GRID_SIZE_2D = 128). The scratch is allocated per call
+  from shapes alone (the caching allocator, or a CUDA graph's pool during capture), so the launch
+  stays graph-safe. Departure: rows of the output that belong to no request (vLLM's padding tokens)
+  are written with unspecified values by the merge kernel in this path; vLLM never reads them.
+
+fp8 KV cache (vLLM's per-tensor scales, ``--kv-cache-dtype fp8/fp8_e4m3/fp8_e5m2``): pass the caches
+as float8 views and ``k_scale``/``v_scale`` (the layer's ``_k_scale``/``_v_scale``, 1-element fp32
+device tensors); vLLM's kernel dequantizes each tile (FP8_PER_TENSOR mode) and computes as for the
+query's dtype. fp32 inputs go through tl.dot's default precision (TF32 on NVIDIA), as in TRITON_ATTN.
 """
 
 from __future__ import annotations
 
 from functools import cache
+from typing import Any, Optional
 
 import torch
+import triton
 
-from ._common import check_cache_pair, check_output, check_query, metadata
+from ._common import FP8_DTYPES, check_cache_pair, check_output, check_query, check_scales, metadata
+
+SPLIT_SEGMENTS = 16  # vLLM's NUM_PAR_SOFTMAX_SEGMENTS
+MIN_2D_PROGRAMS = 128  # vLLM's MIN_LAUNCH_GRID_SIZE_2D: below this many 2D programs, split the keys
 
 
 @cache
@@ -37,53 +58,105 @@ def _unified_attention():
     return unified_attention
 
 
+@cache
+def _fp8_per_tensor_mode():
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    return KVQuantMode.FP8_PER_TENSOR
+
+
 def pool_view(cache: torch.Tensor, head_offset: int, num_kv_heads: int) -> torch.Tensor:
     """[num_blocks, H_pool, block_size, D] -> vLLM's [num_blocks, block_size, num_kv_heads, D], no copy."""
     return cache.permute(0, 2, 1, 3)[:, :, head_offset : head_offset + num_kv_heads]
+
+
+def use_split_keys(num_tokens: int, num_reqs: int, num_kv_heads: int, max_query_len: int) -> bool:
+    """The split-key path: pure-decode steps (``max_query_len == 1``, exact) whose 2D grid is small,
+    by TRITON_ATTN's rule (num_seqs <= MIN_LAUNCH_GRID_SIZE_2D // num_kv_heads; padding requests count)."""
+    return max_query_len == 1 and num_tokens > 0 and num_reqs <= MIN_2D_PROGRAMS // num_kv_heads
 
 
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    head_offset: int,
-    num_kv_heads: int,
-    scale: float,
-    out: torch.Tensor | None = None,
+    *args: Any,
+    out: Optional[torch.Tensor] = None,
+    max_query_len: int = 0,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    split_keys: Optional[bool] = None,
 ) -> torch.Tensor:
     """Causal attention of retrieval heads over the paged cache; returns [T, Hq, D] in query's dtype.
 
-    Rows that belong to no request are zero, or left as they are when ``out`` is given.
+    Takes the kernel contract's ``(query, key_cache, value_cache, batch: PagedBatch, heads: PoolHeads,
+    scale)`` (``max_query_len`` then comes from ``batch``) or the older positional
+    ``(..., block_table, seq_lens, query_start_loc, head_offset, num_kv_heads, scale)``.
+    ``max_query_len``: the step's longest query (0 = unknown: no split). ``split_keys``: force a path
+    (tests). Rows that belong to no request are zero, or left as they are when ``out`` is given (2D
+    path; see the module docstring for the split path).
     """
-    check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads)
+    if len(args) == 3 and hasattr(args[0], "block_table"):
+        batch, heads, scale = args
+        block_table, seq_lens, query_start_loc = batch.block_table, batch.seq_lens, batch.query_start_loc
+        head_offset, num_kv_heads = heads.offset, heads.count
+        max_query_len = max_query_len or batch.max_query_len
+    elif len(args) == 6:
+        block_table, seq_lens, query_start_loc, head_offset, num_kv_heads, scale = args
+    else:
+        raise TypeError("paged_attention takes (query, key_cache, value_cache, batch, heads, scale)")
+    check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads, allow_fp8=True)
     check_query(query, key_cache, num_kv_heads)
+    fp8 = key_cache.dtype in FP8_DTYPES
+    check_scales(key_cache, k_scale, v_scale)
     block_table, seq_lens, query_start_loc = metadata(block_table, seq_lens, query_start_loc, key_cache.device)
     if out is None:
         out = torch.zeros_like(query, memory_format=torch.contiguous_format)
     check_output(out, query)
     if query.stride(2) != 1:
         query = query.contiguous()
-    if query.shape[0] == 0 or seq_lens.shape[0] == 0:
+    num_tokens, num_reqs = query.shape[0], seq_lens.shape[0]
+    if num_tokens == 0 or num_reqs == 0:
         return out
+    if split_keys is None:
+        split_keys = use_split_keys(num_tokens, num_reqs, num_kv_heads, max_query_len)
+    split: dict[str, Any] = {}
+    if split_keys:
+        segments = torch.empty(
+            num_tokens,
+            query.shape[1],
+            SPLIT_SEGMENTS,
+            triton.next_power_of_2(query.shape[2]),
+            dtype=torch.float32,
+            device=query.device,
+        )
+        split = dict(
+            seq_threshold_3D=num_reqs,
+            num_par_softmax_segments=SPLIT_SEGMENTS,
+            softmax_segm_output=segments,
+            softmax_segm_max=torch.empty(segments.shape[:3], dtype=torch.float32, device=query.device),
+            softmax_segm_expsum=torch.empty(segments.shape[:3], dtype=torch.float32, device=query.device),
+        )
+    if fp8:
+        split["kv_quant_mode"] = _fp8_per_tensor_mode()
     _unified_attention()(
         q=query,
         k=pool_view(key_cache, head_offset, num_kv_heads),
         v=pool_view(value_cache, head_offset, num_kv_heads),
         out=out,
         cu_seqlens_q=query_start_loc,
-        max_seqlen_q=query.shape[0],  # an upper bound; only tile tuning reads it
+        # vLLM takes the 3D path only when max_seqlen_q <= 1; otherwise an upper bound (tile tuning only).
+        max_seqlen_q=1 if split_keys else num_tokens,
         seqused_k=seq_lens,
-        max_seqlen_k=block_table.shape[1] * key_cache.shape[2],  # upper bound; unused by the 2D path
+        max_seqlen_k=block_table.shape[1] * key_cache.shape[2],  # upper bound; unused by the kernel
         softmax_scale=float(scale),
         causal=True,
         window_size=(-1, -1),
         block_table=block_table,
         softcap=0,
         q_descale=None,
-        k_descale=None,
-        v_descale=None,
+        k_descale=k_scale if fp8 else None,
+        v_descale=v_scale if fp8 else None,
+        **split,
     )
     return out
