@@ -152,6 +152,7 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
         resolved.local_block_size,
         torch.tensor([], dtype=dtype).element_size(),
         default_block_size=vllm_config.cache_config.block_size,
+        hash_aligned=bool(vllm_config.cache_config.enable_prefix_caching),
     )
     retrieval_spec, local_spec = build_specs(layout, first.head_size, dtype, resolved.sink, resolved.window)
     if retrieval_spec is not None:

@@ -57,7 +57,9 @@ class RazorLocalSpec(SlidingWindowSpec):
 
     @property
     def prefix_cacheable(self) -> bool:
-        return False
+        # Every block's tail holds sums over the positions before it, written once when the block
+        # is started (CONTRACT.md "block tails"): a block depends only on its token prefix.
+        return True
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
         window_blocks = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
@@ -124,7 +126,7 @@ def build_specs(
             dtype=dtype,
             sliding_window=window,
             sink=sink,
-            page_size_padded=layout.local_pool_heads * (layout.local_block_size + layout.tail_slots) * token_bytes,
+            page_size_padded=layout.page_slots() * token_bytes,
         )
     if retrieval is not None and local is not None:
         assert retrieval.page_size_bytes == local.page_size_bytes, (retrieval, local)

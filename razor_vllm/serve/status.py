@@ -79,7 +79,12 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
     for rank in range(tp):
         per_layer = [shard_kv_heads(h, served.num_kv_heads, tp, rank) for h in resolved.retrieval_heads]
         layout = plan_layout(
-            per_layer, kv_heads_per_rank, resolved.local_block_size, elem, default_block_size=stock_block
+            per_layer,
+            kv_heads_per_rank,
+            resolved.local_block_size,
+            elem,
+            default_block_size=stock_block,
+            hash_aligned=bool(vllm_config.cache_config.enable_prefix_caching),
         )
         retrieval_spec, local_spec = build_specs(layout, served.head_size, dtype, resolved.sink, resolved.window)
         page_bytes = layout.page_slots() * head_token_bytes
