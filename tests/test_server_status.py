@@ -112,9 +112,8 @@ def test_bytes_per_token_and_ratio(status, server):
     assert (retrieval["heads"], local["heads"]) == (14, 76)
     assert 14 <= retrieval["pool_heads"] and 76 <= local["pool_heads"]  # plus padding heads, if any
     assert bpt["retrieval"] == retrieval["pool_heads"] * head_token
-    assert bpt["local"] == local["pool_heads"] * (local["block_size"] + local["tail_slots"]) * head_token // local[
-        "block_size"
-    ]
+    local_slots = local["pool_heads"] * (local["block_size"] + local["tail_slots"]) + local["page_padding_slots"]
+    assert bpt["local"] == local_slots * head_token // local["block_size"]
     assert retrieval["page_bytes"] == local["page_bytes"]  # one block pool, equal pages
 
     # The worker (another process) logged the same pools.

@@ -111,6 +111,7 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
                     block_size=bs,
                     page_bytes=local_spec.page_size_bytes,
                     tail_slots=layout.tail_slots,
+                    page_padding_slots=layout.page_padding_slots,  # hash-aligned layouts (prefix caching)
                 )
         razor_bytes += pages * page_bytes
         all_ranks_page_bytes += page_bytes
