@@ -24,13 +24,15 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.utils.math_utils import cdiv
-from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+from vllm.v1.core.kv_cache_utils import resolve_block_hashes
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SlidingWindowManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 
 from razor_vllm.layout import PoolLayout
 
 if TYPE_CHECKING:
     from vllm.v1.attention.backend import AttentionBackend
+    from vllm.v1.request import Request
 
 logger = init_logger("vllm." + __name__)  # under "vllm" so it shares vLLM's log handlers
 
@@ -41,15 +43,47 @@ LOCAL_POOL_NAME = "razor_pools.100001.local"
 POOL_LABELS = {RETRIEVAL_POOL_NAME: "retrieval", LOCAL_POOL_NAME: "local"}  # metric / status labels
 
 
+def _prefix_cacheable_tokens(request: Any, num_tokens: int, exact_prefill: bool) -> int:
+    """How many of ``num_tokens`` a razor pool may publish to the prefix cache.
+
+    Exact prefill: only prompt positions. K/V at a position computed as a decode query (a generated
+    token, or one recomputed after preemption) come from local heads that read the compressed
+    cache, so they differ from what an exact prefill of the same tokens writes, in both pools (the
+    retrieval heads' inputs depend on earlier layers' local heads). A later prompt that re-sends
+    an answer (multi-turn chat) must prefill it exactly, not hit those blocks.
+    Compressed prefill: prompt and decode queries follow the same rule, so every token is cacheable.
+    """
+    if exact_prefill:
+        return min(num_tokens, request.num_prompt_tokens)
+    return num_tokens
+
+
+@dataclass(frozen=True, kw_only=True)
+class RazorRetrievalSpec(FullAttentionSpec):
+    """The retrieval pool: full attention whose prefix-cache entries stop at the prompt in exact mode."""
+
+    exact_prefill: bool = True
+
+
+class RazorRetrievalManager(FullAttentionManager):
+    """vLLM's full-attention manager, publishing only what ``_prefix_cacheable_tokens`` allows."""
+
+    def cache_blocks(self, request: Request, num_tokens: int, *args, **kwargs) -> None:
+        exact = self.kv_cache_spec.exact_prefill
+        super().cache_blocks(request, _prefix_cacheable_tokens(request, num_tokens, exact), *args, **kwargs)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RazorLocalSpec(SlidingWindowSpec):
     """Sliding window plus ``sink`` tokens at the start that are never freed.
 
-    The first ``sink_blocks`` blocks of a request stay allocated (they hold the sink tokens and,
-    in block 0's page tail, the compensation sums), so admission reserves them too.
+    The first ``sink_blocks`` blocks of a request stay allocated (they hold the sink tokens), so
+    admission reserves them too. Each block's page tail holds the fp32 sums of the positions
+    between the sinks and the block (CONTRACT.md "block tails").
     """
 
     sink: int = 0
+    exact_prefill: bool = True
 
     @property
     def sink_blocks(self) -> int:
@@ -70,11 +104,24 @@ class RazorLocalSpec(SlidingWindowSpec):
 
 
 class RazorLocalManager(SlidingWindowManager):
-    """Frees window blocks that slid out, but never the request's sink blocks."""
+    """Frees window blocks that slid out, but never the request's sink blocks; prefix-cache hits
+    carry what the rest of the request reads.
+
+    A hit of ``h`` tokens (a multiple of vLLM's hit alignment, so a local block boundary) needs:
+    - exact prefill: every block before ``h`` (the rest of the prompt attends to all of it);
+    - compressed prefill: the sink blocks and the blocks of the window of position ``h``, from block
+      ``c = (h - W + 1) // B`` (its tail holds the sums up to it) to block ``h/B - 1``.
+    Both include block ``h/B - 1``, whose tail and positions the first block the request starts
+    reads. Blocks a request takes from the cache were started (tails written) by another request
+    and are never written again: the request computes positions >= ``h`` only, so the first block
+    it starts is ``h/B``, a fresh block of its own (no partial hits: vLLM's sliding-window hits are
+    whole blocks). Freed blocks stay hashed in vLLM's free queue until reused, as stock's do.
+    """
 
     def __init__(self, kv_cache_spec: RazorLocalSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.sink_blocks = kv_cache_spec.sink_blocks
+        self.exact_prefill = kv_cache_spec.exact_prefill
 
     def remove_skipped_blocks(
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: Optional[int] = None
@@ -85,6 +132,121 @@ class RazorLocalManager(SlidingWindowManager):
         blocks = self.req_to_blocks[request_id]
         last = min(num_skipped_tokens // self.block_size, len(blocks))
         self._remove_blocks_in_range(request_id, self.sink_blocks, last)
+
+    # -- prefix caching --------------------------------------------------------------------------
+
+    @classmethod
+    def find_longest_cache_hit(
+        cls,
+        block_hashes,
+        max_length: int,
+        kv_cache_group_ids: list[int],
+        block_pool,
+        kv_cache_spec: KVCacheSpec,
+        drop_eagle_block: bool,
+        alignment_tokens: int,
+        dcp_world_size: int = 1,
+        pcp_world_size: int = 1,
+    ):
+        assert isinstance(kv_cache_spec, RazorLocalSpec)
+        assert dcp_world_size == 1 and pcp_world_size == 1 and not drop_eagle_block
+        block_size = kv_cache_spec.block_size
+        block_hashes = resolve_block_hashes(
+            block_hashes,
+            block_pool.hash_block_size,
+            block_size,
+            supports_fine_grained_hash_lookup=cls.supports_fine_grained_hash_lookup,
+            alignment_tokens=alignment_tokens,
+        )
+        max_blocks = min(max_length // block_size, len(block_hashes))
+        found: dict[int, Any] = {}
+
+        def cached(i: int):
+            if i not in found:
+                found[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
+            return found[i]
+
+        def aligned(k: int) -> bool:
+            return (k * block_size) % alignment_tokens == 0
+
+        if kv_cache_spec.exact_prefill:
+            # Every block from 0: the longest cached run (chained hashes), cut to the alignment.
+            run = 0
+            while run < max_blocks and cached(run):
+                run += 1
+            hits = [(k, range(k)) for k in range(run, 0, -1) if aligned(k)][:1]
+        else:
+            window_blocks = cdiv(kv_cache_spec.sliding_window - 1, block_size)
+            sinks = kv_cache_spec.sink_blocks
+            hits = (
+                (k, sorted({*range(min(sinks, k)), *range(max(0, k - window_blocks), k)}))
+                for k in range(max_blocks, 0, -1)  # longest hit first
+                if aligned(k)
+            )
+        for k, needed in hits:
+            if all(cached(i) for i in needed):
+                hit = tuple([block_pool.null_block] * k for _ in kv_cache_group_ids)
+                for i in needed:
+                    for computed, block in zip(hit, cached(i)):
+                        computed[i] = block
+                return hit, k * block_size
+        return tuple([] for _ in kv_cache_group_ids), 0
+
+    def _kept_hit_blocks(self, new_computed_blocks, num_computed_tokens: int) -> list:
+        """The hit's blocks this request holds: all of them in exact mode (the prompt's rest reads them;
+        the manager frees them once the prompt is done), else the sink blocks and those from the
+        first block of the window on (the finder already put nulls between)."""
+        if self.exact_prefill:
+            return list(new_computed_blocks)
+        skipped = self.get_num_skipped_tokens(num_computed_tokens) // self.block_size
+        return [
+            b if i < self.sink_blocks or i >= skipped else self._null_block for i, b in enumerate(new_computed_blocks)
+        ]
+
+    def get_num_blocks_to_allocate(
+        self, request_id: str, num_tokens: int, new_computed_blocks, total_computed_tokens: int, *args, **kwargs
+    ) -> int:
+        num = super().get_num_blocks_to_allocate(
+            request_id, num_tokens, new_computed_blocks, total_computed_tokens, *args, **kwargs
+        )
+        if request_id in self.num_cached_block or not new_computed_blocks:
+            return num
+        # vLLM counts the evictable hit blocks past the window only; the sink (and, in exact mode,
+        # every) hit block this manager keeps leaves the free queue too when touched.
+        skipped = self.get_num_skipped_tokens(total_computed_tokens) // self.block_size
+        skipped = max(0, skipped - len(self.req_to_blocks.get(request_id, ())))
+        kept = self._kept_hit_blocks(new_computed_blocks, total_computed_tokens)
+        return num + self._get_num_evictable_blocks(kept[:skipped])
+
+    def add_local_computed_blocks(
+        self, request_id: str, new_computed_blocks, num_local_computed_tokens: int, num_external_computed_tokens: int
+    ) -> None:
+        if num_external_computed_tokens or not new_computed_blocks:
+            return super().add_local_computed_blocks(
+                request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens
+            )
+        req_blocks = self.req_to_blocks[request_id]
+        assert not req_blocks and num_local_computed_tokens % self.block_size == 0
+        kept = self._kept_hit_blocks(new_computed_blocks, num_local_computed_tokens)
+        self.block_pool.touch([b for b in kept if not b.is_null])
+        req_blocks.extend(kept)
+        self.num_cached_block[request_id] = len(req_blocks)
+
+    @classmethod
+    def reachable_block_mask(cls, start_block: int, end_block: int, alignment_tokens, kv_cache_spec, *args, **kwargs):
+        """Which newly full blocks to publish: vLLM's sliding-window policy keeps only those a hit at
+        an aligned boundary reads (the window before it); razor's hits also read the sink blocks,
+        and in exact mode every block."""
+        assert isinstance(kv_cache_spec, RazorLocalSpec)
+        if kv_cache_spec.exact_prefill:
+            return None
+        mask = super().reachable_block_mask(start_block, end_block, alignment_tokens, kv_cache_spec, *args, **kwargs)
+        if mask is None:
+            return None
+        return [keep or i < kv_cache_spec.sink_blocks for i, keep in enumerate(mask, start_block)]
+
+    def cache_blocks(self, request: Request, num_tokens: int, *args, **kwargs) -> None:
+        super().cache_blocks(request, _prefix_cacheable_tokens(request, num_tokens, self.exact_prefill), *args, **kwargs)
 
 
 class RazorPoolLayer(torch.nn.Module, AttentionLayerBase):
@@ -105,18 +267,19 @@ class RazorPoolLayer(torch.nn.Module, AttentionLayerBase):
 
 
 def build_specs(
-    layout: PoolLayout, head_size: int, dtype: torch.dtype, sink: int, window: int
-) -> tuple[Optional[FullAttentionSpec], Optional[RazorLocalSpec]]:
+    layout: PoolLayout, head_size: int, dtype: torch.dtype, sink: int, window: int, exact_prefill: bool = True
+) -> tuple[Optional[RazorRetrievalSpec], Optional[RazorLocalSpec]]:
     """The pools' specs; pages are equal in size when both exist (see layout.py)."""
     elem = torch.tensor([], dtype=dtype).element_size()
     token_bytes = 2 * head_size * elem
     retrieval = local = None
     if layout.has_retrieval_pool:
-        retrieval = FullAttentionSpec(
+        retrieval = RazorRetrievalSpec(
             block_size=layout.retrieval_block_size,
             num_kv_heads=layout.retrieval_pool_heads,
             head_size=head_size,
             dtype=dtype,
+            exact_prefill=exact_prefill,
         )
     if layout.has_local_pool:
         local = RazorLocalSpec(
@@ -126,6 +289,7 @@ def build_specs(
             dtype=dtype,
             sliding_window=window,
             sink=sink,
+            exact_prefill=exact_prefill,
             page_size_padded=layout.page_slots() * token_bytes,
         )
     if retrieval is not None and local is not None:

@@ -119,8 +119,10 @@ def _select_backend(original_func):
 # -- 4. engine configuration --------------------------------------------------------------------
 # Platform.check_and_update_config runs in VllmConfig.__post_init__ in the API/LLM process before
 # the config is shipped to the engine: refuse a model razor cannot serve or a bad profile there (a
-# clear start-up error), and switch prefix caching off (the local pool's window and compensation
-# are not prefix-cacheable).
+# clear start-up error). Prefix caching stays as vLLM set it (on by default, engine/arg_utils.py):
+# both pools are prefix-cacheable (pools.py). With a single pool (all heads local) vLLM hashes in
+# cache_config.block_size (kv_cache_utils.resolve_kv_cache_block_sizes, one group) and the
+# UnitaryKVCacheCoordinator asserts it equals the group's block size, so it becomes the local block.
 
 
 def is_razor_config(vllm_config: Any) -> bool:
@@ -146,16 +148,15 @@ def prepare_razor_config(vllm_config: Any) -> None:
     from razor_vllm.options import resolve_for_vllm_config
 
     check_servable(vllm_config)  # MLA, encoder-only, ...: the model itself, before looking for its profile
-    resolve_for_vllm_config(vllm_config)  # raises ProfileError/ValueError naming the problem
+    resolved = resolve_for_vllm_config(vllm_config)  # raises ProfileError/ValueError naming the problem
     if getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False):
         raise ValueError("RAZOR attention needs vLLM's hybrid KV cache manager; drop --disable-hybrid-kv-cache-manager")
     cache_config = vllm_config.cache_config
-    if cache_config.enable_prefix_caching:
-        logger.info("RAZOR: prefix caching switched off (local heads keep a window, not a prefix).")
-        cache_config.enable_prefix_caching = False
+    if cache_config.enable_prefix_caching and not any(resolved.retrieval_heads):
+        cache_config.block_size = resolved.local_block_size  # one pool: vLLM hashes in its block size
 
 
-# -- 5. the local pool's block manager ----------------------------------------------------------
+# -- 5. the pools' block managers ------------------------------------------------------------------
 # vllm/v1/core/single_type_kv_cache_manager.py register_all_kvcache_specs registers built-in specs
 # and then calls current_platform.register_custom_kv_cache_specs; registering earlier would make
 # KVCacheSpecRegistry skip the built-ins.
@@ -176,9 +177,12 @@ def register_razor_specs() -> None:
     from vllm.v1.kv_cache_interface import SlidingWindowSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from razor_vllm.pools import RazorLocalManager, RazorLocalSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from razor_vllm.pools import RazorLocalManager, RazorLocalSpec, RazorRetrievalManager, RazorRetrievalSpec
 
     KVCacheSpecRegistry.register(RazorLocalSpec, RazorLocalManager, uniform_type_base_spec=SlidingWindowSpec)
+    KVCacheSpecRegistry.register(RazorRetrievalSpec, RazorRetrievalManager, uniform_type_base_spec=FullAttentionSpec)
 
 
 # -- 6. building the pools before the runner collects KV specs ----------------------------------------

@@ -72,16 +72,20 @@ def test_platform_other_backends_unchanged():
     assert path != vllm_compat.BACKEND_PATH
 
 
-def test_local_spec_gets_razor_manager_after_builtin_registration():
+def test_pool_specs_get_razor_managers_after_builtin_registration():
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, register_all_kvcache_specs
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from razor_vllm.pools import RazorLocalManager, RazorLocalSpec
+    from razor_vllm.pools import RazorLocalManager, RazorLocalSpec, RazorRetrievalManager, RazorRetrievalSpec
 
     register_all_kvcache_specs(None)
     spec = RazorLocalSpec(block_size=32, num_kv_heads=4, head_size=64, dtype=torch.bfloat16, sliding_window=64, sink=4)
     assert KVCacheSpecRegistry.get_manager_class(spec) is RazorLocalManager
+    retrieval = RazorRetrievalSpec(block_size=192, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    assert KVCacheSpecRegistry.get_manager_class(retrieval) is RazorRetrievalManager
+    # Both pools hash prompts (the hybrid coordinator drops groups that are not prefix-cacheable).
+    assert spec.prefix_cacheable and retrieval.prefix_cacheable
     full = FullAttentionSpec(block_size=32, num_kv_heads=4, head_size=64, dtype=torch.bfloat16)
     assert KVCacheSpecRegistry.get_manager_class(full) is FullAttentionManager  # built-ins intact
 
