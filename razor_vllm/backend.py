@@ -11,7 +11,7 @@ pools, attend, fold tokens leaving the window into the compensation sums). Kerne
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 import torch
 
@@ -29,7 +29,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from razor_vllm import ops
 from razor_vllm.ops.cache import SlotIndex, write_kv
-from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME
+from razor_vllm.geometry import LocalGeometry
+from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, RazorLocalSpec
 
 if TYPE_CHECKING:
     from razor_vllm.install import LayerRazorState
@@ -105,6 +106,49 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # The local pool's rule; its kernels need each request's prompt length (exact prefill) and
+        # window (the paper's window rule), kept in persistent device buffers (CUDA-graph replay).
+        self.geometry: Optional[LocalGeometry] = (
+            kv_cache_spec.geometry if isinstance(kv_cache_spec, RazorLocalSpec) else None
+        )
+        self._prompt_lens_source: Optional[Callable[[], torch.Tensor]] = None
+        max_reqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", 0) or 0
+        self._prompt_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self._windows = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+
+    @property
+    def needs_prompt_lengths(self) -> bool:
+        geo = self.geometry
+        return geo is not None and (geo.exact_prefill or geo.compression_ratio is not None)
+
+    def bind_prompt_lengths(self, source: Callable[[], torch.Tensor]) -> None:
+        """``source()`` returns the runner's host int32 prompt length per batch row (vllm_compat hook 9)."""
+        self._prompt_lens_source = source
+
+    def request_lengths(self, num_reqs: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """This step's per-request prompt lengths and windows on the device, as views of persistent
+        buffers (``None`` where the rule needs none). Rows past the live requests (CUDA-graph
+        padding) hold stale values; the kernels skip those rows (no queries)."""
+        if not self.needs_prompt_lengths:
+            return None, None
+        if self._prompt_lens_source is None:
+            raise RuntimeError(
+                "razor: the local pool's metadata builder has no prompt lengths "
+                "(vllm_compat.wrap_runner_builder_prompt_lengths did not run)"
+            )
+        if self._prompt_lens.shape[0] < num_reqs:  # only without a vllm_config (direct tests)
+            self._prompt_lens = torch.zeros(num_reqs, dtype=torch.int32, device=self.device)
+            self._windows = torch.zeros(num_reqs, dtype=torch.int32, device=self.device)
+        host = self._prompt_lens_source()[:num_reqs]
+        prompt_lens = self._prompt_lens[:num_reqs]
+        prompt_lens.copy_(host, non_blocking=True)
+        geo = self.geometry
+        if geo.compression_ratio is None:
+            return prompt_lens, None
+        # max(S0, ceil(N / C)) on the host in float64, as geometry.request_window computes it.
+        windows = torch.ceil(host.to(torch.float64) / geo.compression_ratio).clamp_(min=geo.window)
+        self._windows[:num_reqs].copy_(windows.to(torch.int32))
+        return prompt_lens, self._windows[:num_reqs]
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False

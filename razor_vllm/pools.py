@@ -5,8 +5,9 @@ companion cache layers that span all model layers:
 
 - the retrieval pool (``FullAttentionSpec``): every retrieval head's full paged cache;
 - the local pool (``RazorLocalSpec``, a sliding-window spec): sink blocks kept for the request's
-  life, window blocks freed as the window moves (``RazorLocalManager``), and in the tail of each
-  request's first block the fp32 compensation sums.
+  life, window blocks freed as the window moves (``RazorLocalManager``; in exact-prefill mode only
+  once the prompt is done), and in each block's page tail the fp32 sums of K and V over
+  [sink, start of that block), written once when the block is started (the kernel contract).
 
 The model's own attention layers get no cache of their own: they are declared KV-sharing
 layers of a pool (vLLM's cross-layer sharing), so the runner binds them metadata and skips
@@ -15,7 +16,7 @@ allocating for them; the Razor impl then reads both pools through the forward co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -28,6 +29,7 @@ from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SlidingWindowManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 
+from razor_vllm.geometry import LocalGeometry
 from razor_vllm.layout import PoolLayout
 
 if TYPE_CHECKING:
@@ -75,19 +77,34 @@ class RazorRetrievalManager(FullAttentionManager):
 
 @dataclass(frozen=True, kw_only=True)
 class RazorLocalSpec(SlidingWindowSpec):
-    """Sliding window plus ``sink`` tokens at the start that are never freed.
+    """Sliding window plus ``sink`` tokens at the start that are never freed, and the prefill mode.
 
-    The first ``sink_blocks`` blocks of a request stay allocated (they hold the sink tokens), so
-    admission reserves them too. Each block's page tail holds the fp32 sums of the positions
-    between the sinks and the block (CONTRACT.md "block tails").
+    ``sliding_window`` is the largest window any request gets (``window`` under the fixed rule, the
+    paper's max(window, N / C) at ``max_model_len`` under the paper's rule); per-request windows and
+    the block arithmetic come from ``geometry``. The first ``sink_blocks`` blocks of a request stay
+    allocated, so admission reserves them too; in exact-prefill mode admission also reserves every
+    prompt block, which the request holds until its prompt is done. Each block's page tail holds
+    the fp32 sums of the positions between the sinks and the block (CONTRACT.md "block tails").
     """
 
     sink: int = 0
+    window: int = 0  # the configured window (the paper's S0); 0: ``sliding_window``
     exact_prefill: bool = True
+    compression_ratio: Optional[float] = None  # the paper's C; None: fixed window
+
+    @property
+    def geometry(self) -> LocalGeometry:
+        return LocalGeometry(
+            sink=self.sink,
+            window=self.window or self.sliding_window,
+            block_size=self.block_size,
+            exact_prefill=self.exact_prefill,
+            compression_ratio=self.compression_ratio,
+        )
 
     @property
     def sink_blocks(self) -> int:
-        return max(1, cdiv(self.sink, self.block_size))
+        return self.geometry.sink_blocks
 
     @property
     def prefix_cacheable(self) -> bool:
@@ -96,8 +113,18 @@ class RazorLocalSpec(SlidingWindowSpec):
         return True
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
-        window_blocks = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
-        return min(window_blocks + self.sink_blocks, cdiv(max_model_len, self.block_size))
+        """The steady cap (sinks + window + tokens in flight); the manager lifts it to the prompt's
+        blocks for a request that prefills exactly (``RazorLocalManager.get_num_blocks_to_allocate``)."""
+        return self.geometry.chunk_cap(max_in_flight_tokens, max_model_len)
+
+    def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
+        """One request at ``max_model_len`` at its peak: vLLM checks at start-up that one fits."""
+        blocks = self.geometry.admission_blocks(
+            vllm_config.model_config.max_model_len,
+            vllm_config.max_in_flight_tokens,
+            vllm_config.model_config.max_model_len,
+        )
+        return blocks * self.page_size_bytes
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(isinstance(spec, RazorLocalSpec) for spec in kv_cache_specs.values())
@@ -116,17 +143,59 @@ class RazorLocalManager(SlidingWindowManager):
     and are never written again: the request computes positions >= ``h`` only, so the first block
     it starts is ``h/B``, a fresh block of its own (no partial hits: vLLM's sliding-window hits are
     whole blocks). Freed blocks stay hashed in vLLM's free queue until reused, as stock's do.
+
+    Exact prefill: nothing is freed while the request's prompt is being computed (its prompt queries
+    attend to every position); once it is done, every block outside sinks + window goes. A request
+    resumed after preemption recomputes its prompt exactly and its generated tokens by the window
+    rule (they are at positions >= the prompt length), as the first time.
     """
 
     def __init__(self, kv_cache_spec: RazorLocalSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.sink_blocks = kv_cache_spec.sink_blocks
-        self.exact_prefill = kv_cache_spec.exact_prefill
+        self.geometry = kv_cache_spec.geometry
+        self.sink_blocks = self.geometry.sink_blocks
+        self.exact_prefill = self.geometry.exact_prefill
+
+    def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
+        # Without the prompt length: exact mode skips nothing (a new request still prefills), the
+        # compressed mode skips what the largest window would (never more than a request's own).
+        if self.geometry.exact_prefill:
+            return 0
+        return max(0, num_computed_tokens - max(self.sliding_window, 2) + 1)
+
+    def _num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks,
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+        prefill_end: int = 0,
+    ) -> int:
+        args = (request_id, num_tokens, new_computed_blocks, total_computed_tokens, num_local_computed_tokens)
+        if not (apply_admission_cap and self.geometry.exact_prefill):
+            return super().get_num_blocks_to_allocate(
+                *args, num_tokens_main_model, apply_admission_cap=apply_admission_cap, prefill_end=prefill_end
+            )
+        # Exact prefill holds every block up to the prompt's end: the admission cap is at least
+        # those. ``prefill_end`` is vLLM's max(prompt, num_tokens - 1) (0 when the coordinator drops
+        # it): exact for a new request, an upper bound for a resumed one.
+        steady_cap = self.max_admission_blocks_per_request
+        prompt_end = min(prefill_end or num_tokens, num_tokens)
+        self.max_admission_blocks_per_request = max(steady_cap or 0, cdiv(prompt_end, self.block_size))
+        try:
+            return super().get_num_blocks_to_allocate(
+                *args, num_tokens_main_model, apply_admission_cap=True, prefill_end=prefill_end
+            )
+        finally:
+            self.max_admission_blocks_per_request = steady_cap
 
     def remove_skipped_blocks(
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: Optional[int] = None
     ) -> None:
-        num_skipped_tokens = self.get_num_skipped_tokens(processed_computed_tokens)
+        num_skipped_tokens = self.geometry.skipped_tokens(processed_computed_tokens, num_prompt_tokens)
         if num_skipped_tokens <= 0:
             return
         blocks = self.req_to_blocks[request_id]
@@ -176,7 +245,7 @@ class RazorLocalManager(SlidingWindowManager):
                 run += 1
             hits = [(k, range(k)) for k in range(run, 0, -1) if aligned(k)][:1]
         else:
-            window_blocks = cdiv(kv_cache_spec.sliding_window - 1, block_size)
+            window_blocks = cdiv(max(kv_cache_spec.sliding_window, 2) - 1, block_size)  # see get_num_skipped_tokens
             sinks = kv_cache_spec.sink_blocks
             hits = (
                 (k, sorted({*range(min(sinks, k)), *range(max(0, k - window_blocks), k)}))
@@ -206,9 +275,7 @@ class RazorLocalManager(SlidingWindowManager):
     def get_num_blocks_to_allocate(
         self, request_id: str, num_tokens: int, new_computed_blocks, total_computed_tokens: int, *args, **kwargs
     ) -> int:
-        num = super().get_num_blocks_to_allocate(
-            request_id, num_tokens, new_computed_blocks, total_computed_tokens, *args, **kwargs
-        )
+        num = self._num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks, total_computed_tokens, *args, **kwargs)
         if request_id in self.num_cached_block or not new_computed_blocks:
             return num
         # vLLM counts the evictable hit blocks past the window only; the sink (and, in exact mode,
@@ -240,7 +307,8 @@ class RazorLocalManager(SlidingWindowManager):
         assert isinstance(kv_cache_spec, RazorLocalSpec)
         if kv_cache_spec.exact_prefill:
             return None
-        mask = super().reachable_block_mask(start_block, end_block, alignment_tokens, kv_cache_spec, *args, **kwargs)
+        window = replace(kv_cache_spec, sliding_window=max(kv_cache_spec.sliding_window, 2))
+        mask = super().reachable_block_mask(start_block, end_block, alignment_tokens, window, *args, **kwargs)
         if mask is None:
             return None
         return [keep or i < kv_cache_spec.sink_blocks for i, keep in enumerate(mask, start_block)]
@@ -267,9 +335,19 @@ class RazorPoolLayer(torch.nn.Module, AttentionLayerBase):
 
 
 def build_specs(
-    layout: PoolLayout, head_size: int, dtype: torch.dtype, sink: int, window: int, exact_prefill: bool = True
+    layout: PoolLayout,
+    head_size: int,
+    dtype: torch.dtype,
+    sink: int,
+    window: int,
+    exact_prefill: bool = True,
+    compression_ratio: Optional[float] = None,
+    max_model_len: int = 0,
 ) -> tuple[Optional[RazorRetrievalSpec], Optional[RazorLocalSpec]]:
-    """The pools' specs; pages are equal in size when both exist (see layout.py)."""
+    """The pools' specs; pages are equal in size when both exist (see layout.py).
+
+    Under the paper's window rule the spec's ``sliding_window`` is the window at ``max_model_len``.
+    """
     elem = torch.tensor([], dtype=dtype).element_size()
     token_bytes = 2 * head_size * elem
     retrieval = local = None
@@ -287,9 +365,13 @@ def build_specs(
             num_kv_heads=layout.local_pool_heads,
             head_size=head_size,
             dtype=dtype,
-            sliding_window=window,
+            sliding_window=LocalGeometry(
+                sink=sink, window=window, block_size=layout.local_block_size, compression_ratio=compression_ratio
+            ).max_window(max_model_len),
             sink=sink,
+            window=window,
             exact_prefill=exact_prefill,
+            compression_ratio=compression_ratio,
             page_size_padded=layout.page_slots() * token_bytes,
         )
     if retrieval is not None and local is not None:

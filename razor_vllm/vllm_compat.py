@@ -32,6 +32,8 @@ def install() -> None:
     wrap_runner_kv_spec_collection()
     add_pool_usage_utility()
     wrap_runner_discarded_sample_rewind()
+    wrap_runner_builder_prompt_lengths()
+    wrap_max_concurrency()
     _INSTALLED = True
 
 
@@ -152,6 +154,12 @@ def prepare_razor_config(vllm_config: Any) -> None:
     if getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False):
         raise ValueError("RAZOR attention needs vLLM's hybrid KV cache manager; drop --disable-hybrid-kv-cache-manager")
     cache_config = vllm_config.cache_config
+    if cache_config.enable_prefix_caching and not resolved.exact_prefill and resolved.compression_ratio is not None:
+        # Compressed prefill under the paper's window rule: a position's K/V depend on the window of
+        # the request that computed it, max(S0, N/C), i.e. on that request's prompt length, which
+        # vLLM's block hashes do not see. (Exact prefill computes prompt positions exactly.)
+        logger.info("RAZOR: prefix caching switched off (compressed prefill with the paper's window rule).")
+        cache_config.enable_prefix_caching = False
     if cache_config.enable_prefix_caching and not any(resolved.retrieval_heads):
         cache_config.block_size = resolved.local_block_size  # one pool: vLLM hashes in its block size
 
@@ -321,3 +329,95 @@ def wrap_runner_discarded_sample_rewind() -> None:
 
     _wrap_runner_method("_sample", make_sample)
     _wrap_runner_method("_bookkeeping_sync", make_bookkeeping)
+
+
+# -- 9. prompt lengths for the metadata builder ------------------------------------------------------
+# Exact prefill needs each request's prompt length in the kernels (a query before it is a prompt
+# query). CommonAttentionMetadata carries none (only ``rswa_prefix_lens`` when the model itself has
+# an R-SWA window). vllm/v1/worker/gpu_model_runner.py GPUModelRunner.initialize_metadata_builders
+# creates the builders (attn_groups[g][i].metadata_builders); the runner's InputBatch keeps
+# ``num_prompt_tokens_cpu_tensor`` (vllm/v1/worker/gpu_input_batch.py, pinned int32, one row per
+# batch row, the rows of CommonAttentionMetadata). After the builders exist we hand every razor
+# builder a getter of that tensor (the runner may replace its InputBatch after creating builders,
+# in may_reinitialize_input_batch, so the builder reads it through the runner on each step).
+
+
+def bind_razor_builders(runner: Any) -> None:
+    """Give every razor metadata builder of ``runner`` a getter of its prompt lengths per batch row."""
+    from razor_vllm.backend import RazorMetadataBuilder
+
+    for groups in runner.attn_groups:
+        for group in groups:
+            for builder in group.metadata_builders:
+                if isinstance(builder, RazorMetadataBuilder):
+                    builder.bind_prompt_lengths(lambda: runner.input_batch.num_prompt_tokens_cpu_tensor)
+
+
+def wrap_runner_builder_prompt_lengths() -> None:
+    def make(original):
+        def initialize_metadata_builders(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            bind_razor_builders(self)
+            return result
+
+        return initialize_metadata_builders
+
+    _wrap_runner_method("initialize_metadata_builders", make)
+
+
+# -- 10. vLLM's "Maximum concurrency" with exact prefill ---------------------------------------------
+# vllm/v1/core/kv_cache_utils.py get_max_concurrency_for_kv_cache_config divides the block pool by
+# the sum over groups of cdiv(spec.max_memory_usage_bytes, page): one figure per request. With exact
+# prefill a request holds its whole prompt only while it prefills, so the peak (what the start-up
+# check must see, RazorLocalSpec.max_memory_usage_bytes) is not what every held request costs. The
+# truthful figure: every request holds its steady blocks, the one being admitted its prompt too
+# (geometry.max_concurrency). get_kv_cache_capacity (same module) calls it by its module name, so
+# the logged line and cache_config.kv_cache_max_concurrency use ours.
+
+
+def razor_max_concurrency(vllm_config: Any, kv_cache_config: Any) -> Optional[float]:
+    """The exact-prefill concurrency figure, or None when no group is a razor local pool in exact mode."""
+    from vllm.utils.math_utils import cdiv
+
+    from razor_vllm.geometry import max_concurrency
+    from razor_vllm.pools import RazorLocalSpec
+
+    max_len = vllm_config.model_config.max_model_len
+    in_flight = vllm_config.max_in_flight_tokens
+    steady = transient = 0
+    exact = False
+    for group in kv_cache_config.kv_cache_groups:
+        if getattr(group, "host_resident", False):
+            return None
+        spec = group.kv_cache_spec
+        inner = list(getattr(spec, "kv_cache_specs", {}).values()) or [spec]
+        if isinstance(inner[0], RazorLocalSpec):
+            geo = inner[0].geometry
+            exact = exact or geo.exact_prefill
+            cap = geo.chunk_cap(in_flight, max_len)
+            steady += cap
+            transient += max(0, geo.admission_blocks(max_len, in_flight, max_len) - cap)
+        else:
+            steady += cdiv(spec.max_memory_usage_bytes(vllm_config), spec.page_size_bytes)
+    if not exact:
+        return None
+    return max_concurrency(kv_cache_config.num_blocks, steady, transient)
+
+
+def wrap_max_concurrency() -> None:
+    from vllm.v1.core import kv_cache_utils
+
+    original = kv_cache_utils.get_max_concurrency_for_kv_cache_config
+    if getattr(original, "__razor_wrapped__", False):
+        return
+
+    @functools.wraps(original)
+    def get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config):
+        if is_razor_config(vllm_config):
+            ours = razor_max_concurrency(vllm_config, kv_cache_config)
+            if ours is not None:
+                return ours
+        return original(vllm_config, kv_cache_config)
+
+    get_max_concurrency_for_kv_cache_config.__razor_wrapped__ = True
+    kv_cache_utils.get_max_concurrency_for_kv_cache_config = get_max_concurrency_for_kv_cache_config

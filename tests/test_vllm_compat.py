@@ -127,6 +127,68 @@ def test_runner_sampling_rewind_is_wrapped():
     assert not getattr(GPUModelRunner._sample.__wrapped__, "__razor_wrapped__", False)
 
 
+def test_runner_hands_razor_builders_the_prompt_lengths():
+    """Hook 9: after GPUModelRunner.initialize_metadata_builders, every razor builder reads the
+    runner's InputBatch.num_prompt_tokens_cpu_tensor (through the runner, which may swap its batch)."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from razor_vllm.backend import RazorMetadataBuilder
+    from razor_vllm.pools import RazorLocalSpec
+
+    wrapped = GPUModelRunner.initialize_metadata_builders
+    assert getattr(wrapped, "__razor_wrapped__", False) and CPUModelRunner.initialize_metadata_builders is wrapped
+    assert "num_prompt_tokens_cpu_tensor" in InputBatch.__init__.__code__.co_names  # the attribute we read
+    spec = RazorLocalSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32, sliding_window=8, sink=4)
+    builder = RazorMetadataBuilder(spec, [], None, torch.device("cpu"))
+    other = SimpleNamespace()
+    runner = SimpleNamespace(
+        attn_groups=[[SimpleNamespace(metadata_builders=[builder, other])]],
+        input_batch=SimpleNamespace(num_prompt_tokens_cpu_tensor=torch.tensor([7, 300, 0], dtype=torch.int32)),
+    )
+    vllm_compat.bind_razor_builders(runner)  # what the wrapper runs after the original
+    prompt_lens, windows = builder.request_lengths(2)
+    assert prompt_lens.tolist() == [7, 300] and windows is None
+    runner.input_batch = SimpleNamespace(num_prompt_tokens_cpu_tensor=torch.tensor([5, 6], dtype=torch.int32))
+    assert builder.request_lengths(2)[0].tolist() == [5, 6]
+
+
+def test_max_concurrency_is_razors_with_exact_prefill():
+    """Hook 10: vLLM's capacity figure (the "Maximum concurrency" line) comes from razor's geometry
+    when the local pool prefills exactly, and from vLLM otherwise."""
+    from types import SimpleNamespace
+
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from razor_vllm.pools import RazorLocalSpec
+
+    assert getattr(kv_cache_utils.get_max_concurrency_for_kv_cache_config, "__razor_wrapped__", False)
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(max_model_len=1024),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+        max_in_flight_tokens=64,
+        attention_config=SimpleNamespace(backend=vllm_compat.razor_enum_member()),
+    )
+    full = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32)
+
+    def groups(exact):
+        local = RazorLocalSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32, sliding_window=32,
+                               sink=4, exact_prefill=exact)
+        return SimpleNamespace(num_blocks=1000, kv_cache_groups=[
+            SimpleNamespace(kv_cache_spec=full, host_resident=False),
+            SimpleNamespace(kv_cache_spec=local, host_resident=False)])
+
+    retrieval, cap = 1024 // 16, groups(False).kv_cache_groups[1].kv_cache_spec.max_admission_blocks_per_request(64, 1024)
+    got = kv_cache_utils.get_max_concurrency_for_kv_cache_config(config, groups(True))
+    assert got == pytest.approx((1000 - (1024 // 16 - cap)) / (retrieval + cap))
+    assert kv_cache_utils.get_max_concurrency_for_kv_cache_config(config, groups(False)) == pytest.approx(
+        1000 / (retrieval + cap))  # compressed: vLLM's own figure
+
+
 def test_install_is_idempotent():
     before = type(current_platform).get_attn_backend_cls
     vllm_compat._INSTALLED = False

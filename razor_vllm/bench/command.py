@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
     model.add_argument("--window", type=int, help="razor window W (default: the profile's)")
     model.add_argument("--sink", type=int, help="razor sink S (default: the profile's)")
+    model.add_argument("--prefill", default="exact", choices=["exact", "compressed"],
+                       help="razor's prefill mode (default: exact, the paper's)")
+    model.add_argument("--compression-ratio", type=float, default=None, metavar="C",
+                       help="serve razor with the paper's window rule max(window, N/C) (default: the fixed "
+                       f"window); the bytes-per-rule table uses C={analytic.PAPER_RATIO:g} without it")
     model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="model and KV dtype for every engine and the analytic part (default: auto, as vLLM "
                             "picks it; on CPUs without avx512_bf16/AMX float32 runs several times faster)")
@@ -118,7 +123,9 @@ def _run(args: argparse.Namespace) -> int:
             _prepare_synthetic(args)
         model_dir, profile = runinfo.model_and_profile(args.model, args.profile, need_model=not args.skip_engine)
         dtype = runinfo.resolve_dtype(args.dtype, model_dir)
-        geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink)
+        if args.compression_ratio is not None and args.compression_ratio <= 1:
+            raise ValueError("--compression-ratio must be > 1")
+        geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink, **_rule(args))
     except (ProfileError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
     kv_for = {c: kv_fixed or analytic.default_kv_bytes(geo, c, STOCK_REQUESTS) for c in contexts}
     results: dict[str, Any] = dict(
         meta=_meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decode_tokens, kv_fixed),
-        analytic=analytic.analytic_report(geo, contexts, args.chunk, kv_for),
+        analytic=analytic.analytic_report(geo, contexts, args.chunk, kv_for, **_paper_ratio(args)),
     )
     failures = 0
     if not args.skip_engine:
@@ -138,8 +145,9 @@ def _run(args: argparse.Namespace) -> int:
         seen = results.pop("_engine_geometry", None)
         if seen and (seen["block_size"] != geo.stock_block_size or seen["in_flight"] != args.chunk):
             geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink,
-                                    stock_block_size=seen["block_size"])
-            results["analytic"] = analytic.analytic_report(geo, contexts, seen["in_flight"], kv_for)
+                                    stock_block_size=seen["block_size"], **_rule(args))
+            results["analytic"] = analytic.analytic_report(geo, contexts, seen["in_flight"], kv_for,
+                                                           **_paper_ratio(args))
     results["meta"]["finished"] = runinfo.now()
     results["meta"]["load_average_end"] = runinfo.loadavg()
 
@@ -155,6 +163,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 
+
+
+def _rule(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(exact_prefill=args.prefill == "exact", compression_ratio=args.compression_ratio)
+
+
+def _paper_ratio(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.compression_ratio is None else dict(paper_ratio=args.compression_ratio)
 
 
 def _kv_fixed(args: argparse.Namespace) -> Optional[int]:
@@ -201,6 +217,9 @@ def _engine_kwargs(args, model_dir: Path, dtype: str, backend: str, **overrides)
         kwargs["attention_backend"] = args.stock_backend
     if backend == "razor":
         razor = {k: v for k, v in (("window", args.window), ("sink", args.sink)) if v is not None}
+        razor["prefill"] = args.prefill
+        if args.compression_ratio is not None:
+            razor.update(window_rule="paper", compression_ratio=args.compression_ratio)
         if args.profile:
             razor["profile"] = args.profile
         kwargs.update(attention_backend="razor", additional_config={"razor": razor})

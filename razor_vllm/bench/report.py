@@ -76,10 +76,30 @@ def tables(results: dict[str, Any]) -> list[Table]:
                  _mib(r["razor_admission_bytes"]), _x(r["ratio_steady"]), _x(r["ratio_admission"])]
                 for r in a["requests"]
             ],
-            note=f"admission = what vLLM reserves before admitting: the local pool is charged for the window "
-            f"plus {a['in_flight_tokens']} in-flight tokens (max_num_batched_tokens)",
+            note=(
+                "admission = what vLLM reserves before admitting: with exact prefill every prompt block, "
+                "held until the prompt is done (the transient)"
+                if a.get("prefill", "exact") == "exact"
+                else "admission = what vLLM reserves before admitting: the local pool is charged for the window "
+                f"plus {a['in_flight_tokens']} in-flight tokens (max_num_batched_tokens)"
+            ) + f"; prefill {a.get('prefill', 'exact')}, window rule {a.get('window_rule', 'fixed')}",
         )
     )
+    if a.get("window_rules"):
+        out.append(
+            Table(
+                "KV bytes per request after the prompt, by window rule (MiB)",
+                ["context", "stock", "fixed window", "razor fixed", f"paper window (C={a['paper_ratio']:g})",
+                 "razor paper"],
+                [
+                    [_ctx(r["context"]), _mib(r["stock_bytes"]), str(r["fixed_window"]), _mib(r["fixed_steady_bytes"]),
+                     str(r["paper_window"]), _mib(r["paper_steady_bytes"])]
+                    for r in a["window_rules"]
+                ],
+                note="fixed: every request keeps `window` recent tokens; paper: max(window, ceil(N / C)) for an "
+                "N-token prompt",
+            )
+        )
     out.append(
         Table(
             "Maximum concurrency, analytic (requests of `context` tokens in the KV size below)",
