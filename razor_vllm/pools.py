@@ -60,6 +60,20 @@ def _prefix_cacheable_tokens(request: Any, num_tokens: int, exact_prefill: bool)
     return num_tokens
 
 
+class _PrefixHitCounter:
+    """Per-pool prefix-cache hits since start-up, for ``/razor/status`` (vLLM counts hit tokens once
+    for all groups): requests that started from a hit, the hit tokens, and the cached blocks handed
+    over (the local pool's hits hold fewer blocks than tokens / block in compressed mode)."""
+
+    def _count_hit(self, new_computed_blocks, num_local_computed_tokens: int) -> None:
+        if not num_local_computed_tokens:
+            return
+        hits = self.__dict__.setdefault("prefix_cache_hits", {"requests": 0, "tokens": 0, "blocks": 0})
+        hits["requests"] += 1
+        hits["tokens"] += num_local_computed_tokens
+        hits["blocks"] += sum(not b.is_null for b in new_computed_blocks)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RazorRetrievalSpec(FullAttentionSpec):
     """The retrieval pool: full attention whose prefix-cache entries stop at the prompt in exact mode."""
@@ -67,8 +81,14 @@ class RazorRetrievalSpec(FullAttentionSpec):
     exact_prefill: bool = True
 
 
-class RazorRetrievalManager(FullAttentionManager):
+class RazorRetrievalManager(_PrefixHitCounter, FullAttentionManager):
     """vLLM's full-attention manager, publishing only what ``_prefix_cacheable_tokens`` allows."""
+
+    def add_local_computed_blocks(
+        self, request_id: str, new_computed_blocks, num_local_computed_tokens: int, *args, **kwargs
+    ) -> None:
+        self._count_hit(new_computed_blocks, num_local_computed_tokens)
+        super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens, *args, **kwargs)
 
     def cache_blocks(self, request: Request, num_tokens: int, *args, **kwargs) -> None:
         exact = self.kv_cache_spec.exact_prefill
@@ -130,7 +150,7 @@ class RazorLocalSpec(SlidingWindowSpec):
         return all(isinstance(spec, RazorLocalSpec) for spec in kv_cache_specs.values())
 
 
-class RazorLocalManager(SlidingWindowManager):
+class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
     """Frees window blocks that slid out, but never the request's sink blocks; prefix-cache hits
     carry what the rest of the request reads.
 
@@ -295,6 +315,7 @@ class RazorLocalManager(SlidingWindowManager):
         req_blocks = self.req_to_blocks[request_id]
         assert not req_blocks and num_local_computed_tokens % self.block_size == 0
         kept = self._kept_hit_blocks(new_computed_blocks, num_local_computed_tokens)
+        self._count_hit(kept, num_local_computed_tokens)
         self.block_pool.touch([b for b in kept if not b.is_null])
         req_blocks.extend(kept)
         self.num_cached_block[request_id] = len(req_blocks)
@@ -401,28 +422,38 @@ def pool_usage(scheduler: Any) -> Optional[dict[str, Any]]:
     """What the pools hold right now, read in the engine core from its scheduler; ``None`` without pools.
 
     Each pool is one KV cache group with its own block manager; the groups share one block pool.
-    A block counts once however many requests hold it (razor switches prefix caching off, so none
-    are shared), and the null block that replaces freed window blocks does not count. ``tokens``
-    are the computed tokens of each request holding blocks (to compare with stock vLLM's paging).
+    A block counts once however many requests hold it (prefix caching shares blocks: ``shared_blocks``
+    counts those held by more than one request), and the null block that replaces freed window blocks
+    does not count. ``tokens`` are the computed tokens of each request holding blocks (to compare
+    with stock vLLM's paging). ``prefix_cache_hits``: each pool's hits since start-up
+    (``_PrefixHitCounter``).
     """
     manager = scheduler.kv_cache_manager
     in_use: dict[str, int] = {}
+    shared: dict[str, int] = {}
+    hits: dict[str, dict[str, int]] = {}
     holders: set[str] = set()
     for group, single_type in zip(scheduler.kv_cache_config.kv_cache_groups, manager.coordinator.single_type_managers):
         label = next((POOL_LABELS[name] for name in group.layer_names if name in POOL_LABELS), None)
         if label is None:
             continue
-        ids = set()
+        ids: set[int] = set()
+        many: set[int] = set()
         for request_id, blocks in single_type.req_to_blocks.items():
             held = {block.block_id for block in blocks if not block.is_null}
             if held:
                 holders.add(request_id)
+                many |= ids & held
                 ids |= held
         in_use[label] = len(ids)
+        shared[label] = len(many)
+        hits[label] = dict(getattr(single_type, "prefix_cache_hits", None) or {"requests": 0, "tokens": 0, "blocks": 0})
     if not in_use:
         return None
     return {
         "blocks_in_use": in_use,
+        "shared_blocks": shared,
+        "prefix_cache_hits": hits,
         "num_blocks": int(scheduler.kv_cache_config.num_blocks),
         "free_blocks": int(manager.block_pool.get_num_free_blocks()),
         "tokens": sorted(scheduler.requests[r].num_computed_tokens for r in holders if r in scheduler.requests),

@@ -182,10 +182,8 @@ def wrap_platform_kv_spec_registration() -> None:
 
 
 def register_razor_specs() -> None:
-    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
-
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from razor_vllm.pools import RazorLocalManager, RazorLocalSpec, RazorRetrievalManager, RazorRetrievalSpec
 
@@ -253,11 +251,21 @@ async def query_pool_usage(engine_client: Any) -> Optional[dict[str, Any]]:
     if not results:
         return None
     blocks: dict[str, int] = {}
+    shared: dict[str, int] = {}
+    hits: dict[str, dict[str, int]] = {}
     for r in results:
         for pool, n in r["blocks_in_use"].items():
             blocks[pool] = blocks.get(pool, 0) + n
+        for pool, n in r.get("shared_blocks", {}).items():
+            shared[pool] = shared.get(pool, 0) + n
+        for pool, counts in r.get("prefix_cache_hits", {}).items():
+            total = hits.setdefault(pool, {})
+            for key, n in counts.items():
+                total[key] = total.get(key, 0) + n
     return {
         "blocks_in_use": blocks,
+        "shared_blocks": shared,
+        "prefix_cache_hits": hits,
         "num_blocks": sum(r["num_blocks"] for r in results),
         "free_blocks": sum(r["free_blocks"] for r in results),
         "tokens": sorted(t for r in results for t in r["tokens"]),

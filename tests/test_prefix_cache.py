@@ -37,15 +37,23 @@ def make_manager(exact: bool, num_blocks: int = 256, max_model_len: int = 2048, 
     vllm_compat.register_razor_specs()
     layout = plan_layout(HEADS, 2, B_LOCAL, 4, hash_aligned=True)
     assert (layout.retrieval_block_size, layout.hash_block_size, layout.cache_hit_granularity) == (64, 16, 64)
-    retrieval, local = build_specs(layout, 8, torch.float32, SINK, window, exact_prefill=exact,
-                                   max_model_len=max_model_len)  # fmt: skip
+    retrieval, local = build_specs(
+        layout, 8, torch.float32, SINK, window, exact_prefill=exact, max_model_len=max_model_len
+    )
     config = KVCacheConfig(
         num_blocks=num_blocks,
         kv_cache_tensors=[],
         kv_cache_groups=[KVCacheGroupSpec([RETRIEVAL_POOL_NAME], retrieval), KVCacheGroupSpec([LOCAL_POOL_NAME], local)],
     )
-    manager = KVCacheManager(config, max_model_len, scheduler_block_size=64, hash_block_size=16,
-                             max_in_flight_tokens=256, enable_caching=True, log_stats=True)  # fmt: skip
+    manager = KVCacheManager(
+        config,
+        max_model_len,
+        scheduler_block_size=64,
+        hash_block_size=16,
+        max_in_flight_tokens=256,
+        enable_caching=True,
+        log_stats=True,
+    )
     r_mgr, l_mgr = manager.coordinator.single_type_managers
     assert isinstance(r_mgr, RazorRetrievalManager) and isinstance(l_mgr, RazorLocalManager)
     return manager
@@ -263,3 +271,24 @@ def test_many_requests_share_and_diverge(exact):
     assert manager.block_pool.get_num_free_blocks() == 256 - 1
     stats = manager.make_prefix_cache_stats()
     assert stats.hits == 7 * 128 and stats.requests == 8
+    # /razor/status's per-pool view (pools.pool_usage, read from a scheduler-like object).
+    from types import SimpleNamespace
+
+    from razor_vllm.pools import pool_usage
+
+    for req in [first, *others]:  # hold them again to see sharing counted once
+        drive.admit(request(req.request_id + "x", list(req.prompt_token_ids)))
+    config = manager.coordinator.kv_cache_config
+    scheduler = SimpleNamespace(kv_cache_manager=manager, kv_cache_config=config, requests={})
+    usage = pool_usage(scheduler)
+    r_mgr, l_mgr = manager.coordinator.single_type_managers
+    for label, mgr in (("retrieval", r_mgr), ("local", l_mgr)):
+        ids = [b.block_id for blocks in mgr.req_to_blocks.values() for b in blocks if not b.is_null]
+        assert usage["blocks_in_use"][label] == len(set(ids)) < len(ids)  # shared blocks counted once
+        assert usage["shared_blocks"][label] == len({i for i in ids if ids.count(i) > 1}) > 0
+    hits = usage["prefix_cache_hits"]
+    assert hits["retrieval"]["requests"] == hits["local"]["requests"] == 7 + 8
+    assert hits["retrieval"]["tokens"] == hits["local"]["tokens"] == stats.hits + manager.make_prefix_cache_stats().hits
+    assert hits["retrieval"]["blocks"] == hits["retrieval"]["tokens"] // 64
+    # Local: exact mode hands over every block of the hit, compressed only sinks + window.
+    assert (hits["local"]["blocks"] == hits["local"]["tokens"] // 16) == exact

@@ -179,6 +179,8 @@ def describe_usage(status: dict[str, Any], usage: dict[str, Any]) -> dict[str, A
     razor = sum(blocks.values()) * status["page_bytes_all_ranks"]
     return {
         "blocks_in_use": blocks,
+        "shared_blocks": dict(usage.get("shared_blocks", {})),  # held by more than one request (prefix caching)
+        "prefix_cache_hits": dict(usage.get("prefix_cache_hits", {})),  # per pool since start-up
         "num_blocks": usage["num_blocks"],
         "free_blocks": usage["free_blocks"],
         "requests": len(usage["tokens"]),
