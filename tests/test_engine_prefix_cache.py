@@ -64,6 +64,9 @@ def run(mode: str, caching: bool):
     from razor_vllm.model import prepare_default_model
 
     model = prepare_default_model(progress=False)
+    # Turn 2 of the multi-turn phase is built from the caching-off engine's answer to turn 1, so both
+    # engines see the same tokens; that engine runs (and shuts down) first.
+    answer = None if not caching else run_answer(mode)
     razor = {**RAZOR, "prefill": mode}
     if caching:
         kwargs = engine_kwargs(
@@ -85,10 +88,9 @@ def run(mode: str, caching: bool):
         steps = phases(tokenizer)
         for prompts in steps[:2]:
             outputs.append(llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False))
-        # Multi-turn: turn 2 = turn 1's prompt + its answer + a new question. Both engines build it
-        # from the caching-off engine's answer, so both see the same tokens.
+        # Multi-turn: turn 2 = turn 1's prompt + its answer + a new question.
         first_turn = steps[0][0]
-        answer = list(run_answer(mode)) if caching else list(outputs[0][0].outputs[0].token_ids)
+        answer = answer if caching else list(outputs[0][0].outputs[0].token_ids)
         turn2 = first_turn + answer + _question(tokenizer, 11)
         outputs.append(llm.generate([TokensPrompt(prompt_token_ids=turn2)], params, use_tqdm=False))
         outputs.append(llm.generate([TokensPrompt(prompt_token_ids=p) for p in steps[2]], params, use_tqdm=False))
