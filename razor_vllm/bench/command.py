@@ -223,7 +223,7 @@ def _engine_kwargs(args, model_dir: Path, dtype: str, backend: str, **overrides)
         dtype=dtype,
         seed=args.seed,
         max_num_batched_tokens=args.chunk,
-        enable_prefix_caching=False,  # razor switches it off; fresh random prompts would not hit anyway
+        enable_prefix_caching=False,  # fresh random prompts would not hit (--prefix-workload turns it on)
     )
     if args.load_format:
         kwargs["load_format"] = args.load_format
