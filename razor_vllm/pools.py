@@ -265,7 +265,8 @@ class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
                 run += 1
             hits = [(k, range(k)) for k in range(run, 0, -1) if aligned(k)][:1]
         else:
-            window_blocks = cdiv(max(kv_cache_spec.sliding_window, 2) - 1, block_size)  # see get_num_skipped_tokens
+            # The blocks of the window of position h (a window of at least 2: get_num_skipped_tokens).
+            window_blocks = cdiv(max(kv_cache_spec.sliding_window, 2) - 1, block_size)
             sinks = kv_cache_spec.sink_blocks
             hits = (
                 (k, sorted({*range(min(sinks, k)), *range(max(0, k - window_blocks), k)}))
@@ -295,7 +296,9 @@ class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
     def get_num_blocks_to_allocate(
         self, request_id: str, num_tokens: int, new_computed_blocks, total_computed_tokens: int, *args, **kwargs
     ) -> int:
-        num = self._num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks, total_computed_tokens, *args, **kwargs)
+        num = self._num_blocks_to_allocate(
+            request_id, num_tokens, new_computed_blocks, total_computed_tokens, *args, **kwargs
+        )
         if request_id in self.num_cached_block or not new_computed_blocks:
             return num
         # vLLM counts the evictable hit blocks past the window only; the sink (and, in exact mode,
