@@ -338,7 +338,8 @@ class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
         return [keep or i < kv_cache_spec.sink_blocks for i, keep in enumerate(mask, start_block)]
 
     def cache_blocks(self, request: Request, num_tokens: int, *args, **kwargs) -> None:
-        super().cache_blocks(request, _prefix_cacheable_tokens(request, num_tokens, self.exact_prefill), *args, **kwargs)
+        num_tokens = _prefix_cacheable_tokens(request, num_tokens, self.exact_prefill)
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
 
 
 class RazorPoolLayer(torch.nn.Module, AttentionLayerBase):

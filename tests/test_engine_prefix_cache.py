@@ -35,7 +35,8 @@ MAX_TOKENS = 12
 def _doc_tokens(tokenizer, n: int, seed: int) -> list[int]:
     colours = ["red", "blue", "green", "yellow", "black", "white", "grey", "orange"]
     text = " ".join(
-        f"Room {i * 7 + seed} has a {colours[(i + seed) % 8]} door and {(i * 13 + seed) % 50} chairs." for i in range(200)
+        f"Room {i * 7 + seed} has a {colours[(i + seed) % 8]} door and {(i * 13 + seed) % 50} chairs."
+        for i in range(200)
     )
     return tokenizer.encode(text)[:n]
 

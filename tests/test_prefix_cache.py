@@ -43,7 +43,10 @@ def make_manager(exact: bool, num_blocks: int = 256, max_model_len: int = 2048, 
     config = KVCacheConfig(
         num_blocks=num_blocks,
         kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec([RETRIEVAL_POOL_NAME], retrieval), KVCacheGroupSpec([LOCAL_POOL_NAME], local)],
+        kv_cache_groups=[
+            KVCacheGroupSpec([RETRIEVAL_POOL_NAME], retrieval),
+            KVCacheGroupSpec([LOCAL_POOL_NAME], local),
+        ],
     )
     manager = KVCacheManager(
         config,
@@ -241,7 +244,8 @@ def test_eviction_small_pool(exact):
     for group in blocks.blocks:
         for blk in group:
             assert blk.is_null or blk.block_hash is not None  # still published, not reused
-    c_ids = {b.block_id for m in manager.coordinator.single_type_managers for b in m.req_to_blocks["c"] if not b.is_null}
+    managers = manager.coordinator.single_type_managers
+    c_ids = {b.block_id for m in managers for b in m.req_to_blocks["c"] if not b.is_null}
     assert not c_ids & {b.block_id for g in blocks.blocks for b in g if not b.is_null}
     manager.free(c)
     # Everything is back in the free queue.
