@@ -37,6 +37,11 @@ def test_bundled_profile_is_found_and_prefix_caching_left_as_vllm_sets_it(defaul
     # All heads local: one KV group, which vLLM hashes in cache_config.block_size -> the local block.
     streaming = _create_config(default_model_dir, all_local=True, local_block_size=16)
     assert streaming.cache_config.enable_prefix_caching is True and streaming.cache_config.block_size == 16
+    # Compressed prefill under the paper's window rule: K/V depend on each request's window, which
+    # vLLM's block hashes do not see, so caching goes off; exact prefill keeps it.
+    paper = dict(window_rule="paper", compression_ratio=4.0)
+    assert _create_config(default_model_dir, prefill="compressed", **paper).cache_config.enable_prefix_caching is False
+    assert _create_config(default_model_dir, prefill="exact", **paper).cache_config.enable_prefix_caching is True
 
 
 def test_mismatched_profile_is_refused_naming_the_difference(default_model_dir, tmp_path):
