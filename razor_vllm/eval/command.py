@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--haystack", choices=["noise", "text"], default="noise",
                       help="filler around needles: RULER's repeated noise sentences or Moby-Dick (default: noise)")
     grid.add_argument("--seed", type=int, default=0, help="seed of every generated sample (default 0)")
+    grid.add_argument("--split", choices=["evaluation", "calibration"], default="evaluation",
+                      help="calibration: tasks from other seeds and other wording than the evaluation set, to "
+                      "choose settings (retrieval share, window) on before reporting the evaluation set")
 
     fid = parser.add_argument_group("fidelity on natural text")
     fid.add_argument("--fidelity-contexts", type=runinfo.int_list, metavar="N,N,...",
@@ -137,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
             fidelity_samples=args.fidelity_samples if args.fidelity_samples is not None else preset["fidelity_samples"],
             fidelity_tokens=args.fidelity_tokens or preset["fidelity_tokens"],
             greedy_tokens=args.greedy_tokens if args.greedy_tokens is not None else preset["greedy_tokens"],
+            split=args.split,
         )
         grid.check()
         model_dir, profile = runinfo.model_and_profile(args.model, args.profile, need_model=True)
