@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from razor_vllm import ops
+from razor_vllm.ops import LocalRule, PagedBatch, PoolHeads
 
 SINK, WINDOW, BLOCK_SIZE = 4, 252, 32
 
@@ -49,7 +50,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, gen: torch.Generator) -> dict:
     num_blocks = shape.batch * blocks_per_req + 1
     d, pool_heads = shape.head_size, 2 * shape.num_kv_heads
     kv_cache = torch.randn(num_blocks, pool_heads, BLOCK_SIZE, 2 * d, generator=gen).to(dtype)
-    comp = torch.randn(num_blocks, pool_heads, 2, d, generator=gen) * 100
+    tails = torch.randn(num_blocks, pool_heads, 2, d, generator=gen) * 100
     block_table = (torch.randperm(num_blocks - 1, generator=gen)[: shape.batch * blocks_per_req] + 1)
     block_table = block_table.view(shape.batch, blocks_per_req).to(torch.int32)
     query = torch.randn(shape.batch * shape.q_len, shape.num_q_heads, d, generator=gen).to(dtype)
@@ -57,26 +58,25 @@ def make_inputs(shape: Shape, dtype: torch.dtype, gen: torch.Generator) -> dict:
         query=query,
         key_cache=kv_cache[..., :d],
         value_cache=kv_cache[..., d:],
-        comp=comp,
-        block_table=block_table,
-        seq_lens=torch.full((shape.batch,), shape.context, dtype=torch.int32),
-        query_start_loc=torch.arange(shape.batch + 1, dtype=torch.int32) * shape.q_len,
-        head_offset=shape.num_kv_heads,
-        num_kv_heads=shape.num_kv_heads,
+        tails=tails,
+        batch=PagedBatch(
+            block_table=block_table,
+            seq_lens=torch.full((shape.batch,), shape.context, dtype=torch.int32),
+            query_start_loc=torch.arange(shape.batch + 1, dtype=torch.int32) * shape.q_len,
+            # prompts end before this step: every query follows the compressed rule
+            prompt_lens=torch.full((shape.batch,), shape.context - shape.q_len, dtype=torch.int32),
+        ),
+        heads=PoolHeads(shape.num_kv_heads, shape.num_kv_heads),
     )
 
 
 def calls(kernels, x: dict, scale: float) -> dict:
-    meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], x["head_offset"], x["num_kv_heads"])
+    caches, batch, heads, rule = (x["key_cache"], x["value_cache"]), x["batch"], x["heads"], LocalRule(SINK, WINDOW)
     return {
-        "paged_attention": lambda: kernels.paged_attention(x["query"], x["key_cache"], x["value_cache"], *meta, scale),
-        "local_attention": lambda: kernels.local_attention(
-            x["query"], x["key_cache"], x["value_cache"], x["comp"], *meta, SINK, WINDOW, scale
-        ),
-        # comp keeps growing across repeats; timing does not care.
-        "fold_compensation": lambda: kernels.fold_compensation(
-            x["key_cache"], x["value_cache"], x["comp"], *meta, SINK, WINDOW
-        ),
+        "paged_attention": lambda: kernels.paged_attention(x["query"], *caches, batch, heads, scale),
+        "local_attention": lambda: kernels.local_attention(x["query"], *caches, x["tails"], batch, heads, rule, scale),
+        # Rewrites the tails of the blocks the step started (none for decodes inside a block).
+        "write_block_tails": lambda: kernels.write_block_tails(*caches, x["tails"], batch, heads, rule),
     }
 
 
@@ -113,7 +113,7 @@ def main() -> None:
         for shape in (s for s in SHAPES if args.shapes in s.name):
             x = make_inputs(shape, dtype, gen)
             scale = shape.head_size**-0.5
-            ref_calls, cpp_calls = calls(ops.reference, x, scale), calls(ops.cpp, x, scale)
+            ref_calls, cpp_calls = calls(ops.kernels("reference"), x, scale), calls(ops.kernels("cpp"), x, scale)
             for op in ref_calls:
                 ref_ms = best_ms(ref_calls[op], args.repeat)
                 cpp_ms = best_ms(cpp_calls[op], args.repeat)

@@ -3,13 +3,14 @@ a recent window + one compensation token in a bounded pool.
 
 Read top to bottom in the order data flows: the Backend (capabilities), the per-pool Metadata and
 its Builder (once per step and pool), and the Impl (per layer: write this step's K/V into both
-pools, attend, fold tokens leaving the window into the compensation sums). Kernels live in
+pools, write the tails of local blocks started this step, attend). Kernels live in
 ``razor_vllm.ops``. How the pools are laid out and registered with vLLM: ``pools.py``,
 ``install.py``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
@@ -28,6 +29,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from razor_vllm import ops
+from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
 from razor_vllm.ops.cache import SlotIndex, write_kv
 from razor_vllm.geometry import LocalGeometry
 from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, RazorLocalSpec
@@ -91,6 +93,7 @@ class RazorPoolMetadata:
     # The same slots as indices, built once per step for every layer's writes; None on GPU, where
     # ``ops.store_kv`` reads ``slot_mapping`` on the device (no host sync, CUDA-graph safe).
     slots: Optional[SlotIndex]
+    batch: PagedBatch  # the kernels' view of the step (the same tensors as above)
 
 
 class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
@@ -157,15 +160,37 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
         num_reqs = cm.num_reqs
         slot_mapping = cm.slot_mapping[: cm.num_actual_tokens]
         block_size = self.kv_cache_spec.block_size
+        query_start_loc = cm.query_start_loc[: num_reqs + 1].to(torch.int32)
+        seq_lens = cm.seq_lens[:num_reqs].to(torch.int32)
+        block_table = cm.block_table_tensor[:num_reqs].to(torch.int32)
         return RazorPoolMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
-            query_start_loc=cm.query_start_loc[: num_reqs + 1].to(torch.int32),
-            seq_lens=cm.seq_lens[:num_reqs].to(torch.int32),
-            block_table=cm.block_table_tensor[:num_reqs].to(torch.int32),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_table=block_table,
             slot_mapping=slot_mapping,
             slots=None if slot_mapping.is_cuda else SlotIndex.from_slot_mapping(slot_mapping, block_size),
+            batch=PagedBatch(
+                block_table=block_table,
+                seq_lens=seq_lens,
+                query_start_loc=query_start_loc,
+                max_query_len=cm.max_query_len,
+                max_seq_len=cm.max_seq_len,
+            ),
         )
+
+
+@functools.cache
+def _pool_heads(offset: int, count: int) -> PoolHeads:
+    return PoolHeads(offset, count)
+
+
+@functools.cache
+def _local_rule(sink: int, window: int, compensation: bool) -> LocalRule:
+    # Exact prefill needs prompt lengths in the metadata and the engine keeping prompt blocks
+    # (the prefill branch); until then every query follows the compressed rule.
+    return LocalRule(sink=sink, window=window, compensation=compensation, exact_prefill=False)
 
 
 class RazorAttentionImpl(AttentionImpl):
@@ -237,61 +262,27 @@ class RazorAttentionImpl(AttentionImpl):
         cache = ctx.no_compile_layers[name].kv_cache
         key_cache, value_cache = cache[..., : self.head_size], cache[..., self.head_size :]
         key, value = heads.select_kv(key), heads.select_kv(value)
+        pool_heads = _pool_heads(heads.offset, heads.num_kv_heads)
         if md.slots is None:
-            ops.store_kv(key_cache, value_cache, key, value, md.slot_mapping, heads.offset)
+            ops.store_kv(key_cache, value_cache, key, value, md.slot_mapping, pool_heads)
         else:
             write_kv(key_cache, value_cache, key, value, md.slots, heads.offset)
-        return md, cache, key_cache, value_cache
+        return md, cache, key_cache, value_cache, pool_heads
 
     def _retrieval(self, state, ctx, query, key, value, out) -> None:
         heads = state.retrieval
-        md, _, key_cache, value_cache = self._pool(ctx, RETRIEVAL_POOL_NAME, heads, key, value)
-        out_heads = ops.paged_attention(
-            heads.select_q(query),
-            key_cache,
-            value_cache,
-            md.block_table,
-            md.seq_lens,
-            md.query_start_loc,
-            heads.offset,
-            heads.num_kv_heads,
-            self.scale,
-        )
+        md, _, key_cache, value_cache, pool_heads = self._pool(ctx, RETRIEVAL_POOL_NAME, heads, key, value)
+        out_heads = ops.paged_attention(heads.select_q(query), key_cache, value_cache, md.batch, pool_heads, self.scale)
         heads.scatter_q(out, out_heads)
 
     def _local(self, state, ctx, query, key, value, out) -> None:
         heads = state.local
-        md, cache, key_cache, value_cache = self._pool(ctx, LOCAL_POOL_NAME, heads, key, value)
-        comp = state.compensation(cache)
+        md, cache, key_cache, value_cache, pool_heads = self._pool(ctx, LOCAL_POOL_NAME, heads, key, value)
+        tails = state.compensation(cache)
+        rule = _local_rule(state.sink, state.window, state.use_compensation)
+        # Before attention: a chunk's later queries read the tails of blocks started in this chunk.
+        ops.write_block_tails(key_cache, value_cache, tails, md.batch, pool_heads, rule)
         out_heads = ops.local_attention(
-            heads.select_q(query),
-            key_cache,
-            value_cache,
-            comp,
-            md.block_table,
-            md.seq_lens,
-            md.query_start_loc,
-            heads.offset,
-            heads.num_kv_heads,
-            state.sink,
-            state.window,
-            self.scale,
-            compensation=state.use_compensation,
+            heads.select_q(query), key_cache, value_cache, tails, md.batch, pool_heads, rule, self.scale
         )
         heads.scatter_q(out, out_heads)
-        if not state.use_compensation:
-            return
-        # Fold the tokens that leave the window for the next step now: the scheduler may hand
-        # their blocks to another request before that step runs.
-        ops.fold_compensation(
-            key_cache,
-            value_cache,
-            comp,
-            md.block_table,
-            md.seq_lens,
-            md.query_start_loc,
-            heads.offset,
-            heads.num_kv_heads,
-            state.sink,
-            state.window,
-        )

@@ -1,10 +1,12 @@
 """The attention kernels (reference and C++) against the dense float64 oracle, through a simulated engine.
 
 ``PagedPool`` plays vLLM's part for one layer of one pool: shuffled physical blocks, every step's K/V
-written before attention, blocks behind the window freed (and poisoned with NaN) in the local pool,
-garbage ids in unused block-table entries. A kernel that reads a position it must not, mixes up
-requests, heads or blocks, or mis-tracks the compensation sums across steps gives NaN or a wrong
-row, and the comparison with the oracle (computed on whole sequences, no paging) fails.
+written before the block tails and attention, blocks no later step may read freed (and poisoned with
+NaN) in the local pool, garbage ids in unused block-table entries, CUDA-graph padding requests and
+token rows. A kernel that reads a position it must not, mixes up requests, heads or blocks, or gets
+the block tails wrong gives NaN or a wrong row, and the comparison with the oracle (computed on whole
+sequences, no paging, no tails) fails. Every tail a step writes is also compared with the sums
+recomputed from scratch, and checked unchanged in every later step.
 """
 
 from __future__ import annotations
@@ -12,24 +14,34 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
 
 from razor_vllm import ops
-from razor_vllm.ops import reference
-from razor_vllm.ops.dense import dense_causal_attention, dense_local_attention, dense_razor_attention
+from razor_vllm.ops import LocalRule, PagedBatch, PoolHeads, reference
+from razor_vllm.ops.dense import (
+    dense_block_tail,
+    dense_causal_attention,
+    dense_local_attention,
+    dense_razor_attention,
+)
 
 IMPLS = [
     "reference",
     pytest.param("cpp", marks=pytest.mark.skipif(ops.cpp is None, reason="razor_vllm._C is not built")),
 ]
+MODES = ["exact", "compressed"]
 
 # Bound on max|out - oracle| / max|oracle| per request. The oracle runs on the same rounded inputs,
 # so for bf16/fp16 the error is dominated by rounding the output (unit roundoff 2^-8 / 2^-11).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Bound on max|tail - sums| / max(1, max|sums|): fp32 sums of at most a few hundred O(1) values.
+TAIL_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 POISON = 0  # a physical block that is never allocated: always NaN
+PAD_REQUESTS, PAD_TOKENS = 2, 3  # CUDA-graph padding added to every step
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +75,10 @@ class Case:
     def scale(self) -> float:
         return self.head_size**-0.5
 
+    @property
+    def heads(self) -> PoolHeads:
+        return PoolHeads(self.head_offset, self.num_kv_heads)
+
     def boundary_lengths(self) -> list[int]:
         """Short, around the first compensated query (t = S+W), and several windows past it."""
         s, w = self.sink, self.window
@@ -76,6 +92,8 @@ LOCAL_CASES = [
     Case(block_size=16, sink=16, window=16, num_kv_heads=1, g=4, pool_heads=4, head_offset=3),
     Case(block_size=32, sink=5, window=45, num_kv_heads=3, g=3, pool_heads=7, head_offset=4),
     Case(block_size=32, sink=2, window=33, num_kv_heads=1, g=5, pool_heads=1, head_offset=0, head_size=40),
+    # sinks spanning more than two blocks; a window shorter than a block
+    Case(block_size=8, sink=19, window=6, num_kv_heads=2, g=2, pool_heads=3, head_offset=1),
 ]
 
 
@@ -93,8 +111,17 @@ def random_request(gen: torch.Generator, length: int, case: Case, dtype: torch.d
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def make_schedule(lengths: list[int], rng: random.Random, max_chunk: int, style: str) -> list[list[tuple]]:
-    """Steps of (request, first position, end position), as a chunked-prefill scheduler would batch them.
+class Schedule(list):
+    """Steps of (request, first position, end position); ``prompts[r]``: request r's prompt length
+    (its positions computed as prefill; with ``recompute`` some prefills run past it, as vLLM
+    recomputes generated tokens after a preemption)."""
+
+    prompts: list[int]
+
+
+def make_schedule(lengths: list[int], rng: random.Random, max_chunk: int, style: str, recompute: bool = False,
+                  min_chunk: int = 1) -> Schedule:
+    """Steps as a chunked-prefill scheduler would batch them.
 
     style: "prefill" (whole prompt in one chunk), "chunked" (random chunk sizes), "decode" (one token
     per step), or "mixed" (a random one per request). Staggered arrivals mix prefills with decodes.
@@ -102,17 +129,20 @@ def make_schedule(lengths: list[int], rng: random.Random, max_chunk: int, style:
     requests = []
     for rid, length in enumerate(lengths):
         kind = rng.choice(["prefill", "chunked", "decode"]) if style == "mixed" else style
-        prompt = {"prefill": rng.randint(max(1, length - 4), length), "chunked": length, "decode": 1}[kind]
-        requests.append(dict(rid=rid, length=length, prompt=prompt, kind=kind, start=rng.randint(0, 6), done=0))
-    steps, step = [], 0
+        prefill = {"prefill": rng.randint(max(1, length - 4), length), "chunked": length, "decode": 1}[kind]
+        prompt = rng.randint(1, prefill) if recompute and rng.random() < 0.5 else prefill
+        requests.append(dict(rid=rid, length=length, prefill=prefill, prompt=prompt, kind=kind,
+                             start=rng.randint(0, 6), done=0))
+    steps, step = Schedule(), 0
+    steps.prompts = [r["prompt"] for r in requests]
     while any(r["done"] < r["length"] for r in requests):
         batch = []
         for r in requests:
             if r["start"] > step or r["done"] == r["length"]:
                 continue
-            if r["done"] < r["prompt"]:
-                chunk = r["prompt"] if r["kind"] == "prefill" else rng.randint(1, max_chunk)
-                n = min(chunk, r["prompt"] - r["done"])
+            if r["done"] < r["prefill"]:
+                chunk = r["prefill"] if r["kind"] == "prefill" else rng.randint(min_chunk, max_chunk)
+                n = min(chunk, r["prefill"] - r["done"])
             else:
                 n = 1
             batch.append((r["rid"], r["done"], r["done"] + n))
@@ -135,12 +165,12 @@ class PagedPool:
         nan = float("nan")
         self.kv_cache = torch.full((num_blocks, case.pool_heads, bs, 2 * d), nan, dtype=dtype)
         self.key_cache, self.value_cache = self.kv_cache[..., :d], self.kv_cache[..., d:]
-        comp_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        # A strided view (block stride != H_pool * 2 * D), as when comp shares a page with other data.
-        self.comp = torch.full((num_blocks, case.pool_heads + 1, 2, d), nan, dtype=comp_dtype)[:, : case.pool_heads]
+        tail_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        # A strided view (block stride != H_pool * 2 * D), as the real page tail.
+        self.tails = torch.full((num_blocks, case.pool_heads + 1, 2, d), nan, dtype=tail_dtype)[:, : case.pool_heads]
         self.free = [b for b in range(num_blocks) if b != POISON]
         rng.shuffle(self.free)
-        self.tables: dict[int, list[int | None]] = {}
+        self.tables: dict[int, list[Optional[int]]] = {}
         self.recycled = 0  # blocks freed behind the window while their request was running
 
     def write(self, rid: int, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int) -> None:
@@ -156,65 +186,128 @@ class PagedPool:
         self.kv_cache[blocks, heads, slots, :d] = k[lo:hi]
         self.kv_cache[blocks, heads, slots, d:] = v[lo:hi]
 
-    def block_table(self, rids: list[int]) -> torch.Tensor:
-        """Rows for this step's requests plus one padding row; unallocated or freed entries are garbage."""
-        table = torch.tensor([[self.rng.choice([POISON, -1]) for _ in range(self.width)] for _ in range(len(rids) + 1)])
+    def block_table(self, rids: list[int], pad: int = 0) -> torch.Tensor:
+        """Rows for this step's requests, then ``pad`` padding rows of the null block; unallocated or
+        freed entries of real rows are garbage."""
+        table = torch.tensor([[self.rng.choice([POISON, -1]) for _ in range(self.width)] for _ in rids])
+        table = torch.cat([table.reshape(len(rids), self.width), torch.full((pad, self.width), POISON)])
         for row, rid in enumerate(rids):
             for i, block in enumerate(self.tables[rid]):
                 if block is not None:
                     table[row, i] = block
         return table.to(torch.int32)
 
-    def release(self, rid: int, next_position: int, finished: bool) -> None:
-        """Free what no later step may read: everything when finished; in the local pool, blocks
-        (other than block 0, which holds the compensation slot) wholly past the sinks and before
-        the next step's window start next_position + 1 - W."""
+    def release(self, rid: int, next_position: int, finished: bool, window: Optional[int] = None,
+                prompt_len: Optional[int] = None) -> None:
+        """Free what no later step may read: everything when finished; in the local pool (unless exact
+        prefill keeps a prefilling request's blocks) every block past the sink blocks and before both
+        block c of the next step's first query p (c = (p-W+1) // B) and the block of p - 1 (read
+        for the tail of a block started at p)."""
         c, bs = self.case, self.case.block_size
         table = self.tables[rid]
+        window = c.window if window is None else window
+        prefilling = prompt_len is not None and next_position < prompt_len
+        keep_from = min((next_position - window + 1) // bs, (next_position - 1) // bs)
         for i, block in enumerate(table):
-            old = i > 0 and i * bs >= c.sink and (i + 1) * bs <= next_position + 1 - c.window
+            old = i * bs >= c.sink and i < keep_from and not prefilling
             if block is not None and (finished or (self.sliding and old)):
                 self.recycled += not finished
                 self.kv_cache[block] = float("nan")
-                self.comp[block] = float("nan")
+                self.tails[block] = float("nan")
                 self.free.insert(self.rng.randint(0, len(self.free)), block)
                 table[i] = None
 
 
+class TailChecker:
+    """Every tail written in a step equals the from-scratch sums (``dense_block_tail``), and stays
+    bitwise unchanged afterwards while its block is allocated."""
+
+    def __init__(self, case: Case, data, pool: PagedPool) -> None:
+        self.case, self.data, self.pool = case, data, pool
+        self.written: dict[tuple[int, int], torch.Tensor] = {}  # (rid, block index) -> tail as written
+        self.checked = 0
+
+    def _tail(self, rid: int, b: int) -> torch.Tensor:
+        block = self.pool.tables[rid][b]
+        c = self.case
+        return self.pool.tails[block, c.head_offset : c.head_offset + c.num_kv_heads].to("cpu", copy=True)
+
+    def after_write(self, batch) -> None:
+        c, bs = self.case, self.case.block_size
+        tolerance = TAIL_TOLERANCE[self.pool.tails.dtype]
+        for (rid, b), written in list(self.written.items()):
+            if self.pool.tables[rid][b] is None:
+                del self.written[(rid, b)]
+            else:
+                assert torch.equal(self._tail(rid, b), written), f"request {rid}: tail of block {b} changed"
+        for rid, lo, hi in batch:
+            _, k, v = self.data[rid]
+            for b in range(-(-lo // bs), (hi - 1) // bs + 1):
+                got, want = self._tail(rid, b), dense_block_tail(k, v, b, bs, c.sink)
+                if b * bs <= c.sink:
+                    assert torch.equal(got, torch.zeros_like(got)), f"request {rid}: tail of block {b} not zero"
+                err = ((got.double() - want).abs().max() / want.abs().max().clamp(min=1)).item()
+                assert err < tolerance, f"request {rid}: tail of block {b}: relative error {err:.3g}"
+                self.written[(rid, b)] = got
+                self.checked += 1
+
+
+def make_batch(pool: PagedPool, batch, rids, prompts=None, windows=None) -> PagedBatch:
+    """This step's PagedBatch with ``PAD_REQUESTS`` padding requests (no queries, seq_len 0)."""
+    pad = [0] * PAD_REQUESTS
+    q_lens = [hi - lo for _, lo, hi in batch] + pad
+    query_start_loc = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+
+    def per_request(values):
+        return torch.tensor([values[rid] for rid in rids] + pad, dtype=torch.int32)
+
+    return PagedBatch(
+        block_table=pool.block_table(rids, pad=PAD_REQUESTS),
+        seq_lens=torch.tensor([hi for _, _, hi in batch] + pad, dtype=torch.int32),
+        query_start_loc=query_start_loc,
+        prompt_lens=None if prompts is None else per_request(prompts),
+        windows=None if windows is None else per_request(windows),
+        max_query_len=max(q_lens),
+        max_seq_len=max(hi for _, _, hi in batch),
+    )
+
+
 def run_engine(impl, case, dtype, data, schedule, sliding: bool, rng: random.Random, before_step=None,
-               compensation: bool = True):
+               compensation: bool = True, exact: bool = False, windows: Optional[list[int]] = None,
+               check_tails: bool = True):
     """Drive one pool through the schedule; returns each request's outputs [L, Hq, D] in float64,
-    and the pool."""
+    and the pool (with its ``tail_checker`` for the local pool)."""
     kernels = ops.kernels(impl)
     lengths = [q.shape[0] for q, _, _ in data]
     pool = PagedPool(case, dtype, lengths, sliding, rng)
+    rule = LocalRule(case.sink, case.window, compensation=compensation, exact_prefill=exact)
+    prompts = schedule.prompts if exact else None
+    checker = pool.tail_checker = TailChecker(case, data, pool)
     outputs = [torch.full(q.shape, float("nan"), dtype=torch.float64) for q, _, _ in data]
     for batch in schedule:
         for rid, lo, hi in batch:
             pool.write(rid, data[rid][1], data[rid][2], lo, hi)
         rids = [rid for rid, _, _ in batch]
-        block_table = pool.block_table(rids)
-        seq_lens = torch.tensor([hi for _, _, hi in batch], dtype=torch.int32)
-        query_start_loc = torch.tensor([0] + [hi - lo for _, lo, hi in batch], dtype=torch.int32).cumsum(0)
-        query_start_loc = query_start_loc.to(torch.int32)
-        query = torch.cat([data[rid][0][lo:hi] for rid, lo, hi in batch])
-        meta = (block_table, seq_lens, query_start_loc, case.head_offset, case.num_kv_heads)
+        paged = make_batch(pool, batch, rids, prompts, windows)
+        pad_rows = torch.full((PAD_TOKENS, *data[0][0].shape[1:]), float("nan"), dtype=dtype)
+        query = torch.cat([data[rid][0][lo:hi] for rid, lo, hi in batch] + [pad_rows])
         if before_step is not None:
             before_step(pool)
         if sliding:
+            kernels.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, paged, case.heads, rule)
+            if check_tails:
+                checker.after_write(batch)
             out = kernels.local_attention(
-                query, pool.key_cache, pool.value_cache, pool.comp, *meta, case.sink, case.window, case.scale,
-                compensation=compensation,
+                query, pool.key_cache, pool.value_cache, pool.tails, paged, case.heads, rule, case.scale
             )
-            if compensation:
-                kernels.fold_compensation(pool.key_cache, pool.value_cache, pool.comp, *meta, case.sink, case.window)
         else:
-            out = kernels.paged_attention(query, pool.key_cache, pool.value_cache, *meta, case.scale)
+            out = kernels.paged_attention(query, pool.key_cache, pool.value_cache, paged, case.heads, case.scale)
         assert out.dtype == query.dtype and out.shape == query.shape
-        for row, (rid, lo, hi) in zip(query_start_loc.tolist(), batch):
+        for row, (rid, lo, hi) in zip(paged.query_start_loc.tolist(), batch):
             outputs[rid][lo:hi] = out[row : row + hi - lo].double()
         for rid, lo, hi in batch:
-            pool.release(rid, hi, finished=hi == lengths[rid])
+            window = case.window if windows is None else windows[rid]
+            pool.release(rid, hi, hi == lengths[rid], window, prompts[rid] if prompts else None)
     return outputs, pool
 
 
@@ -224,11 +317,15 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return math.inf if math.isnan(err) else err
 
 
-def local_oracle(case, data, compensation="weighted"):
-    return [
-        dense_local_attention(q, k, v, range(q.shape[0]), case.sink, case.window, case.scale, compensation)
-        for q, k, v in data
-    ]
+def local_oracle(case, data, compensation="weighted", prompts=None, windows=None):
+    expected = []
+    for rid, (q, k, v) in enumerate(data):
+        window = case.window if windows is None else windows[rid]
+        prompt_len = None if prompts is None else prompts[rid]
+        positions = range(q.shape[0])
+        out = dense_local_attention(q, k, v, positions, case.sink, window, case.scale, compensation, prompt_len)
+        expected.append(out)
+    return expected
 
 
 def causal_oracle(case, data):
@@ -246,6 +343,16 @@ def make_data(case: Case, dtype: torch.dtype, seed: int, lengths: list[int]):
     return [random_request(gen, n, case, dtype) for n in lengths]
 
 
+def run_local(impl, case, data, schedule, mode, rng, dtype=torch.float32, windows=None, **kwargs):
+    """The local pool through ``schedule`` in ``mode``; checks against the oracle and returns the pool."""
+    exact = mode == "exact"
+    outputs, pool = run_engine(impl, case, dtype, data, schedule, True, rng, exact=exact, windows=windows, **kwargs)
+    compensation = "weighted" if kwargs.get("compensation", True) else "none"
+    expected = local_oracle(case, data, compensation, schedule.prompts if exact else None, windows)
+    assert_close(outputs, expected, TOLERANCE[dtype])
+    return pool
+
+
 # ---------------------------------------------------------------------------------------------
 # The oracle itself
 
@@ -253,7 +360,8 @@ def make_data(case: Case, dtype: torch.dtype, seed: int, lengths: list[int]):
 def test_oracle_compensation_is_exact_for_equal_dropped_keys():
     """If every dropped key is the same vector, n_d * exp(q.k_hat) * v_hat equals the sum of the
     dropped terms, so the count-weighted rule reproduces full causal attention exactly; the
-    unweighted one does not. With a window covering everything, local is causal attention."""
+    unweighted one does not. With a window covering everything, local is causal attention; with
+    exact prefill, so is every prompt query."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(40, h, 16, generator=gen) for h in (4, 2, 2))
     sink, window = 3, 8
@@ -262,55 +370,201 @@ def test_oracle_compensation_is_exact_for_equal_dropped_keys():
     assert relative_error(dense_local_attention(q, k, v, range(40), sink, window, 0.25), causal) < 1e-12
     assert relative_error(dense_local_attention(q, k, v, range(40), sink, window, 0.25, "unweighted"), causal) > 1e-2
     q, k, v = (torch.randn(20, h, 16, generator=gen) for h in (4, 2, 2))
-    wide = dense_local_attention(q, k, v, range(20), 2, 18, 0.25)
-    assert relative_error(wide, dense_causal_attention(q, k, v, range(20), 0.25)) < 1e-12
+    causal = dense_causal_attention(q, k, v, range(20), 0.25)
+    assert relative_error(dense_local_attention(q, k, v, range(20), 2, 18, 0.25), causal) < 1e-12
+    exact = dense_local_attention(q, k, v, range(20), 2, 4, 0.25, prompt_len=12)
+    assert relative_error(exact[:12], causal[:12]) < 1e-12
+    assert relative_error(exact[12:], dense_local_attention(q[12:], k, v, range(12, 20), 2, 4, 0.25)) < 1e-12
+    assert relative_error(exact[12:], causal[12:]) > 1e-2
+
+
+def test_oracle_block_tail():
+    k, v = torch.randn(50, 2, 8), torch.randn(50, 2, 8)
+    assert torch.equal(dense_block_tail(k, v, 1, 16, 16), torch.zeros(2, 2, 8, dtype=torch.float64))
+    tail = dense_block_tail(k, v, 3, 16, 5)
+    assert torch.allclose(tail[:, 0], k[5:48].double().sum(0)) and torch.allclose(tail[:, 1], v[5:48].double().sum(0))
 
 
 # ---------------------------------------------------------------------------------------------
 # Local heads
 
 
+ORACLE_RUNS = [
+    ("mixed", 0, "compressed"),
+    ("mixed", 1, "exact"),
+    ("prefill", 2, "exact"),
+    ("chunked", 3, "compressed"),
+    ("chunked", 5, "exact"),
+    ("decode", 4, "compressed"),
+]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", LOCAL_CASES, ids=str)
-@pytest.mark.parametrize("style,seed", [("mixed", 0), ("mixed", 1), ("prefill", 2), ("chunked", 3), ("decode", 4)])
-def test_local_attention_matches_oracle(impl, case, style, seed):
+@pytest.mark.parametrize("style,seed,mode", ORACLE_RUNS)
+def test_local_attention_matches_oracle(impl, case, style, seed, mode):
     rng = random.Random(seed)
     lengths = case.boundary_lengths() + [rng.randint(1, 3 * case.window + case.sink) for _ in range(2)]
     data = make_data(case, torch.float32, seed, lengths)
-    schedule = make_schedule(lengths, rng, max_chunk=case.window + 7, style=style)
+    schedule = make_schedule(lengths, rng, max_chunk=case.window + 7, style=style, recompute=True)
     if style == "mixed":  # the point of the style: prefill chunks batched with decodes
         assert any(len({hi - lo == 1 for _, lo, hi in batch}) == 2 for batch in schedule)
-    outputs, pool = run_engine(impl, case, torch.float32, data, schedule, sliding=True, rng=rng)
+    pool = run_local(impl, case, data, schedule, mode, rng)
     assert pool.recycled > 0  # old window blocks were freed (and poisoned) under running requests
-    assert_close(outputs, local_oracle(case, data), TOLERANCE[torch.float32])
+    assert pool.tail_checker.checked > 0
+
+
+def _tail_started_in_chunk(schedule, case, windows=None, prompts=None) -> bool:
+    """Some chunk starting more than two blocks holds a compressed query whose block c was started in
+    that same chunk (so its tail must be written before attention)."""
+    bs = case.block_size
+    for batch in schedule:
+        for rid, lo, hi in batch:
+            window = case.window if windows is None else windows[rid]
+            first_compressed = lo if prompts is None else max(lo, prompts[rid])
+            if (hi - 1) // bs - -(-lo // bs) < 2:
+                continue
+            for t in range(first_compressed, hi):
+                c = (t - window + 1) // bs
+                if t - window + 1 - case.sink > 0 and c * bs >= lo:
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", [LOCAL_CASES[0], LOCAL_CASES[2], LOCAL_CASES[6]], ids=str)
+def test_chunks_spanning_several_blocks(impl, mode, case):
+    """Chunks of 3 blocks and more: later queries of a chunk read the tail of a block the same chunk
+    started. In exact mode the prompts end early, as when vLLM recomputes generated tokens."""
+    rng = random.Random(21)
+    bs = case.block_size
+    lengths = [case.sink + case.window + 6 * bs + 3, case.sink + 9 * bs, 4 * bs + 1]
+    data = make_data(case, torch.float32, 21, lengths)
+    schedule = make_schedule(lengths, rng, max_chunk=4 * bs + 5, min_chunk=3 * bs + 1, style="chunked")
+    schedule.prompts = [min(n, case.sink + case.window + bs // 2) for n in lengths]
+    assert _tail_started_in_chunk(schedule, case, prompts=schedule.prompts if mode == "exact" else None)
+    run_local(impl, case, data, schedule, mode, rng)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+def test_many_requests_per_request_windows(impl, mode):
+    """Fourteen requests with their own windows (the paper's max(S0, N/C) rule), mixed prefill /
+    decode batches, CUDA-graph padding, prefills past the prompt."""
+    case = LOCAL_CASES[0]
+    rng = random.Random(31)
+    lengths = [rng.randint(1, 160) for _ in range(14)]
+    windows = [rng.choice([1, 2, 7, case.block_size, 33, 64, 200]) for _ in lengths]
+    data = make_data(case, torch.float32, 31, lengths)
+    schedule = make_schedule(lengths, rng, max_chunk=50, style="mixed", recompute=True)
+    assert max(len(batch) for batch in schedule) >= 8
+    pool = run_local(impl, case, data, schedule, mode, rng, windows=windows)
+    assert pool.recycled > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", [LOCAL_CASES[0], LOCAL_CASES[1], LOCAL_CASES[6]], ids=str)
+def test_exact_prompt_queries_are_causal_attention(impl, case):
+    """Exact prefill, every position a prompt position: plain causal attention, however chunked."""
+    rng = random.Random(41)
+    lengths = case.boundary_lengths()
+    data = make_data(case, torch.float32, 41, lengths)
+    schedule = make_schedule(lengths, rng, max_chunk=2 * case.block_size + 3, style="chunked")
+    schedule.prompts = lengths
+    outputs, _ = run_engine(impl, case, torch.float32, data, schedule, True, rng, exact=True)
+    assert_close(outputs, causal_oracle(case, data), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sink", [0, 5])
+def test_window_covering_everything_is_causal_attention(impl, sink):
+    case = Case(block_size=16, sink=sink, window=200, num_kv_heads=2, g=2, pool_heads=3, head_offset=1)
+    rng = random.Random(43)
+    lengths = [1, 17, 90, 200]
+    data = make_data(case, torch.float32, 43, lengths)
+    schedule = make_schedule(lengths, rng, max_chunk=40, style="mixed")
+    outputs, _ = run_engine(impl, case, torch.float32, data, schedule, True, rng)
+    assert_close(outputs, causal_oracle(case, data), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", [LOCAL_CASES[0], LOCAL_CASES[1], LOCAL_CASES[6]], ids=str)
+@pytest.mark.parametrize("where", ["sinks", "window", "far"])
+def test_prefix_cache_hit_equals_computing_from_zero(impl, mode, case, where):
+    """Request 0 computes a document; request 1 shares its first m blocks (their tokens and tails,
+    as a prefix-cache hit hands them over) and computes from position m*B on. Its outputs equal
+    the oracle's from position 0, and the shared blocks are never written."""
+    kernels = ops.kernels(impl)
+    bs, sink, window = case.block_size, case.sink, case.window
+    m = {"sinks": max(1, sink // bs), "window": (sink + window) // bs, "far": (sink + window) // bs + 4}[where]
+    shared = m * bs
+    lengths = [shared + 2 * bs + 3, shared + window + 2 * bs + 9]
+    gen = torch.Generator().manual_seed(51)
+    data = [random_request(gen, n, case, torch.float32) for n in lengths]
+    q1, k1, v1 = data[1]
+    k1[:shared], v1[:shared] = data[0][1][:shared], data[0][2][:shared]  # the same prefix tokens
+    rng = random.Random(51)
+    exact = mode == "exact"
+    prompts = [lengths[0], lengths[1] - 4]
+    rule = LocalRule(sink, window, exact_prefill=exact)
+    pool = PagedPool(case, torch.float32, lengths, sliding=True, rng=rng)
+    checker = TailChecker(case, data, pool)
+    outputs = torch.full(q1.shape, float("nan"), dtype=torch.float64)
+
+    def step(rid, lo, hi):
+        pool.write(rid, data[rid][1], data[rid][2], lo, hi)
+        paged = make_batch(pool, [(rid, lo, hi)], [rid], prompts if exact else None)
+        kernels.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, paged, case.heads, rule)
+        checker.after_write([(rid, lo, hi)])
+        query = data[rid][0][lo:hi]
+        return kernels.local_attention(query, pool.key_cache, pool.value_cache, pool.tails, paged, case.heads,
+                                       rule, case.scale)
+
+    for lo in range(0, lengths[0], 2 * bs - 3):  # the document, in chunks; its blocks stay cached
+        step(0, lo, min(lengths[0], lo + 2 * bs - 3))
+    pool.tables[1] = pool.tables[0][:m]
+    shared_blocks = torch.tensor(pool.tables[0][:m])
+    before = pool.kv_cache[shared_blocks].clone(), pool.tails[shared_blocks].clone()
+    position = shared
+    while position < lengths[1]:
+        n = rng.randint(1, bs + 5) if position < prompts[1] else 1
+        hi = min(lengths[1], position + n)
+        outputs[position:hi] = step(1, position, hi).double()
+        position = hi
+    for after, was in zip((pool.kv_cache[shared_blocks], pool.tails[shared_blocks]), before):
+        assert torch.allclose(after, was, rtol=0, atol=0, equal_nan=True)  # bitwise, NaN padding included
+    expected = local_oracle(case, [data[1]], prompts=[prompts[1]] if exact else None)[0]
+    assert relative_error(outputs[shared:], expected[shared:]) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_local_attention_half_precision(impl, dtype):
+@pytest.mark.parametrize("mode", MODES)
+def test_local_attention_half_precision(impl, dtype, mode):
     case = LOCAL_CASES[4]
     rng = random.Random(7)
     lengths = case.boundary_lengths()
     data = make_data(case, dtype, 7, lengths)
-    schedule = make_schedule(lengths, rng, max_chunk=40, style="mixed")
-    outputs, _ = run_engine(impl, case, dtype, data, schedule, sliding=True, rng=rng)
-    assert_close(outputs, local_oracle(case, data), TOLERANCE[dtype])
+    schedule = make_schedule(lengths, rng, max_chunk=40, style="mixed", recompute=True)
+    run_local(impl, case, data, schedule, mode, rng, dtype=dtype)
 
 
-def test_reference_is_exact_in_float64():
-    """In float64 (sums included) the reference must agree with the oracle to rounding."""
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_is_exact_in_float64(mode):
+    """In float64 (tails included) the reference must agree with the oracle to rounding."""
     case = LOCAL_CASES[0]
     rng = random.Random(11)
     lengths = case.boundary_lengths()
     data = make_data(case, torch.float64, 11, lengths)
-    schedule = make_schedule(lengths, rng, max_chunk=30, style="mixed")
-    outputs, _ = run_engine("reference", case, torch.float64, data, schedule, sliding=True, rng=rng)
-    assert_close(outputs, local_oracle(case, data), TOLERANCE[torch.float64])
+    schedule = make_schedule(lengths, rng, max_chunk=30, style="mixed", recompute=True)
+    run_local("reference", case, data, schedule, mode, rng, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_compensation_matters(impl):
-    """Dropping the compensation, its ln(n_d) weight, or the stored sums is caught by the tolerance."""
+    """Dropping the compensation, its ln(n_d) weight, or the stored tails is caught by the tolerance."""
     case = LOCAL_CASES[0]
     rng = random.Random(5)
     lengths = [case.sink + 5 * case.window, case.sink + 3 * case.window + 3]
@@ -323,32 +577,42 @@ def test_compensation_matters(impl):
             assert relative_error(other, ref) > 100 * tolerance, variant
 
     def forget_stored_sums(pool):
-        pool.comp.zero_()
+        pool.tails.zero_()
 
-    outputs, _ = run_engine(
-        impl, case, torch.float32, data, schedule, sliding=True, rng=random.Random(5), before_step=forget_stored_sums
-    )
+    outputs, _ = run_engine(impl, case, torch.float32, data, schedule, sliding=True, rng=random.Random(5),
+                            before_step=forget_stored_sums, check_tails=False)
     for out, ref in zip(outputs, expected):
         assert relative_error(out, ref) > 100 * tolerance
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("style,seed", [("mixed", 12), ("chunked", 13)])
-def test_local_attention_without_compensation(impl, style, seed):
-    """The ablation (razor option compensation=false): sinks + window only, and the sums are never
-    read (they stay NaN-poisoned here)."""
+@pytest.mark.parametrize("style,seed,mode", [("mixed", 12, "compressed"), ("chunked", 13, "exact")])
+def test_local_attention_without_compensation(impl, style, seed, mode):
+    """The ablation (razor option compensation=false): sinks + window only, and the tails are never
+    read (they are NaN-poisoned before every step here)."""
     case = LOCAL_CASES[1]
     rng = random.Random(seed)
     lengths = case.boundary_lengths() + [case.sink + 4 * case.window + 1]
     data = make_data(case, torch.float32, seed, lengths)
     schedule = make_schedule(lengths, rng, max_chunk=case.window + 7, style=style)
 
-    def poison_sums(pool):
-        pool.comp.fill_(float("nan"))
+    def poison_tails(pool):
+        pool.tails.fill_(float("nan"))
 
-    outputs, _ = run_engine(impl, case, torch.float32, data, schedule, sliding=True, rng=rng,
-                            before_step=poison_sums, compensation=False)
-    assert_close(outputs, local_oracle(case, data, "none"), TOLERANCE[torch.float32])
+    run_local(impl, case, data, schedule, mode, rng, before_step=poison_tails, compensation=False, check_tails=False)
+
+
+def test_exact_prefill_needs_prompt_lens():
+    case = LOCAL_CASES[0]
+    pool = PagedPool(case, torch.float32, [4], sliding=True, rng=random.Random(0))
+    data = make_data(case, torch.float32, 0, [4])
+    pool.write(0, data[0][1], data[0][2], 0, 4)
+    batch = make_batch(pool, [(0, 0, 4)], [0])
+    with pytest.raises(ValueError, match="prompt_lens"):
+        ops.local_attention(data[0][0], pool.key_cache, pool.value_cache, pool.tails, batch, case.heads,
+                            LocalRule(4, 20), case.scale)
+    with pytest.raises(ValueError, match="window"):
+        LocalRule(4, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +651,8 @@ def test_paged_attention_half_precision(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_layer_split_across_pools(impl):
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_split_across_pools(impl, mode):
     """A layer as the backend runs it (SmolLM-like: 3 KV heads, g=3, head 0 retrieval): retrieval
     heads through the full pool, local heads through the local pool, versus the dense whole-layer rule."""
     retrieval = [True, False, False]
@@ -402,7 +667,8 @@ def test_layer_split_across_pools(impl):
         )
         for n in lengths
     ]
-    schedule = make_schedule(lengths, random.Random(9), max_chunk=32, style="mixed")
+    schedule = make_schedule(lengths, random.Random(9), max_chunk=32, style="mixed", recompute=True)
+    exact = mode == "exact"
 
     def pool_part(heads):  # the slice of every request that one pool holds
         q_heads = [h * g + j for h in heads for j in range(g)]
@@ -414,9 +680,12 @@ def test_layer_split_across_pools(impl):
         block_size=32, sink=sink, window=window, num_kv_heads=2, g=g, pool_heads=4, head_offset=2, head_size=d
     )
     out_full, _ = run_engine(impl, full_case, torch.float32, pool_part(full_heads), schedule, False, random.Random(1))
-    out_local, _ = run_engine(impl, local_case, torch.float32, pool_part(local_heads), schedule, True, random.Random(2))
+    out_local, _ = run_engine(impl, local_case, torch.float32, pool_part(local_heads), schedule, True,
+                              random.Random(2), exact=exact)
     for rid, (q, k, v) in enumerate(full):
-        expected = dense_razor_attention(q, k, v, range(q.shape[0]), retrieval, sink, window, full_case.scale)
+        prompt_len = schedule.prompts[rid] if exact else None
+        expected = dense_razor_attention(q, k, v, range(q.shape[0]), retrieval, sink, window, full_case.scale,
+                                         prompt_len=prompt_len)
         layer = torch.cat([out_full[rid], out_local[rid]], dim=1)  # heads 0..2 in KV-head order
         assert relative_error(layer, expected) < TOLERANCE[torch.float32]
 
@@ -427,13 +696,16 @@ def test_cpp_threads_do_not_change_results():
     case = LOCAL_CASES[4]
     lengths = [300, 90, 1, 160]
     data = make_data(case, torch.float32, 13, lengths)
-    schedule = make_schedule(lengths, random.Random(13), max_chunk=200, style="mixed")
+    schedule = make_schedule(lengths, random.Random(13), max_chunk=200, style="mixed", recompute=True)
     results = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        local, _ = run_engine("cpp", case, torch.float32, data, schedule, True, random.Random(13))
+        tails = []
+        for exact in (False, True):
+            local, pool = run_engine("cpp", case, torch.float32, data, schedule, True, random.Random(13), exact=exact)
+            tails.append(pool.tails.nan_to_num(0.5))
         full, _ = run_engine("cpp", case, torch.float32, data, schedule, False, random.Random(13))
-        results[threads] = local + full
+        results[threads] = local + full + tails
     assert all(torch.equal(a, b) for a, b in zip(results[1], results[2]))
 
 
@@ -447,11 +719,8 @@ def test_dispatch_honours_env(monkeypatch):
     data = make_data(case, torch.float32, 0, lengths)
     pool = PagedPool(case, torch.float32, lengths, sliding=False, rng=random.Random(0))
     pool.write(0, data[0][1], data[0][2], 0, 20)
-    args = (
-        data[0][0], pool.key_cache, pool.value_cache, pool.block_table([0]),
-        torch.tensor([20], dtype=torch.int32), torch.tensor([0, 20], dtype=torch.int32),
-        case.head_offset, case.num_kv_heads, case.scale,
-    )  # fmt: skip
+    batch = make_batch(pool, [(0, 0, 20)], [0])
+    args = (data[0][0], pool.key_cache, pool.value_cache, batch, case.heads, case.scale)
     monkeypatch.setenv(ops.KERNELS_ENV, "reference")
     assert torch.equal(ops.paged_attention(*args), reference.paged_attention(*args))
     monkeypatch.setenv(ops.KERNELS_ENV, "triton")
@@ -466,5 +735,5 @@ def test_dispatch_honours_env(monkeypatch):
 def test_cpp_is_the_default_on_cpu(monkeypatch):
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     cache = torch.zeros(2, 1, 16, 64)
-    assert ops._choose(torch.float32, cache[..., :32], cache[..., 32:]) is ops.cpp
-    assert ops._choose(torch.float64, cache[..., :32], cache[..., 32:]) is reference
+    assert ops._choose("local_attention", torch.float32, cache[..., :32], cache[..., 32:]) is ops.kernels("cpp")
+    assert ops._choose("local_attention", torch.float64, cache[..., :32], cache[..., 32:]) is reference

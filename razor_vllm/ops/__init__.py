@@ -1,28 +1,33 @@
 """Attention kernels for the two KV pools, and the choice between Triton (GPU), C++ (CPU) and the reference.
 
-Layout (what the backend passes; every kernel honours the caches' strides):
+The contract (types in ``razor_vllm.ops.api``; full text in the kernel contract of the redesign):
 
 - ``key_cache`` / ``value_cache``: [num_blocks, H_pool, block_size, D] views ``kv_cache[..., :D]`` and
-  ``kv_cache[..., D:]`` of a pool cache. H_pool spans every layer's heads of that pool; a layer uses
-  pool heads [head_offset, head_offset + num_kv_heads). Query head j reads KV head j // g (GQA).
-- ``block_table`` [num_reqs, max_blocks] int32: position p of request r lives in physical block
-  block_table[r, p // block_size], slot p % block_size. Local-pool blocks wholly behind the window
-  (and past the sinks) may be freed: local kernels read only positions [0, S) and >= p0 - W + 1.
-- ``seq_lens`` [num_reqs] int32 (tokens including this step's), ``query_start_loc`` [num_reqs + 1]
-  int32: query i of request r is row query_start_loc[r] + i at position seq_lens[r] - q_len_r + i.
-  This step's K/V are already in the cache.
-- ``comp`` float32 [num_blocks, H_pool, 2, D] (any block stride): the compensation sums (0 = keys,
-  1 = values) of request r in comp[block_table[r, 0], head_offset + h]. At the start of a step whose
-  first query is p0 they cover positions [S, p0 + 1 - W); a slot whose range is empty is never read.
+  ``kv_cache[..., D:]`` of a pool cache, any strides. H_pool spans every layer's heads of that pool; a
+  layer uses pool heads [heads.offset, heads.offset + heads.count). Query head j reads KV head j // g.
+- ``PagedBatch``: block table (position p of request r lives in block block_table[r, p // B], slot
+  p % B), seq_lens (including this step's tokens) and query_start_loc: query i of request r is row
+  query_start_loc[r] + i at position seq_lens[r] - q_len_r + i. This step's K/V are already stored.
+  Requests without queries (CUDA-graph padding) are skipped.
+- ``tails``: fp32 [num_blocks, H_pool, 2, D] (any block stride), the page tail of every local block
+  (``pools.compensation_view``). The tail of local block b holds the sums of K (0) and V (1) over
+  [S, b*B), written once when the block is started (``write_block_tails``), never changed after:
+  it depends only on the token prefix, so the block is as cacheable as its tokens.
 
-Local heads (RazorAttention): a query at t attends to the sinks [0, min(S, t+1)), the window
-[max(S, t-W+1), t] and, when n_d = t-W+1-S > 0, one key/value = the mean of [S, t-W] with logit
-scale * q.k_hat + ln(n_d). Retrieval heads: plain causal attention.
+Local heads (RazorAttention, ``LocalRule``): with exact prefill a query before its request's prompt
+length attends causally to [0, t] (the paper). Every other query attends to the sinks
+[0, min(S, t+1)), the window [max(S, t-W+1), t] and, when n_d = t-W+1-S > 0, one key/value = the
+mean of [S, t-W] with logit scale * q.k_hat + ln(n_d). Those sums are tail(c) plus the cached rows
+[max(S, c*B), t-W] of block c = (t-W+1) // B, which holds the oldest window position and so is always
+in memory. Retrieval heads: plain causal attention.
+
+Order per layer and step: ``store_kv`` -> ``write_block_tails`` -> attention.
 
 ``RAZOR_VLLM_KERNELS=reference|cpp`` forces one implementation; by default CUDA tensors go to the
 Triton kernels (``razor_vllm.triton_kernels``, imported on first use), the C++ ops
 (``razor_vllm._C``, registered as ``torch.ops.razor_vllm.*``) run whenever they are built and the
-tensors are CPU tensors in a layout they support, and the reference runs otherwise.
+tensors are CPU tensors in a layout they support, and the reference runs otherwise. The reference
+takes the typed objects; the C++ and Triton ops take them unpacked by ``_unpack`` (one place).
 """
 
 from __future__ import annotations
@@ -30,30 +35,31 @@ from __future__ import annotations
 import functools
 import os
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 
 from razor_vllm.ops import reference
+from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
 from razor_vllm.ops.cache import SlotIndex, write_kv
 
 KERNELS_ENV = "RAZOR_VLLM_KERNELS"
 CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_NAMES = ("local_attention", "write_block_tails", "paged_attention")
 
 
-def _load_cpp():
+def _load_cpp() -> Optional[SimpleNamespace]:
     try:
         from razor_vllm import _C  # noqa: F401  (loading it registers the ops)
     except ImportError:
         return None
     ops = torch.ops.razor_vllm
-    return SimpleNamespace(
-        local_attention=ops.local_attention,
-        fold_compensation=ops.fold_compensation,
-        paged_attention=ops.paged_attention,
-    )
+    if not hasattr(ops, "write_block_tails"):  # an extension built before the block-tail contract
+        return None
+    return SimpleNamespace(**{name: getattr(ops, name) for name in KERNEL_NAMES})
 
 
-cpp = _load_cpp()  # None when the extension is not built
+cpp = _load_cpp()  # None when the extension is not built (or is stale)
 
 
 @functools.cache
@@ -67,22 +73,67 @@ def triton_kernels():
 
 
 def kernels(name: str):
-    """The implementation called ``name`` ("reference" or "cpp"), with all three kernels."""
+    """The implementation called ``name`` ("reference" or "cpp"), with all three kernels taking the
+    contract's signatures (``local_attention(query, key_cache, value_cache, tails, batch, heads, rule,
+    scale)`` and so on)."""
     if name == "reference":
         return reference
     if name == "cpp":
         if cpp is None:
             raise RuntimeError(f"{KERNELS_ENV}=cpp but razor_vllm._C is not built (pip install -e . builds it)")
-        return cpp
+        return _CPP
     raise ValueError(f"{KERNELS_ENV} must be 'reference' or 'cpp', got {name!r}")
 
 
-def _choose(query_dtype: torch.dtype, *tensors: torch.Tensor):
+def _unpack(kernel: str, batch: PagedBatch, heads: PoolHeads, rule: Optional[LocalRule] = None) -> tuple:
+    """The positional arguments of the C++ / Triton ops after the tensors they work on (and before
+    ``scale``): the one place where the contract's objects become op arguments."""
+    meta = (batch.block_table, batch.seq_lens, batch.query_start_loc)
+    if kernel == "paged_attention":
+        return (*meta, heads.offset, heads.count)
+    if kernel == "write_block_tails":
+        return (*meta, heads.offset, heads.count, rule.sink)
+    assert kernel == "local_attention", kernel
+    optional = (batch.prompt_lens, batch.windows)
+    return (*meta, *optional, heads.offset, heads.count, rule.sink, rule.window, rule.compensation, rule.exact_prefill)
+
+
+class _Unpacked:
+    """An op set with positional signatures (C++, Triton) behind the contract's signatures."""
+
+    def __init__(self, ops) -> None:
+        self.ops = ops
+
+    def local_attention(self, query, key_cache, value_cache, tails, batch, heads, rule, scale):
+        args = _unpack("local_attention", batch, heads, rule)
+        return self.ops.local_attention(query, key_cache, value_cache, tails, *args, scale)
+
+    def write_block_tails(self, key_cache, value_cache, tails, batch, heads, rule):
+        self.ops.write_block_tails(key_cache, value_cache, tails, *_unpack("write_block_tails", batch, heads, rule))
+
+    def paged_attention(self, query, key_cache, value_cache, batch, heads, scale):
+        return self.ops.paged_attention(query, key_cache, value_cache, *_unpack("paged_attention", batch, heads), scale)
+
+
+_CPP = None if cpp is None else _Unpacked(cpp)
+
+
+@functools.cache
+def _triton_unpacked() -> _Unpacked:
+    return _Unpacked(triton_kernels())
+
+
+def _choose(kernel: str, query_dtype: torch.dtype, *tensors: torch.Tensor):
     forced = os.environ.get(KERNELS_ENV)
     if forced:
         return kernels(forced)
     if any(t.is_cuda for t in tensors):
-        return triton_kernels()
+        module = triton_kernels()
+        # Triton kernels from before the block-tail contract have no write_block_tails: the local
+        # pool then runs on the (device-agnostic) reference.
+        if kernel != "paged_attention" and not hasattr(module, "write_block_tails"):
+            return reference
+        return _triton_unpacked()
     key_cache = tensors[0]
     if (
         cpp is not None
@@ -90,72 +141,57 @@ def _choose(query_dtype: torch.dtype, *tensors: torch.Tensor):
         and key_cache.dtype in CPP_DTYPES
         and all(t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
     ):
-        return cpp
+        return _CPP
     return reference
+
+
+def _check_batch(batch: PagedBatch, rule: LocalRule) -> None:
+    if rule.exact_prefill and batch.prompt_lens is None:
+        raise ValueError("LocalRule(exact_prefill=True) needs PagedBatch.prompt_lens")
 
 
 def local_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    comp: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    head_offset: int,
-    num_kv_heads: int,
-    sink: int,
-    window: int,
+    tails: torch.Tensor,
+    batch: PagedBatch,
+    heads: PoolHeads,
+    rule: LocalRule,
     scale: float,
-    compensation: bool = True,
 ) -> torch.Tensor:
-    """Local-head attention (sinks + window + compensation); returns [T, Hq, D] in query's dtype.
-
-    ``compensation=False`` (an ablation) leaves out the compensation key: ``comp`` is not read.
-    """
-    impl = _choose(query.dtype, key_cache, value_cache, comp)
-    return impl.local_attention(
-        query, key_cache, value_cache, comp, block_table, seq_lens, query_start_loc,
-        head_offset, num_kv_heads, sink, window, scale, compensation=compensation,
-    )  # fmt: skip
+    """Local-head attention (exact prompt queries, or sinks + window + compensation); returns
+    [T, Hq, D] in query's dtype. ``rule.compensation=False`` (an ablation): ``tails`` is not read."""
+    _check_batch(batch, rule)
+    impl = _choose("local_attention", query.dtype, key_cache, value_cache, tails)
+    return impl.local_attention(query, key_cache, value_cache, tails, batch, heads, rule, scale)
 
 
-def fold_compensation(
+def write_block_tails(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    comp: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    head_offset: int,
-    num_kv_heads: int,
-    sink: int,
-    window: int,
+    tails: torch.Tensor,
+    batch: PagedBatch,
+    heads: PoolHeads,
+    rule: LocalRule,
 ) -> None:
-    """After attention: add [max(S, p0+1-W), max(S, p1+2-W)) to ``comp`` in place (zeroing empty slots)."""
-    impl = _choose(torch.float32, key_cache, value_cache, comp)
-    impl.fold_compensation(
-        key_cache, value_cache, comp, block_table, seq_lens, query_start_loc,
-        head_offset, num_kv_heads, sink, window,
-    )  # fmt: skip
+    """After this step's K/V are stored and before attention: write the tail of every local block
+    whose first position is among this step's queries (sums over [S, b*B); zeros when b*B <= S)."""
+    impl = _choose("write_block_tails", torch.float32, key_cache, value_cache, tails)
+    impl.write_block_tails(key_cache, value_cache, tails, batch, heads, rule)
 
 
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    head_offset: int,
-    num_kv_heads: int,
+    batch: PagedBatch,
+    heads: PoolHeads,
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of retrieval heads over the paged cache; returns [T, Hq, D] in query's dtype."""
-    impl = _choose(query.dtype, key_cache, value_cache)
-    return impl.paged_attention(
-        query, key_cache, value_cache, block_table, seq_lens, query_start_loc, head_offset, num_kv_heads, scale
-    )
+    impl = _choose("paged_attention", query.dtype, key_cache, value_cache)
+    return impl.paged_attention(query, key_cache, value_cache, batch, heads, scale)
 
 
 def store_kv(
@@ -164,22 +200,22 @@ def store_kv(
     key: torch.Tensor,
     value: torch.Tensor,
     slot_mapping: torch.Tensor,
-    head_offset: int,
+    heads: PoolHeads,
 ) -> None:
-    """Store key/value [T, n, D] at pool heads [head_offset, head_offset + n) of ``slot_mapping``
-    (block * block_size + offset in this pool, negative = padding).
+    """Store key/value [T, heads.count, D] at pool heads [heads.offset, heads.offset + heads.count) of
+    ``slot_mapping`` (block * block_size + offset in this pool, negative = padding).
 
     On CUDA one Triton launch reads the mapping on the device (no host sync: CUDA-graph safe);
     elsewhere, or when a kernel set is forced, ``cache.write_kv``.
     """
     if key_cache.is_cuda and not os.environ.get(KERNELS_ENV):
-        triton_kernels().store_kv(key_cache, value_cache, key, value, slot_mapping, head_offset)
+        triton_kernels().store_kv(key_cache, value_cache, key, value, slot_mapping, heads.offset)
     else:
         index = SlotIndex.from_slot_mapping(slot_mapping[: key.shape[0]], key_cache.shape[2])
-        write_kv(key_cache, value_cache, key, value, index, head_offset)
+        write_kv(key_cache, value_cache, key, value, index, heads.offset)
 
 
 __all__ = [
-    "local_attention", "fold_compensation", "paged_attention", "store_kv", "kernels", "cpp", "triton_kernels",
-    "KERNELS_ENV",
+    "LocalRule", "PoolHeads", "PagedBatch", "local_attention", "write_block_tails", "paged_attention", "store_kv",
+    "kernels", "cpp", "triton_kernels", "KERNELS_ENV",
 ]  # fmt: skip

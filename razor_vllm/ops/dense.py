@@ -1,15 +1,16 @@
 """Dense float64 oracle of the whole attention rule, for tests only.
 
-Deliberately written differently from the kernels: no paging, no running sums, one query at a
-time, with the kept positions listed explicitly and the compensation taken as a plain mean of the
-dropped keys/values. If the paged kernels and this agree, both the rule and the bookkeeping
-(block tables, the stored sums, chunking) are right.
+Deliberately written differently from the kernels: no paging, no running sums, no block tails, one
+query at a time. The kept positions are listed explicitly, the dropped ones are "every earlier
+position that is not kept", and the compensation is their plain mean. The block tails the kernels
+store are recomputed here from scratch for each block. If the paged kernels and this agree, both the
+rule and the bookkeeping (block tables, tails, chunking, prefill modes) are right.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -30,6 +31,18 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: fl
     return torch.einsum("hn,nhd->hd", logits.softmax(-1), values)
 
 
+def kept_positions(t: int, sink: int, window: int, prompt_len: Optional[int] = None) -> list[int]:
+    """The positions a local head's query at t attends to directly.
+
+    ``prompt_len`` given (exact prefill): a prompt query (t < prompt_len) keeps every position 0..t.
+    Otherwise the sinks and the window.
+    """
+    if prompt_len is not None and t < prompt_len:
+        return list(range(t + 1))
+    kept = {p for p in range(t + 1) if p < sink or p > t - window}
+    return sorted(kept)
+
+
 def dense_local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -39,28 +52,41 @@ def dense_local_attention(
     window: int,
     scale: float,
     compensation: Compensation = "weighted",
+    prompt_len: Optional[int] = None,
 ) -> torch.Tensor:
     """RazorAttention for local heads. q [Tq, Hq, D]; k, v [L, n_kv, D] for positions 0..L-1.
 
-    ``compensation`` = "weighted" is the rule we implement (logit + ln(n_d)); "unweighted" (the
-    reference deploy code) and "none" (StreamingLLM) exist so tests can show the difference matters.
+    ``prompt_len`` None: the compressed prefill (every query follows sinks + window + compensation);
+    an int: exact prefill (queries before it are plain causal attention). ``compensation`` =
+    "weighted" is the rule we implement (logit + ln(n_d)); "unweighted" (the reference deploy code)
+    and "none" (StreamingLLM) exist so tests can show the difference matters.
     """
     q, k, v = q.double(), k.double(), v.double()
     num_q_heads = q.shape[1]
     out = torch.empty_like(q)
     for i, t in enumerate(int(p) for p in query_positions):
-        kept = list(range(min(sink, t + 1))) + list(range(max(sink, t - window + 1), t + 1))
+        kept = kept_positions(t, sink, window, prompt_len)
+        dropped = sorted(set(range(t + 1)) - set(kept))
         keys, values = _expand_kv(k[kept], num_q_heads), _expand_kv(v[kept], num_q_heads)
-        n_dropped = t - window + 1 - sink
         extra = None
-        if n_dropped > 0 and compensation != "none":
-            dropped = slice(sink, t - window + 1)  # positions [S, t-W]
+        if dropped and compensation != "none":
             k_hat = _expand_kv(k[dropped].mean(0), num_q_heads)
             v_hat = _expand_kv(v[dropped].mean(0), num_q_heads)
-            weight = math.log(n_dropped) if compensation == "weighted" else 0.0
+            weight = math.log(len(dropped)) if compensation == "weighted" else 0.0
             extra = (scale * (q[i] * k_hat).sum(-1) + weight, v_hat)
         out[i] = _attend(q[i], keys, values, scale, extra)
     return out
+
+
+def dense_block_tail(k: torch.Tensor, v: torch.Tensor, block: int, block_size: int, sink: int) -> torch.Tensor:
+    """What the tail of local block ``block`` must hold: [n_kv, 2, D] float64 sums of the keys (0) and
+    values (1) over positions [sink, block * block_size), zeros when that range is empty."""
+    positions = [p for p in range(block * block_size) if p >= sink]
+    tail = torch.zeros(k.shape[1], 2, k.shape[2], dtype=torch.float64)
+    for p in positions:  # one position at a time, from scratch: no running sum shared with other blocks
+        tail[:, 0] += k[p].double()
+        tail[:, 1] += v[p].double()
+    return tail
 
 
 def dense_causal_attention(
@@ -83,10 +109,12 @@ def dense_razor_attention(
     sink: int,
     window: int,
     scale: float,
+    prompt_len: Optional[int] = None,
 ) -> torch.Tensor:
     """A whole layer: causal attention for KV heads marked retrieval, the local rule for the rest.
 
     ``retrieval_heads`` has one flag per KV head of k/v; query heads follow their KV head (GQA).
+    ``prompt_len``: as in ``dense_local_attention`` (None = compressed prefill).
     """
     num_kv_heads = k.shape[1]
     if len(retrieval_heads) != num_kv_heads:
@@ -98,5 +126,7 @@ def dense_razor_attention(
         if is_retrieval:
             out[:, h * g : (h + 1) * g] = dense_causal_attention(qh, kh, vh, query_positions, scale)
         else:
-            out[:, h * g : (h + 1) * g] = dense_local_attention(qh, kh, vh, query_positions, sink, window, scale)
+            out[:, h * g : (h + 1) * g] = dense_local_attention(
+                qh, kh, vh, query_positions, sink, window, scale, prompt_len=prompt_len
+            )
     return out
