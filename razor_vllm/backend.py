@@ -160,6 +160,9 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
         num_reqs = cm.num_reqs
         slot_mapping = cm.slot_mapping[: cm.num_actual_tokens]
         block_size = self.kv_cache_spec.block_size
+        prompt_lens, windows = self.request_lengths(num_reqs)
+        if self.geometry is None or not self.geometry.exact_prefill:
+            prompt_lens = None  # only exact prefill reads them (the paper's window rule reads windows)
         query_start_loc = cm.query_start_loc[: num_reqs + 1].to(torch.int32)
         seq_lens = cm.seq_lens[:num_reqs].to(torch.int32)
         block_table = cm.block_table_tensor[:num_reqs].to(torch.int32)
@@ -175,6 +178,8 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
                 block_table=block_table,
                 seq_lens=seq_lens,
                 query_start_loc=query_start_loc,
+                prompt_lens=prompt_lens,
+                windows=windows,
                 max_query_len=cm.max_query_len,
                 max_seq_len=cm.max_seq_len,
             ),
@@ -187,10 +192,10 @@ def _pool_heads(offset: int, count: int) -> PoolHeads:
 
 
 @functools.cache
-def _local_rule(sink: int, window: int, compensation: bool) -> LocalRule:
-    # Exact prefill needs prompt lengths in the metadata and the engine keeping prompt blocks
-    # (the prefill branch); until then every query follows the compressed rule.
-    return LocalRule(sink=sink, window=window, compensation=compensation, exact_prefill=False)
+def _local_rule(sink: int, window: int, compensation: bool, exact_prefill: bool) -> LocalRule:
+    # Exact prefill: the builder puts each request's prompt length in the batch, and the local
+    # pool's manager keeps every prompt block until the prompt is done (pools.RazorLocalManager).
+    return LocalRule(sink=sink, window=window, compensation=compensation, exact_prefill=exact_prefill)
 
 
 class RazorAttentionImpl(AttentionImpl):
@@ -279,7 +284,7 @@ class RazorAttentionImpl(AttentionImpl):
         heads = state.local
         md, cache, key_cache, value_cache, pool_heads = self._pool(ctx, LOCAL_POOL_NAME, heads, key, value)
         tails = state.compensation(cache)
-        rule = _local_rule(state.sink, state.window, state.use_compensation)
+        rule = _local_rule(state.sink, state.window, state.use_compensation, state.exact_prefill)
         # Before attention: a chunk's later queries read the tails of blocks started in this chunk.
         ops.write_block_tails(key_cache, value_cache, tails, md.batch, pool_heads, rule)
         out_heads = ops.local_attention(

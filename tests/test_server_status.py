@@ -133,7 +133,11 @@ def test_bytes_per_token_and_ratio(status, server):
     lb = local["block_size"]
     local_blocks = max(1, math.ceil(4 / lb)) + math.ceil((WINDOW - 1) / lb) + 1
     razor = (math.ceil(L / retrieval["block_size"]) + local_blocks) * retrieval["page_bytes"]
-    assert status["kv_bytes_at_max_model_len"] == {"razor": razor, "stock": stock}
+    # Exact prefill (the default): a request at max_model_len holds every local block while its
+    # prompt prefills; admission reserves that peak.
+    admission = (math.ceil(L / retrieval["block_size"]) + math.ceil(L / lb)) * retrieval["page_bytes"]
+    assert status["kv_bytes_at_max_model_len"] == {"razor": razor, "razor_admission": admission, "stock": stock}
+    assert (status["prefill"], status["window_rule"]) == ("exact", "fixed")
     assert status["compression_ratio"] == pytest.approx(stock / razor)
     assert 3 < status["compression_ratio"] < 90 / 14
 
