@@ -3,7 +3,7 @@ cache hits equal the outputs with prefix caching off, in both prefill modes.
 
 Per mode two engines run the same requests: caching off (whole prompts in one step, a large cache),
 and caching on with chunked prefill (128-token chunks) and a cache small enough (80 pages) that vLLM
-evicts cached blocks and, with ``scheduler_reserve_full_isl`` off, preempts running requests. Window
+evicts cached blocks (``scheduler_reserve_full_isl`` off, so it may over-admit). Window
 64, sink 4, local block 16, so the hash-aligned layout lands hits every 96 tokens (the retrieval
 block) and prompts of a few hundred tokens cross many blocks. The requests, in phases:
 
@@ -13,7 +13,7 @@ block) and prompts of a few hundred tokens cross many blocks. The requests, in p
    tokens in (inside the sink block: no hit), and far past the window;
 3. multi-turn: the second turn re-sends the first turn's prompt and its answer (exact mode must not
    hit the answer's positions, which decode queries computed);
-4. four long requests at once in the small cache (eviction and preemption).
+4. four long requests at once in the small cache (evictions).
 """
 
 from __future__ import annotations
@@ -138,9 +138,16 @@ def test_cache_hits_give_the_outputs_of_no_caching(mode):
     sharing = cached[1]
     cached_tokens = [c for _, _, c, _ in sharing]
     assert cached_tokens[0] == 4 * HIT_UNIT  # the whole document (400 tokens): 384
-    assert cached_tokens[2] == cached_tokens[3] == 3 * HIT_UNIT  # 10 past a boundary / exactly at it
     assert cached_tokens[4] == 0  # 3 shared tokens, inside the sink block: nothing to hit
     assert cached_tokens[5] == 4 * HIT_UNIT  # diverges at 390, far past the window (64)
+    if mode == "exact":  # every prompt block published: hits at 10 past a boundary / exactly at it
+        assert cached_tokens[2] == cached_tokens[3] == 3 * HIT_UNIT
+    else:
+        # Compressed: only sinks + the window blocks before each 96-token boundary are published
+        # (vLLM's sliding-window policy), and the document's early window blocks, freed first while
+        # it was prefilled, are the first the 80-page cache reuses: the engine run found no hit at
+        # 288 (0; tests/test_prefix_cache.py shows 288 on a cache that does not evict).
+        assert cached_tokens[2] in (0, 3 * HIT_UNIT) and cached_tokens[3] in (0, 3 * HIT_UNIT)
     assert all(c % HIT_UNIT == 0 for c in cached_tokens)
     assert metrics["vllm:prefix_cache_hits"] >= sum(cached_tokens)
     assert metrics["vllm:prefix_cache_queries"] > metrics["vllm:prefix_cache_hits"] > 0
@@ -162,8 +169,12 @@ def test_multi_turn_second_turn(mode):
 
 
 @pytest.mark.parametrize("mode", ["exact", "compressed"])
-def test_eviction_and_preemption_with_caching(mode):
+def test_outputs_through_evictions(mode):
+    """Four 515-token requests after the phases above in an 80-page cache: in exact mode each holds
+    39 pages at its peak and every freed prompt block is published, so serving them reuses (evicts)
+    cached blocks; the outputs still equal those without caching. (This configuration did not make
+    vLLM preempt: 0 preemptions in the exact-mode run; preemption with caching is exercised by
+    tests/test_engine_razor.py's small-cache run, which now runs with vLLM's default caching.)"""
     reference, _ = run(mode, False)
-    cached, metrics = run(mode, True)
+    cached, _ = run(mode, True)
     assert_same_outputs([cached[3]], [reference[3]])
-    assert metrics["vllm:num_preemptions"] > 0, "the cache was not small enough to force preemption"
