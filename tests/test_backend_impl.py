@@ -25,7 +25,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadat
 from razor_vllm.backend import RazorAttentionImpl, RazorMetadataBuilder
 from razor_vllm.install import HeadSelection, LayerRazorState
 from razor_vllm.layout import plan_layout
-from razor_vllm.ops.dense import dense_razor_attention
+from razor_vllm.ops.dense import dense_block_tail, dense_razor_attention
 from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, build_specs
 
 from test_kernels import make_schedule, relative_error
@@ -228,6 +228,18 @@ def test_impl_matches_dense_oracle(device, store, tolerance, seed, mode):
             err = relative_error(outputs[layer_index][rid].double(), expected)
             assert err < tolerance, f"layer {layer_index} request {rid}: relative error {err:.3g}"
     assert layout.layers[0].local == (0, 2) and layout.layers[1].retrieval == (0, 2)  # index paths were taken
+
+    # Every local block's page tail holds the sums over [S, b*B) of its layer's local heads.
+    local_pool = pools[LOCAL_POOL_NAME]
+    for layer_index, state in enumerate(states):
+        tails = state.compensation(local_pool.kv_cache).cpu()
+        heads = list(state.local.kv_heads)
+        for rid, (_, k, v) in enumerate(data[layer_index]):
+            for b, block in enumerate(local_pool.tables[rid]):
+                got = tails[block, state.local.offset : state.local.offset + len(heads)].double()
+                want = dense_block_tail(k[:, heads], v[:, heads], b, LOCAL_BLOCK, SINK)
+                err = ((got - want).abs().max() / want.abs().max().clamp(min=1)).item()
+                assert err < 1e-5, f"layer {layer_index} request {rid} block {b}: tail error {err:.3g}"
 
 
 def test_exact_builder_refuses_to_run_without_prompt_lengths():

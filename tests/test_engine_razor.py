@@ -121,11 +121,13 @@ def test_exact_prefill_first_token_equals_stock():
     assert compressed_gap > 1e-3  # the compressed prefill's first token is not stock's: the test can tell
 
 
-# Exact prefill: the first token (the key's first digit) is stock's; the rest of the key is decoded
-# through sinks + window + compensation on the local heads. Compressed prefill (the first design)
-# answered only the two longest prompts (it dropped the key's last digit on the others, as the
-# independent HF float64 implementation does: test_engine_matches_hf_reference).
-RAZOR_ANSWERS = [0, 1, 2, 3]
+# Razor answers these two (1460 and ~1850 tokens, 11x-15x the window) in both prefill modes. On the
+# two shorter prompts it drops the key's last digit ("748192."): exact prefill makes the first answer
+# token stock's, but that token is the space before the key; every digit is a decode query through
+# sinks + window + compensation on the local heads. The independent HF float64 implementation of
+# the rule does exactly the same (test_engine_matches_hf_reference), so that is the method on this
+# 135M model at W=128, not a kernel error.
+RAZOR_ANSWERS = [2, 3]
 COMPRESSED_ANSWERS = [2, 3]
 
 
@@ -138,7 +140,7 @@ def test_razor_finds_passkeys_far_outside_the_window():
     for i in COMPRESSED_ANSWERS:
         assert compressed.texts[i].strip().startswith(PASSKEYS[i]), (PASSKEYS[i], compressed.texts[i])
     for i in range(len(PASSKEYS)):
-        # Same window, no retrieval heads (StreamingLLM): the needle is lost after the first token.
+        # Same window, no retrieval heads (StreamingLLM): the needle is lost.
         assert not streaming.texts[i].strip().startswith(PASSKEYS[i]), streaming.texts[i]
 
 
