@@ -1,14 +1,17 @@
-// RazorAttention CPU kernels for the two KV pools (layout and semantics: razor_vllm/ops/__init__.py).
+// RazorAttention CPU kernels for the two KV pools (layout and semantics: razor_vllm/ops/__init__.py
+// and the kernel contract; razor_vllm/ops/reference.py is the readable definition).
 //
 //   paged_attention    causal attention of retrieval heads over the full paged cache
-//   local_attention    local heads: sinks + window + one count-weighted compensation key/value
-//   fold_compensation  after attention, add the positions leaving the window to the stored sums
+//   write_block_tails  the fp32 sums over [S, b*B) into the page tail of every local block b started
+//                      this step (written once, never changed: a block is as cacheable as its tokens)
+//   local_attention    local heads: exact causal attention for prompt queries (exact prefill), else
+//                      sinks + window + one count-weighted compensation key/value from block tails
 //
 // Work is split into tasks of (request, KV head, tile of queries): every key row read from the
 // cache is scored against all queries * g query rows of the tile (GQA), with an online softmax over
 // runs of keys. Caches are read through their strides (kv_cache[..., :D] and [..., D:] are views).
-// For local heads only sink positions and positions >= first query - W + 1 are dereferenced, so
-// freed window blocks may hold any id. Sums and softmax run in fp32.
+// A compressed local query at t reads only sink positions, block c = (t-W+1)/B from its start on and
+// tail(c), so freed window blocks may hold any id. Sums and softmax run in fp32.
 #include "cpu_vec.h"  // first: selects the at::vec ISA
 
 #include <ATen/ATen.h>
@@ -19,6 +22,8 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 namespace razor {
@@ -48,10 +53,20 @@ struct PagedRows {
 };
 
 // The queries of one request in this step: flattened rows [q_start, q_start + q_len), positions from p0.
+// Local heads: the request's window, and its first compressed query (q_len when every query is a
+// prompt query under exact prefill, 0 in compressed mode).
 struct Span {
-  int64_t req, q_start, q_len, p0;
+  int64_t req, q_start, q_len, p0, window, split;
   int64_t p1() const { return p0 + q_len - 1; }
 };
+
+// Per-request int32/int64 tensor read as int64 on the CPU; null when absent.
+at::Tensor as_long(const std::optional<at::Tensor>& t, int64_t num_reqs, const char* name) {
+  if (!t.has_value()) return at::Tensor();
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t->dim() == 1 && t->numel() >= num_reqs, name, " must be [num_reqs], got ", t->sizes());
+  return t->to(at::kLong).contiguous();
+}
 
 // Consecutive positions [pos, pos + n) stored in one physical block from `slot` on.
 struct Run {
@@ -65,8 +80,11 @@ struct Batch {
   const int32_t* block_table;
   int64_t table_stride, block_size;
 
+  // window: the rule's window, overridden per request by `windows`; with `prompt_lens` (exact prefill)
+  // queries before the prompt length are prompt queries.
   Batch(const at::Tensor& block_table_in, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-        int64_t block_size_)
+        int64_t block_size_, int64_t window = 1, const std::optional<at::Tensor>& prompt_lens = std::nullopt,
+        const std::optional<at::Tensor>& windows = std::nullopt)
       : block_size(block_size_) {
     TORCH_CHECK(block_table_in.dim() == 2, "block_table must be [num_reqs, max_blocks]");
     TORCH_CHECK(block_table_in.device().is_cpu() && seq_lens.device().is_cpu() && query_start_loc.device().is_cpu(),
@@ -84,13 +102,20 @@ struct Batch {
     TORCH_CHECK(table.size(0) >= num_reqs, "block_table has fewer rows than seq_lens");
     const int64_t* len = lens.data_ptr<int64_t>();
     const int64_t* start = starts.data_ptr<int64_t>();
+    const at::Tensor prompts = as_long(prompt_lens, num_reqs, "prompt_lens");
+    const at::Tensor wins = as_long(windows, num_reqs, "windows");
     for (int64_t r = 0; r < num_reqs; ++r) {
       const int64_t q_len = start[r + 1] - start[r];
       if (q_len <= 0) continue;
       TORCH_CHECK(len[r] >= q_len, "request ", r, ": seq_len ", len[r], " < query count ", q_len);
       TORCH_CHECK((len[r] + block_size - 1) / block_size <= table.size(1), "request ", r, ": seq_len ", len[r],
                   " needs more blocks than block_table has columns");
-      spans.push_back({r, start[r], q_len, len[r] - q_len});
+      const int64_t p0 = len[r] - q_len;
+      const int64_t w = wins.defined() ? wins.data_ptr<int64_t>()[r] : window;
+      TORCH_CHECK(w >= 1, "request ", r, ": window ", w, " < 1");
+      const int64_t split =
+          prompts.defined() ? std::clamp<int64_t>(prompts.data_ptr<int64_t>()[r] - p0, 0, q_len) : 0;
+      spans.push_back({r, start[r], q_len, p0, w, split});
     }
   }
 
@@ -118,6 +143,7 @@ struct Batch {
 
 struct Task {
   int64_t span, head, q_begin, q_end, cost;
+  bool exact = false;  // local heads: a tile of prompt queries (plain causal attention)
 };
 
 // n consecutive cache rows as float rows: the cache itself for float, a converted copy otherwise.
@@ -453,34 +479,40 @@ void with_tile(const TileInputs<T>& in, Scratch& s, Fn&& fn) {
 
 // Starts each row of a local-head tile from its compensation key: for the query at t, with
 // n_d = t+1-W-S > 0, logit scale * q.k_hat + ln(n_d) (n_d keys' worth of softmax mass) and value
-// v_hat. The sums of [S, t+1-W) are the stored ones (`stored`: keys, `stored + value_offset`:
-// values; null when their range [S, p0+1-W) is empty, as the slot may then be uninitialised) plus
-// the cached rows [max(S, p0+1-W), t+1-W), added as t moves through the tile.
-template <typename T, typename Tile>
-void start_from_compensation(Tile& tile, const TileInputs<T>& in, int64_t p0, const float* stored,
-                             int64_t value_offset, int64_t sink, int64_t window, Scratch& s) {
-  const int64_t D = in.D;
+// v_hat. The sums of [S, t+1-W) are tail(c) of block c = (t+1-W) / B (sums over [S, c*B), read
+// from `tail_of(c)`: keys, then values at `value_offset`) plus the cached rows [max(S, c*B), t+1-W)
+// of block c, added as t moves through the tile (restarting from the next tail when c moves on).
+template <typename T, typename Tile, typename TailOf>
+void start_from_compensation(Tile& tile, const TileInputs<T>& in, TailOf&& tail_of, int64_t value_offset,
+                             int64_t sink, int64_t window, Scratch& s) {
+  const int64_t D = in.D, B = in.batch.block_size;
   float* key_sum = s.key_sum.data();
   float* value_sum = s.value_sum.data();
-  if (stored) {
-    std::copy(stored, stored + D, key_sum);
-    std::copy(stored + value_offset, stored + value_offset + D, value_sum);
-  } else {
-    std::fill(key_sum, key_sum + D, 0.f);
-    std::fill(value_sum, value_sum + D, 0.f);
-  }
-  int64_t folded_end = std::max(sink, p0 + 1 - window);
+  int64_t block_c = -1, folded_end = 0;
   for (int64_t i = 0; i * in.g < in.rows; ++i) {
     const int64_t t = in.first_pos + i;
-    for (; folded_end < t + 1 - window; ++folded_end) {
-      const int64_t block = in.batch.block(in.req, folded_end), slot = folded_end % in.batch.block_size;
-      add_as_float(in.keys.row(block, in.pool_head, slot), key_sum, D);
-      add_as_float(in.values.row(block, in.pool_head, slot), value_sum, D);
-    }
     const int64_t n_dropped = t + 1 - window - sink;
     if (n_dropped <= 0) {
       for (int64_t j = 0; j < in.g; ++j) tile.set_row(i * in.g + j, kNegInf, 0.f, nullptr);
       continue;
+    }
+    const int64_t c = (t + 1 - window) / B;
+    if (c != block_c) {  // first compensated query, or the oldest window position entered a new block
+      if (c * B > sink) {
+        const float* stored = tail_of(c);
+        std::copy(stored, stored + D, key_sum);
+        std::copy(stored + value_offset, stored + value_offset + D, value_sum);
+      } else {  // tail(c) is the empty sum
+        std::fill(key_sum, key_sum + D, 0.f);
+        std::fill(value_sum, value_sum + D, 0.f);
+      }
+      block_c = c;
+      folded_end = std::max(sink, c * B);
+    }
+    for (; folded_end < t + 1 - window; ++folded_end) {
+      const int64_t block = in.batch.block(in.req, folded_end), slot = folded_end % B;
+      add_as_float(in.keys.row(block, in.pool_head, slot), key_sum, D);
+      add_as_float(in.values.row(block, in.pool_head, slot), value_sum, D);
     }
     const float inv = 1.f / static_cast<float>(n_dropped), log_count = std::log(static_cast<float>(n_dropped));
     for (int64_t d = 0; d < D; ++d) s.value_mean[d] = value_sum[d] * inv;
@@ -491,18 +523,22 @@ void start_from_compensation(Tile& tile, const TileInputs<T>& in, int64_t p0, co
   }
 }
 
-// Tasks of (request, KV head, query tile); keys_seen(span, q_begin, q_end) estimates keys per query.
+// Tasks of (request, KV head, query tile); keys_seen(span, q_begin, q_end, exact) estimates keys per
+// query. With split_prompt, a request's prompt queries [0, split) and the others get separate tiles.
 template <typename KeysSeen>
-std::vector<Task> tile_tasks(const Batch& batch, int64_t num_kv_heads, int64_t g, KeysSeen&& keys_seen) {
+std::vector<Task> tile_tasks(const Batch& batch, int64_t num_kv_heads, int64_t g, bool split_prompt,
+                             KeysSeen&& keys_seen) {
   const int64_t tile = std::max<int64_t>(1, kTileRows / g);
   std::vector<Task> tasks;
   for (int64_t i = 0; i < static_cast<int64_t>(batch.spans.size()); ++i) {
     const Span& sp = batch.spans[i];
-    for (int64_t qb = 0; qb < sp.q_len; qb += tile) {
-      const int64_t qe = std::min(sp.q_len, qb + tile);
-      const int64_t cost = (qe - qb) * g * keys_seen(sp, qb, qe);
-      for (int64_t h = 0; h < num_kv_heads; ++h) tasks.push_back({i, h, qb, qe, cost});
-    }
+    const int64_t split = split_prompt ? sp.split : 0;
+    for (const auto& [begin, end, exact] : {std::tuple{int64_t{0}, split, true}, std::tuple{split, sp.q_len, false}})
+      for (int64_t qb = begin; qb < end; qb += tile) {
+        const int64_t qe = std::min(end, qb + tile);
+        const int64_t cost = (qe - qb) * g * keys_seen(sp, qb, qe, exact);
+        for (int64_t h = 0; h < num_kv_heads; ++h) tasks.push_back({i, h, qb, qe, cost, exact});
+      }
   }
   return tasks;
 }
@@ -530,12 +566,12 @@ void check_cache_pair(const at::Tensor& key_cache, const at::Tensor& value_cache
               " heads");
 }
 
-void check_comp(const at::Tensor& comp, const at::Tensor& key_cache) {
-  TORCH_CHECK(comp.scalar_type() == at::kFloat && comp.dim() == 4 && comp.size(0) == key_cache.size(0) &&
-                  comp.size(1) == key_cache.size(1) && comp.size(2) == 2 && comp.size(3) == key_cache.size(3) &&
-                  comp.stride(3) == 1,
-              "comp must be float32 [num_blocks, H_pool, 2, D] with contiguous rows, got ", comp.scalar_type(), " ",
-              comp.sizes());
+void check_tails(const at::Tensor& tails, const at::Tensor& key_cache) {
+  TORCH_CHECK(tails.scalar_type() == at::kFloat && tails.dim() == 4 && tails.size(0) == key_cache.size(0) &&
+                  tails.size(1) == key_cache.size(1) && tails.size(2) == 2 && tails.size(3) == key_cache.size(3) &&
+                  tails.stride(3) == 1 && tails.device().is_cpu(),
+              "tails must be CPU float32 [num_blocks, H_pool, 2, D] with contiguous rows, got ", tails.scalar_type(),
+              " ", tails.sizes());
 }
 
 void check_rule(int64_t sink, int64_t window) {
@@ -577,8 +613,8 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const float* q_data = q.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
 
-  std::vector<Task> tasks =
-      tile_tasks(batch, num_kv_heads, g, [](const Span& sp, int64_t, int64_t qe) { return sp.p0 + qe; });
+  std::vector<Task> tasks = tile_tasks(batch, num_kv_heads, g, /*split_prompt=*/false,
+                                      [](const Span& sp, int64_t, int64_t qe, bool) { return sp.p0 + qe; });
   dispatch_cache_dtype(key_cache.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const PagedRows<T> keys(key_cache), values(value_cache);
@@ -599,45 +635,54 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
 }
 
 at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                           const at::Tensor& comp, const at::Tensor& block_table, const at::Tensor& seq_lens,
-                           const at::Tensor& query_start_loc, int64_t head_offset, int64_t num_kv_heads,
-                           int64_t sink, int64_t window, double scale, bool compensation) {
+                           const at::Tensor& tails, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, const std::optional<at::Tensor>& prompt_lens,
+                           const std::optional<at::Tensor>& windows, int64_t head_offset, int64_t num_kv_heads,
+                           int64_t sink, int64_t window, bool compensation, bool exact_prefill, double scale) {
   check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads);
   const int64_t g = check_query(query, key_cache, num_kv_heads);
   check_rule(sink, window);
-  const int64_t D = query.size(2), Hq = query.size(1);
-  check_comp(comp, key_cache);
-  const Batch batch(block_table, seq_lens, query_start_loc, key_cache.size(2));
+  TORCH_CHECK(!exact_prefill || prompt_lens.has_value(), "exact_prefill needs prompt_lens");
+  const int64_t D = query.size(2), Hq = query.size(1), B = key_cache.size(2);
+  check_tails(tails, key_cache);
+  const Batch batch(block_table, seq_lens, query_start_loc, B, window,
+                    exact_prefill ? prompt_lens : std::nullopt, windows);
   const at::Tensor q = query.to(at::kFloat).contiguous();
   at::Tensor out = float_output(query, batch.num_queries());
   const float* q_data = q.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
-  const float* comp_data = comp.data_ptr<float>();
+  const float* tail_data = tails.data_ptr<float>();
 
-  std::vector<Task> tasks = tile_tasks(batch, num_kv_heads, g, [&](const Span& sp, int64_t qb, int64_t qe) {
-    return std::min(sink, sp.p0 + qe) + (qe - qb) + window;
-  });
+  std::vector<Task> tasks =
+      tile_tasks(batch, num_kv_heads, g, exact_prefill, [&](const Span& sp, int64_t qb, int64_t qe, bool exact) {
+        return exact ? sp.p0 + qe : std::min(sink, sp.p0 + qe) + (qe - qb) + sp.window + B;
+      });
   dispatch_cache_dtype(key_cache.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const PagedRows<T> keys(key_cache), values(value_cache);
     run_tasks(tasks, std::max(kTileRows, g), D, [&](const Task& task, Scratch& s) {
       const Span& sp = batch.spans[task.span];
-      const int64_t pool_head = head_offset + task.head;
+      const int64_t pool_head = head_offset + task.head, w = sp.window;
       const int64_t first_row = sp.q_start + task.q_begin;
       const int64_t t_first = sp.p0 + task.q_begin, t_last = sp.p0 + task.q_end - 1;
       const TileInputs<T> in{keys, values, batch, sp.req, pool_head, D, g, (task.q_end - task.q_begin) * g, t_first,
                              static_cast<float>(scale), q_data + first_row * Hq * D + task.head * g * D, Hq * D};
       with_tile(in, s, [&](auto& tile) {
-        const float* stored = sp.p0 + 1 - window > sink
-                                  ? comp_data + batch.block(sp.req, 0) * comp.stride(0) + pool_head * comp.stride(1)
-                                  : nullptr;
-        if (compensation) {
-          start_from_compensation(tile, in, sp.p0, stored, comp.stride(2), sink, window, s);
-        } else {  // ablation: dropped tokens leave no trace
+        if (task.exact) {  // prompt queries: every position [0, t]
           for (int64_t r = 0; r < in.rows; ++r) tile.set_row(r, kNegInf, 0.f, nullptr);
+          tile.attend(0, t_last + 1, /*window=*/0);
+        } else {
+          if (compensation) {
+            const auto tail_of = [&](int64_t c) {
+              return tail_data + batch.block(sp.req, c * B) * tails.stride(0) + pool_head * tails.stride(1);
+            };
+            start_from_compensation(tile, in, tail_of, tails.stride(2), sink, w, s);
+          } else {  // ablation: dropped tokens leave no trace
+            for (int64_t r = 0; r < in.rows; ++r) tile.set_row(r, kNegInf, 0.f, nullptr);
+          }
+          tile.attend(0, std::min(sink, t_last + 1), /*window=*/0);  // sinks: every one up to t
+          tile.attend(std::max(sink, t_first - w + 1), t_last + 1, w);
         }
-        tile.attend(0, std::min(sink, t_last + 1), /*window=*/0);  // sinks: every one up to t
-        tile.attend(std::max(sink, t_first - window + 1), t_last + 1, window);
         tile.finish(out_data + first_row * Hq * D + task.head * g * D, Hq * D);
       });
     });
@@ -645,36 +690,54 @@ at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache,
   return out.to(query.scalar_type());
 }
 
-void fold_compensation(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& comp,
+void write_block_tails(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& tails,
                        const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                       int64_t head_offset, int64_t num_kv_heads, int64_t sink, int64_t window) {
+                       int64_t head_offset, int64_t num_kv_heads, int64_t sink) {
   check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads);
-  check_rule(sink, window);
-  const int64_t D = key_cache.size(3);
-  check_comp(comp, key_cache);
-  const Batch batch(block_table, seq_lens, query_start_loc, key_cache.size(2));
-  float* comp_data = comp.data_ptr<float>();
+  check_rule(sink, 1);
+  const int64_t D = key_cache.size(3), B = key_cache.size(2);
+  check_tails(tails, key_cache);
+  const Batch batch(block_table, seq_lens, query_start_loc, B);
+  float* tail_data = tails.data_ptr<float>();
 
+  // One task per (request, KV head): its started blocks in increasing order, each tail from the last.
   std::vector<Task> tasks;
-  for (int64_t i = 0; i < static_cast<int64_t>(batch.spans.size()); ++i)
-    for (int64_t h = 0; h < num_kv_heads; ++h) tasks.push_back({i, h, 0, 0, batch.spans[i].q_len});
+  for (int64_t i = 0; i < static_cast<int64_t>(batch.spans.size()); ++i) {
+    const Span& sp = batch.spans[i];
+    const int64_t first = (sp.p0 + B - 1) / B, last = sp.p1() / B;
+    if (first > last) continue;
+    const int64_t cost = (last - first + 1) * B * D;
+    for (int64_t h = 0; h < num_kv_heads; ++h) tasks.push_back({i, h, first, last + 1, cost});
+  }
   dispatch_cache_dtype(key_cache.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const PagedRows<T> keys(key_cache), values(value_cache);
-    run_tasks(tasks, 1, D, [&](const Task& task, Scratch&) {
+    run_tasks(tasks, 1, D, [&](const Task& task, Scratch& s) {
       const Span& sp = batch.spans[task.span];
       const int64_t pool_head = head_offset + task.head;
-      float* key_sum = comp_data + batch.block(sp.req, 0) * comp.stride(0) + pool_head * comp.stride(1);
-      float* value_sum = key_sum + comp.stride(2);
-      if (sp.p0 + 1 - window <= sink) {  // sums still empty: start from zero, not the uninitialised slot
+      const auto tail_of = [&](int64_t b) {
+        return tail_data + batch.block(sp.req, b * B) * tails.stride(0) + pool_head * tails.stride(1);
+      };
+      float* key_sum = s.key_sum.data();
+      float* value_sum = s.value_sum.data();
+      const int64_t first = task.q_begin;
+      if ((first - 1) * B > sink) {  // start from tail(first - 1), written in an earlier step
+        const float* prev = tail_of(first - 1);
+        std::copy(prev, prev + D, key_sum);
+        std::copy(prev + tails.stride(2), prev + tails.stride(2) + D, value_sum);
+      } else {
         std::fill(key_sum, key_sum + D, 0.f);
         std::fill(value_sum, value_sum + D, 0.f);
       }
-      const int64_t lo = std::max(sink, sp.p0 + 1 - window), hi = std::max(sink, sp.p1() + 2 - window);
-      for (int64_t pos = lo; pos < hi; ++pos) {
-        const int64_t block = batch.block(sp.req, pos), slot = pos % batch.block_size;
-        add_as_float(keys.row(block, pool_head, slot), key_sum, D);
-        add_as_float(values.row(block, pool_head, slot), value_sum, D);
+      for (int64_t b = first; b < task.q_end; ++b) {
+        for (int64_t pos = std::max(sink, (b - 1) * B); pos < b * B; ++pos) {  // empty when b * B <= S
+          const int64_t block = batch.block(sp.req, pos), slot = pos % B;
+          add_as_float(keys.row(block, pool_head, slot), key_sum, D);
+          add_as_float(values.row(block, pool_head, slot), value_sum, D);
+        }
+        float* tail = tail_of(b);
+        std::copy(key_sum, key_sum + D, tail);
+        std::copy(value_sum, value_sum + D, tail + tails.stride(2));
       }
     });
   });
@@ -687,16 +750,16 @@ TORCH_LIBRARY_FRAGMENT(razor_vllm, m) {
       "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, Tensor seq_lens, "
       "Tensor query_start_loc, int head_offset, int num_kv_heads, float scale) -> Tensor");
   m.def(
-      "local_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor comp, Tensor block_table, "
-      "Tensor seq_lens, Tensor query_start_loc, int head_offset, int num_kv_heads, int sink, int window, "
-      "float scale, bool compensation=True) -> Tensor");
+      "local_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor tails, Tensor block_table, "
+      "Tensor seq_lens, Tensor query_start_loc, Tensor? prompt_lens, Tensor? windows, int head_offset, "
+      "int num_kv_heads, int sink, int window, bool compensation, bool exact_prefill, float scale) -> Tensor");
   m.def(
-      "fold_compensation(Tensor key_cache, Tensor value_cache, Tensor(a!) comp, Tensor block_table, "
-      "Tensor seq_lens, Tensor query_start_loc, int head_offset, int num_kv_heads, int sink, int window) -> ()");
+      "write_block_tails(Tensor key_cache, Tensor value_cache, Tensor(a!) tails, Tensor block_table, "
+      "Tensor seq_lens, Tensor query_start_loc, int head_offset, int num_kv_heads, int sink) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(razor_vllm, CPU, m) {
   m.impl("paged_attention", &razor::paged_attention);
   m.impl("local_attention", &razor::local_attention);
-  m.impl("fold_compensation", &razor::fold_compensation);
+  m.impl("write_block_tails", &razor::write_block_tails);
 }

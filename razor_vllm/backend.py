@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 import torch
 
@@ -31,7 +31,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from razor_vllm import kv_dtypes, ops
 from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
 from razor_vllm.ops.cache import SlotIndex, write_kv
-from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME
+from razor_vllm.geometry import LocalGeometry
+from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, RazorLocalSpec
 
 if TYPE_CHECKING:
     from razor_vllm.install import LayerRazorState
@@ -109,6 +110,49 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # The local pool's rule; its kernels need each request's prompt length (exact prefill) and
+        # window (the paper's window rule), kept in persistent device buffers (CUDA-graph replay).
+        self.geometry: Optional[LocalGeometry] = (
+            kv_cache_spec.geometry if isinstance(kv_cache_spec, RazorLocalSpec) else None
+        )
+        self._prompt_lens_source: Optional[Callable[[], torch.Tensor]] = None
+        max_reqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", 0) or 0
+        self._prompt_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self._windows = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+
+    @property
+    def needs_prompt_lengths(self) -> bool:
+        geo = self.geometry
+        return geo is not None and (geo.exact_prefill or geo.compression_ratio is not None)
+
+    def bind_prompt_lengths(self, source: Callable[[], torch.Tensor]) -> None:
+        """``source()`` returns the runner's host int32 prompt length per batch row (vllm_compat hook 9)."""
+        self._prompt_lens_source = source
+
+    def request_lengths(self, num_reqs: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """This step's per-request prompt lengths and windows on the device, as views of persistent
+        buffers (``None`` where the rule needs none). Rows past the live requests (CUDA-graph
+        padding) hold stale values; the kernels skip those rows (no queries)."""
+        if not self.needs_prompt_lengths:
+            return None, None
+        if self._prompt_lens_source is None:
+            raise RuntimeError(
+                "razor: the local pool's metadata builder has no prompt lengths "
+                "(vllm_compat.wrap_runner_builder_prompt_lengths did not run)"
+            )
+        if self._prompt_lens.shape[0] < num_reqs:  # only without a vllm_config (direct tests)
+            self._prompt_lens = torch.zeros(num_reqs, dtype=torch.int32, device=self.device)
+            self._windows = torch.zeros(num_reqs, dtype=torch.int32, device=self.device)
+        host = self._prompt_lens_source()[:num_reqs]
+        prompt_lens = self._prompt_lens[:num_reqs]
+        prompt_lens.copy_(host, non_blocking=True)
+        geo = self.geometry
+        if geo.compression_ratio is None:
+            return prompt_lens, None
+        # max(S0, ceil(N / C)) on the host in float64, as geometry.request_window computes it.
+        windows = torch.ceil(host.to(torch.float64) / geo.compression_ratio).clamp_(min=geo.window)
+        self._windows[:num_reqs].copy_(windows.to(torch.int32))
+        return prompt_lens, self._windows[:num_reqs]
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -117,6 +161,9 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
         num_reqs = cm.num_reqs
         slot_mapping = cm.slot_mapping[: cm.num_actual_tokens]
         block_size = self.kv_cache_spec.block_size
+        prompt_lens, windows = self.request_lengths(num_reqs)
+        if self.geometry is None or not self.geometry.exact_prefill:
+            prompt_lens = None  # only exact prefill reads them (the paper's window rule reads windows)
         query_start_loc = cm.query_start_loc[: num_reqs + 1].to(torch.int32)
         seq_lens = cm.seq_lens[:num_reqs].to(torch.int32)
         block_table = cm.block_table_tensor[:num_reqs].to(torch.int32)
@@ -132,6 +179,8 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
                 block_table=block_table,
                 seq_lens=seq_lens,
                 query_start_loc=query_start_loc,
+                prompt_lens=prompt_lens,
+                windows=windows,
                 max_query_len=cm.max_query_len,
                 max_seq_len=cm.max_seq_len,
             ),
@@ -144,10 +193,10 @@ def _pool_heads(offset: int, count: int) -> PoolHeads:
 
 
 @functools.cache
-def _local_rule(sink: int, window: int, compensation: bool) -> LocalRule:
-    # Exact prefill needs prompt lengths in the metadata and the engine keeping prompt blocks
-    # (the prefill branch); until then every query follows the compressed rule.
-    return LocalRule(sink=sink, window=window, compensation=compensation, exact_prefill=False)
+def _local_rule(sink: int, window: int, compensation: bool, exact_prefill: bool) -> LocalRule:
+    # Exact prefill: the builder puts each request's prompt length in the batch, and the local
+    # pool's manager keeps every prompt block until the prompt is done (pools.RazorLocalManager).
+    return LocalRule(sink=sink, window=window, compensation=compensation, exact_prefill=exact_prefill)
 
 
 class RazorAttentionImpl(AttentionImpl):
@@ -236,7 +285,7 @@ class RazorAttentionImpl(AttentionImpl):
         heads = state.local
         md, cache, key_cache, value_cache, pool_heads = self._pool(ctx, LOCAL_POOL_NAME, heads, key, value)
         tails = state.compensation(cache)
-        rule = _local_rule(state.sink, state.window, state.use_compensation)
+        rule = _local_rule(state.sink, state.window, state.use_compensation, state.exact_prefill)
         # Before attention: a chunk's later queries read the tails of blocks started in this chunk.
         ops.write_block_tails(key_cache, value_cache, tails, md.batch, pool_heads, rule)
         out_heads = ops.local_attention(

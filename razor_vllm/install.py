@@ -98,6 +98,7 @@ class LayerRazorState:
     layout: PoolLayout
     use_compensation: bool  # False: the no-compensation ablation
     head_size: int
+    exact_prefill: bool = True  # prompt queries attend to the whole prompt (the paper)
     _comp_cache: dict = field(default_factory=dict, repr=False)
 
     def compensation(self, local_cache: torch.Tensor) -> torch.Tensor:
@@ -152,8 +153,18 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
         resolved.local_block_size,
         torch.tensor([], dtype=dtype).element_size(),
         default_block_size=vllm_config.cache_config.block_size,
+        hash_aligned=bool(vllm_config.cache_config.enable_prefix_caching),
     )
-    retrieval_spec, local_spec = build_specs(layout, first.head_size, dtype, resolved.sink, resolved.window)
+    retrieval_spec, local_spec = build_specs(
+        layout,
+        first.head_size,
+        dtype,
+        resolved.sink,
+        resolved.window,
+        exact_prefill=resolved.exact_prefill,
+        compression_ratio=resolved.compression_ratio,
+        max_model_len=vllm_config.model_config.max_model_len,
+    )
     if retrieval_spec is not None:
         context[RETRIEVAL_POOL_NAME] = RazorPoolLayer(RETRIEVAL_POOL_NAME, retrieval_spec, RazorAttentionBackend)
     if local_spec is not None:
@@ -171,6 +182,7 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
             layout=layout,
             use_compensation=resolved.compensation,
             head_size=layer.head_size,
+            exact_prefill=resolved.exact_prefill,
         )
         # vLLM's cross-layer KV sharing: the runner allocates nothing for this layer, adds it to
         # the pool's KV group (so it receives that group's metadata) and binds it that pool.
@@ -188,15 +200,22 @@ def summary_line(resolved: ResolvedRazorConfig, layout: PoolLayout, retrieval_sp
         f"{layout.num_retrieval_heads}/{total} KV heads retrieval ({100 * layout.num_retrieval_heads / total:.1f}%)",
         f"sink={resolved.sink} window={resolved.window}",
     ]
+    if resolved.compression_ratio is not None:
+        parts.append(f"window rule max(window, N/{resolved.compression_ratio:g})")
+    parts.append("prefill exact" if resolved.exact_prefill else "prefill compressed")
     if not resolved.compensation:
         parts.append("compensation off")
     if retrieval_spec is not None:
         per_token = retrieval_spec.page_size_bytes // retrieval_spec.block_size
         parts.append(f"retrieval pool {per_token} B/token (block {retrieval_spec.block_size})")
     if local_spec is not None:
+        geo = local_spec.geometry
         per_token = local_spec.page_size_bytes // local_spec.block_size
-        bounded = resolved.sink + resolved.window
-        parts.append(f"local pool {per_token} B/token for at most ~{bounded} tokens (block {local_spec.block_size})")
+        held = (geo.sink_blocks + geo.window_blocks(local_spec.sliding_window)) * geo.block_size
+        text = f"local pool {per_token} B/token for at most {held} token slots per request after its prompt"
+        if geo.exact_prefill:
+            text += " (every prompt block while it prefills)"
+        parts.append(text + f" (block {local_spec.block_size})")
     return ", ".join(parts)
 
 

@@ -5,13 +5,22 @@ pool heads ``[offset, offset + count)``. Layers therefore keep different numbers
 heads (some none) without padding every layer to the largest count.
 
 vLLM allocates both pools from one block pool whose pages must be equal in size, so
-``R_pool * retrieval_block = L_pool * (local_block + tail_slots)``. The local page carries a
-tail of ``tail_slots`` token slots per head, where each request's first (sink) block keeps the
-fp32 compensation sums. A few padding heads (never read) make the equation solvable.
+``R_pool * retrieval_block = L_pool * (local_block + tail_slots) + page_padding_slots``. The local
+page carries a tail of ``tail_slots`` token slots per head, where every local block keeps the fp32
+compensation sums of the positions before it (written once, when the block is started). A few
+padding heads (never read) make the equation solvable.
+
+With prefix caching on, vLLM hashes prompts in units of the GCD of the groups' block sizes and
+lands cache hits on their LCM (``kv_cache_utils.resolve_kv_cache_block_sizes``; fine-grained hits
+exist only for Mamba groups). The first solver's blocks (187 retrieval, 32 local on the default
+model) give a 1-token hash unit and a 5,984-token hit granularity, so with caching on the
+retrieval block is a multiple of the local block instead (or divides it): the hash unit is the
+smaller block, hits land on the larger one, and the local page is padded up to the retrieval page.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -38,6 +47,7 @@ class PoolLayout:
     retrieval_block_size: int
     local_block_size: int
     tail_slots: int  # extra token slots per local head and block (compensation sums)
+    page_padding_slots: int = 0  # token-head slots after the local page's tails (never read)
 
     @property
     def num_retrieval_heads(self) -> int:
@@ -58,8 +68,22 @@ class PoolLayout:
     def page_slots(self) -> int:
         """Token-head slots per page (equal for both pools when both exist)."""
         if self.has_local_pool:
-            return self.local_pool_heads * (self.local_block_size + self.tail_slots)
+            return self.local_pool_heads * (self.local_block_size + self.tail_slots) + self.page_padding_slots
         return self.retrieval_pool_heads * self.retrieval_block_size
+
+    @property
+    def hash_block_size(self) -> int:
+        """The prompt-hash unit vLLM derives from these blocks when prefix caching is on (their GCD)."""
+        if self.has_retrieval_pool and self.has_local_pool:
+            return math.gcd(self.retrieval_block_size, self.local_block_size)
+        return self.local_block_size if self.has_local_pool else self.retrieval_block_size
+
+    @property
+    def cache_hit_granularity(self) -> int:
+        """Tokens a prefix-cache hit is a multiple of (vLLM's scheduler block size: the LCM)."""
+        if self.has_retrieval_pool and self.has_local_pool:
+            return math.lcm(self.retrieval_block_size, self.local_block_size)
+        return self.hash_block_size
 
 
 def tail_slots_for(dtype_size: int) -> int:
@@ -114,19 +138,68 @@ def _solve_block_sizes(
     return best[1]
 
 
+def _hash_aligned_retrieval_blocks(local_block: int) -> list[int]:
+    """Retrieval block sizes whose GCD with ``local_block`` is the smaller of the two and whose LCM the
+    larger: the divisors of the local block and its multiples, within the allowed range."""
+    divisors = [d for d in range(MIN_RETRIEVAL_BLOCK, local_block) if local_block % d == 0]
+    multiples = range(local_block, MAX_RETRIEVAL_BLOCK + 1, local_block)
+    return [b for b in (*divisors, *multiples) if MIN_RETRIEVAL_BLOCK <= b <= MAX_RETRIEVAL_BLOCK]
+
+
+def _solve_hash_aligned_block_sizes(
+    num_retrieval: int, num_local: int, local_block: int, tail: int, preferred_retrieval_block: int
+) -> tuple[int, int, int, int]:
+    """(retrieval_pool_heads, local_pool_heads, retrieval_block, page_padding_slots) for prefix caching.
+
+    The retrieval block is one of ``_hash_aligned_retrieval_blocks``; the local page is padded (vLLM's
+    ``page_size_padded``) up to the retrieval page, which must be at least as large. Padding local
+    heads instead would waste the same bytes, so only retrieval heads are padded (when that saves
+    more than it costs). Ranked like ``_solve_block_sizes``: relative retrieval waste, then relative
+    local waste, then a block near the preferred size.
+    """
+    local_slots = num_local * (local_block + tail)
+    candidates = _hash_aligned_retrieval_blocks(local_block)
+    best: Optional[tuple[tuple[int, int, int], tuple[int, int, int, int]]] = None
+    for pad_r in range(0, MAX_PADDING_HEADS + 1):
+        r = num_retrieval + pad_r
+        block = next((b for b in candidates if r * b >= local_slots), None)
+        if block is None:
+            continue
+        padding = r * block - local_slots
+        key = (pad_r * 1000 // r, padding * 1000 // (r * block), abs(block - preferred_retrieval_block))
+        if best is None or key < best[0]:
+            best = (key, (r, num_local, block, padding))
+    if best is None:
+        raise ValueError(
+            f"no prefix-cacheable layout for {num_retrieval} retrieval and {num_local} local heads "
+            f"with local block size {local_block}; try another local_block_size"
+        )
+    return best[1]
+
+
 def plan_layout(
     retrieval_heads_per_layer: Sequence[Sequence[int]],
     num_kv_heads: int,
     local_block_size: int,
     dtype_size: int,
     default_block_size: int = 128,
+    hash_aligned: bool = False,
 ) -> PoolLayout:
-    """Place each layer's heads (rank-local ids) into the pools and choose block sizes."""
+    """Place each layer's heads (rank-local ids) into the pools and choose block sizes.
+
+    ``hash_aligned`` (set when vLLM's prefix caching is on): one block size divides the other, so
+    vLLM hashes prompts in local blocks and lands hits on the retrieval block (see the module doc).
+    """
     counts_r = [len(h) for h in retrieval_heads_per_layer]
     num_r = sum(counts_r)
     num_l = num_kv_heads * len(retrieval_heads_per_layer) - num_r
     tail = tail_slots_for(dtype_size)
-    if num_r and num_l:
+    padding = 0
+    if num_r and num_l and hash_aligned:
+        pool_r, pool_l, block_r, padding = _solve_hash_aligned_block_sizes(
+            num_r, num_l, local_block_size, tail, default_block_size
+        )
+    elif num_r and num_l:
         pool_r, pool_l, block_r = _solve_block_sizes(num_r, num_l, local_block_size, tail, default_block_size)
     else:
         pool_r, pool_l, block_r = num_r, num_l, default_block_size
@@ -145,4 +218,5 @@ def plan_layout(
         retrieval_block_size=block_r,
         local_block_size=local_block_size,
         tail_slots=tail,
+        page_padding_slots=padding,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -14,6 +14,9 @@ from razor_vllm.config import (
     find_profile_for,
     resolve_profile,
 )
+
+if TYPE_CHECKING:
+    from razor_vllm.geometry import LocalGeometry
 
 ADDITIONAL_CONFIG_KEY = "razor"
 
@@ -29,6 +32,16 @@ class RazorOptions(BaseModel):
       every head (checks exactness against stock vLLM), or for none (the StreamingLLM baseline).
     - ``compensation``: whether local heads keep the compensation token (default: the profile's,
       which defaults to true); ``False`` drops evicted tokens without it.
+    - ``prefill``: ``"exact"`` (the paper, default): local heads attend causally to the whole prompt
+      while it is prefilled (chunked or not), so the first answer token equals stock attention; the
+      prompt's blocks outside sinks + window are freed once the prompt is done. ``"compressed"``
+      (the first design): every query, prompt queries included, sees sinks + window + compensation,
+      so a request never holds more than its window (smaller admission, approximate prompt).
+    - ``window_rule``: ``"fixed"`` (default): every request keeps ``window`` recent tokens, a fixed
+      memory bound. ``"paper"``: the paper's max(S0, N / C): a request with an N-token prompt keeps
+      max(``window``, ceil(N / ``compression_ratio``)) recent tokens (the window grows with the
+      prompt at compression ratio C).
+    - ``compression_ratio``: C of the paper's rule (> 1; only with ``window_rule: paper``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,6 +53,9 @@ class RazorOptions(BaseModel):
     all_retrieval: bool = False
     all_local: bool = False
     compensation: Optional[bool] = None
+    prefill: Literal["exact", "compressed"] = "exact"
+    window_rule: Literal["fixed", "paper"] = "fixed"
+    compression_ratio: Optional[float] = Field(default=None, gt=1)
 
     @classmethod
     def from_additional_config(cls, additional_config: Optional[dict[str, Any]]) -> "RazorOptions":
@@ -56,6 +72,10 @@ class RazorOptions(BaseModel):
             raise ValueError(f"invalid razor options in --additional-config: {details}") from exc
         if options.all_retrieval and options.all_local:
             raise ValueError("razor options all_retrieval and all_local exclude each other")
+        if options.window_rule == "paper" and options.compression_ratio is None:
+            raise ValueError("razor option window_rule 'paper' needs razor.compression_ratio (C in max(S0, N/C))")
+        if options.window_rule == "fixed" and options.compression_ratio is not None:
+            raise ValueError("razor option compression_ratio applies only with razor.window_rule 'paper'")
         return options
 
 
@@ -71,6 +91,20 @@ class ResolvedRazorConfig(BaseModel):
     window: int
     local_block_size: int
     compensation: bool = True
+    exact_prefill: bool = True
+    compression_ratio: Optional[float] = None  # None: fixed window; else the paper's max(window, N / C)
+
+    def local_rule(self) -> "LocalGeometry":
+        """The local pool's block arithmetic for these settings (``razor_vllm.geometry``)."""
+        from razor_vllm.geometry import LocalGeometry
+
+        return LocalGeometry(
+            sink=self.sink,
+            window=self.window,
+            block_size=self.local_block_size,
+            exact_prefill=self.exact_prefill,
+            compression_ratio=self.compression_ratio,
+        )
 
 
 def resolve(options: RazorOptions, served: ModelFingerprint) -> ResolvedRazorConfig:
@@ -101,6 +135,8 @@ def resolve(options: RazorOptions, served: ModelFingerprint) -> ResolvedRazorCon
         window=window,
         local_block_size=options.local_block_size,
         compensation=profile.compensation if options.compensation is None else options.compensation,
+        exact_prefill=options.prefill == "exact",
+        compression_ratio=options.compression_ratio if options.window_rule == "paper" else None,
     )
 
 

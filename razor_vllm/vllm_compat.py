@@ -32,6 +32,8 @@ def install() -> None:
     wrap_runner_kv_spec_collection()
     add_pool_usage_utility()
     wrap_runner_discarded_sample_rewind()
+    wrap_runner_builder_prompt_lengths()
+    wrap_max_concurrency()
     _INSTALLED = True
 
 
@@ -119,8 +121,10 @@ def _select_backend(original_func):
 # -- 4. engine configuration --------------------------------------------------------------------
 # Platform.check_and_update_config runs in VllmConfig.__post_init__ in the API/LLM process before
 # the config is shipped to the engine: refuse a model razor cannot serve or a bad profile there (a
-# clear start-up error), and switch prefix caching off (the local pool's window and compensation
-# are not prefix-cacheable).
+# clear start-up error). Prefix caching stays as vLLM set it (on by default, engine/arg_utils.py):
+# both pools are prefix-cacheable (pools.py). With a single pool (all heads local) vLLM hashes in
+# cache_config.block_size (kv_cache_utils.resolve_kv_cache_block_sizes, one group) and the
+# UnitaryKVCacheCoordinator asserts it equals the group's block size, so it becomes the local block.
 
 
 def is_razor_config(vllm_config: Any) -> bool:
@@ -146,16 +150,21 @@ def prepare_razor_config(vllm_config: Any) -> None:
     from razor_vllm.options import resolve_for_vllm_config
 
     check_servable(vllm_config)  # MLA, encoder-only, ...: the model itself, before looking for its profile
-    resolve_for_vllm_config(vllm_config)  # raises ProfileError/ValueError naming the problem
+    resolved = resolve_for_vllm_config(vllm_config)  # raises ProfileError/ValueError naming the problem
     if getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False):
         raise ValueError("RAZOR attention needs vLLM's hybrid KV cache manager; drop --disable-hybrid-kv-cache-manager")
     cache_config = vllm_config.cache_config
-    if cache_config.enable_prefix_caching:
-        logger.info("RAZOR: prefix caching switched off (local heads keep a window, not a prefix).")
+    if cache_config.enable_prefix_caching and not resolved.exact_prefill and resolved.compression_ratio is not None:
+        # Compressed prefill under the paper's window rule: a position's K/V depend on the window of
+        # the request that computed it, max(S0, N/C), i.e. on that request's prompt length, which
+        # vLLM's block hashes do not see. (Exact prefill computes prompt positions exactly.)
+        logger.info("RAZOR: prefix caching switched off (compressed prefill with the paper's window rule).")
         cache_config.enable_prefix_caching = False
+    if cache_config.enable_prefix_caching and not any(resolved.retrieval_heads):
+        cache_config.block_size = resolved.local_block_size  # one pool: vLLM hashes in its block size
 
 
-# -- 5. the local pool's block manager ----------------------------------------------------------
+# -- 5. the pools' block managers ------------------------------------------------------------------
 # vllm/v1/core/single_type_kv_cache_manager.py register_all_kvcache_specs registers built-in specs
 # and then calls current_platform.register_custom_kv_cache_specs; registering earlier would make
 # KVCacheSpecRegistry skip the built-ins.
@@ -173,12 +182,13 @@ def wrap_platform_kv_spec_registration() -> None:
 
 
 def register_razor_specs() -> None:
-    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from razor_vllm.pools import RazorLocalManager, RazorLocalSpec
+    from razor_vllm.pools import RazorLocalManager, RazorLocalSpec, RazorRetrievalManager, RazorRetrievalSpec
 
     KVCacheSpecRegistry.register(RazorLocalSpec, RazorLocalManager, uniform_type_base_spec=SlidingWindowSpec)
+    KVCacheSpecRegistry.register(RazorRetrievalSpec, RazorRetrievalManager, uniform_type_base_spec=FullAttentionSpec)
 
 
 # -- 6. building the pools before the runner collects KV specs ----------------------------------------
@@ -241,11 +251,21 @@ async def query_pool_usage(engine_client: Any) -> Optional[dict[str, Any]]:
     if not results:
         return None
     blocks: dict[str, int] = {}
+    shared: dict[str, int] = {}
+    hits: dict[str, dict[str, int]] = {}
     for r in results:
         for pool, n in r["blocks_in_use"].items():
             blocks[pool] = blocks.get(pool, 0) + n
+        for pool, n in r.get("shared_blocks", {}).items():
+            shared[pool] = shared.get(pool, 0) + n
+        for pool, counts in r.get("prefix_cache_hits", {}).items():
+            total = hits.setdefault(pool, {})
+            for key, n in counts.items():
+                total[key] = total.get(key, 0) + n
     return {
         "blocks_in_use": blocks,
+        "shared_blocks": shared,
+        "prefix_cache_hits": hits,
         "num_blocks": sum(r["num_blocks"] for r in results),
         "free_blocks": sum(r["free_blocks"] for r in results),
         "tokens": sorted(t for r in results for t in r["tokens"]),
@@ -317,3 +337,95 @@ def wrap_runner_discarded_sample_rewind() -> None:
 
     _wrap_runner_method("_sample", make_sample)
     _wrap_runner_method("_bookkeeping_sync", make_bookkeeping)
+
+
+# -- 9. prompt lengths for the metadata builder ------------------------------------------------------
+# Exact prefill needs each request's prompt length in the kernels (a query before it is a prompt
+# query). CommonAttentionMetadata carries none (only ``rswa_prefix_lens`` when the model itself has
+# an R-SWA window). vllm/v1/worker/gpu_model_runner.py GPUModelRunner.initialize_metadata_builders
+# creates the builders (attn_groups[g][i].metadata_builders); the runner's InputBatch keeps
+# ``num_prompt_tokens_cpu_tensor`` (vllm/v1/worker/gpu_input_batch.py, pinned int32, one row per
+# batch row, the rows of CommonAttentionMetadata). After the builders exist we hand every razor
+# builder a getter of that tensor (the runner may replace its InputBatch after creating builders,
+# in may_reinitialize_input_batch, so the builder reads it through the runner on each step).
+
+
+def bind_razor_builders(runner: Any) -> None:
+    """Give every razor metadata builder of ``runner`` a getter of its prompt lengths per batch row."""
+    from razor_vllm.backend import RazorMetadataBuilder
+
+    for groups in runner.attn_groups:
+        for group in groups:
+            for builder in group.metadata_builders:
+                if isinstance(builder, RazorMetadataBuilder):
+                    builder.bind_prompt_lengths(lambda: runner.input_batch.num_prompt_tokens_cpu_tensor)
+
+
+def wrap_runner_builder_prompt_lengths() -> None:
+    def make(original):
+        def initialize_metadata_builders(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            bind_razor_builders(self)
+            return result
+
+        return initialize_metadata_builders
+
+    _wrap_runner_method("initialize_metadata_builders", make)
+
+
+# -- 10. vLLM's "Maximum concurrency" with exact prefill ---------------------------------------------
+# vllm/v1/core/kv_cache_utils.py get_max_concurrency_for_kv_cache_config divides the block pool by
+# the sum over groups of cdiv(spec.max_memory_usage_bytes, page): one figure per request. With exact
+# prefill a request holds its whole prompt only while it prefills, so the peak (what the start-up
+# check must see, RazorLocalSpec.max_memory_usage_bytes) is not what every held request costs. The
+# truthful figure: every request holds its steady blocks, the one being admitted its prompt too
+# (geometry.max_concurrency). get_kv_cache_capacity (same module) calls it by its module name, so
+# the logged line and cache_config.kv_cache_max_concurrency use ours.
+
+
+def razor_max_concurrency(vllm_config: Any, kv_cache_config: Any) -> Optional[float]:
+    """The exact-prefill concurrency figure, or None when no group is a razor local pool in exact mode."""
+    from vllm.utils.math_utils import cdiv
+
+    from razor_vllm.geometry import max_concurrency
+    from razor_vllm.pools import RazorLocalSpec
+
+    max_len = vllm_config.model_config.max_model_len
+    in_flight = vllm_config.max_in_flight_tokens
+    steady = transient = 0
+    exact = False
+    for group in kv_cache_config.kv_cache_groups:
+        if getattr(group, "host_resident", False):
+            return None
+        spec = group.kv_cache_spec
+        inner = list(getattr(spec, "kv_cache_specs", {}).values()) or [spec]
+        if isinstance(inner[0], RazorLocalSpec):
+            geo = inner[0].geometry
+            exact = exact or geo.exact_prefill
+            cap = geo.chunk_cap(in_flight, max_len)
+            steady += cap
+            transient += max(0, geo.admission_blocks(max_len, in_flight, max_len) - cap)
+        else:
+            steady += cdiv(spec.max_memory_usage_bytes(vllm_config), spec.page_size_bytes)
+    if not exact:
+        return None
+    return max_concurrency(kv_cache_config.num_blocks, steady, transient)
+
+
+def wrap_max_concurrency() -> None:
+    from vllm.v1.core import kv_cache_utils
+
+    original = kv_cache_utils.get_max_concurrency_for_kv_cache_config
+    if getattr(original, "__razor_wrapped__", False):
+        return
+
+    @functools.wraps(original)
+    def get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config):
+        if is_razor_config(vllm_config):
+            ours = razor_max_concurrency(vllm_config, kv_cache_config)
+            if ours is not None:
+                return ours
+        return original(vllm_config, kv_cache_config)
+
+    get_max_concurrency_for_kv_cache_config.__razor_wrapped__ = True
+    kv_cache_utils.get_max_concurrency_for_kv_cache_config = get_max_concurrency_for_kv_cache_config

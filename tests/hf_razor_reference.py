@@ -1,10 +1,14 @@
 """An independent implementation of the razor rule inside HF transformers (float64, dense masks).
 
 Written from the semantics, not from our kernels: local heads mask to sinks + window and add one
-compensation logit from prefix sums of the keys/values; retrieval heads are plain causal.
+compensation logit from prefix sums of the keys/values; retrieval heads are plain causal. With
+exact prefill (the paper) a local head's query at a position before the prompt's end is plain causal
+too; only the answer's queries see sinks + window + compensation.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer
@@ -33,6 +37,7 @@ def _razor_attention(module, query, key, value, attention_mask, scaling=None, dr
     dropped_end = (pos_q - window + 1).clamp(min=sink)
     count = n_dropped.clamp(min=1).double()
     out = torch.empty_like(q)
+    prompt_query = pos_q < _CONFIG["prompt_len"] if _CONFIG["exact_prefill"] else torch.zeros_like(causal[:, 0])
     for h in range(num_q):
         if h // g in retrieval:
             out[:, h] = logits[:, h].masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, h]
@@ -43,6 +48,8 @@ def _razor_attention(module, query, key, value, attention_mask, scaling=None, dr
         comp = torch.where(n_dropped[None] > 0, comp, torch.full_like(comp, float("-inf")))
         probs = torch.cat([comp[..., None], logits[:, h].masked_fill(~local, float("-inf"))], -1).softmax(-1)
         out[:, h] = probs[..., :1] * v_hat + probs[..., 1:] @ v[:, h]
+        exact = logits[:, h].masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, h]
+        out[:, h] = torch.where(prompt_query[None, :, None], exact, out[:, h])
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -50,12 +57,29 @@ AttentionInterface.register("razor_reference", _razor_attention)
 AttentionMaskInterface.register("razor_reference", sdpa_mask)
 
 
-def razor_greedy(model_dir, prompt: str, retrieval_heads, sink: int, window: int, max_new_tokens: int) -> list[int]:
-    """Greedy continuation token ids of ``prompt`` under the razor rule (float32 weights, float64 attention)."""
-    _CONFIG.update(retrieval_heads=retrieval_heads, sink=sink, window=window)
+def razor_greedy(
+    model_dir,
+    prompt: str,
+    retrieval_heads,
+    sink: int,
+    window: int,
+    max_new_tokens: int,
+    exact_prefill: bool = True,
+    compression_ratio=None,
+) -> list[int]:
+    """Greedy continuation token ids of ``prompt`` under the razor rule (float32 weights, float64 attention).
+
+    ``compression_ratio``: the paper's window rule, max(window, ceil(N / C)) for an N-token prompt.
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="razor_reference")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    prompt_len = ids.shape[1]
+    if compression_ratio is not None:
+        window = max(window, math.ceil(prompt_len / compression_ratio))
+    _CONFIG.update(
+        retrieval_heads=retrieval_heads, sink=sink, window=window, prompt_len=prompt_len, exact_prefill=exact_prefill
+    )
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, ids.shape[1] :].tolist()

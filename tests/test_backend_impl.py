@@ -25,7 +25,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadat
 from razor_vllm.backend import RazorAttentionImpl, RazorMetadataBuilder
 from razor_vllm.install import HeadSelection, LayerRazorState
 from razor_vllm.layout import plan_layout
-from razor_vllm.ops.dense import dense_razor_attention
+from razor_vllm.ops.dense import dense_block_tail, dense_razor_attention
 from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, build_specs
 
 from test_kernels import make_schedule, relative_error
@@ -67,9 +67,12 @@ class Pool:
         return table
 
 
-def build_layer_states():
+def build_layer_states(exact_prefill: bool = True, compression_ratio=None):
     layout = plan_layout(RETRIEVAL, NUM_KV_HEADS, LOCAL_BLOCK, 4)
-    retrieval_spec, local_spec = build_specs(layout, HEAD_SIZE, torch.float32, SINK, WINDOW)
+    retrieval_spec, local_spec = build_specs(
+        layout, HEAD_SIZE, torch.float32, SINK, WINDOW, exact_prefill=exact_prefill,
+        compression_ratio=compression_ratio, max_model_len=1024,
+    )
     states = [
         LayerRazorState(
             retrieval=HeadSelection.of(heads.retrieval, heads.retrieval_offset, G),
@@ -79,6 +82,7 @@ def build_layer_states():
             layout=layout,
             use_compensation=True,
             head_size=HEAD_SIZE,
+            exact_prefill=exact_prefill,
         )
         for heads in layout.layers
     ]
@@ -145,14 +149,25 @@ PATHS = [
 ]
 
 
+# exact: the paper's prefill; compressed: every query by the window rule; paper: exact prefill and
+# the paper's window max(W, N / C) per request (C = 4: 75- and 131-token prompts get larger windows).
+MODES = {"exact": (True, None), "compressed": (False, None), "paper": (True, 4.0)}
+
+
 @pytest.mark.parametrize("device, store, tolerance", PATHS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_impl_matches_dense_oracle(device, store, tolerance, seed):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_impl_matches_dense_oracle(device, store, tolerance, seed, mode):
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    states, retrieval_spec, local_spec = build_layer_states()
+    exact, ratio = MODES[mode]
+    states, retrieval_spec, local_spec = build_layer_states(exact, ratio)
     layout = states[0].layout
     lengths = [9, SINK + WINDOW + 1, 75, 131]
+    # Prompt lengths the builder hands the kernels (what the runner's InputBatch holds): a chunk may
+    # cross a prompt's end, as when vLLM recomputes a preempted request's prompt and answer at once.
+    prompt_lens = [9, SINK + WINDOW - 3, 75, 100]
+    rule = local_spec.geometry
     schedule = make_schedule(lengths, rng, max_chunk=24, style="mixed")
     total = sum(lengths) + 4 * len(lengths)
     page_elems = retrieval_spec.page_size_bytes // 4
@@ -183,6 +198,8 @@ def test_impl_matches_dense_oracle(device, store, tolerance, seed):
                 pool.allocate(rid, hi)
             spec = retrieval_spec if name == RETRIEVAL_POOL_NAME else local_spec
             builder = RazorMetadataBuilder(spec, [], None, torch.device(device))
+            rows = [prompt_lens[rid] for rid, _, _ in batch] + [0]  # the padding row: stale, never read
+            builder.bind_prompt_lengths(lambda rows=rows: torch.tensor(rows, dtype=torch.int32))
             md = builder.build(0, common_metadata(batch, pool, pad_tokens, device))
             assert (md.slots is None) == (device == "cuda")
             metadata[name] = dataclasses.replace(md, slots=None) if store == "slot_mapping" else md
@@ -205,8 +222,31 @@ def test_impl_matches_dense_oracle(device, store, tolerance, seed):
         flags = [h in retrieval for h in range(NUM_KV_HEADS)]
         for rid, (q, k, v) in enumerate(data[layer_index]):
             expected = dense_razor_attention(
-                q.double(), k.double(), v.double(), range(q.shape[0]), flags, SINK, WINDOW, HEAD_SIZE**-0.5
+                q.double(), k.double(), v.double(), range(q.shape[0]), flags, SINK,
+                rule.request_window(prompt_lens[rid]), HEAD_SIZE**-0.5, prompt_len=prompt_lens[rid] if exact else None,
             )
             err = relative_error(outputs[layer_index][rid].double(), expected)
             assert err < tolerance, f"layer {layer_index} request {rid}: relative error {err:.3g}"
     assert layout.layers[0].local == (0, 2) and layout.layers[1].retrieval == (0, 2)  # index paths were taken
+
+    # Every local block's page tail holds the sums over [S, b*B) of its layer's local heads.
+    local_pool = pools[LOCAL_POOL_NAME]
+    for layer_index, state in enumerate(states):
+        tails = state.compensation(local_pool.kv_cache).cpu()
+        heads = list(state.local.kv_heads)
+        for rid, (_, k, v) in enumerate(data[layer_index]):
+            for b, block in enumerate(local_pool.tables[rid]):
+                got = tails[block, state.local.offset : state.local.offset + len(heads)].double()
+                want = dense_block_tail(k[:, heads], v[:, heads], b, LOCAL_BLOCK, SINK)
+                err = ((got - want).abs().max() / want.abs().max().clamp(min=1)).item()
+                assert err < 1e-5, f"layer {layer_index} request {rid} block {b}: tail error {err:.3g}"
+
+
+def test_exact_builder_refuses_to_run_without_prompt_lengths():
+    """Exact prefill without the runner's prompt lengths (vllm_compat hook 9 missing) stops loudly."""
+    _, _, local_spec = build_layer_states(True)
+    builder = RazorMetadataBuilder(local_spec, [], None, torch.device("cpu"))
+    pool = Pool(local_spec, local_spec.page_size_bytes // 4, 8, random.Random(0))
+    pool.allocate(0, 5)
+    with pytest.raises(RuntimeError, match="no prompt lengths"):
+        builder.build(0, common_metadata([(0, 0, 5)], pool, pad_tokens=0))

@@ -44,7 +44,15 @@ def test_skip_engine_writes_json(tmp_path, capsys):
     for r in a["requests"]:
         keys = {"stock_bytes", "razor_steady_bytes", "razor_admission_bytes", "ratio_steady", "ratio_admission"}
         assert keys <= set(r)
-        assert r["razor_steady_bytes"] < r["razor_admission_bytes"] < r["stock_bytes"]
+        # Exact prefill (the default) admits a request with every prompt block of the local pool: its
+        # transient peak is the whole prompt, a little above stock's (local pages carry the tails).
+        assert r["razor_steady_bytes"] < r["razor_admission_bytes"]
+        local_blocks = -(-r["context"] // a["local_block_size"])
+        assert r["razor_local_admission_bytes"] == local_blocks * a["page_bytes"]
+    assert a["prefill"] == "exact" and a["window_rule"] == "fixed"
+    rules = {r["context"]: r for r in a["window_rules"]}
+    assert rules[2048]["paper_window"] == 256 == rules[2048]["fixed_window"]  # max(256, 2048 / 8)
+    assert rules[8192]["paper_window"] == 1024 and rules[8192]["paper_steady_bytes"] > rules[8192]["fixed_steady_bytes"]
     ratios = [r["ratio_steady"] for r in a["requests"]]
     assert ratios == sorted(ratios) and ratios[1] >= 3.0  # the longer the context, the larger razor's gain
     for c in a["max_concurrency"]:
@@ -53,6 +61,19 @@ def test_skip_engine_writes_json(tmp_path, capsys):
         assert c["razor_vllm_logged"] < c["razor_steady"]
     printed = capsys.readouterr().out
     assert "KV bytes per token" in printed and "KV bytes per request" in printed
+    assert "by window rule" in printed
+
+
+def test_compressed_prefill_admission_is_bounded(tmp_path):
+    """--prefill compressed: admission charges the window plus a chunk, far below stock."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--skip-engine", "--dtype", "bfloat16", "--prefill", "compressed", "--out", str(out),
+                 "--format", "plain"]) == 0
+    a = json.loads(out.read_text())["analytic"]
+    assert a["prefill"] == "compressed"
+    for r in a["requests"]:
+        assert r["razor_steady_bytes"] < r["razor_admission_bytes"] < r["stock_bytes"]
+    assert main(["bench", "--skip-engine", "--compression-ratio", "1", "--out", str(out)]) == 2
 
 
 def test_window_and_kv_options(tmp_path):
@@ -71,15 +92,21 @@ def test_analytic_matches_vllm_specs():
 
     from razor_vllm.pools import build_specs
 
+    from types import SimpleNamespace
+
     profile = resolve_profile("smollm2-135m-instruct")
-    geo = analytic.geometry(profile, "bfloat16")
-    retrieval, local = build_specs(geo.layout, 64, torch.bfloat16, geo.sink, geo.window)
-    assert retrieval.page_size_bytes == local.page_size_bytes == geo.page_bytes
-    assert geo.local_bytes_per_token == local.page_size_bytes / local.block_size
-    for ctx in (1024, 2048, 8192):
-        assert geo.local_admission_blocks(ctx, 512) == min(
-            -(-ctx // local.block_size), local.max_admission_blocks_per_request(512, ctx))
-        assert geo.retrieval_pages(ctx) == -(-ctx // retrieval.block_size)
+    for exact in (False, True):
+        geo = analytic.geometry(profile, "bfloat16", exact_prefill=exact)
+        retrieval, local = build_specs(geo.layout, 64, torch.bfloat16, geo.sink, geo.window, exact_prefill=exact)
+        assert retrieval.page_size_bytes == local.page_size_bytes == geo.page_bytes
+        assert geo.local_bytes_per_token == local.page_size_bytes / local.block_size
+        for ctx in (1024, 2048, 8192):
+            own = -(-ctx // local.block_size)
+            cap = local.max_admission_blocks_per_request(512, ctx)
+            assert geo.local_admission_blocks(ctx, 512) == (own if exact else min(own, cap))
+            config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=ctx), max_in_flight_tokens=512)
+            assert local.max_memory_usage_bytes(config) == geo.local_admission_blocks(ctx, 512, ctx) * geo.page_bytes
+            assert geo.retrieval_pages(ctx) == -(-ctx // retrieval.block_size)
 
 
 def _fake_results() -> dict:

@@ -11,7 +11,13 @@ from razor_vllm.config import resolve_profile
 from razor_vllm.eval import metrics, report
 from razor_vllm.eval.command import PROG
 from razor_vllm.eval.tasks import TASKS
-from razor_vllm.eval.variants import base_variants, random_profile, share_profile, sweep_variants
+from razor_vllm.eval.variants import (
+    base_variants,
+    random_profile,
+    share_profile,
+    sweep_variants,
+    with_prefill_modes,
+)
 from razor_vllm.model import DEFAULT_PROFILE_NAME
 
 
@@ -37,7 +43,8 @@ def test_streaming_keeps_no_retrieval_heads_and_razor_options(profile, tmp_path)
     variants = base_variants(["razor", "streaming"], profile, sink=2, window=64, compensation=False)
     razor, streaming = variants
     assert streaming.num_retrieval_heads == 0
-    assert streaming.razor_options(None) == dict(sink=2, window=64, compensation=False, all_local=True)
+    assert streaming.razor_options(None) == dict(sink=2, window=64, compensation=False, prefill="exact",
+                                                 all_local=True)
     assert razor.razor_options(tmp_path / "p.yaml")["profile"] == str(tmp_path / "p.yaml")
 
 
@@ -121,13 +128,14 @@ def test_tables_and_plots(profile, tmp_path):
     tabs = {t.title.split(" (")[0]: t for t in report.tables(results)}
     accuracy = tabs["Task accuracy"]
     assert accuracy.columns[2:] == ["full", "razor"]
-    assert accuracy.rows[0] == ["passkey", "1k", "100.0", "50.0"]
+    # Two prompts per cell: Wilson 95% intervals, wide as two prompts deserve.
+    assert accuracy.rows[0] == ["passkey", "1k", "100 [34-100]", "50 [9-91]"]
     fid = tabs["Fidelity to the full cache on Moby-Dick"]
     assert fid.rows == [["razor", "1k", "0.0500", "90.0", "+0.1000", "5.0", "50.0"]]
     heat = report.heatmap_data(results)
     assert heat["razor"] == {(0.0, 1024): 0.5, (1.0, 1024): 0.5}
     written = report.plots(results, tmp_path)
-    assert {p.name for p in written} == {"heatmap.png", "budget.png"}
+    assert {p.name for p in written} == {"heatmap.png", "budget.png", "pareto.png"}
     assert all(p.stat().st_size > 1000 for p in written)
 
 
@@ -162,3 +170,43 @@ def test_cli_refuses_contexts_past_the_model_window(tmp_path, capsys):
     limit = int(err.split("contexts of at most ")[1].split()[0])
     assert 8000 < limit < 8192
     assert not (tmp_path / "x.json").exists()
+
+
+def test_wilson_interval_known_values():
+    assert metrics.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert metrics.wilson_interval(10, 20) == pytest.approx((0.2993, 0.7007), abs=1e-4)
+    assert metrics.wilson_interval(20, 20) == pytest.approx((0.8389, 1.0), abs=1e-4)
+    low, high = metrics.wilson_interval(95, 100)
+    assert low < 0.95 < high and high - low < 0.1
+
+
+def test_pareto_front_keeps_only_unbeaten_points():
+    points = [(0.2, 0.5, "a"), (0.3, 0.4, "b"), (0.3, 0.7, "c"), (0.5, 0.7, "d"), (0.6, 0.9, "e"), (0.1, 0.1, "f")]
+    assert [label for _, _, label in metrics.pareto_front(points)] == ["f", "a", "c", "e"]
+
+
+def test_prefill_modes_as_variants(profile):
+    variants = with_prefill_modes(base_variants(["full", "razor", "streaming"], profile), ["exact", "compressed"])
+    assert [(v.label, v.prefill) for v in variants] == [
+        ("full", "exact"), ("razor", "exact"), ("razor (compressed prefill)", "compressed"),
+        ("streaming", "exact"), ("streaming (compressed prefill)", "compressed")]
+    assert variants[2].razor_options(None)["prefill"] == "compressed"
+    swept = sweep_variants("prefill", ["exact", "compressed"], profile)
+    assert [v.prefill for v in swept] == ["exact", "compressed"]
+    with pytest.raises(ValueError, match="prefill modes are exact, compressed"):
+        with_prefill_modes(variants, ["fast"])
+
+
+def test_pareto_data_groups_razor_variants_by_prefill_mode(profile):
+    variants = [base_variants(["full"], profile)[0]] + with_prefill_modes(
+        sweep_variants("window", ["64", "512"], profile), ["exact", "compressed"])
+    scores = {"full": 1.0, "razor W=64": 0.4, "razor W=512": 0.8, "razor W=64 (compressed prefill)": 0.1,
+              "razor W=512 (compressed prefill)": 0.3}
+    tasks = [dict(variant=v.label, mode=v.mode, task="passkey", context=2048, depth=0.5, score=scores[v.label])
+             for v in variants]
+    results = dict(meta=dict(variants=[v.describe() for v in variants]), tasks=tasks,
+                   budgets={v.label: {"2048": v.kv_budget(2048)} for v in variants})
+    data = report.pareto_data(results)
+    assert sorted(data) == ["compressed", "exact"]
+    assert [label for _, _, label in data["exact"]] == ["razor W=64", "razor W=512"]
+    assert data["exact"][0][0] < data["exact"][1][0]  # the larger window costs more budget

@@ -267,3 +267,23 @@ def test_corpus_install_rejects_a_tarball_that_fails_the_integrity_check(tmp_pat
     with pytest.raises(RuntimeError, match="integrity"):
         corpus.ensure_corpus(tmp_path / "corpus", tarball=b"not the registry's tarball")
     assert not (tmp_path / "corpus").exists()
+
+
+@needs_model
+@pytest.mark.parametrize("task", ["passkey", "niah_number", "multikey", "variable_tracking"])
+def test_calibration_split_has_other_seeds_and_wording(tokenizer, task):
+    """Settings are chosen on the calibration split: its prompts share no needle value and (for the
+    needle tasks) no filler or needle wording with the evaluation split, and are as long and solvable."""
+    depth = 0.5 if TASKS[task].uses_depth else None
+    evaluation = make_samples(task, tokenizer, 1024, 3, seed=0, depth=depth)
+    calibration = make_samples(task, tokenizer, 1024, 3, seed=0, depth=depth, split="calibration")
+    assert not {a for s in evaluation for a in s.answers} & {a for s in calibration for a in s.answers}
+    assert not {s.seed for s in evaluation} & {s.seed for s in calibration}
+    for sample in calibration:
+        assert 1024 - LENGTH_TOLERANCE <= sample.context_tokens <= 1024
+        assert all(a in sample.prompt for a in sample.answers)
+        if task != "variable_tracking":
+            assert tasks.FILLER_SENTENCES[0] not in sample.prompt and "The river runs to the sea." in sample.prompt
+            assert "pass key" not in sample.prompt and "special magic" not in sample.prompt
+    with pytest.raises(ValueError, match="split must be one of"):
+        make_samples("passkey", tokenizer, 512, 1, seed=0, split="train")

@@ -80,3 +80,96 @@ def test_tp_replicated_kv_heads(tp):
 def test_tp_size_must_divide():
     with pytest.raises(ValueError, match="cannot be split"):
         shard_kv_heads([0], 6, 4, 0)
+
+
+# -- prefix caching: block sizes vLLM can hash -------------------------------------------------------
+
+
+def _vllm_block_sizes(layout, head_size=64, dtype=None):
+    """(scheduler_block_size, hash_block_size) that vLLM 0.32 derives from the pools' specs with
+    prefix caching on (kv_cache_utils.resolve_kv_cache_block_sizes, the engine core's own call)."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+
+    from razor_vllm.pools import build_specs
+
+    dtype = dtype or {2: torch.bfloat16, 1: torch.float32}[layout.tail_slots]
+    retrieval, local = build_specs(layout, head_size, dtype, sink=4, window=64)
+    if retrieval is not None and local is not None:
+        assert retrieval.page_size_bytes == local.page_size_bytes  # vLLM's shared block pool
+    groups = [KVCacheGroupSpec([name], spec) for name, spec in (("r", retrieval), ("l", local)) if spec is not None]
+    config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=groups)
+    vllm_config = SimpleNamespace(
+        cache_config=SimpleNamespace(enable_prefix_caching=True, prefix_match_unit=None, block_size=128),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+        kv_transfer_config=None,
+    )
+    return resolve_kv_cache_block_sizes(config, vllm_config)
+
+
+def _default_profile_heads():
+    from pathlib import Path
+
+    from razor_vllm.config import RazorProfile
+
+    return RazorProfile.load(Path(__file__).parent.parent / "configs" / "smollm2-135m-instruct.yaml").retrieval_heads
+
+
+@pytest.mark.parametrize("dtype_size", [2, 4])
+def test_default_profile_hash_aligned_for_prefix_caching(dtype_size):
+    heads = _default_profile_heads()
+    unaligned = plan_layout(heads, 3, 32, dtype_size)
+    # The first solver's blocks: vLLM would hash every token and land hits only every 5,984 / 3,168 tokens.
+    assert unaligned.retrieval_block_size in (187, 198)
+    layout = plan_layout(heads, 3, 32, dtype_size, hash_aligned=True)
+    # 14 retrieval heads unpadded; 76 local heads, page padded from 76 * (32 + tail) up to 14 * 192.
+    assert (layout.retrieval_pool_heads, layout.local_pool_heads) == (14, 76)
+    assert layout.retrieval_block_size == 192
+    assert layout.page_slots() == 14 * 192 == 76 * (32 + layout.tail_slots) + layout.page_padding_slots
+    assert layout.page_padding_slots < 14 * 32  # less than one more retrieval block step
+    scheduler_block, hash_block = _vllm_block_sizes(layout)
+    assert (scheduler_block, hash_block) == (192, 32) == (layout.cache_hit_granularity, layout.hash_block_size)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("dtype_size", [2, 4])
+@pytest.mark.parametrize("local_block", [16, 32, 64])
+def test_hash_aligned_layouts_least_padding(seed, dtype_size, local_block):
+    """Unbalanced profiles (one retrieval head, half, a single local head): one block size divides the
+    other, vLLM hashes in the smaller and hits on the larger, and no allowed retrieval block pads less."""
+    rng = random.Random(seed)
+    layers, kv_heads = rng.choice([(30, 3), (32, 8), (28, 4), (4, 2), (24, 1)])
+    heads = _random_heads(rng, layers, kv_heads, rng.choice([0.03, 0.14, 0.5, 0.9]))
+    if seed == 0:  # a single retrieval head in the whole model
+        heads = [[0]] + [[] for _ in range(layers - 1)]
+    if seed == 1:  # a single local head
+        heads = [list(range(kv_heads)) for _ in range(layers)]
+        heads[-1] = heads[-1][1:]
+    layout = plan_layout(heads, kv_heads, local_block, dtype_size, hash_aligned=True)
+    tail = tail_slots_for(dtype_size)
+    n_r = sum(map(len, heads))
+    n_l = layers * kv_heads - n_r
+    assert (layout.num_retrieval_heads, layout.num_local_heads) == (n_r, n_l)
+    if not (n_r and n_l):
+        return
+    b_r, b_l = layout.retrieval_block_size, local_block
+    assert b_r % b_l == 0 or b_l % b_r == 0
+    local_slots = layout.local_pool_heads * (b_l + tail)
+    assert layout.page_padding_slots >= 0
+    assert layout.retrieval_pool_heads * b_r == local_slots + layout.page_padding_slots == layout.page_slots()
+    assert _vllm_block_sizes(layout) == (max(b_r, b_l), min(b_r, b_l))
+    # Least padding: with the same retrieval heads, no smaller allowed block holds the local page.
+    smaller = [b for b in range(16, b_r) if (b % b_l == 0 or b_l % b == 0)]
+    assert all(layout.retrieval_pool_heads * b < local_slots for b in smaller)
+    assert layout.local_pool_heads == n_l  # local padding goes into the page, not into heads
+    if layout.retrieval_pool_heads == n_r:
+        assert layout.page_padding_slots < n_r * b_l or b_r < b_l
+
+
+def test_hash_aligned_single_pool_layouts_unchanged():
+    assert plan_layout([[0, 1]] * 4, 2, 32, 2, hash_aligned=True).retrieval_block_size == 128
+    all_local = plan_layout([[]] * 4, 2, 32, 2, hash_aligned=True)
+    assert all_local.page_padding_slots == 0 and all_local.hash_block_size == 32

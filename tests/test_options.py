@@ -100,3 +100,31 @@ def test_compensation_follows_the_profile_unless_overridden(tmp_path):
     with pytest.raises(ProfileError, match="compensation"):
         legacy.write_text(on.read_text().replace("compensation: true", "compensation: maybe"))
         RazorProfile.load(legacy)
+
+
+def test_prefill_and_window_rule_options(tmp_path):
+    path = _profile(tmp_path)
+    resolved = resolve(RazorOptions(profile=str(path)), SERVED)
+    assert resolved.exact_prefill and resolved.compression_ratio is None  # the paper's prefill by default
+    options = RazorOptions.from_additional_config(
+        {"razor": {"profile": str(path), "prefill": "compressed", "window_rule": "paper", "compression_ratio": 5}}
+    )
+    resolved = resolve(options, SERVED)
+    assert not resolved.exact_prefill and resolved.compression_ratio == 5
+    rule = resolved.local_rule()
+    assert rule.request_window(100) == 64 and rule.request_window(1000) == 200  # max(S0, N / C)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"prefill": "fast"}, "razor.prefill"),
+        ({"window_rule": "grow"}, "razor.window_rule"),
+        ({"window_rule": "paper", "compression_ratio": 1}, "razor.compression_ratio"),
+        ({"window_rule": "paper"}, "needs razor.compression_ratio"),
+        ({"compression_ratio": 4}, "compression_ratio applies only with razor.window_rule"),
+    ],
+)
+def test_bad_prefill_and_window_rule_options_name_the_option(raw, message):
+    with pytest.raises(ValueError, match=message):
+        RazorOptions.from_additional_config({"razor": raw})

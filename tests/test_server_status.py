@@ -76,10 +76,8 @@ def test_bytes_per_token_and_ratio(status, server):
     assert (retrieval["heads"], local["heads"]) == (14, 76)
     assert 14 <= retrieval["pool_heads"] and 76 <= local["pool_heads"]  # plus padding heads, if any
     assert bpt["retrieval"] == retrieval["pool_heads"] * head_token
-    assert (
-        bpt["local"]
-        == local["pool_heads"] * (local["block_size"] + local["tail_slots"]) * head_token // local["block_size"]
-    )
+    local_slots = local["pool_heads"] * (local["block_size"] + local["tail_slots"]) + local["page_padding_slots"]
+    assert bpt["local"] == local_slots * head_token // local["block_size"]
     assert retrieval["page_bytes"] == local["page_bytes"]  # one block pool, equal pages
 
     # The worker (another process) logged the same pools.
@@ -99,7 +97,11 @@ def test_bytes_per_token_and_ratio(status, server):
     lb = local["block_size"]
     local_blocks = max(1, math.ceil(4 / lb)) + math.ceil((WINDOW - 1) / lb) + 1
     razor = (math.ceil(L / retrieval["block_size"]) + local_blocks) * retrieval["page_bytes"]
-    assert status["kv_bytes_at_max_model_len"] == {"razor": razor, "stock": stock}
+    # Exact prefill (the default): a request at max_model_len holds every local block while its
+    # prompt prefills; admission reserves that peak.
+    admission = (math.ceil(L / retrieval["block_size"]) + math.ceil(L / lb)) * retrieval["page_bytes"]
+    assert status["kv_bytes_at_max_model_len"] == {"razor": razor, "razor_admission": admission, "stock": stock}
+    assert (status["prefill"], status["window_rule"]) == ("exact", "fixed")
     assert status["compression_ratio"] == pytest.approx(stock / razor)
     assert 3 < status["compression_ratio"] < 90 / 14
 

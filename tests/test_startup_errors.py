@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.default_model
 
 
-def _create_config(model_dir, **razor):
+def _create_config(model_dir, enable_prefix_caching=None, **razor):
     from vllm import EngineArgs
 
     args = EngineArgs(
@@ -22,14 +22,26 @@ def _create_config(model_dir, **razor):
         max_model_len=2048,
         kv_cache_memory_bytes=64 << 20,
         enforce_eager=True,
+        enable_prefix_caching=enable_prefix_caching,
     )
     return args.create_engine_config()
 
 
-def test_bundled_profile_is_found_and_prefix_caching_switched_off(default_model_dir):
+def test_bundled_profile_is_found_and_prefix_caching_left_as_vllm_sets_it(default_model_dir):
     config = _create_config(default_model_dir)
     assert config.attention_config.backend.name == "RAZOR"
-    assert config.cache_config.enable_prefix_caching is False
+    assert config.cache_config.enable_prefix_caching is True  # vLLM's default for this model
+    assert config.cache_config.block_size == 128  # vLLM's CPU default: the retrieval pool plans around it
+    off = _create_config(default_model_dir, enable_prefix_caching=False)
+    assert off.cache_config.enable_prefix_caching is False
+    # All heads local: one KV group, which vLLM hashes in cache_config.block_size -> the local block.
+    streaming = _create_config(default_model_dir, all_local=True, local_block_size=16)
+    assert streaming.cache_config.enable_prefix_caching is True and streaming.cache_config.block_size == 16
+    # Compressed prefill under the paper's window rule: K/V depend on each request's window, which
+    # vLLM's block hashes do not see, so caching goes off; exact prefill keeps it.
+    paper = dict(window_rule="paper", compression_ratio=4.0)
+    assert _create_config(default_model_dir, prefill="compressed", **paper).cache_config.enable_prefix_caching is False
+    assert _create_config(default_model_dir, prefill="exact", **paper).cache_config.enable_prefix_caching is True
 
 
 def test_mismatched_profile_is_refused_naming_the_difference(default_model_dir, tmp_path):

@@ -72,16 +72,20 @@ def test_platform_other_backends_unchanged():
     assert path != vllm_compat.BACKEND_PATH
 
 
-def test_local_spec_gets_razor_manager_after_builtin_registration():
+def test_pool_specs_get_razor_managers_after_builtin_registration():
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, register_all_kvcache_specs
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from razor_vllm.pools import RazorLocalManager, RazorLocalSpec
+    from razor_vllm.pools import RazorLocalManager, RazorLocalSpec, RazorRetrievalManager, RazorRetrievalSpec
 
     register_all_kvcache_specs(None)
     spec = RazorLocalSpec(block_size=32, num_kv_heads=4, head_size=64, dtype=torch.bfloat16, sliding_window=64, sink=4)
     assert KVCacheSpecRegistry.get_manager_class(spec) is RazorLocalManager
+    retrieval = RazorRetrievalSpec(block_size=192, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    assert KVCacheSpecRegistry.get_manager_class(retrieval) is RazorRetrievalManager
+    # Both pools hash prompts (the hybrid coordinator drops groups that are not prefix-cacheable).
+    assert spec.prefix_cacheable and retrieval.prefix_cacheable
     full = FullAttentionSpec(block_size=32, num_kv_heads=4, head_size=64, dtype=torch.bfloat16)
     assert KVCacheSpecRegistry.get_manager_class(full) is FullAttentionManager  # built-ins intact
 
@@ -121,6 +125,68 @@ def test_runner_sampling_rewind_is_wrapped():
         assert getattr(CPUModelRunner, name) is wrapped, name
     vllm_compat.wrap_runner_discarded_sample_rewind()  # again: no double wrapping
     assert not getattr(GPUModelRunner._sample.__wrapped__, "__razor_wrapped__", False)
+
+
+def test_runner_hands_razor_builders_the_prompt_lengths():
+    """Hook 9: after GPUModelRunner.initialize_metadata_builders, every razor builder reads the
+    runner's InputBatch.num_prompt_tokens_cpu_tensor (through the runner, which may swap its batch)."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from razor_vllm.backend import RazorMetadataBuilder
+    from razor_vllm.pools import RazorLocalSpec
+
+    wrapped = GPUModelRunner.initialize_metadata_builders
+    assert getattr(wrapped, "__razor_wrapped__", False) and CPUModelRunner.initialize_metadata_builders is wrapped
+    assert "num_prompt_tokens_cpu_tensor" in InputBatch.__init__.__code__.co_names  # the attribute we read
+    spec = RazorLocalSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32, sliding_window=8, sink=4)
+    builder = RazorMetadataBuilder(spec, [], None, torch.device("cpu"))
+    other = SimpleNamespace()
+    runner = SimpleNamespace(
+        attn_groups=[[SimpleNamespace(metadata_builders=[builder, other])]],
+        input_batch=SimpleNamespace(num_prompt_tokens_cpu_tensor=torch.tensor([7, 300, 0], dtype=torch.int32)),
+    )
+    vllm_compat.bind_razor_builders(runner)  # what the wrapper runs after the original
+    prompt_lens, windows = builder.request_lengths(2)
+    assert prompt_lens.tolist() == [7, 300] and windows is None
+    runner.input_batch = SimpleNamespace(num_prompt_tokens_cpu_tensor=torch.tensor([5, 6], dtype=torch.int32))
+    assert builder.request_lengths(2)[0].tolist() == [5, 6]
+
+
+def test_max_concurrency_is_razors_with_exact_prefill():
+    """Hook 10: vLLM's capacity figure (the "Maximum concurrency" line) comes from razor's geometry
+    when the local pool prefills exactly, and from vLLM otherwise."""
+    from types import SimpleNamespace
+
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from razor_vllm.pools import RazorLocalSpec
+
+    assert getattr(kv_cache_utils.get_max_concurrency_for_kv_cache_config, "__razor_wrapped__", False)
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(max_model_len=1024),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+        max_in_flight_tokens=64,
+        attention_config=SimpleNamespace(backend=vllm_compat.razor_enum_member()),
+    )
+    full = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32)
+
+    def groups(exact):
+        local = RazorLocalSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32, sliding_window=32,
+                               sink=4, exact_prefill=exact)
+        return SimpleNamespace(num_blocks=1000, kv_cache_groups=[
+            SimpleNamespace(kv_cache_spec=full, host_resident=False),
+            SimpleNamespace(kv_cache_spec=local, host_resident=False)])
+
+    retrieval, cap = 1024 // 16, groups(False).kv_cache_groups[1].kv_cache_spec.max_admission_blocks_per_request(64, 1024)
+    got = kv_cache_utils.get_max_concurrency_for_kv_cache_config(config, groups(True))
+    assert got == pytest.approx((1000 - (1024 // 16 - cap)) / (retrieval + cap))
+    assert kv_cache_utils.get_max_concurrency_for_kv_cache_config(config, groups(False)) == pytest.approx(
+        1000 / (retrieval + cap))  # compressed: vLLM's own figure
 
 
 def test_install_is_idempotent():

@@ -13,11 +13,16 @@ Per request at context ``T``:
 
 - *steady*: what a decoding request holds: every retrieval page of its ``T`` tokens, plus the
   local pool's sink block(s) and the blocks spanning its last ``W`` tokens;
-- *admission*: what vLLM's scheduler reserves before it admits a request (its full-sequence gate,
-  ``SlidingWindowSpec.max_admission_blocks_per_request``): the local pool is charged for the window
-  *plus the tokens in flight* (``max_num_batched_tokens`` per concurrent batch), because a prefill
-  chunk is written before the window slides past it. vLLM's logged "Maximum concurrency" divides the
-  pool by this figure at ``max_model_len``.
+- *admission*: what vLLM's scheduler reserves before it admits a request (its full-sequence gate):
+  with exact prefill (the default) every block of the prompt, which the request holds until its
+  prompt is done (the *transient*); with compressed prefill the window *plus the tokens in flight*
+  (``max_num_batched_tokens`` per concurrent batch), because a prefill chunk is written before the
+  window slides past it. vLLM's logged "Maximum concurrency" (razor's figure through
+  ``vllm_compat.wrap_max_concurrency`` in exact mode) charges every request its steady cap and one
+  request at a time its transient.
+
+The local pool's block rules live in ``razor_vllm.geometry`` (shared with the block manager, the
+start-up line and ``/razor/status``).
 
 Pure Python (no vLLM import), so ``razor-vllm bench --skip-engine`` and its test are fast.
 """
@@ -28,15 +33,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 from razor_vllm.config import ModelFingerprint, RazorProfile
+from razor_vllm.geometry import LocalGeometry, cdiv, max_concurrency
 from razor_vllm.layout import PoolLayout, plan_layout
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 STOCK_BLOCK_SIZE = 128  # vLLM's CPU default; the engine section reads the real value
 LOCAL_BLOCK_SIZE = 32
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+PAPER_RATIO = 8.0  # C of the paper's window rule in the bytes-per-rule table (``--compression-ratio``)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,18 @@ class KVGeometry:
     sink: int
     stock_block_size: int
     layout: PoolLayout
+    exact_prefill: bool = True
+    compression_ratio: Optional[float] = None  # the paper's window rule max(window, N / C); None: fixed
+
+    @property
+    def local(self) -> LocalGeometry:
+        return LocalGeometry(
+            sink=self.sink,
+            window=self.window,
+            block_size=self.layout.local_block_size,
+            exact_prefill=self.exact_prefill,
+            compression_ratio=self.compression_ratio,
+        )
 
     @property
     def dtype_bytes(self) -> int:
@@ -108,27 +123,29 @@ class KVGeometry:
 
     @property
     def sink_blocks(self) -> int:
-        return max(1, cdiv(self.sink, self.layout.local_block_size))
+        return self.local.sink_blocks
 
     def retrieval_pages(self, tokens: int) -> int:
         return cdiv(tokens, self.layout.retrieval_block_size) if self.layout.has_retrieval_pool else 0
 
     def local_steady_blocks(self, tokens: int) -> int:
         """Sink block(s) plus the blocks spanning the last W tokens (as RazorLocalManager keeps them)."""
-        if not self.layout.has_local_pool:
-            return 0
-        bs = self.layout.local_block_size
-        return min(cdiv(tokens, bs), self.sink_blocks + cdiv(self.window - 1, bs) + 1)
+        return self.local.steady_blocks(tokens) if self.layout.has_local_pool else 0
 
     def local_admission_blocks(self, tokens: int, in_flight: int, max_model_len: Optional[int] = None) -> int:
-        """RazorLocalSpec.max_admission_blocks_per_request, capped by the request's own blocks."""
+        """What admission reserves in the local pool (exact prefill: the whole prompt)."""
+        return self.local.admission_blocks(tokens, in_flight, max_model_len) if self.layout.has_local_pool else 0
+
+    def razor_logged_concurrency(self, num_blocks: int, context: int, in_flight: int) -> float:
+        """vLLM's logged "Maximum concurrency" for requests of ``context`` = max_model_len tokens."""
+        retrieval = self.retrieval_pages(context)
         if not self.layout.has_local_pool:
-            return 0
-        bs = self.layout.local_block_size
-        max_len = max_model_len or tokens
-        window_blocks = cdiv(min(self.window - 1 + in_flight, max_len), bs) + 1
-        cap = min(window_blocks + self.sink_blocks, cdiv(max_len, bs))
-        return min(cdiv(tokens, bs), cap)
+            return num_blocks / retrieval
+        cap = self.local.chunk_cap(in_flight, context)
+        admission = self.local.admission_blocks(context, in_flight, context)
+        if not self.exact_prefill:
+            return num_blocks / (retrieval + admission)
+        return max_concurrency(num_blocks, retrieval + cap, max(0, admission - cap))
 
     def razor_steady_pages(self, tokens: int) -> int:
         return self.retrieval_pages(tokens) + self.local_steady_blocks(tokens)
@@ -152,6 +169,8 @@ def geometry(
     local_block_size: int = LOCAL_BLOCK_SIZE,
     stock_block_size: int = STOCK_BLOCK_SIZE,
     fingerprint: Optional[ModelFingerprint] = None,
+    exact_prefill: bool = True,
+    compression_ratio: Optional[float] = None,
 ) -> KVGeometry:
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
@@ -172,6 +191,8 @@ def geometry(
         sink=profile.sink if sink is None else sink,
         stock_block_size=stock_block_size,
         layout=layout,
+        exact_prefill=exact_prefill,
+        compression_ratio=compression_ratio,
     )
 
 
@@ -180,6 +201,7 @@ def analytic_report(
     contexts: Sequence[int],
     in_flight: int,
     kv_bytes_for: dict[int, int],
+    paper_ratio: float = PAPER_RATIO,
 ) -> dict[str, Any]:
     """The analytic section of the benchmark JSON.
 
@@ -211,7 +233,7 @@ def analytic_report(
         razor_blocks = geo.razor_num_blocks(kv)
         # vLLM's logged figure: num_blocks / per-request blocks at max_model_len (= ctx here).
         stock_conc = stock_blocks / geo.stock_blocks(ctx)
-        razor_logged = razor_blocks / geo.razor_admission_pages(ctx, in_flight)
+        razor_logged = geo.razor_logged_concurrency(razor_blocks, ctx, in_flight)
         razor_steady = razor_blocks / geo.razor_steady_pages(ctx)
         concurrency.append(
             dict(
@@ -226,10 +248,27 @@ def analytic_report(
                 ratio_vllm_logged=razor_logged / stock_conc,
             )
         )
+    # Steady bytes per request under both window rules (the fixed bound and the paper's max(W, N/C)).
+    fixed, paper = replace(geo, compression_ratio=None), replace(geo, compression_ratio=paper_ratio)
+    window_rules = [
+        dict(
+            context=ctx,
+            fixed_window=fixed.local.request_window(ctx),
+            paper_window=paper.local.request_window(ctx),
+            fixed_steady_bytes=fixed.razor_steady_pages(ctx) * geo.page_bytes,
+            paper_steady_bytes=paper.razor_steady_pages(ctx) * geo.page_bytes,
+            stock_bytes=geo.stock_blocks(ctx) * geo.stock_block_bytes,
+        )
+        for ctx in contexts
+    ]
     return dict(
         dtype=geo.dtype,
         window=geo.window,
         sink=geo.sink,
+        prefill="exact" if geo.exact_prefill else "compressed",
+        window_rule="fixed" if geo.compression_ratio is None else f"paper (C={geo.compression_ratio:g})",
+        paper_ratio=paper_ratio,
+        window_rules=window_rules,
         in_flight_tokens=in_flight,
         num_layers=geo.num_layers,
         num_kv_heads=geo.num_kv_heads,

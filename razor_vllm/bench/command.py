@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--skip-engine", action="store_true", help="analytic part only (no engine, seconds)")
     what.add_argument("--skip-capacity", action="store_true", help="no capacity engines")
     what.add_argument("--skip-throughput", action="store_true", help="no throughput engines")
+    what.add_argument("--prefix-workload", action="store_true",
+                      help="instead of capacity and throughput: one long document and --questions questions about "
+                           "it, concurrently and in turns, stock vs razor with prefix caching on (TTFT, prefill "
+                           "tokens computed, requests held at once, throughput)")
 
     model = parser.add_argument_group("model and razor")
     model.add_argument("--model", default="default",
@@ -56,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
     model.add_argument("--window", type=int, help="razor window W (default: the profile's)")
     model.add_argument("--sink", type=int, help="razor sink S (default: the profile's)")
+    model.add_argument("--prefill", default="exact", choices=["exact", "compressed"],
+                       help="razor's prefill mode (default: exact, the paper's)")
+    model.add_argument("--compression-ratio", type=float, default=None, metavar="C",
+                       help="serve razor with the paper's window rule max(window, N/C) (default: the fixed "
+                       f"window); the bytes-per-rule table uses C={analytic.PAPER_RATIO:g} without it")
     model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="model and KV dtype for every engine and the analytic part (default: auto, as vLLM "
                             "picks it; on CPUs without avx512_bf16/AMX float32 runs several times faster)")
@@ -86,6 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--chunk", type=int, default=512, metavar="T",
                        help="max_num_batched_tokens (chunked prefill) of every engine (default: 512)")
     sizes.add_argument("--seed", type=int, default=0, help="seed of the random-token prompts (default: 0)")
+    sizes.add_argument("--doc-tokens", type=int, default=6000, metavar="N",
+                       help="--prefix-workload: tokens of the shared document (default: 6000)")
+    sizes.add_argument("--questions", type=int, default=8, metavar="N",
+                       help="--prefix-workload: questions per phase (default: 8)")
+    sizes.add_argument("--question-tokens", type=int, default=32, metavar="N",
+                       help="--prefix-workload: tokens of each question (default: 32)")
+    sizes.add_argument("--answer-tokens", type=int, default=32, metavar="N",
+                       help="--prefix-workload: tokens generated per question (default: 32)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=DEFAULT_OUT, metavar="JSON", help=f"results file (default: {DEFAULT_OUT})")
@@ -119,7 +136,9 @@ def _run(args: argparse.Namespace) -> int:
             _prepare_synthetic(args)
         model_dir, profile = runinfo.model_and_profile(args.model, args.profile, need_model=not args.skip_engine)
         dtype = runinfo.resolve_dtype(args.dtype, model_dir)
-        geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink)
+        if args.compression_ratio is not None and args.compression_ratio <= 1:
+            raise ValueError("--compression-ratio must be > 1")
+        geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink, **_rule(args))
     except (ProfileError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -128,10 +147,12 @@ def _run(args: argparse.Namespace) -> int:
     kv_for = {c: kv_fixed or analytic.default_kv_bytes(geo, c, STOCK_REQUESTS) for c in contexts}
     results: dict[str, Any] = dict(
         meta=_meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decode_tokens, kv_fixed),
-        analytic=analytic.analytic_report(geo, contexts, args.chunk, kv_for),
+        analytic=analytic.analytic_report(geo, contexts, args.chunk, kv_for, **_paper_ratio(args)),
     )
     failures = 0
-    if not args.skip_engine:
+    if args.prefix_workload and not args.skip_engine:
+        results["prefix_workload"], failures = _prefix_workload(args, model_dir, geo)
+    elif not args.skip_engine:
         engine_results, failures = _engine_parts(args, model_dir, geo, contexts, kv_for, tp_contexts, batches,
                                                  decode_tokens)
         results.update(engine_results)
@@ -139,8 +160,9 @@ def _run(args: argparse.Namespace) -> int:
         seen = results.pop("_engine_geometry", None)
         if seen and (seen["block_size"] != geo.stock_block_size or seen["in_flight"] != args.chunk):
             geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink,
-                                    stock_block_size=seen["block_size"])
-            results["analytic"] = analytic.analytic_report(geo, contexts, seen["in_flight"], kv_for)
+                                    stock_block_size=seen["block_size"], **_rule(args))
+            results["analytic"] = analytic.analytic_report(geo, contexts, seen["in_flight"], kv_for,
+                                                           **_paper_ratio(args))
     results["meta"]["finished"] = runinfo.now()
     results["meta"]["load_average_end"] = runinfo.loadavg()
 
@@ -156,6 +178,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 
+
+
+def _rule(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(exact_prefill=args.prefill == "exact", compression_ratio=args.compression_ratio)
+
+
+def _paper_ratio(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.compression_ratio is None else dict(paper_ratio=args.compression_ratio)
 
 
 def _kv_fixed(args: argparse.Namespace) -> Optional[int]:
@@ -197,7 +227,7 @@ def _engine_kwargs(args, model_dir: Path, dtype: str, backend: str, **overrides)
         dtype=dtype,
         seed=args.seed,
         max_num_batched_tokens=args.chunk,
-        enable_prefix_caching=False,  # razor switches it off; fresh random prompts would not hit anyway
+        enable_prefix_caching=False,  # fresh random prompts would not hit (--prefix-workload turns it on)
     )
     if args.load_format:
         kwargs["load_format"] = args.load_format
@@ -205,6 +235,9 @@ def _engine_kwargs(args, model_dir: Path, dtype: str, backend: str, **overrides)
         kwargs["attention_backend"] = args.stock_backend
     if backend == "razor":
         razor = {k: v for k, v in (("window", args.window), ("sink", args.sink)) if v is not None}
+        razor["prefill"] = args.prefill
+        if args.compression_ratio is not None:
+            razor.update(window_rule="paper", compression_ratio=args.compression_ratio)
         if args.profile:
             razor["profile"] = args.profile
         kwargs.update(attention_backend="razor", additional_config={"razor": razor})
@@ -341,6 +374,38 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
                              ratio_prefill=r["prefill_tok_s"] / s["prefill_tok_s"] if both else None,
                              ratio_decode=r["decode_tok_s"] / s["decode_tok_s"] if both else None))
     return rows, engines, failures
+
+
+def _prefix_workload(args, model_dir, geo) -> tuple[dict[str, Any], int]:
+    """Stock, then razor, on the prefix-cache workload (``bench/prefix.py``), in the same KV bytes."""
+    from razor_vllm.bench.prefix import compare, measure_prefix_workload
+
+    if min(args.doc_tokens, args.questions, args.question_tokens, args.answer_tokens) < 1:
+        raise ValueError("--doc-tokens, --questions, --question-tokens and --answer-tokens must be >= 1")
+    request_tokens = args.doc_tokens + args.question_tokens + args.answer_tokens
+    max_model_len = request_tokens + 16
+    # Default: stock holds STOCK_REQUESTS whole requests without sharing; with the document shared
+    # it holds many more, so both backends can show how many they run at once.
+    kv_bytes = _kv_fixed(args) or analytic.default_kv_bytes(geo, request_tokens, STOCK_REQUESTS)
+    phases: dict[str, list[dict[str, Any]]] = {}
+    engines: dict[str, Any] = {}
+    failures = 0
+    for backend in ("stock", "razor"):
+        print(f"{PROG}: prefix workload, {backend}", file=sys.stderr)
+        kwargs = _engine_kwargs(args, model_dir, geo.dtype, backend, max_model_len=max_model_len,
+                                kv_cache_memory_bytes=kv_bytes, max_num_seqs=max(2 * args.questions, 8))
+        try:
+            pts, info = measure_prefix_workload(kwargs, backend, args.doc_tokens, args.questions,
+                                                args.question_tokens, args.answer_tokens, seed=args.seed + 2000)
+            phases[backend] = [p.as_dict() for p in pts]
+            engines[backend] = info
+        except Exception as exc:  # noqa: BLE001
+            engines[backend] = dict(error=f"{type(exc).__name__}: {exc}")
+            failures += 1
+            print(f"{PROG}: prefix workload {backend} failed: {exc}", file=sys.stderr)
+    workload = dict(doc_tokens=args.doc_tokens, questions=args.questions, question_tokens=args.question_tokens,
+                    answer_tokens=args.answer_tokens, kv_cache_bytes=kv_bytes)
+    return dict(workload=workload, engines=engines, phases=phases, rows=compare(phases)), failures
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,10 +63,30 @@ def tables(results: dict[str, Any]) -> list[Table]:
                  _mib(r["razor_admission_bytes"]), _x(r["ratio_steady"]), _x(r["ratio_admission"])]
                 for r in a["requests"]
             ],
-            note=f"admission = what vLLM reserves before admitting: the local pool is charged for the window "
-            f"plus {a['in_flight_tokens']} in-flight tokens (max_num_batched_tokens)",
+            note=(
+                "admission = what vLLM reserves before admitting: with exact prefill every prompt block, "
+                "held until the prompt is done (the transient)"
+                if a.get("prefill", "exact") == "exact"
+                else "admission = what vLLM reserves before admitting: the local pool is charged for the window "
+                f"plus {a['in_flight_tokens']} in-flight tokens (max_num_batched_tokens)"
+            ) + f"; prefill {a.get('prefill', 'exact')}, window rule {a.get('window_rule', 'fixed')}",
         )
     )
+    if a.get("window_rules"):
+        out.append(
+            Table(
+                "KV bytes per request after the prompt, by window rule (MiB)",
+                ["context", "stock", "fixed window", "razor fixed", f"paper window (C={a['paper_ratio']:g})",
+                 "razor paper"],
+                [
+                    [_ctx(r["context"]), _mib(r["stock_bytes"]), str(r["fixed_window"]), _mib(r["fixed_steady_bytes"]),
+                     str(r["paper_window"]), _mib(r["paper_steady_bytes"])]
+                    for r in a["window_rules"]
+                ],
+                note="fixed: every request keeps `window` recent tokens; paper: max(window, ceil(N / C)) for an "
+                "N-token prompt",
+            )
+        )
     out.append(
         Table(
             "Maximum concurrency, analytic (requests of `context` tokens in the KV size below)",
@@ -119,7 +139,38 @@ def tables(results: dict[str, Any]) -> list[Table]:
                 note=f"'{NO_FIT}': the batch cannot be in flight at once in that engine's KV cache (not run)",
             )
         )
+    if results.get("prefix_workload"):
+        out.append(prefix_workload_table(results["prefix_workload"]))
     return out
+
+
+def prefix_workload_table(pw: dict[str, Any]) -> Table:
+    """``bench --prefix-workload``: stock and razor side by side per phase (bench/prefix.py)."""
+    w = pw["workload"]
+    rows = []
+    for row in pw["rows"]:
+        for backend in ("stock", "razor"):
+            p = row[backend]
+            if p is None:
+                rows.append([row["phase"], backend, "failed", "", "", "", "", "", ""])
+                continue
+            rows.append([
+                row["phase"], backend, str(p["requests"]),
+                number(p["ttft_p50_s"], 2), number(p["ttft_max_s"], 2),
+                f"{number(p['prefill_tokens'])} / {number(p['prompt_tokens'])}",
+                str(p["peak_running"]), number(p["output_tok_s"], 1), str(p["preemptions"]),
+            ])
+        rows.append([row["phase"], "razor/stock", "", _x(row["ratio_ttft_p50"]), "",
+                     _x(row["ratio_prefill_tokens"]), _x(row["ratio_peak_running"]), _x(row["ratio_output_tok_s"]), ""])
+    return Table(
+        f"Prefix-cache workload: a {w['doc_tokens']:,}-token document, {w['questions']} questions per phase "
+        f"({w['question_tokens']} tokens, {w['answer_tokens']} generated), KV {_mib(w['kv_cache_bytes'])} MiB",
+        ["phase", "backend", "requests", "TTFT p50 (s)", "TTFT max (s)", "prefill tokens computed / prompt",
+         "peak running", "output tok/s", "preempt."],
+        rows,
+        note="both with prefix caching on; concurrent: all questions at once, document not cached yet; "
+             "turns: one after another, document cached",
+    )
 
 
 def plot(results: dict[str, Any], path: Path) -> Optional[Path]:

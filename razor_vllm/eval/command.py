@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--haystack", choices=["noise", "text"], default="noise",
                       help="filler around needles: RULER's repeated noise sentences or Moby-Dick (default: noise)")
     grid.add_argument("--seed", type=int, default=0, help="seed of every generated sample (default 0)")
+    grid.add_argument("--split", choices=["evaluation", "calibration"], default="evaluation",
+                      help="calibration: tasks from other seeds and other wording than the evaluation set, to "
+                      "choose settings (retrieval share, window) on before reporting the evaluation set")
 
     fid = parser.add_argument_group("fidelity on natural text")
     fid.add_argument("--fidelity-contexts", type=runinfo.int_list, metavar="N,N,...",
@@ -97,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--window", type=int, help="window W of local heads (default: the profile's)")
     model.add_argument("--sink", type=int, help="sink S of local heads (default: the profile's)")
     model.add_argument("--no-compensation", action="store_true", help="razor/streaming without the compensation token")
+    model.add_argument("--prefill", type=_names, default=["exact"], metavar="M[,M]",
+                       help="razor's prefill mode(s): exact (the paper, default), compressed; two modes run every "
+                       "razor-backed variant in both")
     model.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float16", "float32"],
                        help="model and KV dtype (default float32: exact comparisons, and fastest on CPUs without "
                             "bf16 units)")
@@ -134,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
             fidelity_samples=args.fidelity_samples if args.fidelity_samples is not None else preset["fidelity_samples"],
             fidelity_tokens=args.fidelity_tokens or preset["fidelity_tokens"],
             greedy_tokens=args.greedy_tokens if args.greedy_tokens is not None else preset["greedy_tokens"],
+            split=args.split,
         )
         grid.check()
         model_dir, profile = runinfo.model_and_profile(args.model, args.profile, need_model=True)
@@ -180,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _variants(args: argparse.Namespace, profile) -> list:
-    from razor_vllm.eval.variants import base_variants, sweep_variants
+    from razor_vllm.eval.variants import base_variants, sweep_variants, with_prefill_modes
 
     if (args.window is not None and args.window < 1) or (args.sink is not None and args.sink < 0):
         raise ValueError("need --window >= 1 and --sink >= 0")
@@ -189,10 +196,12 @@ def _variants(args: argparse.Namespace, profile) -> list:
     modes = args.modes or default_modes
     if "full" not in modes:
         modes = ["full"] + modes  # everything is measured against it
-    variants = base_variants(modes, profile, args.sink, args.window, compensation, seed=args.seed)
+    variants = with_prefill_modes(base_variants(modes, profile, args.sink, args.window, compensation, seed=args.seed),
+                                  args.prefill)
     if args.sweep:
         name, values = args.sweep
-        variants += sweep_variants(name, values, profile, args.sink, args.window, compensation)
+        swept = sweep_variants(name, values, profile, args.sink, args.window, compensation)
+        variants += swept if name == "prefill" else with_prefill_modes(swept, args.prefill)
     labels = [v.label for v in variants]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two variants share a label: {labels}")

@@ -37,6 +37,7 @@ class Grid:
     fidelity_samples: int = 0
     fidelity_tokens: int = 64
     greedy_tokens: int = 32
+    split: str = "evaluation"  # "calibration": other seeds and wording, for choosing settings
 
     def check(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -73,7 +74,7 @@ class Evaluation:
                 for depth in depths:
                     seed = cell_seed(self.grid.seed, task, context, depth)
                     made += make_samples(task, tokenizer, context, self.grid.samples, seed, depth,
-                                         haystack=self.grid.haystack)
+                                         haystack=self.grid.haystack, split=self.grid.split)
         return made
 
     def texts(self, tokenizer) -> list[TextItem]:

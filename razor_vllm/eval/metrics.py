@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,3 +96,43 @@ def mean_by(rows: Iterable[dict[str, Any]], keys: tuple[str, ...], value: str) -
         if row.get(value) is not None:
             groups[tuple(row[k] for k in keys)].append(float(row[value]))
     return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of a proportion: ``successes`` of ``n`` trials.
+
+    Sound at 0% and 100% and for small ``n``, where the normal approximation gives impossible bounds.
+    ``successes`` may be fractional (tasks with several answers score a share of them).
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def interval_by(rows: Iterable[dict[str, Any]], keys: tuple[str, ...], value: str) -> dict[tuple, tuple[float, float, int]]:
+    """(mean, Wilson low, Wilson high) and count of ``value`` (a score in [0, 1]) grouped by ``keys``."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get(value) is not None:
+            groups[tuple(row[k] for k in keys)].append(float(row[value]))
+    out = {}
+    for k, v in groups.items():
+        low, high = wilson_interval(sum(v), len(v))
+        out[k] = (sum(v) / len(v), low, high, len(v))
+    return out
+
+
+def pareto_front(points: Iterable[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:
+    """The points (budget, accuracy, label) no other point beats: none with a budget at most as large
+    and a higher accuracy, or a smaller budget and the same accuracy. Sorted by budget."""
+    front: list[tuple[float, float, Any]] = []
+    best = -math.inf
+    for budget, accuracy, label in sorted(points, key=lambda p: (p[0], -p[1])):
+        if accuracy > best:
+            front.append((budget, accuracy, label))
+            best = accuracy
+    return front

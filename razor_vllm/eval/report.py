@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from razor_vllm.common.tables import Table
-from razor_vllm.eval.metrics import mean_by, prefix_credit
+from razor_vllm.eval.metrics import interval_by, mean_by, pareto_front, prefix_credit
 
 
 def _pct(v: float | None) -> str:
@@ -15,6 +15,14 @@ def _pct(v: float | None) -> str:
 
 def _ctx(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _ci(cell: tuple[float, float, float, int] | None) -> str:
+    """"mean [low, high]" in percent: the Wilson 95% interval of a cell's accuracy."""
+    if cell is None:
+        return "-"
+    mean, low, high, _ = cell
+    return f"{100 * mean:.0f} [{100 * low:.0f}-{100 * high:.0f}]"
 
 
 def labels(results: dict[str, Any]) -> list[str]:
@@ -35,15 +43,15 @@ def tables(results: dict[str, Any]) -> list[Table]:
     ))
     rows = results["tasks"]
     if rows:
-        acc = mean_by(rows, ("variant", "task", "context"), "score")
-        total = mean_by(rows, ("variant", "context"), "score")
+        acc = interval_by(rows, ("variant", "task", "context"), "score")
+        total = interval_by(rows, ("variant", "context"), "score")
         tasks = sorted({r["task"] for r in rows}, key=[r["task"] for r in rows].index)
         task_contexts = sorted({r["context"] for r in rows})
-        body = [[t, _ctx(c)] + [_pct(acc.get((n, t, c))) for n in names] for t in tasks for c in task_contexts]
-        body += [["all tasks", _ctx(c)] + [_pct(total.get((n, c))) for n in names] for c in task_contexts]
-        per_cell = len([r for r in rows if r["variant"] == names[0]])
-        out.append(Table("Task accuracy (%)", ["task", "context"] + names, body,
-                         note=f"{per_cell} prompts per variant, greedy; score = share of answers found"))
+        body = [[t, _ctx(c)] + [_ci(acc.get((n, t, c))) for n in names] for t in tasks for c in task_contexts]
+        body += [["all tasks", _ctx(c)] + [_ci(total.get((n, c))) for n in names] for c in task_contexts]
+        per_cell = min(cell[3] for cell in acc.values())
+        out.append(Table("Task accuracy (%, Wilson 95% interval)", ["task", "context"] + names, body,
+                         note=f"at least {per_cell} prompts per cell, greedy; score = share of answers found"))
         if all("output" in r for r in rows):
             # Older result files have no stored partial credit; it follows from the stored output.
             rows = [r if "partial" in r else dict(r, partial=prefix_credit(r["answers"], r["output"])) for r in rows]
@@ -128,14 +136,21 @@ def plots(results: dict[str, Any], directory: Path) -> list[Path]:
         for ax, panel in zip(axes[0], panels):
             value = "score" if panel == "tasks" else "top1"
             means = mean_by(results[panel], ("variant", "context"), value)
+            cis = interval_by(results[panel], ("variant", "context"), value) if panel == "tasks" else {}
             if panel == "fidelity":  # the reference agrees with itself
                 full = [v["label"] for v in results["meta"]["variants"] if v["mode"] == "full"]
                 means.update({(label, c): 1.0 for label in full for _, c in list(means)})
             for name in names:
-                pts = sorted((budgets[name][str(c)], v) for (n, c), v in means.items() if n == name)
-                if pts:
-                    ax.plot([100 * b for b, _ in pts], [100 * v for _, v in pts], "o-", label=name,
-                            color=colours[name])
+                pts = sorted((budgets[name][str(c)], v, c) for (n, c), v in means.items() if n == name)
+                if not pts:
+                    continue
+                xs, ys = [100 * b for b, _, _ in pts], [100 * v for _, v, _ in pts]
+                if cis:  # Wilson 95% intervals as error bars
+                    low = [100 * (v - cis[name, c][1]) for _, v, c in pts]
+                    high = [100 * (cis[name, c][2] - v) for _, v, c in pts]
+                    ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", capsize=3, label=name, color=colours[name])
+                else:
+                    ax.plot(xs, ys, "o-", label=name, color=colours[name])
             ax.set(xlabel="KV budget (% of full cache)", xlim=(0, 105),
                    ylabel="task accuracy (%)" if panel == "tasks" else "top-1 agreement with full (%)",
                    title="Accuracy vs KV budget" if panel == "tasks" else "Fidelity vs KV budget")
@@ -146,4 +161,57 @@ def plots(results: dict[str, Any], directory: Path) -> list[Path]:
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
+    pareto = pareto_plot(results, directory)
+    if pareto is not None:
+        written.append(pareto)
     return written
+
+
+def pareto_data(results: dict[str, Any]) -> dict[str, list[tuple[float, float, str]]]:
+    """Per prefill mode: (KV budget at the longest task context, accuracy there, label) of every razor
+    variant (a retrieval-share x window sweep gives the cloud), for the accuracy-vs-budget front."""
+    rows = results["tasks"]
+    if not rows:
+        return {}
+    longest = max(r["context"] for r in rows)
+    acc = mean_by([r for r in rows if r["context"] == longest], ("variant",), "score")
+    data: dict[str, list[tuple[float, float, str]]] = {}
+    for v in results["meta"]["variants"]:
+        if v["mode"] in ("razor", "random", "streaming") and (v["label"],) in acc:
+            budget = results["budgets"][v["label"]][str(longest)]
+            data.setdefault(v.get("prefill", "exact"), []).append((budget, acc[(v["label"],)], v["label"]))
+    return data
+
+
+def pareto_plot(results: dict[str, Any], directory: Path) -> Path | None:
+    """pareto.png: accuracy vs KV budget of every razor variant, one panel per prefill mode, the
+    Pareto front drawn through the variants no other beats (smaller budget and higher accuracy)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    data = pareto_data(results)
+    if not data:
+        return None
+    full = mean_by(results["tasks"], ("variant",), "score").get(("full",))
+    fig, axes = plt.subplots(1, len(data), figsize=(5.5 * len(data), 4.5), squeeze=False, sharey=True)
+    for ax, (mode, points) in zip(axes[0], sorted(data.items())):
+        ax.scatter([100 * b for b, _, _ in points], [100 * a for _, a, _ in points], color="C0", s=18)
+        for b, a, label in points:
+            ax.annotate(label.removeprefix("razor "), (100 * b, 100 * a), fontsize=6, alpha=0.7)
+        front = pareto_front(points)
+        ax.plot([100 * b for b, _, _ in front], [100 * a for _, a, _ in front], "-", color="C3", label="Pareto front")
+        if full is not None:
+            ax.axhline(100 * full, color="k", ls="--", lw=1, label="full cache")
+        ax.set(title=f"{mode} prefill", xlabel="KV budget at the longest context (% of full)", xlim=(0, 105))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("task accuracy (%)")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "pareto.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -50,7 +50,7 @@ class EngineSettings:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             seed=self.seed,
-            enable_prefix_caching=False,  # every mode computes every prompt (razor turns it off anyway)
+            enable_prefix_caching=False,  # every mode computes every prompt (timings and teacher forcing)
             logits_processors=[PROCESSOR],
         )
         if variant.mode != "full":

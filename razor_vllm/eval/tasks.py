@@ -107,12 +107,39 @@ _PASSKEY_NEEDLE = "The pass key is {key}. Remember it."
 _PASSKEY_FOOTER = "\n\nThe pass key is"
 
 
-def _passkey(rng: random.Random, depth: float) -> _Layout:
+# The calibration split (``make_samples(split="calibration")``): other seeds and other wording, so
+# settings chosen on it (retrieval share, window) are not tuned to the evaluation prompts.
+SPLITS = ("evaluation", "calibration")
+_CALIBRATION_FILLER = "The river runs to the sea. The hills are quiet at night. Birds fly south in the fall. We walk on."
+_TEMPLATES = {
+    "evaluation": dict(
+        filler=FILLER_SENTENCES,
+        passkey=(_PASSKEY_HEADER, _PASSKEY_NEEDLE, _PASSKEY_FOOTER),
+        niah=(_NIAH_HEADER, _NIAH_NEEDLE, _NIAH_FOOTER),
+    ),
+    "calibration": dict(
+        filler=tuple(s + "." for s in _CALIBRATION_FILLER.rstrip(".").split(". ")),
+        passkey=(
+            "A secret code is hidden somewhere in the text below. Keep it in mind.\n\n",
+            "The secret code is {key}. Keep it safe.",
+            "\n\nThe secret code is",
+        ),
+        niah=(
+            "Some hidden {kind}s are placed in the text below. Remember them for later.\n\n",
+            "The hidden {kind} of the {key} is {value}.",
+            "\n\nThe hidden {kind} of the {key} is",
+        ),
+    ),
+}
+
+
+def _passkey(rng: random.Random, depth: float, split: str = "evaluation") -> _Layout:
     key = _number(rng)
+    header, needle, footer = _TEMPLATES[split]["passkey"]
     return _Layout(
-        header=_PASSKEY_HEADER,
-        footer=_PASSKEY_FOOTER,
-        needles=(_Needle(depth, _PASSKEY_NEEDLE.format(key=key)),),
+        header=header,
+        footer=footer,
+        needles=(_Needle(depth, needle.format(key=key)),),
         answers=(key,),
         answer_text=f" {key}.",
         depth=depth,
@@ -120,7 +147,8 @@ def _passkey(rng: random.Random, depth: float) -> _Layout:
 
 
 def _niah(kind: str, value_of: Callable[[random.Random], str], distractors: int) -> Callable[..., _Layout]:
-    def layout(rng: random.Random, depth: float, num_distractors: int = distractors) -> _Layout:
+    def layout(rng: random.Random, depth: float, num_distractors: int = distractors, split: str = "evaluation") -> _Layout:
+        header, needle, footer = _TEMPLATES[split]["niah"]
         if not 0 <= num_distractors < len(KEY_WORDS):
             raise ValueError(f"num_distractors must be in 0..{len(KEY_WORDS) - 1}, got {num_distractors}")
         keys = rng.sample(KEY_WORDS, 1 + num_distractors)
@@ -131,10 +159,10 @@ def _niah(kind: str, value_of: Callable[[random.Random], str], distractors: int)
                 values.append(value)
         # The queried needle at `depth`, the distractors (other keys, same format) anywhere.
         depths = [depth] + [rng.random() for _ in range(num_distractors)]
-        needles = [_Needle(d, _NIAH_NEEDLE.format(kind=kind, key=k, value=v)) for d, k, v in zip(depths, keys, values)]
+        needles = [_Needle(d, needle.format(kind=kind, key=k, value=v)) for d, k, v in zip(depths, keys, values)]
         return _Layout(
-            header=_NIAH_HEADER.format(kind=kind),
-            footer=_NIAH_FOOTER.format(kind=kind, key=keys[0]),
+            header=header.format(kind=kind),
+            footer=footer.format(kind=kind, key=keys[0]),
             needles=tuple(needles),
             answers=(values[0],),
             answer_text=f" {values[0]}.",
@@ -223,9 +251,9 @@ def _largest_fitting(render: Callable[[int], str], tokenizer, target: int, low: 
 class _Haystack:
     """Sentences (filler or corpus), indexable without bounds; an excerpt is the last n words before ``end``."""
 
-    def __init__(self, kind: str, rng: random.Random, tokenizer):
+    def __init__(self, kind: str, rng: random.Random, tokenizer, split: str = "evaluation"):
         if kind == "noise":
-            self.sentences: tuple[str, ...] = FILLER_SENTENCES
+            self.sentences: tuple[str, ...] = _TEMPLATES[split]["filler"]
             self.end = 0  # every excerpt ends with "There and back again."
         elif kind == "text":
             from razor_vllm.eval import corpus
@@ -277,8 +305,12 @@ class _Haystack:
 
 def _haystack_sample(spec: TaskSpec, tokenizer, target: int, rng: random.Random, depth: float | None,
                      haystack: str, options: dict) -> tuple[str, _Layout]:
-    layout = spec.layout(rng, depth, **options)
-    hay = _Haystack(haystack, rng, tokenizer)
+    split = options.get("split", "evaluation")
+    if spec.name in ("passkey",) or spec.name.startswith("niah") or spec.name.startswith("multikey"):
+        layout = spec.layout(rng, depth, **options)
+    else:  # variable tracking keeps its wording in both splits (its seeds still differ)
+        layout = spec.layout(rng, depth, **{k: v for k, v in options.items() if k != "split"})
+    hay = _Haystack(haystack, rng, tokenizer, split)
 
     def render(words: int) -> str:
         return layout.header + hay.with_needles(hay.excerpt(words), layout.needles) + layout.footer
@@ -328,13 +360,16 @@ def _common_words(tokenizer, target: int, rng: random.Random, num_common: int = 
 # --- public API ------------------------------------------------------------------------------------------
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index`` of a run seeded with ``seed`` (48 bits of a hash: runs do not overlap)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:6], "big")
+def sample_seed(seed: int, index: int, split: str = "evaluation") -> int:
+    """The seed of sample ``index`` of a run seeded with ``seed`` (48 bits of a hash: runs do not overlap,
+    and the calibration split's seeds are another hash space than the evaluation's)."""
+    key = f"{seed}/{index}" if split == "evaluation" else f"{split}/{seed}/{index}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:6], "big")
 
 
 def make_samples(task: str, tokenizer, context_tokens: int, num_samples: int, seed: int,
-                 depth: float | None = None, *, haystack: str = "noise", **options) -> list[Sample]:
+                 depth: float | None = None, *, haystack: str = "noise", split: str = "evaluation",
+                 **options) -> list[Sample]:
     """``num_samples`` prompts of ``context_tokens`` tokens for ``task`` (see ``TASKS``).
 
     ``depth``: for tasks with ``uses_depth``, where the (queried) needle goes, in [0, 1]; None draws one per
@@ -348,6 +383,8 @@ def make_samples(task: str, tokenizer, context_tokens: int, num_samples: int, se
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     if haystack not in HAYSTACKS:
         raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if depth is not None and not spec.uses_depth:
         raise ValueError(f"task {task!r} has no needle depth (its facts are spread over the context); pass depth=None")
     if depth is not None and not 0.0 <= depth <= 1.0:
@@ -356,7 +393,7 @@ def make_samples(task: str, tokenizer, context_tokens: int, num_samples: int, se
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     samples = []
     for index in range(num_samples):
-        own_seed = sample_seed(seed, index)
+        own_seed = sample_seed(seed, index, split)
         rng = random.Random(f"{task}/{own_seed}")
         if spec.layout is None:
             prompt, layout = _common_words(tokenizer, context_tokens, rng, **options)  # the list is the context
@@ -364,7 +401,8 @@ def make_samples(task: str, tokenizer, context_tokens: int, num_samples: int, se
             sample_depth = depth
             if spec.uses_depth and sample_depth is None:
                 sample_depth = random.Random(f"depth/{own_seed}").random()
-            prompt, layout = _haystack_sample(spec, tokenizer, context_tokens, rng, sample_depth, haystack, options)
+            prompt, layout = _haystack_sample(spec, tokenizer, context_tokens, rng, sample_depth, haystack,
+                                              dict(options, split=split))
         samples.append(
             Sample(
                 task=task,

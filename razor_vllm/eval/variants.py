@@ -23,7 +23,8 @@ from typing import Any, Optional
 from razor_vllm.config import RazorProfile
 
 MODES = ("full", "razor", "streaming", "random")
-SWEEPS = ("retrieval_share", "window", "sink", "compensation")
+SWEEPS = ("retrieval_share", "window", "sink", "compensation", "prefill")
+PREFILL_MODES = ("exact", "compressed")
 ECHO_RATIO = 0.01  # the paper's echo share, kept in every retrieval-share variant
 
 
@@ -37,6 +38,7 @@ class Variant:
     sink: int = 0
     window: int = 0
     compensation: bool = True
+    prefill: str = "exact"  # razor's prefill mode ("exact": the paper; "compressed": the first design)
 
     @property
     def num_retrieval_heads(self) -> int:
@@ -65,7 +67,8 @@ class Variant:
 
     def razor_options(self, profile_path: Optional[Path]) -> dict[str, Any]:
         """``additional_config["razor"]`` for this variant (``profile_path``: where its profile is saved)."""
-        options: dict[str, Any] = dict(sink=self.sink, window=self.window, compensation=self.compensation)
+        options: dict[str, Any] = dict(sink=self.sink, window=self.window, compensation=self.compensation,
+                                       prefill=self.prefill)
         if self.mode == "streaming":
             options["all_local"] = True
         if profile_path is not None:
@@ -75,7 +78,7 @@ class Variant:
     def describe(self) -> dict[str, Any]:
         return dict(label=self.label, mode=self.mode, retrieval_heads=self.num_retrieval_heads,
                     total_heads=self.total_heads, sink=self.sink, window=self.window,
-                    compensation=self.compensation)
+                    compensation=self.compensation, prefill=self.prefill)
 
 
 def base_variants(modes: list[str], profile: RazorProfile, sink: Optional[int] = None,
@@ -141,10 +144,34 @@ def sweep_variants(name: str, values: list[str], profile: RazorProfile, sink: Op
             made.append(replace(base, label=f"razor W={int(raw)}", window=int(raw)))
         elif name == "sink":
             made.append(replace(base, label=f"razor S={int(raw)}", sink=int(raw)))
+        elif name == "prefill":
+            made.append(replace(base, label=f"razor prefill={_prefill_mode(raw)}", prefill=_prefill_mode(raw)))
         else:
             on = _parse_bool(raw)
             made.append(replace(base, label=f"razor comp={'on' if on else 'off'}", compensation=on))
     return made
+
+
+def with_prefill_modes(variants: list[Variant], modes: list[str]) -> list[Variant]:
+    """Every razor-backed variant (all but ``full``) once per prefill mode; the first mode keeps the
+    label, the others get " (MODE prefill)" appended."""
+    modes = [_prefill_mode(m) for m in modes]
+    made = []
+    for variant in variants:
+        if variant.mode == "full":
+            made.append(variant)
+            continue
+        for i, mode in enumerate(modes):
+            label = variant.label if i == 0 else f"{variant.label} ({mode} prefill)"
+            made.append(replace(variant, label=label, prefill=mode))
+    return made
+
+
+def _prefill_mode(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"prefill modes are {', '.join(PREFILL_MODES)}, got {raw!r}")
+    return mode
 
 
 def _parse_bool(raw: str) -> bool:

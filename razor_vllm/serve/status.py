@@ -30,6 +30,8 @@ from fastapi.responses import JSONResponse
 
 from vllm.logger import init_logger
 
+from razor_vllm.geometry import cdiv
+
 logger = init_logger("vllm." + __name__)  # under "vllm" so it shares vLLM's log handlers
 
 PLUGIN_NAME = "razor_status"
@@ -38,10 +40,6 @@ METRICS_PATH = "/metrics"  # vLLM's Prometheus route
 STATE_KEY = "razor_status"  # app.state attribute: the status document
 ENGINE_KEY = "razor_status_engine"  # app.state attribute: the EngineClient handed to init_state
 USAGE_TIMEOUT_S = 10.0  # the engine core answers between steps; a step on CPU takes well under this
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # -- the status document ----------------------------------------------------------------------------
@@ -74,19 +72,35 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
     kv_heads_per_rank = served.num_kv_heads // tp if tp <= served.num_kv_heads else 1
     max_len = int(model_config.max_model_len)
 
-    retrieval_bpt = local_bpt = razor_bytes = all_ranks_page_bytes = 0
+    in_flight = int(vllm_config.max_in_flight_tokens)
+    retrieval_bpt = local_bpt = razor_bytes = admission_bytes = all_ranks_page_bytes = 0
     pools: dict[str, dict[str, int]] = {}
     for rank in range(tp):
         per_layer = [shard_kv_heads(h, served.num_kv_heads, tp, rank) for h in resolved.retrieval_heads]
         layout = plan_layout(
-            per_layer, kv_heads_per_rank, resolved.local_block_size, elem, default_block_size=stock_block
+            per_layer,
+            kv_heads_per_rank,
+            resolved.local_block_size,
+            elem,
+            default_block_size=stock_block,
+            hash_aligned=bool(vllm_config.cache_config.enable_prefix_caching),
         )
-        retrieval_spec, local_spec = build_specs(layout, served.head_size, dtype, resolved.sink, resolved.window)
+        retrieval_spec, local_spec = build_specs(
+            layout,
+            served.head_size,
+            dtype,
+            resolved.sink,
+            resolved.window,
+            exact_prefill=resolved.exact_prefill,
+            compression_ratio=resolved.compression_ratio,
+            max_model_len=max_len,
+        )
         page_bytes = layout.page_slots() * head_token_bytes
-        pages = 0
+        pages = admission_pages = 0
         if retrieval_spec is not None:
             retrieval_bpt += retrieval_spec.page_size_bytes // retrieval_spec.block_size
-            pages += _cdiv(max_len, retrieval_spec.block_size)
+            pages += cdiv(max_len, retrieval_spec.block_size)
+            admission_pages += cdiv(max_len, retrieval_spec.block_size)
             if rank == 0:
                 pools["retrieval"] = dict(
                     heads=layout.num_retrieval_heads,
@@ -97,8 +111,9 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         if local_spec is not None:
             local_bpt += local_spec.page_size_bytes // local_spec.block_size
             bs = local_spec.block_size
-            # RazorLocalManager keeps the sink block(s) and the blocks spanning the last `window` tokens.
-            pages += min(_cdiv(max_len, bs), local_spec.sink_blocks + _cdiv(resolved.window - 1, bs) + 1)
+            geo = local_spec.geometry
+            pages += geo.steady_blocks(max_len)  # what RazorLocalManager keeps after the prompt
+            admission_pages += geo.admission_blocks(max_len, in_flight, max_len)  # the prefill transient
             if rank == 0:
                 pools["local"] = dict(
                     heads=layout.num_local_heads,
@@ -106,12 +121,14 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
                     block_size=bs,
                     page_bytes=local_spec.page_size_bytes,
                     tail_slots=layout.tail_slots,
+                    page_padding_slots=layout.page_padding_slots,  # hash-aligned layouts (prefix caching)
                 )
         razor_bytes += pages * page_bytes
+        admission_bytes += admission_pages * page_bytes
         all_ranks_page_bytes += page_bytes
 
     stock_bpt = served.num_layers * kv_heads_per_rank * tp * head_token_bytes
-    stock_bytes = _cdiv(max_len, stock_block) * stock_block * stock_bpt
+    stock_bytes = cdiv(max_len, stock_block) * stock_block * stock_bpt
     count = sum(len(h) for h in resolved.retrieval_heads)
     total = served.num_layers * served.num_kv_heads
     return {
@@ -130,6 +147,9 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         },
         "sink": resolved.sink,
         "window": resolved.window,
+        "window_rule": "fixed" if resolved.compression_ratio is None else "paper",
+        "window_compression_ratio": resolved.compression_ratio,
+        "prefill": "exact" if resolved.exact_prefill else "compressed",
         "local_block_size": resolved.local_block_size,
         "kv_cache_dtype": str(dtype).removeprefix("torch."),
         "tensor_parallel_size": tp,
@@ -138,7 +158,9 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         "page_bytes_all_ranks": all_ranks_page_bytes,  # what one block id holds, summed over TP ranks
         "kv_bytes_per_token": {"retrieval": retrieval_bpt, "local": local_bpt, "stock": stock_bpt},
         "max_model_len": max_len,
-        "kv_bytes_at_max_model_len": {"razor": razor_bytes, "stock": stock_bytes},
+        # razor: what a request of max_model_len holds once its prompt is done; razor_admission: its
+        # peak, which admission reserves (exact prefill: every prompt block while it prefills).
+        "kv_bytes_at_max_model_len": {"razor": razor_bytes, "razor_admission": admission_bytes, "stock": stock_bytes},
         "compression_ratio": stock_bytes / razor_bytes if razor_bytes else None,
     }
 
@@ -152,11 +174,13 @@ def describe_usage(status: dict[str, Any], usage: dict[str, Any]) -> dict[str, A
     """
     blocks = dict(usage["blocks_in_use"])
     stock_block = status["stock_block_size"]
-    stock_tokens = sum(_cdiv(n, stock_block) * stock_block for n in usage["tokens"])
+    stock_tokens = sum(cdiv(n, stock_block) * stock_block for n in usage["tokens"])
     stock = stock_tokens * status["kv_bytes_per_token"]["stock"]
     razor = sum(blocks.values()) * status["page_bytes_all_ranks"]
     return {
         "blocks_in_use": blocks,
+        "shared_blocks": dict(usage.get("shared_blocks", {})),  # held by more than one request (prefix caching)
+        "prefix_cache_hits": dict(usage.get("prefix_cache_hits", {})),  # per pool since start-up
         "num_blocks": usage["num_blocks"],
         "free_blocks": usage["free_blocks"],
         "requests": len(usage["tokens"]),
