@@ -29,7 +29,6 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from razor_vllm import ops
 from razor_vllm.ops.cache import SlotIndex, write_kv
-from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME
 
 if TYPE_CHECKING:
     from razor_vllm.install import LayerRazorState
@@ -201,7 +200,7 @@ class RazorAttentionImpl(AttentionImpl):
 
     def _retrieval(self, state, ctx, query, key, value, out) -> None:
         heads = state.retrieval
-        md, _, key_cache, value_cache = self._pool(ctx, RETRIEVAL_POOL_NAME, heads, key, value)
+        md, _, key_cache, value_cache = self._pool(ctx, state.retrieval_pool, heads, key, value)
         out_heads = ops.paged_attention(
             heads.select_q(query),
             key_cache,
@@ -217,7 +216,7 @@ class RazorAttentionImpl(AttentionImpl):
 
     def _local(self, state, ctx, query, key, value, out) -> None:
         heads = state.local
-        md, cache, key_cache, value_cache = self._pool(ctx, LOCAL_POOL_NAME, heads, key, value)
+        md, cache, key_cache, value_cache = self._pool(ctx, state.local_pool, heads, key, value)
         comp = state.compensation(cache)
         out_heads = ops.local_attention(
             heads.select_q(query),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from razor_vllm.balance import resolve_mode
 from razor_vllm.config import (
     ModelFingerprint,
     ProfileError,
@@ -29,6 +30,9 @@ class RazorOptions(BaseModel):
       every head (checks exactness against stock vLLM), or for none (the StreamingLLM baseline).
     - ``compensation``: whether local heads keep the compensation token (default: the profile's,
       which defaults to true); ``False`` drops evicted tokens without it.
+    - ``tp_balance``: how ranks of a parallel engine that the profile gives fewer retrieval heads
+      fill the pool slots the heaviest rank needs (``balance.py``): ``promote`` their next-best
+      heads by the profile's scores (default when it has scores) or ``pad`` (empty slots).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,6 +44,7 @@ class RazorOptions(BaseModel):
     all_retrieval: bool = False
     all_local: bool = False
     compensation: Optional[bool] = None
+    tp_balance: Optional[Literal["promote", "pad"]] = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Optional[dict[str, Any]]) -> "RazorOptions":
@@ -71,6 +76,7 @@ class ResolvedRazorConfig(BaseModel):
     window: int
     local_block_size: int
     compensation: bool = True
+    tp_balance: Optional[str] = None  # as given; balance.resolve_mode picks the default
 
 
 def resolve(options: RazorOptions, served: ModelFingerprint) -> ResolvedRazorConfig:
@@ -101,6 +107,7 @@ def resolve(options: RazorOptions, served: ModelFingerprint) -> ResolvedRazorCon
         window=window,
         local_block_size=options.local_block_size,
         compensation=profile.compensation if options.compensation is None else options.compensation,
+        tp_balance=resolve_mode(options.tp_balance, bool(profile.scores)),
     )
 
 
