@@ -138,17 +138,9 @@ class RazorAttentionImpl(AttentionImpl):
         kv_sharing_target_layer_name: Optional[str] = None,
         **extra,
     ) -> None:
-        unsupported = []
-        if alibi_slopes is not None:
-            unsupported.append("ALiBi")
-        if sliding_window is not None:
-            unsupported.append("a model sliding window")
-        if logits_soft_cap:
-            unsupported.append("logits soft-capping")
-        if attn_type != AttentionType.DECODER:
-            unsupported.append(f"attention type {attn_type}")
-        if kv_sharing_target_layer_name is not None:
-            unsupported.append("cross-layer KV sharing")
+        from razor_vllm.model_support import layer_reasons
+
+        unsupported = layer_reasons(alibi_slopes, sliding_window, logits_soft_cap, attn_type, kv_sharing_target_layer_name)
         if unsupported:
             raise NotImplementedError(f"RAZOR attention does not support {', '.join(unsupported)}")
         self.num_heads = num_heads

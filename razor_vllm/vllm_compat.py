@@ -102,12 +102,9 @@ def wrap_platform_backend_selection() -> None:
 def _select_backend(original_func):
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None, *args, **kwargs):
         if selected_backend is not None and getattr(selected_backend, "name", None) == BACKEND_NAME:
-            from razor_vllm.backend import RazorAttentionBackend
+            from razor_vllm.model_support import selector_reasons
 
-            reasons = RazorAttentionBackend.validate_configuration(
-                device_capability=None, **attn_selector_config._asdict()
-            )
-            reasons = [r for r in reasons if r != "compute capability not supported"]
+            reasons = selector_reasons(attn_selector_config)
             if reasons:
                 raise ValueError(f"RAZOR attention cannot serve this model: {', '.join(reasons)}")
             return BACKEND_PATH
@@ -145,10 +142,12 @@ def prepare_razor_config(vllm_config: Any) -> None:
     from razor_vllm.model_support import check_servable
     from razor_vllm.options import resolve_for_vllm_config
 
-    check_servable(vllm_config)  # MLA, encoder-only, ...: the model itself, before looking for its profile
+    check_servable(vllm_config)  # the model and engine features (model_support.py), before looking for its profile
     resolve_for_vllm_config(vllm_config)  # raises ProfileError/ValueError naming the problem
-    if getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False):
-        raise ValueError("RAZOR attention needs vLLM's hybrid KV cache manager; drop --disable-hybrid-kv-cache-manager")
+    if vllm_config.lora_config is not None:
+        # LoRA adapts the q/k/v projections, not attention itself: served, but the head profile was
+        # measured on the base weights.
+        logger.info("RAZOR: LoRA adapters are served with the base model's head profile.")
     cache_config = vllm_config.cache_config
     if cache_config.enable_prefix_caching:
         logger.info("RAZOR: prefix caching switched off (local heads keep a window, not a prefix).")
