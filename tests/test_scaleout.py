@@ -102,6 +102,8 @@ def test_tp2_unbalanced_profile_promote_equals_tp1_with_promoted_heads(tiny_mode
 
 def test_pp2_stages_serve_their_own_layers(tiny_model, reference, monkeypatch):
     model, profile = tiny_model
-    run = generate(model, {"profile": str(profile), "tp_balance": "pad"}, monkeypatch, pp=2)
+    # vLLM 0.32's CPU worker allocates a later stage's intermediate-tensor buffer only in its warm-up
+    # run, which it skips in eager mode (CPUModelRunner.warming_up_model), so PP on CPU needs compilation.
+    run = generate(model, {"profile": str(profile), "tp_balance": "pad"}, monkeypatch, pp=2, enforce_eager=False)
     assert run.token_ids == reference["profile"].token_ids
     assert gap(run, reference["profile"]) < TOLERANCE

@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
     model.add_argument("--window", type=int, help="razor window W (default: the profile's)")
     model.add_argument("--sink", type=int, help="razor sink S (default: the profile's)")
+    model.add_argument("--tp", type=int, default=1, metavar="N",
+                       help="analytic part: tensor-parallel size (per-rank heads and what balancing costs)")
+    model.add_argument("--tp-balance", choices=["promote", "pad"],
+                       help="razor option tp_balance for --tp (default: promote when the profile has scores)")
     model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="model and KV dtype for every engine and the analytic part (default: auto, as vLLM "
                             "picks it; on CPUs without avx512_bf16/AMX float32 runs several times faster)")
@@ -118,7 +122,10 @@ def _run(args: argparse.Namespace) -> int:
             _prepare_synthetic(args)
         model_dir, profile = runinfo.model_and_profile(args.model, args.profile, need_model=not args.skip_engine)
         dtype = runinfo.resolve_dtype(args.dtype, model_dir)
-        geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink)
+        geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink, tp_size=args.tp,
+                                tp_balance=args.tp_balance)
+        if args.tp > 1 and not args.skip_engine:
+            raise ValueError("--tp > 1 is analytic only: add --skip-engine")
     except (ProfileError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -137,8 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         # Redo the arithmetic with what the engines reported (block size, in-flight tokens).
         seen = results.pop("_engine_geometry", None)
         if seen and (seen["block_size"] != geo.stock_block_size or seen["in_flight"] != args.chunk):
-            geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink,
-                                    stock_block_size=seen["block_size"])
+            geo = geo.with_stock_block_size(seen["block_size"])
             results["analytic"] = analytic.analytic_report(geo, contexts, seen["in_flight"], kv_for)
     results["meta"]["finished"] = runinfo.now()
     results["meta"]["load_average_end"] = runinfo.loadavg()

@@ -7,7 +7,9 @@ vLLM loads endpoint plugins in the API server process only, and only those named
 the workers do (``options.resolve_for_vllm_config`` -> ``layout.plan_layout`` ->
 ``pools.build_specs``), so the figures match the worker's "RAZOR: ..." start-up line.
 
-Bytes per token are summed over tensor-parallel ranks (each rank plans its own pools). The
+Bytes per token are summed over all workers (tensor-parallel ranks x pipeline stages); every worker
+sizes its pools for the heaviest one (``balance.py``), and ``balance`` says what each holds and what
+that costs against each worker sized for its own profile heads. The
 compression ratio compares one ``max_model_len``-token sequence: stock vLLM's paged cache
 (``ceil(L / block_size)`` blocks of every layer) against razor's steady state (every retrieval
 page of the sequence plus the local pool's sink block(s) and the blocks spanning the window).
@@ -58,8 +60,9 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
 
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
+    from razor_vllm.balance import plan_for_resolved
     from razor_vllm.config import ModelFingerprint
-    from razor_vllm.layout import plan_layout, shard_kv_heads
+    from razor_vllm.layout import plan_layout
     from razor_vllm.options import resolve_for_vllm_config
     from razor_vllm.pools import build_specs
 
@@ -71,23 +74,31 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
     head_token_bytes = 2 * served.head_size * elem
     stock_block = int(vllm_config.cache_config.block_size or 128)
     tp = int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
+    pp = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
     kv_heads_per_rank = served.num_kv_heads // tp if tp <= served.num_kv_heads else 1
     max_len = int(model_config.max_model_len)
+    # The workers' plan (install.py): every rank of every stage sizes its pools alike (balance.py).
+    plan = plan_for_resolved(resolved, served.num_kv_heads, tp, pp)
 
     retrieval_bpt = local_bpt = razor_bytes = all_ranks_page_bytes = 0
     pools: dict[str, dict[str, int]] = {}
-    for rank in range(tp):
-        per_layer = [shard_kv_heads(h, served.num_kv_heads, tp, rank) for h in resolved.retrieval_heads]
+    for worker in plan.ranks:
         layout = plan_layout(
-            per_layer, kv_heads_per_rank, resolved.local_block_size, elem, default_block_size=stock_block
+            worker.heads,
+            worker.kv_heads,
+            resolved.local_block_size,
+            elem,
+            default_block_size=stock_block,
+            pool_heads=plan.pool_heads,
         )
         retrieval_spec, local_spec = build_specs(layout, served.head_size, dtype, resolved.sink, resolved.window)
         page_bytes = layout.page_slots() * head_token_bytes
         pages = 0
+        first = worker is plan.ranks[0]
         if retrieval_spec is not None:
             retrieval_bpt += retrieval_spec.page_size_bytes // retrieval_spec.block_size
             pages += _cdiv(max_len, retrieval_spec.block_size)
-            if rank == 0:
+            if first:
                 pools["retrieval"] = dict(
                     heads=layout.num_retrieval_heads,
                     pool_heads=layout.retrieval_pool_heads,
@@ -99,7 +110,7 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
             bs = local_spec.block_size
             # RazorLocalManager keeps the sink block(s) and the blocks spanning the last `window` tokens.
             pages += min(_cdiv(max_len, bs), local_spec.sink_blocks + _cdiv(resolved.window - 1, bs) + 1)
-            if rank == 0:
+            if first:
                 pools["local"] = dict(
                     heads=layout.num_local_heads,
                     pool_heads=layout.local_pool_heads,
@@ -109,6 +120,7 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
                 )
         razor_bytes += pages * page_bytes
         all_ranks_page_bytes += page_bytes
+    pooled, ideal = plan.retrieval_heads_all_ranks()
 
     stock_bpt = served.num_layers * kv_heads_per_rank * tp * head_token_bytes
     stock_bytes = _cdiv(max_len, stock_block) * stock_block * stock_bpt
@@ -124,6 +136,7 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         "served_fingerprint": served.model_dump(),
         "retrieval_heads": {
             "per_layer": [sorted(h) for h in resolved.retrieval_heads],
+            "served_per_layer": plan.served_global_heads(),  # with promoted heads (tp <= KV heads)
             "count": count,
             "total": total,
             "share": count / total,
@@ -133,6 +146,14 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         "local_block_size": resolved.local_block_size,
         "kv_cache_dtype": str(dtype).removeprefix("torch."),
         "tensor_parallel_size": tp,
+        "pipeline_parallel_size": pp,
+        "balance": {
+            "mode": plan.mode,
+            # retrieval heads per worker: from the profile, promoted into spare pool slots, local
+            "per_rank": plan.per_rank(),
+            # retrieval-pool bytes per token over all workers vs each worker sized for its own profile heads
+            "retrieval_bytes_per_token": {"pools": pooled * head_token_bytes, "unbalanced": ideal * head_token_bytes},
+        },
         "stock_block_size": stock_block,
         "pools": pools,
         "page_bytes_all_ranks": all_ranks_page_bytes,  # what one block id holds, summed over TP ranks
