@@ -231,23 +231,31 @@ def add_pool_usage_utility() -> None:
 async def query_pool_usage(engine_client: Any) -> Optional[dict[str, Any]]:
     """``pools.pool_usage`` of every engine core behind ``engine_client`` (an ``AsyncLLM``), combined.
 
-    ``None`` when the engines serve no razor pools or the client cannot reach them.
+    ``None`` when the engines serve no razor pools or the client cannot reach them. With data
+    parallelism each engine core has its own scheduler and block pool: see ``combine_pool_usage``.
     """
     core = getattr(engine_client, "engine_core", None)
     if core is None or not hasattr(core, "call_utility_all_async"):
         return None
-    results = [r for r in await core.call_utility_all_async(POOL_USAGE_UTILITY) if r is not None]
-    if not results:
+    return combine_pool_usage(await core.call_utility_all_async(POOL_USAGE_UTILITY))
+
+
+def combine_pool_usage(results: list[Optional[dict[str, Any]]]) -> Optional[dict[str, Any]]:
+    """Sums over engine cores, and each core's own figures under ``engines`` (in the client's
+    engine order, which is the data-parallel rank: ``core_client.MPClient.core_engines``)."""
+    engines = [dict(r, engine=i) for i, r in enumerate(results) if r is not None]
+    if not engines:
         return None
     blocks: dict[str, int] = {}
-    for r in results:
+    for r in engines:
         for pool, n in r["blocks_in_use"].items():
             blocks[pool] = blocks.get(pool, 0) + n
     return {
         "blocks_in_use": blocks,
-        "num_blocks": sum(r["num_blocks"] for r in results),
-        "free_blocks": sum(r["free_blocks"] for r in results),
-        "tokens": sorted(t for r in results for t in r["tokens"]),
+        "num_blocks": sum(r["num_blocks"] for r in engines),
+        "free_blocks": sum(r["free_blocks"] for r in engines),
+        "tokens": sorted(t for r in engines for t in r["tokens"]),
+        "engines": engines,
     }
 
 

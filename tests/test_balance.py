@@ -71,3 +71,51 @@ def test_tp_balance_option():
         resolve_mode("promote", False)
     with pytest.raises(ValueError, match="tp_balance must be one of"):
         resolve_mode("even", True)
+
+
+def test_pool_usage_of_every_engine_core_is_kept():
+    """Data parallel: each engine core answers for its own block pool; the sums and each core's part."""
+    from razor_vllm.serve.status import describe_usage
+    from razor_vllm.vllm_compat import combine_pool_usage
+
+    cores = [
+        {"blocks_in_use": {"retrieval": 3, "local": 2}, "num_blocks": 100, "free_blocks": 95, "tokens": [300]},
+        None,  # a core without razor pools answers None
+        {"blocks_in_use": {"retrieval": 1, "local": 2}, "num_blocks": 100, "free_blocks": 97, "tokens": [40, 10]},
+    ]
+    usage = combine_pool_usage(cores)
+    assert usage["blocks_in_use"] == {"retrieval": 4, "local": 4} and usage["num_blocks"] == 200
+    assert [e["engine"] for e in usage["engines"]] == [0, 2]
+    status = {"stock_block_size": 16, "kv_bytes_per_token": {"stock": 10}, "page_bytes_all_ranks": 1000}
+    described = describe_usage(status, usage)
+    assert described["kv_bytes"]["razor"] == 8000
+    assert [(e["engine"], e["requests"], e["kv_bytes"]["razor"]) for e in described["engines"]] == [
+        (0, 1, 5000), (2, 2, 3000)]  # fmt: skip
+    assert combine_pool_usage([None, None]) is None
+
+
+def test_status_reports_every_ranks_heads_and_the_balancing_cost(tmp_path):
+    """/razor/status's document for TP=2 (computed from the engine config, as the route does)."""
+    from vllm import EngineArgs
+
+    from razor_vllm.config import Provenance, RazorProfile, utc_now
+    from razor_vllm.profile.selectors import fingerprint_of
+    from razor_vllm.serve.status import compute_status
+
+    from tiny_models import build_tiny_llama
+
+    path = build_tiny_llama(tmp_path / "tiny", num_layers=6)
+    profile = RazorProfile(model=fingerprint_of(path), sink=4, window=16, retrieval_heads=HEADS, scores=SCORES,
+                           provenance=Provenance(method="manual", command="t", tool_version="0", created=utc_now()))
+    args = EngineArgs(model=str(path), attention_backend="razor", tensor_parallel_size=2, max_model_len=512,
+                      kv_cache_memory_bytes=32 << 20, enforce_eager=True, dtype="float32",
+                      additional_config={"razor": {"profile": str(profile.save(path / "p.yaml"))}})  # fmt: skip
+    status = compute_status(args.create_engine_config())
+    balance = status["balance"]
+    assert balance["mode"] == "promote"
+    assert [(r["rank"], r["profile"], r["promoted"]) for r in balance["per_rank"]] == [(0, 4, 0), (1, 1, 3)]
+    head_token_bytes = 2 * 32 * 4
+    assert balance["retrieval_bytes_per_token"]["unbalanced"] == 5 * head_token_bytes
+    assert balance["retrieval_bytes_per_token"]["pools"] == 8 * head_token_bytes
+    assert status["retrieval_heads"]["served_per_layer"] == [[0, 1], [0], [1], [0], [1], [0, 1]]
+    assert status["kv_bytes_per_token"]["retrieval"] >= 8 * head_token_bytes  # both ranks' pools, with padding

@@ -107,3 +107,47 @@ def test_pp2_stages_serve_their_own_layers(tiny_model, reference, monkeypatch):
     run = generate(model, {"profile": str(profile), "tp_balance": "pad"}, monkeypatch, pp=2, enforce_eager=False)
     assert run.token_ids == reference["profile"].token_ids
     assert gap(run, reference["profile"]) < TOLERANCE
+
+
+def test_dp2_two_engine_cores_serve_and_report_their_own_pools(tiny_model, reference, tmp_path):
+    """``vllm serve --data-parallel-size 2``: two engine cores, each with its own scheduler and pools;
+    greedy completions equal the TP=1 engine's, and /razor/status and /metrics report both cores."""
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loadtest.server import vllm_server
+
+    model, profile = tiny_model
+    args = ["--attention-backend", "razor", "--dtype", "float32", "--max-model-len", "512", "--seed", "0",
+            "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(32 << 20), "--enforce-eager",
+            "--data-parallel-size", "2", "--additional-config", json.dumps({"razor": {"profile": str(profile)}})]
+    env = {"VLLM_PLUGINS": "razor,razor_status", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per engine
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(4, 500) for _ in range(n)] for n in (40, 150, 300)]  # as generate()
+
+    with vllm_server(model, args, log_path=tmp_path / "server.log", timeout=900, env=env) as srv:
+
+        def complete(ids):
+            body = json.dumps({"model": str(model), "prompt": ids, "max_tokens": 16, "temperature": 0}).encode()
+            req = urllib.request.Request(srv.url + "/v1/completions", body, {"Content-Type": "application/json"})
+            with opener.open(req, timeout=300) as resp:
+                return json.loads(resp.read())["choices"][0]["text"]
+
+        with ThreadPoolExecutor(3) as pool:  # concurrent, so vLLM's load balancer uses both cores
+            texts = list(pool.map(complete, prompts))
+        with opener.open(srv.url + "/razor/status", timeout=60) as resp:
+            status = json.loads(resp.read())
+        with opener.open(srv.url + "/metrics", timeout=60) as resp:
+            metrics = resp.read().decode()
+        log = srv.log_text()
+
+    assert texts == reference["profile"].texts
+    engines = status["usage"]["engines"]
+    assert [e["engine"] for e in engines] == [0, 1], status["usage"]
+    assert all(e["num_blocks"] > 0 and set(e["blocks_in_use"]) == {"retrieval", "local"} for e in engines)
+    assert status["usage"]["num_blocks"] == sum(e["num_blocks"] for e in engines)
+    for engine in ("0", "1"):
+        assert f'razor_engine_blocks_in_use{{engine="{engine}",pool="retrieval"}}' in metrics
+    assert log.count("RAZOR: profile") >= 2, "each engine core's worker logs its pools"

@@ -176,7 +176,7 @@ def describe_usage(status: dict[str, Any], usage: dict[str, Any]) -> dict[str, A
     stock_tokens = sum(_cdiv(n, stock_block) * stock_block for n in usage["tokens"])
     stock = stock_tokens * status["kv_bytes_per_token"]["stock"]
     razor = sum(blocks.values()) * status["page_bytes_all_ranks"]
-    return {
+    described = {
         "blocks_in_use": blocks,
         "num_blocks": usage["num_blocks"],
         "free_blocks": usage["free_blocks"],
@@ -185,6 +185,12 @@ def describe_usage(status: dict[str, Any], usage: dict[str, Any]) -> dict[str, A
         "kv_bytes": {"razor": razor, "stock": stock},
         "saving": stock / razor if razor and stock else None,
     }
+    engines = usage.get("engines") or []
+    if engines:  # each engine core (data-parallel rank) has its own block pool
+        described["engines"] = [
+            {**describe_usage(status, {**e, "engines": None}), "engine": e["engine"]} for e in engines
+        ]
+    return described
 
 
 async def refresh_usage(state: Any) -> Optional[dict[str, Any]]:
@@ -209,6 +215,9 @@ async def refresh_usage(state: Any) -> Optional[dict[str, Any]]:
     described = describe_usage(status, usage)
     for pool, blocks in described["blocks_in_use"].items():
         _metrics()["blocks"].labels(pool=pool).set(blocks)
+    for engine in described.get("engines", []):
+        for pool, blocks in engine["blocks_in_use"].items():
+            _metrics()["engine_blocks"].labels(engine=str(engine["engine"]), pool=pool).set(blocks)
     return described
 
 
@@ -262,6 +271,12 @@ def _metrics() -> dict[str, Any]:
                 "razor_blocks_in_use",
                 "KV blocks each razor pool holds now (read from the engine core when /metrics is scraped)",
                 labelnames=["pool"],
+                **mode,
+            ),
+            "engine_blocks": Gauge(
+                "razor_engine_blocks_in_use",
+                "KV blocks each razor pool holds now in each engine core (data-parallel rank)",
+                labelnames=["engine", "pool"],
                 **mode,
             ),
         }
