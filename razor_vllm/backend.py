@@ -140,7 +140,9 @@ class RazorAttentionImpl(AttentionImpl):
     ) -> None:
         from razor_vllm.model_support import layer_reasons
 
-        unsupported = layer_reasons(alibi_slopes, sliding_window, logits_soft_cap, attn_type, kv_sharing_target_layer_name)
+        unsupported = layer_reasons(
+            alibi_slopes, sliding_window, logits_soft_cap, attn_type, kv_sharing_target_layer_name
+        )
         if unsupported:
             raise NotImplementedError(f"RAZOR attention does not support {', '.join(unsupported)}")
         self.num_heads = num_heads

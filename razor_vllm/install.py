@@ -156,7 +156,9 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
             f"expected layers {mine.layers[0]}-{mine.layers[-1]} of the profile's {served.num_layers}"
         )
     if first.num_kv_heads != mine.kv_heads:
-        raise ValueError(f"razor expected {mine.kv_heads} KV heads per rank, the model's layers have {first.num_kv_heads}")
+        raise ValueError(
+            f"razor expected {mine.kv_heads} KV heads per rank, the model's layers have {first.num_kv_heads}"
+        )
     dtype = first.kv_cache_torch_dtype
     layout = plan_layout(
         mine.heads,
