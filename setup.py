@@ -73,6 +73,8 @@ setup(
             "docker==7.2.0",
             "python-dotenv>=1.0",
             "locust>=2.20",  # tests/test_loadtest.py runs the load-test command
+            # tests/test_scaleout.py: vLLM's Ray executor (vLLM 0.32 does not pin Ray; 2.60 tested)
+            "ray>=2.48",
         ],
         "bench": ["rich", "matplotlib"],
         "load": ["locust>=2.20", "httpx", "openai", "rich"],  # loadtest/: python -m loadtest, python -m loadtest.soak

@@ -32,7 +32,7 @@ from razor_vllm import kv_dtypes, ops
 from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
 from razor_vllm.ops.cache import SlotIndex, write_kv
 from razor_vllm.geometry import LocalGeometry
-from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, RazorLocalSpec
+from razor_vllm.pools import RazorLocalSpec
 
 if TYPE_CHECKING:
     from razor_vllm.install import LayerRazorState
@@ -214,17 +214,11 @@ class RazorAttentionImpl(AttentionImpl):
         kv_sharing_target_layer_name: Optional[str] = None,
         **extra,
     ) -> None:
-        unsupported = []
-        if alibi_slopes is not None:
-            unsupported.append("ALiBi")
-        if sliding_window is not None:
-            unsupported.append("a model sliding window")
-        if logits_soft_cap:
-            unsupported.append("logits soft-capping")
-        if attn_type != AttentionType.DECODER:
-            unsupported.append(f"attention type {attn_type}")
-        if kv_sharing_target_layer_name is not None:
-            unsupported.append("cross-layer KV sharing")
+        from razor_vllm.model_support import layer_reasons
+
+        unsupported = layer_reasons(
+            alibi_slopes, sliding_window, logits_soft_cap, attn_type, kv_sharing_target_layer_name
+        )
         if unsupported:
             raise NotImplementedError(f"RAZOR attention does not support {', '.join(unsupported)}")
         self.num_heads = num_heads
@@ -277,13 +271,13 @@ class RazorAttentionImpl(AttentionImpl):
 
     def _retrieval(self, state, ctx, query, key, value, out) -> None:
         heads = state.retrieval
-        md, _, key_cache, value_cache, pool_heads = self._pool(ctx, RETRIEVAL_POOL_NAME, heads, key, value)
+        md, _, key_cache, value_cache, pool_heads = self._pool(ctx, state.retrieval_pool, heads, key, value)
         out_heads = ops.paged_attention(heads.select_q(query), key_cache, value_cache, md.batch, pool_heads, self.scale)
         heads.scatter_q(out, out_heads)
 
     def _local(self, state, ctx, query, key, value, out) -> None:
         heads = state.local
-        md, cache, key_cache, value_cache, pool_heads = self._pool(ctx, LOCAL_POOL_NAME, heads, key, value)
+        md, cache, key_cache, value_cache, pool_heads = self._pool(ctx, state.local_pool, heads, key, value)
         tails = state.compensation(cache)
         rule = _local_rule(state.sink, state.window, state.use_compensation, state.exact_prefill)
         # Before attention: a chunk's later queries read the tails of blocks started in this chunk.

@@ -13,12 +13,13 @@ from typing import Optional
 import torch
 
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 
+from razor_vllm.balance import ScaleoutPlan, plan_for_resolved
 from razor_vllm.config import ModelFingerprint
-from razor_vllm.layout import PoolLayout, plan_layout, shard_kv_heads
+from razor_vllm.layout import PoolLayout, plan_layout
 from razor_vllm.options import ResolvedRazorConfig, resolve_for_vllm_config
 from razor_vllm.pools import (
     LOCAL_POOL_NAME,
@@ -26,6 +27,7 @@ from razor_vllm.pools import (
     RazorPoolLayer,
     build_specs,
     compensation_view,
+    pool_names,
 )
 
 logger = init_logger("vllm." + __name__)  # under "vllm" so it shares vLLM's log handlers
@@ -99,6 +101,9 @@ class LayerRazorState:
     use_compensation: bool  # False: the no-compensation ablation
     head_size: int
     exact_prefill: bool = True  # prompt queries attend to the whole prompt (the paper)
+    # The pool layers this layer reads (forward-context names): each pipeline stage has its own.
+    retrieval_pool: str = RETRIEVAL_POOL_NAME
+    local_pool: str = LOCAL_POOL_NAME
     _comp_cache: dict = field(default_factory=dict, repr=False)
 
     def compensation(self, local_cache: torch.Tensor) -> torch.Tensor:
@@ -138,22 +143,32 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
     names = sorted(layers, key=_layer_index)
     first = layers[names[0]]
     served = ModelFingerprint.from_hf_config(vllm_config.model_config.hf_config)
-    if len(names) != served.num_layers:
-        raise ValueError(f"razor found {len(names)} attention layers, the profile's model has {served.num_layers}")
-
     tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-    local_kv_heads = first.num_kv_heads
-    retrieval_per_layer = [
-        shard_kv_heads(resolved.retrieval_heads[i], served.num_kv_heads, tp_size, tp_rank) for i in range(len(names))
-    ]
+    pp_group = get_pp_group()
+    stage, pp_size = pp_group.rank_in_group, pp_group.world_size
+    # Every worker plans every rank of every stage from the profile alone, so all agree on one
+    # pool shape (vLLM requires equal specs per layer name and equal pages; balance.py).
+    plan = plan_for_resolved(resolved, served.num_kv_heads, tp_size, pp_size)
+    mine = plan.rank(stage, tp_rank)
+    indices = [_layer_index(name) for name in names]
+    if indices != list(mine.layers):
+        raise ValueError(
+            f"razor found attention layers {indices[:3]}...{indices[-1:]} on pipeline stage {stage}, "
+            f"expected layers {mine.layers[0]}-{mine.layers[-1]} of the profile's {served.num_layers}"
+        )
+    if first.num_kv_heads != mine.kv_heads:
+        raise ValueError(
+            f"razor expected {mine.kv_heads} KV heads per rank, the model's layers have {first.num_kv_heads}"
+        )
     dtype = first.kv_cache_torch_dtype
     layout = plan_layout(
-        retrieval_per_layer,
-        local_kv_heads,
+        mine.heads,
+        mine.kv_heads,
         resolved.local_block_size,
         torch.tensor([], dtype=dtype).element_size(),
         default_block_size=vllm_config.cache_config.block_size,
         hash_aligned=bool(vllm_config.cache_config.enable_prefix_caching),
+        pool_heads=plan.pool_heads,
     )
     retrieval_spec, local_spec = build_specs(
         layout,
@@ -165,11 +180,12 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
         compression_ratio=resolved.compression_ratio,
         max_model_len=vllm_config.model_config.max_model_len,
     )
+    retrieval_name, local_name = pool_names(stage)
     if retrieval_spec is not None:
-        context[RETRIEVAL_POOL_NAME] = RazorPoolLayer(RETRIEVAL_POOL_NAME, retrieval_spec, RazorAttentionBackend)
+        context[retrieval_name] = RazorPoolLayer(retrieval_name, retrieval_spec, RazorAttentionBackend)
     if local_spec is not None:
-        context[LOCAL_POOL_NAME] = RazorPoolLayer(LOCAL_POOL_NAME, local_spec, RazorAttentionBackend)
-    share_target = LOCAL_POOL_NAME if local_spec is not None else RETRIEVAL_POOL_NAME
+        context[local_name] = RazorPoolLayer(local_name, local_spec, RazorAttentionBackend)
+    share_target = local_name if local_spec is not None else retrieval_name
 
     for name, heads in zip(names, layout.layers):
         layer = layers[name]
@@ -183,17 +199,21 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
             use_compensation=resolved.compensation,
             head_size=layer.head_size,
             exact_prefill=resolved.exact_prefill,
+            retrieval_pool=retrieval_name,
+            local_pool=local_name,
         )
         # vLLM's cross-layer KV sharing: the runner allocates nothing for this layer, adds it to
         # the pool's KV group (so it receives that group's metadata) and binds it that pool.
         layer.kv_sharing_target_layer_name = share_target
 
     if tp_rank == 0:
-        logger.info(summary_line(resolved, layout, retrieval_spec, local_spec))
+        logger.info(summary_line(resolved, layout, retrieval_spec, local_spec, plan if plan.ranks[1:] else None))
     return layout
 
 
-def summary_line(resolved: ResolvedRazorConfig, layout: PoolLayout, retrieval_spec, local_spec) -> str:
+def summary_line(
+    resolved: ResolvedRazorConfig, layout: PoolLayout, retrieval_spec, local_spec, plan: Optional[ScaleoutPlan] = None
+) -> str:
     total = layout.num_retrieval_heads + layout.num_local_heads
     parts = [
         f"RAZOR: profile {resolved.profile_source}",
@@ -203,6 +223,8 @@ def summary_line(resolved: ResolvedRazorConfig, layout: PoolLayout, retrieval_sp
     if resolved.compression_ratio is not None:
         parts.append(f"window rule max(window, N/{resolved.compression_ratio:g})")
     parts.append("prefill exact" if resolved.exact_prefill else "prefill compressed")
+    if plan is not None:
+        parts.append(f"retrieval heads per rank {plan.describe()}")
     if not resolved.compensation:
         parts.append("compensation off")
     if retrieval_spec is not None:

@@ -59,11 +59,13 @@ class PoolLayout:
 
     @property
     def has_retrieval_pool(self) -> bool:
-        return self.num_retrieval_heads > 0
+        # Pool heads, not this rank's heads: under tensor parallelism a rank may serve no retrieval
+        # head of its own yet must register the pool its peers register (``balance.py``).
+        return self.retrieval_pool_heads > 0
 
     @property
     def has_local_pool(self) -> bool:
-        return self.num_local_heads > 0
+        return self.local_pool_heads > 0
 
     def page_slots(self) -> int:
         """Token-head slots per page (equal for both pools when both exist)."""
@@ -184,15 +186,23 @@ def plan_layout(
     dtype_size: int,
     default_block_size: int = 128,
     hash_aligned: bool = False,
+    pool_heads: Optional[tuple[int, int]] = None,
 ) -> PoolLayout:
     """Place each layer's heads (rank-local ids) into the pools and choose block sizes.
 
     ``hash_aligned`` (set when vLLM's prefix caching is on): one block size divides the other, so
     vLLM hashes prompts in local blocks and lands hits on the retrieval block (see the module doc).
+    ``pool_heads``: the (retrieval, local) head counts to size the pools for, at least this rank's
+    own; every rank of a parallel engine passes the same (``balance.ScaleoutPlan.pool_heads``) so
+    that all of them plan identical pool specs. Default: this rank's own counts.
     """
     counts_r = [len(h) for h in retrieval_heads_per_layer]
     num_r = sum(counts_r)
     num_l = num_kv_heads * len(retrieval_heads_per_layer) - num_r
+    if pool_heads is not None:
+        if pool_heads[0] < num_r or pool_heads[1] < num_l:
+            raise ValueError(f"pool heads {pool_heads} cannot hold {num_r} retrieval and {num_l} local heads")
+        num_r, num_l = pool_heads
     tail = tail_slots_for(dtype_size)
     padding = 0
     if num_r and num_l and hash_aligned:

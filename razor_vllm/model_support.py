@@ -1,12 +1,19 @@
-"""Which models razor can serve, decided from vLLM's ``ModelConfig`` before any engine starts.
+"""What razor can serve: the one capability check, decided before any engine process starts.
 
 Razor splits a decoder's per-head K/V cache into retrieval heads (full cache) and local heads
-(sinks + window + compensation). Models without such a cache, or whose attention the razor kernels
-do not implement, are refused in the API process (``vllm_compat.prepare_razor_config``, before the
-profile is looked up) with one message naming every problem, instead of failing in a worker while
-the model is built. The backend class's declared capabilities (attention types, MLA, sliding
-window, dtypes) decide where it declares them; the rest mirrors what ``RazorAttentionImpl.__init__``
-refuses (ALiBi, logit soft-capping, cross-layer KV sharing).
+(sinks + window + compensation). Everything razor refuses is decided here, and the three places
+vLLM gives us a say call in:
+
+- ``check_servable`` (from ``vllm_compat.prepare_razor_config``, in the API process before the
+  profile is looked up): the model (MLA, encoder-only, ALiBi, ...) and engine features whose
+  semantics the pools would silently break (speculative decoding, KV connectors and offloading,
+  sleep mode, context parallelism, ...), each reason naming its option, all in one message;
+- ``selector_reasons`` (vLLM's backend selection, ``vllm_compat._select_backend``);
+- ``layer_reasons`` (``RazorAttentionImpl.__init__``, per layer, for models built outside that path).
+
+The backend class's declared capabilities (attention types, MLA, sliding window, dtypes, KV-cache
+dtypes) decide where it declares them, so a backend that gains a capability (e.g. fp8 KV caches on
+GPU) is served without editing this module.
 """
 
 from __future__ import annotations
@@ -86,9 +93,77 @@ def unsupported_reasons(vllm_config: Any) -> list[str]:
     return reasons
 
 
+def engine_feature_reasons(vllm_config: Any) -> list[str]:
+    """Engine features razor's pools cannot serve faithfully, each naming the option that turns it on."""
+    reasons: list[str] = []
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        reasons.append(
+            "--speculative-config: the local heads fold tokens leaving the window into the compensation sums as "
+            "soon as they are written, so draft tokens that vLLM rejects and rewinds would stay in the sums"
+        )
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        reasons.append(
+            "--kv-transfer-config: KV connectors copy each model layer's cache by layer name; razor's layers own "
+            "no cache (their K/V live in two shared pools with a local window and compensation sums)"
+        )
+    cache_config = vllm_config.cache_config
+    if getattr(cache_config, "kv_offloading_size", None):
+        reasons.append(
+            "--kv-offloading-size: KV offloading swaps whole blocks in and out by prefix; the local pool's blocks "
+            "hold a sliding window and its first block the compensation sums"
+        )
+    if getattr(cache_config, "kv_sharing_fast_prefill", False):
+        reasons.append(
+            "--kv-sharing-fast-prefill: it drops prefill tokens from the metadata of KV-sharing layers, and every "
+            "razor layer is one (it shares a pool)"
+        )
+    if getattr(vllm_config.model_config, "enable_sleep_mode", False):
+        reasons.append(
+            "--enable-sleep-mode: sleep discards the KV cache, including the compensation sums of running "
+            "requests that the local heads cannot rebuild"
+        )
+    parallel = vllm_config.parallel_config
+    for option, name in (("decode_context_parallel_size", "--decode-context-parallel-size"),
+                         ("prefill_context_parallel_size", "--prefill-context-parallel-size")):  # fmt: skip
+        if getattr(parallel, option, 1) > 1:
+            reasons.append(
+                f"{name} > 1: context parallelism splits a sequence's KV cache across ranks; razor's window, sinks "
+                "and compensation sums need each head's whole sequence on one rank"
+            )
+    if getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False):
+        reasons.append("--disable-hybrid-kv-cache-manager: razor's two pools are two KV cache groups")
+    return reasons
+
+
+def selector_reasons(attn_selector_config: Any) -> list[str]:
+    """Why vLLM's attention selector may not pick razor for a layer (the backend's declared capabilities)."""
+    from razor_vllm.backend import RazorAttentionBackend
+
+    reasons = RazorAttentionBackend.validate_configuration(device_capability=None, **attn_selector_config._asdict())
+    return [r for r in reasons if r != "compute capability not supported"]  # razor runs on any device
+
+
+def layer_reasons(
+    alibi_slopes: Any, sliding_window: Any, logits_soft_cap: Any, attn_type: str, kv_sharing_target_layer_name: Any
+) -> list[str]:
+    """What one attention layer asks of the impl that the razor kernels do not do."""
+    reasons = []
+    if alibi_slopes is not None:
+        reasons.append("ALiBi")
+    if sliding_window is not None:
+        reasons.append("a model sliding window")
+    if logits_soft_cap:
+        reasons.append("logits soft-capping")
+    if attn_type != AttentionType.DECODER:
+        reasons.append(f"attention type {attn_type}")
+    if kv_sharing_target_layer_name is not None:
+        reasons.append("cross-layer KV sharing")
+    return reasons
+
+
 def check_servable(vllm_config: Any) -> None:
-    """Raise ``ValueError`` naming the model and every reason razor cannot serve it."""
-    reasons = unsupported_reasons(vllm_config)
+    """Raise ``ValueError`` naming the model and every reason razor cannot serve it as configured."""
+    reasons = unsupported_reasons(vllm_config) + engine_feature_reasons(vllm_config)
     if reasons:
         model_config = vllm_config.model_config
         archs = ", ".join(model_config.architectures or []) or type(model_config.hf_config).__name__

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from razor_vllm.balance import resolve_mode
 from razor_vllm.config import (
     ModelFingerprint,
     ProfileError,
@@ -42,6 +43,9 @@ class RazorOptions(BaseModel):
       max(``window``, ceil(N / ``compression_ratio``)) recent tokens (the window grows with the
       prompt at compression ratio C).
     - ``compression_ratio``: C of the paper's rule (> 1; only with ``window_rule: paper``).
+    - ``tp_balance``: how ranks of a parallel engine that the profile gives fewer retrieval heads
+      fill the pool slots the heaviest rank needs (``balance.py``): ``promote`` their next-best
+      heads by the profile's scores (default when it has scores) or ``pad`` (empty slots).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,6 +60,7 @@ class RazorOptions(BaseModel):
     prefill: Literal["exact", "compressed"] = "exact"
     window_rule: Literal["fixed", "paper"] = "fixed"
     compression_ratio: Optional[float] = Field(default=None, gt=1)
+    tp_balance: Optional[Literal["promote", "pad"]] = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Optional[dict[str, Any]]) -> "RazorOptions":
@@ -92,6 +97,7 @@ class ResolvedRazorConfig(BaseModel):
     local_block_size: int
     compensation: bool = True
     exact_prefill: bool = True
+    tp_balance: Optional[str] = None  # as given; balance.resolve_mode picks the default
     compression_ratio: Optional[float] = None  # None: fixed window; else the paper's max(window, N / C)
 
     def local_rule(self) -> "LocalGeometry":
@@ -137,6 +143,7 @@ def resolve(options: RazorOptions, served: ModelFingerprint) -> ResolvedRazorCon
         compensation=profile.compensation if options.compensation is None else options.compensation,
         exact_prefill=options.prefill == "exact",
         compression_ratio=options.compression_ratio if options.window_rule == "paper" else None,
+        tp_balance=resolve_mode(options.tp_balance, bool(profile.scores)),
     )
 
 

@@ -42,7 +42,24 @@ logger = init_logger("vllm." + __name__)  # under "vllm" so it shares vLLM's log
 # after every model layer in the runner's cache list.
 RETRIEVAL_POOL_NAME = "razor_pools.100000.retrieval"
 LOCAL_POOL_NAME = "razor_pools.100001.local"
-POOL_LABELS = {RETRIEVAL_POOL_NAME: "retrieval", LOCAL_POOL_NAME: "local"}  # metric / status labels
+POOL_LABELS = ("retrieval", "local")  # metric / status labels: the names' last part
+
+
+def pool_names(stage: int = 0) -> tuple[str, str]:
+    """(retrieval, local) pool layer names of pipeline stage ``stage``; stage 0's are the constants.
+
+    vLLM merges the specs of all workers by layer name, so each stage's pools need their own names
+    (a stage holds only its layers' heads).
+    """
+    return f"razor_pools.{100000 + 2 * stage}.retrieval", f"razor_pools.{100001 + 2 * stage}.local"
+
+
+def pool_label(layer_name: str) -> Optional[str]:
+    """``retrieval`` / ``local`` for a razor pool layer name, else ``None``."""
+    if not layer_name.startswith("razor_pools."):
+        return None
+    label = layer_name.rsplit(".", 1)[-1]
+    return label if label in POOL_LABELS else None
 
 
 def _prefix_cacheable_tokens(request: Any, num_tokens: int, exact_prefill: bool) -> int:
@@ -438,7 +455,7 @@ def pool_usage(scheduler: Any) -> Optional[dict[str, Any]]:
     hits: dict[str, dict[str, int]] = {}
     holders: set[str] = set()
     for group, single_type in zip(scheduler.kv_cache_config.kv_cache_groups, manager.coordinator.single_type_managers):
-        label = next((POOL_LABELS[name] for name in group.layer_names if name in POOL_LABELS), None)
+        label = next((pool_label(name) for name in group.layer_names if pool_label(name)), None)
         if label is None:
             continue
         ids: set[int] = set()

@@ -104,12 +104,9 @@ def wrap_platform_backend_selection() -> None:
 def _select_backend(original_func):
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None, *args, **kwargs):
         if selected_backend is not None and getattr(selected_backend, "name", None) == BACKEND_NAME:
-            from razor_vllm.backend import RazorAttentionBackend
+            from razor_vllm.model_support import selector_reasons
 
-            reasons = RazorAttentionBackend.validate_configuration(
-                device_capability=None, **attn_selector_config._asdict()
-            )
-            reasons = [r for r in reasons if r != "compute capability not supported"]
+            reasons = selector_reasons(attn_selector_config)
             if reasons:
                 raise ValueError(f"RAZOR attention cannot serve this model: {', '.join(reasons)}")
             return BACKEND_PATH
@@ -149,10 +146,12 @@ def prepare_razor_config(vllm_config: Any) -> None:
     from razor_vllm.model_support import check_servable
     from razor_vllm.options import resolve_for_vllm_config
 
-    check_servable(vllm_config)  # MLA, encoder-only, ...: the model itself, before looking for its profile
+    check_servable(vllm_config)  # the model and engine features (model_support.py), before looking for its profile
     resolved = resolve_for_vllm_config(vllm_config)  # raises ProfileError/ValueError naming the problem
-    if getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False):
-        raise ValueError("RAZOR attention needs vLLM's hybrid KV cache manager; drop --disable-hybrid-kv-cache-manager")
+    if vllm_config.lora_config is not None:
+        # LoRA adapts the q/k/v projections, not attention itself: served, but the head profile was
+        # measured on the base weights.
+        logger.info("RAZOR: LoRA adapters are served with the base model's head profile.")
     cache_config = vllm_config.cache_config
     if cache_config.enable_prefix_caching and not resolved.exact_prefill and resolved.compression_ratio is not None:
         # Compressed prefill under the paper's window rule: a position's K/V depend on the window of
@@ -242,18 +241,25 @@ def add_pool_usage_utility() -> None:
 async def query_pool_usage(engine_client: Any) -> Optional[dict[str, Any]]:
     """``pools.pool_usage`` of every engine core behind ``engine_client`` (an ``AsyncLLM``), combined.
 
-    ``None`` when the engines serve no razor pools or the client cannot reach them.
+    ``None`` when the engines serve no razor pools or the client cannot reach them. With data
+    parallelism each engine core has its own scheduler and block pool: see ``combine_pool_usage``.
     """
     core = getattr(engine_client, "engine_core", None)
     if core is None or not hasattr(core, "call_utility_all_async"):
         return None
-    results = [r for r in await core.call_utility_all_async(POOL_USAGE_UTILITY) if r is not None]
-    if not results:
+    return combine_pool_usage(await core.call_utility_all_async(POOL_USAGE_UTILITY))
+
+
+def combine_pool_usage(results: list[Optional[dict[str, Any]]]) -> Optional[dict[str, Any]]:
+    """Sums over engine cores, and each core's own figures under ``engines`` (in the client's
+    engine order, which is the data-parallel rank: ``core_client.MPClient.core_engines``)."""
+    engines = [dict(r, engine=i) for i, r in enumerate(results) if r is not None]
+    if not engines:
         return None
     blocks: dict[str, int] = {}
     shared: dict[str, int] = {}
     hits: dict[str, dict[str, int]] = {}
-    for r in results:
+    for r in engines:
         for pool, n in r["blocks_in_use"].items():
             blocks[pool] = blocks.get(pool, 0) + n
         for pool, n in r.get("shared_blocks", {}).items():
@@ -266,9 +272,10 @@ async def query_pool_usage(engine_client: Any) -> Optional[dict[str, Any]]:
         "blocks_in_use": blocks,
         "shared_blocks": shared,
         "prefix_cache_hits": hits,
-        "num_blocks": sum(r["num_blocks"] for r in results),
-        "free_blocks": sum(r["free_blocks"] for r in results),
-        "tokens": sorted(t for r in results for t in r["tokens"]),
+        "num_blocks": sum(r["num_blocks"] for r in engines),
+        "free_blocks": sum(r["free_blocks"] for r in engines),
+        "tokens": sorted(t for r in engines for t in r["tokens"]),
+        "engines": engines,
     }
 
 

@@ -10,7 +10,6 @@ that the engine runs (razor_vllm.layout.plan_layout, per rank as install.py call
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from razor_vllm.config import (
     find_profile_for,
     resolve_profile,
 )
+from razor_vllm.balance import plan_scaleout, profile_ratios, promotion_priority
 from razor_vllm.layout import plan_layout, shard_kv_heads
 from razor_vllm.profile.importers import select_ratio_with_ties
 from razor_vllm.profile.selectors import fingerprint_of
@@ -176,21 +176,15 @@ def test_bundled_profile_lays_out_at_every_tensor_parallel_size(name, dtype):
                 assert layout.page_slots() > 0
 
 
-# A planner that sizes every rank's pools for the largest rank (plan_layout(min_pool_heads=...), as
-# proposed for install.py) makes the check below a plain assertion; until then it xfails.
-PLANS_FOR_ALL_RANKS = "min_pool_heads" in inspect.signature(plan_layout).parameters
-
-
-def rank_pool_shapes(profile: RazorProfile, tp: int, dtype_bytes: int = 2, block: int = 16) -> set:
-    n_kv, local = profile.model.num_kv_heads, max(1, profile.model.num_kv_heads // tp)
-    per_rank = [[shard_kv_heads(h, n_kv, tp, rank) for h in profile.retrieval_heads] for rank in range(tp)]
-    extra = {}
-    if PLANS_FOR_ALL_RANKS:
-        counts = [sum(map(len, heads)) for heads in per_rank]
-        extra["min_pool_heads"] = (max(counts), max(local * profile.model.num_layers - c for c in counts))
+def rank_pool_shapes(profile: RazorProfile, tp: int, mode: str = "pad", dtype_bytes: int = 2, block: int = 16) -> set:
+    """Every rank's planned pool shape, as each worker plans it (install.py: balance.plan_scaleout
+    for all ranks, then plan_layout with the plan's pool head counts)."""
+    priority = promotion_priority(profile.scores, profile_ratios(profile)) if mode == "promote" else None
+    plan = plan_scaleout(profile.retrieval_heads, profile.model.num_kv_heads, tp, 1, mode, priority)
     shapes = set()
-    for heads in per_rank:
-        layout = plan_layout(heads, local, 32, dtype_bytes, default_block_size=block, **extra)
+    for rank in plan.ranks:
+        layout = plan_layout(rank.heads, rank.kv_heads, 32, dtype_bytes, default_block_size=block,
+                             pool_heads=plan.pool_heads)
         shapes.add((layout.retrieval_pool_heads, layout.local_pool_heads, layout.retrieval_block_size))
     return shapes
 
@@ -199,14 +193,13 @@ def rank_pool_shapes(profile: RazorProfile, tp: int, dtype_bytes: int = 2, block
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_bundled_profile_pools_agree_across_ranks(name, tp):
     """vLLM 0.32 requires every rank's KV-cache spec of a layer to be equal (kv_cache_utils.
-    get_kv_cache_configs asserts it) and one scheduler hands the same block ids to all ranks; razor's
-    pools are planned per rank from that rank's retrieval heads (install.py), so a profile whose
-    heads fall unevenly on the ranks gives unequal pool specs."""
-    shapes = rank_pool_shapes(resolve_profile(name), tp)
-    if len(shapes) > 1 and not PLANS_FOR_ALL_RANKS:
-        pytest.xfail(f"ranks plan different pools at TP={tp}: {sorted(shapes)} (install.py/layout.py must pad "
-                     "every rank to the largest rank's pools; reported, not this branch's files)")
-    assert len(shapes) == 1
+    get_kv_cache_configs asserts it) and one scheduler hands the same block ids to all ranks. The
+    bundled profiles put unequal numbers of retrieval heads on the ranks; the scale-out plan must
+    still give every rank one pool shape, padded or promoted."""
+    profile = resolve_profile(name)
+    modes = ["pad", "promote"] if profile.scores else ["pad"]
+    for mode in modes:
+        assert len(rank_pool_shapes(profile, tp, mode)) == 1, mode
 
 
 @pytest.mark.parametrize("name", BUNDLED)

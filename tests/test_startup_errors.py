@@ -135,3 +135,55 @@ def test_vllm_serve_stops_before_any_engine_starts(unservable_models):
     assert proc.returncode != 0, output[-3000:]
     assert "RAZOR attention cannot serve" in output and "multi-head latent attention (MLA" in output, output[-3000:]
     assert "EngineCore" not in output, output[-3000:]
+
+
+# -- engine features razor's pools would silently break: refused at config time, naming the option ---
+
+ENGINE_FEATURES = {  # EngineArgs -> the option the message must name
+    "speculative": (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
+                    "--speculative-config"),
+    "kv_transfer": (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+                    "--kv-transfer-config"),
+    "kv_offloading": (dict(kv_offloading_size=1.0), "--kv-offloading-size"),
+    "fast_prefill": (dict(kv_sharing_fast_prefill=True), "--kv-sharing-fast-prefill"),
+    "hybrid_off": (dict(disable_hybrid_kv_cache_manager=True), "--disable-hybrid-kv-cache-manager"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("feature", sorted(ENGINE_FEATURES))
+def test_engine_feature_razor_cannot_serve_is_refused_naming_the_option(default_model_dir, feature):
+    kwargs, option = ENGINE_FEATURES[feature]
+    _engine_args(default_model_dir, **kwargs).create_engine_config()  # stock vLLM takes it: the refusal is razor's
+    with pytest.raises(ValueError, match="RAZOR attention cannot serve") as err:
+        _engine_args(default_model_dir, attention_backend="razor", **kwargs).create_engine_config()
+    assert option in str(err.value)
+
+
+def test_features_vllm_cpu_refuses_itself_are_refused_by_razor_too(default_model_dir):
+    """Sleep mode and context parallelism stop earlier on CPU (vLLM's own checks); on GPU razor's check
+    names them. Checked on a config razor accepts, with the feature switched on afterwards."""
+    from razor_vllm.model_support import engine_feature_reasons
+
+    config = _engine_args(default_model_dir, attention_backend="razor").create_engine_config()
+    assert engine_feature_reasons(config) == []
+    config.model_config.enable_sleep_mode = True
+    config.parallel_config.decode_context_parallel_size = 2
+    reasons = " ".join(engine_feature_reasons(config))
+    assert "--enable-sleep-mode" in reasons and "--decode-context-parallel-size" in reasons
+
+
+def test_kv_cache_dtypes_follow_the_backends_capability_list(default_model_dir):
+    """Every value of vLLM's --kv-cache-dtype that the backend does not declare is refused; the declared
+    ones are not (the list lives on RazorAttentionBackend: a backend that gains fp8 needs no edit here)."""
+    import typing
+
+    from vllm.config.cache import CacheDType
+
+    from razor_vllm.backend import RazorAttentionBackend
+    from razor_vllm.model_support import unsupported_reasons
+
+    config = _engine_args(default_model_dir, attention_backend="razor").create_engine_config()
+    for dtype in typing.get_args(CacheDType):
+        config.cache_config.cache_dtype = dtype
+        refused = any("--kv-cache-dtype" in r for r in unsupported_reasons(config))
+        assert refused == (dtype not in RazorAttentionBackend.supported_kv_cache_dtypes), dtype

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
+from razor_vllm.balance import ScaleoutPlan, plan_scaleout, profile_ratios, promotion_priority, resolve_mode
 from razor_vllm.config import ModelFingerprint, RazorProfile
 from razor_vllm.geometry import LocalGeometry, cdiv, max_concurrency
 from razor_vllm.layout import PoolLayout, plan_layout
@@ -53,9 +54,10 @@ class KVGeometry:
     window: int
     sink: int
     stock_block_size: int
-    layout: PoolLayout
+    layout: PoolLayout  # every rank's pool shape (rank 0's heads)
     exact_prefill: bool = True
     compression_ratio: Optional[float] = None  # the paper's window rule max(window, N / C); None: fixed
+    plan: Optional[ScaleoutPlan] = None  # tensor parallelism: which heads each rank holds
 
     @property
     def local(self) -> LocalGeometry:
@@ -68,6 +70,10 @@ class KVGeometry:
         )
 
     @property
+    def tp_size(self) -> int:
+        return self.plan.tp_size if self.plan is not None else 1
+
+    @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
@@ -76,13 +82,7 @@ class KVGeometry:
         retrieval block follows it, as ``install_pools`` plans it)."""
         if block_size == self.stock_block_size:
             return self
-        layout = plan_layout(
-            [list(layer.retrieval) for layer in self.layout.layers],
-            self.num_kv_heads,
-            self.layout.local_block_size,
-            self.dtype_bytes,
-            default_block_size=block_size,
-        )
+        layout = _rank_layout(self.plan, self.layout.local_block_size, self.dtype_bytes, block_size)
         return replace(self, stock_block_size=block_size, layout=layout)
 
     @property
@@ -106,13 +106,14 @@ class KVGeometry:
     # -- razor ----------------------------------------------------------------------------------
     @property
     def page_bytes(self) -> int:
-        return self.layout.page_slots() * self.head_token_bytes
+        """One block id's pages on all tensor-parallel ranks (each holds a page of the same shape)."""
+        return self.layout.page_slots() * self.head_token_bytes * self.tp_size
 
     @property
     def retrieval_bytes_per_token(self) -> float:
         if not self.layout.has_retrieval_pool:
             return 0.0
-        return self.layout.retrieval_pool_heads * self.head_token_bytes
+        return self.layout.retrieval_pool_heads * self.head_token_bytes * self.tp_size
 
     @property
     def local_bytes_per_token(self) -> float:
@@ -171,17 +172,15 @@ def geometry(
     fingerprint: Optional[ModelFingerprint] = None,
     exact_prefill: bool = True,
     compression_ratio: Optional[float] = None,
+    tp_size: int = 1,
+    tp_balance: Optional[str] = None,
 ) -> KVGeometry:
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     model = fingerprint or profile.model
-    layout = plan_layout(
-        profile.retrieval_heads,
-        model.num_kv_heads,
-        local_block_size,
-        DTYPE_BYTES[dtype],
-        default_block_size=stock_block_size,
-    )
+    mode = resolve_mode(tp_balance, bool(profile.scores))
+    priority = promotion_priority(profile.scores, profile_ratios(profile)) if mode == "promote" else None
+    plan = plan_scaleout(profile.retrieval_heads, model.num_kv_heads, tp_size, 1, mode, priority)
     return KVGeometry(
         num_layers=model.num_layers,
         num_kv_heads=model.num_kv_heads,
@@ -190,9 +189,44 @@ def geometry(
         window=profile.window if window is None else window,
         sink=profile.sink if sink is None else sink,
         stock_block_size=stock_block_size,
-        layout=layout,
+        layout=_rank_layout(plan, local_block_size, DTYPE_BYTES[dtype], stock_block_size),
         exact_prefill=exact_prefill,
         compression_ratio=compression_ratio,
+        plan=plan,
+    )
+
+
+def _rank_layout(plan: ScaleoutPlan, local_block_size: int, dtype_bytes: int, block_size: int) -> PoolLayout:
+    """Rank 0's layout sized for the heaviest rank: every rank's pools have this shape (install.py)."""
+    first = plan.ranks[0]
+    return plan_layout(
+        first.heads, first.kv_heads, local_block_size, dtype_bytes, default_block_size=block_size,
+        pool_heads=plan.pool_heads,
+    )  # fmt: skip
+
+
+def balance_report(geo: KVGeometry) -> dict[str, Any]:
+    """Per-rank retrieval heads and what one pool shape for all ranks costs (``balance.py``).
+
+    ``unbalanced``: every rank's retrieval pool sized for its own profile heads (what vLLM cannot
+    run: specs must be equal). ``pools``: what the ranks hold (the heaviest rank's count, with
+    equal-page padding, on every rank); with ``promote`` the extra slots serve promoted heads.
+    """
+    plan = geo.plan
+    htb = geo.head_token_bytes
+    pooled, ideal = plan.retrieval_heads_all_ranks()
+    counts = [r.profile_count for r in plan.ranks]
+    return dict(
+        tp_size=plan.tp_size,
+        mode=plan.mode,
+        per_rank=plan.per_rank(),
+        retrieval_bytes_per_token=dict(
+            unbalanced=ideal * htb,
+            balanced=pooled * htb,  # heaviest rank's heads x ranks, before equal-page padding
+            pools=geo.retrieval_bytes_per_token,  # as allocated, with equal-page padding
+        ),
+        cost=(geo.retrieval_bytes_per_token / (ideal * htb) - 1) if ideal else 0.0,
+        imbalance=dict(min=min(counts), max=max(counts)),
     )
 
 
@@ -273,14 +307,15 @@ def analytic_report(
         num_layers=geo.num_layers,
         num_kv_heads=geo.num_kv_heads,
         head_size=geo.head_size,
-        retrieval_heads=layout.num_retrieval_heads,
-        local_heads=layout.num_local_heads,
-        retrieval_pool_heads=layout.retrieval_pool_heads,
-        local_pool_heads=layout.local_pool_heads,
+        retrieval_heads=sum(r.count for r in geo.plan.ranks),  # all ranks
+        local_heads=sum(r.local_count for r in geo.plan.ranks),
+        retrieval_pool_heads=layout.retrieval_pool_heads * geo.tp_size,  # all ranks
+        local_pool_heads=layout.local_pool_heads * geo.tp_size,
         retrieval_block_size=layout.retrieval_block_size,
         local_block_size=layout.local_block_size,
         stock_block_size=geo.stock_block_size,
         page_bytes=geo.page_bytes,
+        tensor_parallel=balance_report(geo),
         bytes_per_token=dict(
             stock=geo.stock_bytes_per_token,
             retrieval_pool=geo.retrieval_bytes_per_token,

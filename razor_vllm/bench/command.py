@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--compression-ratio", type=float, default=None, metavar="C",
                        help="serve razor with the paper's window rule max(window, N/C) (default: the fixed "
                        f"window); the bytes-per-rule table uses C={analytic.PAPER_RATIO:g} without it")
+    model.add_argument("--tp", type=int, default=1, metavar="N",
+                       help="analytic part: tensor-parallel size (per-rank heads and what balancing costs)")
+    model.add_argument("--tp-balance", choices=["promote", "pad"],
+                       help="razor option tp_balance for --tp (default: promote when the profile has scores)")
     model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="model and KV dtype for every engine and the analytic part (default: auto, as vLLM "
                             "picks it; on CPUs without avx512_bf16/AMX float32 runs several times faster)")
@@ -138,7 +142,10 @@ def _run(args: argparse.Namespace) -> int:
         dtype = runinfo.resolve_dtype(args.dtype, model_dir)
         if args.compression_ratio is not None and args.compression_ratio <= 1:
             raise ValueError("--compression-ratio must be > 1")
-        geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink, **_rule(args))
+        geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink, tp_size=args.tp,
+                                tp_balance=args.tp_balance, **_rule(args))
+        if args.tp > 1 and not args.skip_engine:
+            raise ValueError("--tp > 1 is analytic only: add --skip-engine")
     except (ProfileError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -159,8 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         # Redo the arithmetic with what the engines reported (block size, in-flight tokens).
         seen = results.pop("_engine_geometry", None)
         if seen and (seen["block_size"] != geo.stock_block_size or seen["in_flight"] != args.chunk):
-            geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink,
-                                    stock_block_size=seen["block_size"], **_rule(args))
+            geo = geo.with_stock_block_size(seen["block_size"])
             results["analytic"] = analytic.analytic_report(geo, contexts, seen["in_flight"], kv_for,
                                                            **_paper_ratio(args))
     results["meta"]["finished"] = runinfo.now()

@@ -54,6 +54,20 @@ def tables(results: dict[str, Any]) -> list[Table]:
             note=f"dtype {a['dtype']}; one razor page = {a['page_bytes']:,} B in either pool",
         )
     )
+    tp = a.get("tensor_parallel")
+    if tp and tp["tp_size"] > 1:
+        rows = [[str(r["rank"]), str(r["profile"]), str(r["promoted"]), str(r["local"])] for r in tp["per_rank"]]
+        tb = tp["retrieval_bytes_per_token"]
+        out.append(
+            Table(
+                f"Tensor parallel {tp['tp_size']}: retrieval heads per rank ({tp['mode']})",
+                ["rank", "profile heads", "promoted", "local heads"],
+                rows,
+                note=f"every rank sizes its pools for the heaviest; retrieval pool bytes/token over all ranks: "
+                f"{number(tb['pools'])} vs {number(tb['unbalanced'])} if each rank held only its own profile heads "
+                f"(+{100 * tp['cost']:.0f}%)",
+            )
+        )
     out.append(
         Table(
             "KV bytes per request (MiB)",

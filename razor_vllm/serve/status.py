@@ -7,7 +7,9 @@ vLLM loads endpoint plugins in the API server process only, and only those named
 the workers do (``options.resolve_for_vllm_config`` -> ``layout.plan_layout`` ->
 ``pools.build_specs``), so the figures match the worker's "RAZOR: ..." start-up line.
 
-Bytes per token are summed over tensor-parallel ranks (each rank plans its own pools). The
+Bytes per token are summed over all workers (tensor-parallel ranks x pipeline stages); every worker
+sizes its pools for the heaviest one (``balance.py``), and ``balance`` says what each holds and what
+that costs against each worker sized for its own profile heads. The
 compression ratio compares one ``max_model_len``-token sequence: stock vLLM's paged cache
 (``ceil(L / block_size)`` blocks of every layer) against razor's steady state (every retrieval
 page of the sequence plus the local pool's sink block(s) and the blocks spanning the window).
@@ -56,8 +58,9 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
 
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
+    from razor_vllm.balance import plan_for_resolved
     from razor_vllm.config import ModelFingerprint
-    from razor_vllm.layout import plan_layout, shard_kv_heads
+    from razor_vllm.layout import plan_layout
     from razor_vllm.options import resolve_for_vllm_config
     from razor_vllm.pools import build_specs
 
@@ -69,21 +72,24 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
     head_token_bytes = 2 * served.head_size * elem
     stock_block = int(vllm_config.cache_config.block_size or 128)
     tp = int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
+    pp = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
     kv_heads_per_rank = served.num_kv_heads // tp if tp <= served.num_kv_heads else 1
     max_len = int(model_config.max_model_len)
+    # The workers' plan (install.py): every rank of every stage sizes its pools alike (balance.py).
+    plan = plan_for_resolved(resolved, served.num_kv_heads, tp, pp)
 
     in_flight = int(vllm_config.max_in_flight_tokens)
     retrieval_bpt = local_bpt = razor_bytes = admission_bytes = all_ranks_page_bytes = 0
     pools: dict[str, dict[str, int]] = {}
-    for rank in range(tp):
-        per_layer = [shard_kv_heads(h, served.num_kv_heads, tp, rank) for h in resolved.retrieval_heads]
+    for worker in plan.ranks:
         layout = plan_layout(
-            per_layer,
-            kv_heads_per_rank,
+            worker.heads,
+            worker.kv_heads,
             resolved.local_block_size,
             elem,
             default_block_size=stock_block,
             hash_aligned=bool(vllm_config.cache_config.enable_prefix_caching),
+            pool_heads=plan.pool_heads,
         )
         retrieval_spec, local_spec = build_specs(
             layout,
@@ -97,11 +103,12 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         )
         page_bytes = layout.page_slots() * head_token_bytes
         pages = admission_pages = 0
+        first = worker is plan.ranks[0]
         if retrieval_spec is not None:
             retrieval_bpt += retrieval_spec.page_size_bytes // retrieval_spec.block_size
             pages += cdiv(max_len, retrieval_spec.block_size)
             admission_pages += cdiv(max_len, retrieval_spec.block_size)
-            if rank == 0:
+            if first:
                 pools["retrieval"] = dict(
                     heads=layout.num_retrieval_heads,
                     pool_heads=layout.retrieval_pool_heads,
@@ -114,7 +121,7 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
             geo = local_spec.geometry
             pages += geo.steady_blocks(max_len)  # what RazorLocalManager keeps after the prompt
             admission_pages += geo.admission_blocks(max_len, in_flight, max_len)  # the prefill transient
-            if rank == 0:
+            if first:
                 pools["local"] = dict(
                     heads=layout.num_local_heads,
                     pool_heads=layout.local_pool_heads,
@@ -126,6 +133,7 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         razor_bytes += pages * page_bytes
         admission_bytes += admission_pages * page_bytes
         all_ranks_page_bytes += page_bytes
+    pooled, ideal = plan.retrieval_heads_all_ranks()
 
     stock_bpt = served.num_layers * kv_heads_per_rank * tp * head_token_bytes
     stock_bytes = cdiv(max_len, stock_block) * stock_block * stock_bpt
@@ -141,6 +149,7 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         "served_fingerprint": served.model_dump(),
         "retrieval_heads": {
             "per_layer": [sorted(h) for h in resolved.retrieval_heads],
+            "served_per_layer": plan.served_global_heads(),  # with promoted heads (tp <= KV heads)
             "count": count,
             "total": total,
             "share": count / total,
@@ -153,6 +162,14 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         "local_block_size": resolved.local_block_size,
         "kv_cache_dtype": str(dtype).removeprefix("torch."),
         "tensor_parallel_size": tp,
+        "pipeline_parallel_size": pp,
+        "balance": {
+            "mode": plan.mode,
+            # retrieval heads per worker: from the profile, promoted into spare pool slots, local
+            "per_rank": plan.per_rank(),
+            # retrieval-pool bytes per token over all workers vs each worker sized for its own profile heads
+            "retrieval_bytes_per_token": {"pools": pooled * head_token_bytes, "unbalanced": ideal * head_token_bytes},
+        },
         "stock_block_size": stock_block,
         "pools": pools,
         "page_bytes_all_ranks": all_ranks_page_bytes,  # what one block id holds, summed over TP ranks
@@ -177,7 +194,7 @@ def describe_usage(status: dict[str, Any], usage: dict[str, Any]) -> dict[str, A
     stock_tokens = sum(cdiv(n, stock_block) * stock_block for n in usage["tokens"])
     stock = stock_tokens * status["kv_bytes_per_token"]["stock"]
     razor = sum(blocks.values()) * status["page_bytes_all_ranks"]
-    return {
+    described = {
         "blocks_in_use": blocks,
         "shared_blocks": dict(usage.get("shared_blocks", {})),  # held by more than one request (prefix caching)
         "prefix_cache_hits": dict(usage.get("prefix_cache_hits", {})),  # per pool since start-up
@@ -188,6 +205,12 @@ def describe_usage(status: dict[str, Any], usage: dict[str, Any]) -> dict[str, A
         "kv_bytes": {"razor": razor, "stock": stock},
         "saving": stock / razor if razor and stock else None,
     }
+    engines = usage.get("engines") or []
+    if engines:  # each engine core (data-parallel rank) has its own block pool
+        described["engines"] = [
+            {**describe_usage(status, {**e, "engines": None}), "engine": e["engine"]} for e in engines
+        ]
+    return described
 
 
 async def refresh_usage(state: Any) -> Optional[dict[str, Any]]:
@@ -212,6 +235,9 @@ async def refresh_usage(state: Any) -> Optional[dict[str, Any]]:
     described = describe_usage(status, usage)
     for pool, blocks in described["blocks_in_use"].items():
         _metrics()["blocks"].labels(pool=pool).set(blocks)
+    for engine in described.get("engines", []):
+        for pool, blocks in engine["blocks_in_use"].items():
+            _metrics()["engine_blocks"].labels(engine=str(engine["engine"]), pool=pool).set(blocks)
     return described
 
 
@@ -265,6 +291,12 @@ def _metrics() -> dict[str, Any]:
                 "razor_blocks_in_use",
                 "KV blocks each razor pool holds now (read from the engine core when /metrics is scraped)",
                 labelnames=["pool"],
+                **mode,
+            ),
+            "engine_blocks": Gauge(
+                "razor_engine_blocks_in_use",
+                "KV blocks each razor pool holds now in each engine core (data-parallel rank)",
+                labelnames=["engine", "pool"],
                 **mode,
             ),
         }
