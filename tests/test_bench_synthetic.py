@@ -71,11 +71,16 @@ def test_fit_rule(tmp_path, default_model_dir):
     stock, razor = _fits(geo, "stock", chunk), _fits(geo, "razor", chunk, vllm_block_size=16)
     assert stock(32768, 2, 100, engine) is None
     assert stock(32768, 3, 100, engine) == f"needs {3 * gpu.stock_blocks(tokens)} blocks, the KV cache has {blocks}"
-    # The same memory in razor pages holds several times as many 32k requests.
+    # The same memory in razor pages holds several times as many 32k requests: with exact prefill
+    # (the default) one request's prompt transient (about stock's own cache for it) plus the others'
+    # steady pages; compressed prefill admits within the window and holds more.
     razor_engine = dict(num_gpu_blocks=gpu.razor_num_blocks(blocks * gpu.stock_block_bytes),
                         block_size=gpu.layout.retrieval_block_size)  # what a razor engine reports
-    assert razor(32768, 8, 100, razor_engine) is None
+    assert razor(32768, 6, 100, razor_engine) is None
+    assert razor(32768, 8, 100, razor_engine) is not None
     assert razor(32768, 64, 100, razor_engine) is not None
+    compressed = analytic.geometry(profile, "bfloat16", stock_block_size=128, exact_prefill=False)
+    assert _fits(compressed, "razor", chunk, vllm_block_size=16)(32768, 8, 100, razor_engine) is None
     # An engine laid out from another vLLM block size: no guess, the point runs.
     assert razor(32768, 64, 100, dict(razor_engine, block_size=razor_engine["block_size"] + 1)) is None
 
