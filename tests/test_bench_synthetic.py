@@ -75,7 +75,7 @@ def test_fit_rule(tmp_path, default_model_dir):
     # (the default) one request's prompt transient (about stock's own cache for it) plus the others'
     # steady pages; compressed prefill admits within the window and holds more.
     razor_engine = dict(num_gpu_blocks=gpu.razor_num_blocks(blocks * gpu.stock_block_bytes),
-                        block_size=gpu.layout.retrieval_block_size)  # what a razor engine reports
+                        block_size=gpu.reported_block_size)  # what a razor engine reports
     assert razor(32768, 6, 100, razor_engine) is None
     assert razor(32768, 8, 100, razor_engine) is not None
     assert razor(32768, 64, 100, razor_engine) is not None
@@ -107,4 +107,4 @@ def test_tiny_synthetic_engines_measure_what_fits(tmp_path):
     engines = data["throughput_engines"]
     razor_geo = analytic.geometry(RazorProfile.load(data["meta"]["profile"]), "float32", window=64,
                                   stock_block_size=engines["stock"]["block_size"])
-    assert engines["razor"]["block_size"] == razor_geo.layout.retrieval_block_size  # the razor check ran
+    assert engines["razor"]["block_size"] == razor_geo.reported_block_size  # the razor check ran

@@ -77,6 +77,16 @@ class KVGeometry:
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    @property
+    def reported_block_size(self) -> int:
+        """The block size a razor engine reports in ``cache_config.block_size``: vLLM's engine core
+        (v1/engine/core.py) sets it to the smallest block of the prefix-cacheable KV groups, and both
+        pools are prefix-cacheable (pools.py), so it is the smaller of the two pools' blocks."""
+        layout = self.layout
+        blocks = [layout.retrieval_block_size] if layout.has_retrieval_pool else []
+        blocks += [layout.local_block_size] if layout.has_local_pool else []
+        return min(blocks)
+
     def with_stock_block_size(self, block_size: int) -> "KVGeometry":
         """The same model and profile on an engine whose vLLM block size is ``block_size`` (razor's
         retrieval block follows it, as ``install_pools`` plans it)."""

@@ -324,8 +324,9 @@ def _fits(geo: analytic.KVGeometry, backend: str, chunk: int, vllm_block_size: O
     requests already decoding plus one admission (window + a prefill chunk in the local pool).
 
     Blocks are counted in the engine's units: stock's block size is the one its engine reports;
-    razor's engine reports its retrieval block, planned from vLLM's block size (``vllm_block_size``,
-    read from the stock engine), so razor's check runs only when that plan matches the engine."""
+    razor's engine reports the smaller of its pools' blocks (``KVGeometry.reported_block_size``), planned
+    from vLLM's block size (``vllm_block_size``, read from the stock engine), so razor's check runs
+    only when that plan matches the engine."""
 
     def check(context: int, batch: int, max_tokens: int, info: dict[str, Any]) -> Optional[str]:
         tokens = context + max_tokens
@@ -333,7 +334,7 @@ def _fits(geo: analytic.KVGeometry, backend: str, chunk: int, vllm_block_size: O
             need = batch * geo.with_stock_block_size(info["block_size"]).stock_blocks(tokens)
         else:
             engine = geo.with_stock_block_size(vllm_block_size or geo.stock_block_size)
-            if engine.layout.retrieval_block_size != info["block_size"]:
+            if engine.reported_block_size != info["block_size"]:
                 return None  # not the layout this engine planned: run the point rather than guess
             need = (batch - 1) * engine.razor_steady_pages(tokens) + engine.razor_admission_pages(tokens, chunk)
         have = info["num_gpu_blocks"]
