@@ -4,7 +4,7 @@
 
 For each shape (SmolLM2-135M: 9 query / 3 KV heads, D=64; Llama-3-8B-like: 32 / 8, D=128; decode
 batches and one 512-token prefill chunk at 2k-8k context) it times one layer's kernels:
-``local_attention`` (our kernel; sinks S=4 + window W=252 + compensation), ``fold_compensation`` and
+``local_attention`` (our kernel; sinks S=4 + window W=252 + compensation), ``write_block_tails`` and
 ``store_kv`` (ours), ``paged_attention`` (vLLM's unified_attention on the retrieval pool's layout,
 block 187), and ``stock_full_attention``: the same vLLM kernel on stock vLLM's own cache layout
 (block 16) over the whole context, i.e. what each of these heads costs without razor. Times are
@@ -74,8 +74,8 @@ def local_pool(shape: Shape, dtype: torch.dtype, gen: torch.Generator) -> dict:
     table = torch.zeros(shape.batch, blocks, dtype=torch.int32)
     table[:, live] = ids
     key_cache, value_cache = paged_cache(shape.batch * len(live) + 1, LOCAL_BLOCK, shape, dtype, gen)
-    comp = torch.randn(key_cache.shape[0], key_cache.shape[1], 2, shape.head_size, generator=gen).cuda() * 10
-    return dict(key_cache=key_cache, value_cache=value_cache, comp=comp, block_table=table.cuda())
+    tails = torch.randn(key_cache.shape[0], key_cache.shape[1], 2, shape.head_size, generator=gen).cuda() * 10
+    return dict(key_cache=key_cache, value_cache=value_cache, tails=tails, block_table=table.cuda())
 
 
 def kv_bytes(shape: Shape, dtype: torch.dtype, tokens: int) -> int:
@@ -113,14 +113,15 @@ def bench(shape: Shape, dtype: torch.dtype, gen: torch.Generator, cudagraph: boo
 
     local_tokens = min(shape.context, SINK + WINDOW + shape.q_len)
     ops = {
-        "local_attention": (lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["comp"],
-                                                       *local_meta, SINK, WINDOW, scale, out=out), local_tokens),
+        "local_attention": (lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["tails"],
+                                                       *local_meta[:3], None, None, *local_meta[3:], SINK, WINDOW,
+                                                       True, False, scale, out=out), local_tokens),
         "paged_attention": (lambda: tk.paged_attention(query, full_key, full_value, *full_meta, scale, out=out),
                             shape.context),
         "stock_full_attention": (lambda: tk.paged_attention(query, stock_key, stock_value, *stock_meta, scale, out=out),
                                  shape.context),
-        "fold_compensation": (lambda: tk.fold_compensation(local["key_cache"], local["value_cache"], local["comp"],
-                                                           *local_meta, SINK, WINDOW), shape.q_len),
+        "write_block_tails": (lambda: tk.write_block_tails(local["key_cache"], local["value_cache"], local["tails"],
+                                                           *local_meta, SINK), shape.q_len),
         "store_kv": (lambda: tk.store_kv(local["key_cache"], local["value_cache"], key, key, slots, n_kv), 0),
     }  # fmt: skip
     rows = []

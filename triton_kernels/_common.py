@@ -69,14 +69,25 @@ def check_query(query: torch.Tensor, key_cache: torch.Tensor, num_kv_heads: int)
     return query.shape[1] // num_kv_heads
 
 
-def check_comp(comp: torch.Tensor, key_cache: torch.Tensor) -> None:
+def check_tails(tails: torch.Tensor, key_cache: torch.Tensor) -> None:
     expected = (key_cache.shape[0], key_cache.shape[1], 2, key_cache.shape[3])
-    if comp.dtype != torch.float32 or tuple(comp.shape) != expected or comp.stride(3) != 1:
+    if tails.dtype != torch.float32 or tuple(tails.shape) != expected or tails.stride(3) != 1:
         raise ValueError(
-            f"comp must be float32 {list(expected)} with contiguous rows, got {comp.dtype} {list(comp.shape)}"
+            f"tails must be float32 {list(expected)} with contiguous rows, got {tails.dtype} {list(tails.shape)}"
         )
-    if comp.device != key_cache.device:
-        raise ValueError(f"comp is on {comp.device}, the cache on {key_cache.device}")
+    if tails.device != key_cache.device:
+        raise ValueError(f"tails is on {tails.device}, the cache on {key_cache.device}")
+
+
+def per_request(t, name: str, num_reqs: int, device: torch.device):
+    """An optional per-request int tensor (prompt_lens, windows) as int32 on ``device``; None stays None."""
+    if t is None:
+        return None
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the cache on {device}")
+    if t.dim() != 1 or t.shape[0] < num_reqs or t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be an int32 [num_reqs={num_reqs}] tensor, got {t.dtype} {tuple(t.shape)}")
+    return t.to(torch.int32)
 
 
 def check_rule(sink: int, window: int) -> None:
@@ -120,7 +131,7 @@ def metadata(
 def local_pool_args(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    comp: torch.Tensor,
+    tails: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
@@ -129,17 +140,17 @@ def local_pool_args(
     sink: int,
     window: int,
 ) -> dict[str, Any]:
-    """Checks and launch arguments that both local-pool kernels (attention and fold) take."""
+    """Checks and launch arguments that both local-pool kernels (attention and block tails) take."""
     check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads)
-    check_comp(comp, key_cache)
+    check_tails(tails, key_cache)
     check_rule(sink, window)
     block_table, seq_lens, query_start_loc = metadata(block_table, seq_lens, query_start_loc, key_cache.device)
     return dict(
-        k_ptr=key_cache, v_ptr=value_cache, comp_ptr=comp, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
+        k_ptr=key_cache, v_ptr=value_cache, tails_ptr=tails, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
         query_start_loc_ptr=query_start_loc, head_offset=head_offset, sink=sink, window=window,
         stride_k_block=key_cache.stride(0), stride_k_head=key_cache.stride(1), stride_k_slot=key_cache.stride(2),
         stride_v_block=value_cache.stride(0), stride_v_head=value_cache.stride(1), stride_v_slot=value_cache.stride(2),
-        stride_c_block=comp.stride(0), stride_c_head=comp.stride(1), stride_c_kv=comp.stride(2),
+        stride_t_block=tails.stride(0), stride_t_head=tails.stride(1), stride_t_kv=tails.stride(2),
         stride_bt=block_table.stride(0),
     )  # fmt: skip
 
