@@ -150,11 +150,6 @@ def _choose(kernel: str, query_dtype: torch.dtype, *tensors: torch.Tensor):
     if forced:
         return kernels(forced)
     if any(t.is_cuda for t in tensors):
-        module = triton_kernels()
-        # Triton kernels from before the block-tail contract have no write_block_tails: the local
-        # pool then runs on the (device-agnostic) reference.
-        if kernel != "paged_attention" and not hasattr(module, "write_block_tails"):
-            return reference
         return _triton_unpacked()
     key_cache = tensors[0]
     if (
