@@ -4,7 +4,7 @@
 
 For each shape (SmolLM2-135M: 9 query / 3 KV heads, D=64; Llama-3-8B-like: 32 / 8, D=128; decode
 batches and one 512-token prefill chunk at 2k-8k context) it times one layer's kernels:
-``local_attention`` (our kernel; sinks S=4 + window W=252 + compensation), ``fold_compensation`` and
+``local_attention`` (our kernel; sinks S=4 + window W=252 + compensation), ``write_block_tails`` and
 ``store_kv`` (ours), ``paged_attention`` (vLLM's unified_attention on the retrieval pool's layout,
 block 187), and ``stock_full_attention``: the same vLLM kernel on stock vLLM's own cache layout
 (block 16) over the whole context, i.e. what each of these heads costs without razor. Times are
@@ -76,8 +76,8 @@ def local_pool(shape: Shape, dtype: torch.dtype, gen: torch.Generator, device: s
     table = torch.zeros(shape.batch, blocks, dtype=torch.int32)
     table[:, live] = ids
     key_cache, value_cache = paged_cache(shape.batch * len(live) + 1, LOCAL_BLOCK, shape, dtype, gen, device)
-    comp = torch.randn(key_cache.shape[0], key_cache.shape[1], 2, shape.head_size, generator=gen).to(device) * 10
-    return dict(key_cache=key_cache, value_cache=value_cache, comp=comp, block_table=table.to(device))
+    tails = torch.randn(key_cache.shape[0], key_cache.shape[1], 2, shape.head_size, generator=gen).to(device) * 10
+    return dict(key_cache=key_cache, value_cache=value_cache, tails=tails, block_table=table.to(device))
 
 
 def kv_bytes(shape: Shape, dtype: torch.dtype, tokens: int) -> int:
@@ -115,14 +115,15 @@ def bench(shape: Shape, dtype: torch.dtype, gen: torch.Generator, cudagraph: boo
 
     local_tokens = min(shape.context, SINK + WINDOW + shape.q_len)
     ops = {
-        "local_attention": (lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["comp"],
-                                                       *local_meta, SINK, WINDOW, scale, out=out), local_tokens),
+        "local_attention": (lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["tails"],
+                                                       *local_meta[:3], None, None, *local_meta[3:], SINK, WINDOW,
+                                                       True, False, scale, out=out), local_tokens),
         "paged_attention": (lambda: tk.paged_attention(query, full_key, full_value, *full_meta, scale, out=out),
                             shape.context),
         "stock_full_attention": (lambda: tk.paged_attention(query, stock_key, stock_value, *stock_meta, scale, out=out),
                                  shape.context),
-        "fold_compensation": (lambda: tk.fold_compensation(local["key_cache"], local["value_cache"], local["comp"],
-                                                           *local_meta, SINK, WINDOW), shape.q_len),
+        "write_block_tails": (lambda: tk.write_block_tails(local["key_cache"], local["value_cache"], local["tails"],
+                                                           *local_meta, SINK), shape.q_len),
         "store_kv": (lambda: tk.store_kv(local["key_cache"], local["value_cache"], key, key, slots, n_kv), 0),
     }  # fmt: skip
     rows = []
@@ -160,23 +161,13 @@ def _timer(device: str):
     return wall
 
 
-def _local_call(tk, query, local: dict, seq_lens, qsl, n_kv: int, scale: float, out, max_query_len: int):
-    """The Triton local kernel, in whichever API it has: the ops contract's once ported to block tails
-    (it then has write_block_tails), else the older positional one (the same sinks + window +
-    compensation reads, so its time stands for the layer's local heads)."""
-    if not hasattr(tk, "write_block_tails"):
-        return lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["comp"],
-                                          local["block_table"], seq_lens, qsl, 0, n_kv, SINK, WINDOW, scale,
-                                          out=out)
-    from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
-
-    # The compressed rule for every query (a prefill chunk at 128k in exact mode is plain causal
-    # attention over the whole prompt, i.e. what the retrieval rows time; the pool here keeps the window only).
-    batch = PagedBatch(block_table=local["block_table"], seq_lens=seq_lens, query_start_loc=qsl,
-                       max_query_len=max_query_len)
-    rule, heads = LocalRule(sink=SINK, window=WINDOW, exact_prefill=False), PoolHeads(offset=0, count=n_kv)
-    return lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["comp"], batch, heads,
-                                      rule, scale)
+def _local_call(tk, query, local: dict, seq_lens, qsl, n_kv: int, scale: float, out):
+    """The Triton local kernel (``razor_vllm.ops._unpack``'s positional API) with the compressed rule
+    for every query: a prefill chunk at 128k in exact mode is plain causal attention over the whole
+    prompt, i.e. what the retrieval rows time; the pool here keeps the sinks and the window only."""
+    return lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["tails"],
+                                      local["block_table"], seq_lens, qsl, None, None, 0, n_kv, SINK, WINDOW,
+                                      True, False, scale, out=out)
 
 
 def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device: str) -> list[dict]:
@@ -261,7 +252,7 @@ def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device
     q_loc = query[:, n_ret * g :] if n_loc else query
     out_loc = torch.empty_like(q_loc)
     record("razor_local" if n_loc else "razor_local_all_heads",
-           _local_call(tk, q_loc, local, seq_lens, qsl, heads, scale, out_loc, q_len), heads)
+           _local_call(tk, q_loc, local, seq_lens, qsl, heads, scale, out_loc), heads)
     return rows
 
 

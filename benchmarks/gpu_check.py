@@ -7,8 +7,9 @@ vLLM's Triton attention files under an import shim; see scripts/gpu_kit.py). Sec
 reported on its own (a failure is recorded and the next section runs):
 
 - ``environment``: device, versions, and that ``vllm`` is the kit's shim (not an installed vLLM).
-- ``kernel_checks``: every check of tests/test_triton_kernels.py (store, local, fold, retrieval through
-  vLLM's ``unified_attention`` 2D and split-key paths, fp8) against the float64 oracle, on the device.
+- ``kernel_checks``: every check of tests/test_triton_kernels.py (store, local attention in both prefill
+  modes with per-request windows, block tails, retrieval through vLLM's ``unified_attention`` 2D and
+  split-key paths, fp8) against the float64 oracle, on the device.
 - ``model_shapes``: retrieval and local kernels against the oracle at the per-rank head shapes of the
   default model (SmolLM2-135M: 9 q / 3 KV heads, D=64), Llama-3-8B (32 / 8, D=128) and Llama-3-70B at
   TP=8 (8 / 1, D=128), in bf16, fp16 and fp32, with chunked prefill, decode, padding and freed blocks.
@@ -39,7 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DRY_CONTEXTS = [64, 160]
-DRY_SHAPES = {("smollm2-135m", "retrieval"), ("llama3-70b-tp8", "local"), ("llama3-70b-tp8", "retrieval")}  # the interpreter is slow
+# the interpreter is slow: a few (model, kind) pairs
+DRY_SHAPES = {("smollm2-135m", "retrieval"), ("llama3-70b-tp8", "local"), ("llama3-70b-tp8", "retrieval")}
 SECTIONS = ["environment", "kernel_checks", "model_shapes", "cuda_graphs", "profiler", "timings"]
 
 
@@ -117,18 +119,20 @@ def kernel_checks(device: str, dry: bool) -> dict:
     return results
 
 
-DRY_CHECKS = {"paged_float8_e4m3fn_2d", "store_kv_matches_write_kv"}
+# one_step_against_reference: block tails, local attention (both modes) and paged attention against
+# the PyTorch reference in one mixed step.
+DRY_CHECKS = {"paged_float8_e4m3fn_2d", "store_kv_matches_write_kv", "one_step_against_reference"}
 
 
 def model_shapes(device: str, dry: bool) -> dict:
-    import torch
-
     import test_triton_kernels as ttk
+    import torch
     from test_kernels import Case
 
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
     # Lengths cross block boundaries, S + W and several windows (blocks are freed behind the window);
-    # chunks of up to 300 queries; the seeds give schedules that mix prefill chunks with decodes.
+    # chunks of up to 300 queries; seed 4 gives schedules (with recomputed prompts, as local_run makes
+    # them) that mix prefill chunks with decodes at both sizes (local_run asserts it).
     lengths, max_chunk, window, block = ([7, 60], 24, 16, 16) if dry else ([1, 150, 333, 600], 300, 128, 32)
     if dry:
         dtypes = [torch.bfloat16]
@@ -138,8 +142,6 @@ def model_shapes(device: str, dry: bool) -> dict:
         for dtype in dtypes:
             for kind in ("retrieval", "local"):
                 if dry and (model.name, kind) not in DRY_SHAPES:
-                    continue
-                if kind == "local" and local_port_pending():
                     continue
                 key = f"{model.name}/{str(dtype)[6:]}/{kind}"
                 start = time.perf_counter()
@@ -167,32 +169,31 @@ def model_shapes(device: str, dry: bool) -> dict:
                             head_offset=1,
                             head_size=model.head_size,
                         )
-                        ttk.local_run(device, case, dtype, seed=5 if dry else 2, lengths=lengths, max_chunk=max_chunk)
+                        # exact prefill (the default) always; the compressed mode too on a GPU
+                        for mode in ("exact",) if dry else ("exact", "compressed"):
+                            ttk.local_run(
+                                device,
+                                case,
+                                dtype,
+                                seed=4,
+                                lengths=lengths,
+                                max_chunk=max_chunk,
+                                mode=mode,
+                            )
                     results[key] = dict(ok=True, seconds=round(time.perf_counter() - start, 2))
                 except Exception:  # noqa: BLE001
                     results[key] = dict(
                         ok=False, seconds=round(time.perf_counter() - start, 2), error=traceback.format_exc()
                     )
                     failed.append(key)
-    if local_port_pending():
-        results["local"] = dict(skipped="the Triton local kernels are being ported to the block-tail contract")
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(results)} model-shape checks failed: {failed}", results)
     return results
 
 
-def local_port_pending() -> bool:
-    """True while the Triton local kernels predate the block-tail contract (test_triton_kernels.PENDING_PORT)."""
-    import test_triton_kernels as ttk
-
-    return any(name.startswith("local_") for name in getattr(ttk, "PENDING_PORT", ()))
-
-
 def cuda_graphs(device: str, dry: bool) -> dict:
     if device != "cuda":
         return dict(skipped="needs CUDA (capture and replay are CUDA graphs)")
-    if local_port_pending():
-        return dict(skipped="the Triton local kernels are being ported to the block-tail contract")
     import test_triton_kernels as ttk
 
     start = time.perf_counter()
@@ -205,6 +206,7 @@ def profiler(device: str, dry: bool) -> dict:
 
     from razor_vllm.profile import selector_for
     from razor_vllm.profile.scoring import load_model
+
     from tiny_models import build_tiny_llama
 
     with tempfile.TemporaryDirectory() as tmp:

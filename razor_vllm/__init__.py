@@ -1,37 +1,31 @@
 """razor-vllm: RazorAttention KV-cache compression as a vLLM attention backend."""
 
-from __future__ import annotations
-
+import importlib.abc
+import importlib.util
 import sys
-from importlib.machinery import ModuleSpec, SourceFileLoader
 from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The GPU kernels live outside this folder (setup.py's package_dir: razor_vllm.triton_kernels is
-# triton_kernels/). Installed, the wheel (or an editable install's finder) maps them. Run from a
-# source checkout with PYTHONPATH=<checkout> (helpers' worktrees, the GPU check on a machine with
-# nothing installed) they must come from *this* checkout, not from wherever an editable install
-# points (before this finder, every worktree silently tested main's kernels): map them first, and
-# only for a checkout. (razor_vllm.configs holds only data files; the installed copy serves.)
-_CHECKOUT = Path(__file__).resolve().parent.parent
-_KERNELS = "razor_vllm.triton_kernels"
 
+class _CheckoutTritonKernels(importlib.abc.MetaPathFinder):
+    """``razor_vllm.triton_kernels`` lives in the top-level folder triton_kernels/ (setup.py's
+    ``package_dir``). Imported from a source checkout on PYTHONPATH (e.g. a git worktree), it must
+    come from that checkout: otherwise the editable install's finder maps it to the folder of
+    whichever checkout was installed, and a worktree silently runs (and tests) another checkout's
+    Triton kernels. (configs/ is data only and still resolves through the installed mapping.)"""
 
-class _CheckoutSubpackages:
-    """Meta-path finder for razor_vllm.triton_kernels in a source checkout."""
+    def __init__(self, root: Path) -> None:
+        self.init = root / "triton_kernels" / "__init__.py"
 
-    @staticmethod
-    def find_spec(fullname, path=None, target=None):
-        if fullname != _KERNELS:
+    def find_spec(self, name, path=None, target=None):
+        if name != f"{__package__}.triton_kernels":
             return None
-        init = _CHECKOUT / "triton_kernels" / "__init__.py"
-        spec = ModuleSpec(fullname, SourceFileLoader(fullname, str(init)), origin=str(init), is_package=True)
-        spec.has_location = True
-        spec.submodule_search_locations = [str(init.parent)]
-        return spec
+        folder = [str(self.init.parent)]
+        return importlib.util.spec_from_file_location(name, self.init, submodule_search_locations=folder)
 
 
-if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "triton_kernels" / "__init__.py").is_file():
-    if not any(isinstance(f, type) and f.__name__ == "_CheckoutSubpackages" for f in sys.meta_path):
-        sys.meta_path.insert(0, _CheckoutSubpackages)
+_root = Path(__file__).resolve().parent.parent
+if (_root / "setup.py").exists() and (_root / "triton_kernels" / "__init__.py").exists():  # a checkout, not a wheel
+    if not any(type(f).__name__ == "_CheckoutTritonKernels" for f in sys.meta_path):  # once, even if reloaded
+        sys.meta_path.insert(0, _CheckoutTritonKernels(_root))

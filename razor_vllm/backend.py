@@ -250,39 +250,55 @@ class RazorAttentionImpl(AttentionImpl):
         num_tokens = attn_metadata.num_actual_tokens
         query, key, value = query[:num_tokens], key[:num_tokens], value[:num_tokens]
         out = output[:num_tokens]
+        # fp8 caches (kv_dtypes.py): vLLM's per-layer per-tensor scales, read on the device.
+        scales = (layer._k_scale, layer._v_scale) if self.kv_cache_dtype in kv_dtypes.FP8_TORCH_DTYPES else None
         if state.retrieval.num_kv_heads:
-            self._retrieval(state, ctx, query, key, value, out)
+            self._retrieval(state, ctx, query, key, value, out, scales)
         if state.local.num_kv_heads:
-            self._local(state, ctx, query, key, value, out)
+            self._local(state, ctx, query, key, value, out, scales)
         return output
 
-    def _pool(self, ctx, name: str, heads, key: torch.Tensor, value: torch.Tensor):
-        """This step's metadata and K/V caches of pool ``name``, with the layer's new K/V written in."""
+    def _pool(self, ctx, name: str, heads, key: torch.Tensor, value: torch.Tensor, scales):
+        """This step's metadata and K/V caches of pool ``name`` (float8 views of an fp8 cache), with the
+        layer's new K/V written in."""
         md: RazorPoolMetadata = ctx.attn_metadata[name]
         cache = ctx.no_compile_layers[name].kv_cache
-        key_cache, value_cache = cache[..., : self.head_size], cache[..., self.head_size :]
+        kv = kv_dtypes.fp8_view(cache, self.kv_cache_dtype)
+        key_cache, value_cache = kv[..., : self.head_size], kv[..., self.head_size :]
         key, value = heads.select_kv(key), heads.select_kv(value)
         pool_heads = _pool_heads(heads.offset, heads.num_kv_heads)
         if md.slots is None:
-            ops.store_kv(key_cache, value_cache, key, value, md.slot_mapping, pool_heads)
+            ops.store_kv(key_cache, value_cache, key, value, md.slot_mapping, pool_heads, *(scales or ()))
+        elif scales is not None:
+            raise NotImplementedError("fp8 KV caches are served on CUDA only (razor_vllm/kv_dtypes.py)")
         else:
             write_kv(key_cache, value_cache, key, value, md.slots, heads.offset)
         return md, cache, key_cache, value_cache, pool_heads
 
-    def _retrieval(self, state, ctx, query, key, value, out) -> None:
+    def _retrieval(self, state, ctx, query, key, value, out, scales) -> None:
         heads = state.retrieval
-        md, _, key_cache, value_cache, pool_heads = self._pool(ctx, state.retrieval_pool, heads, key, value)
-        out_heads = ops.paged_attention(heads.select_q(query), key_cache, value_cache, md.batch, pool_heads, self.scale)
+        md, _, key_cache, value_cache, pool_heads = self._pool(ctx, state.retrieval_pool, heads, key, value, scales)
+        out_heads = ops.paged_attention(
+            heads.select_q(query), key_cache, value_cache, md.batch, pool_heads, self.scale, *(scales or ())
+        )
         heads.scatter_q(out, out_heads)
 
-    def _local(self, state, ctx, query, key, value, out) -> None:
+    def _local(self, state, ctx, query, key, value, out, scales) -> None:
         heads = state.local
-        md, cache, key_cache, value_cache, pool_heads = self._pool(ctx, state.local_pool, heads, key, value)
+        md, cache, key_cache, value_cache, pool_heads = self._pool(ctx, state.local_pool, heads, key, value, scales)
         tails = state.compensation(cache)
         rule = _local_rule(state.sink, state.window, state.use_compensation, state.exact_prefill)
         # Before attention: a chunk's later queries read the tails of blocks started in this chunk.
-        ops.write_block_tails(key_cache, value_cache, tails, md.batch, pool_heads, rule)
+        ops.write_block_tails(key_cache, value_cache, tails, md.batch, pool_heads, rule, *(scales or ()))
         out_heads = ops.local_attention(
-            heads.select_q(query), key_cache, value_cache, tails, md.batch, pool_heads, rule, self.scale
+            heads.select_q(query),
+            key_cache,
+            value_cache,
+            tails,
+            md.batch,
+            pool_heads,
+            rule,
+            self.scale,
+            *(scales or ()),
         )
         heads.scatter_q(out, out_heads)

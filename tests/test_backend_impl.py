@@ -43,7 +43,8 @@ class Pool:
     def __init__(self, spec, page_elems: int, num_blocks: int, rng: random.Random, device: str = "cpu"):
         self.block_size = spec.block_size
         heads, width = spec.num_kv_heads, 2 * spec.head_size
-        pages = torch.full((num_blocks, page_elems), math.nan, device=device)
+        nan = 0x7F if spec.dtype == torch.uint8 else math.nan  # 0x7F: NaN in both float8 formats
+        pages = torch.full((num_blocks, page_elems), nan, device=device, dtype=spec.dtype)
         self.kv_cache = pages.as_strided(
             (num_blocks, heads, spec.block_size, width), (page_elems, spec.block_size * width, width, 1)
         )
@@ -67,10 +68,10 @@ class Pool:
         return table
 
 
-def build_layer_states(exact_prefill: bool = True, compression_ratio=None):
-    layout = plan_layout(RETRIEVAL, NUM_KV_HEADS, LOCAL_BLOCK, 4)
+def build_layer_states(exact_prefill: bool = True, compression_ratio=None, dtype=torch.float32):
+    layout = plan_layout(RETRIEVAL, NUM_KV_HEADS, LOCAL_BLOCK, dtype.itemsize)
     retrieval_spec, local_spec = build_specs(
-        layout, HEAD_SIZE, torch.float32, SINK, WINDOW, exact_prefill=exact_prefill,
+        layout, HEAD_SIZE, dtype, SINK, WINDOW, exact_prefill=exact_prefill,
         compression_ratio=compression_ratio, max_model_len=1024,
     )
     states = [
@@ -250,3 +251,66 @@ def test_exact_builder_refuses_to_run_without_prompt_lengths():
     pool.allocate(0, 5)
     with pytest.raises(RuntimeError, match="no prompt lengths"):
         builder.build(0, common_metadata([(0, 0, 5)], pool, pad_tokens=0))
+
+
+def test_impl_hands_fp8_views_and_the_layers_scales_to_the_kernels(monkeypatch):
+    """An fp8 cache (vLLM stores it as uint8): the impl hands every kernel float8 views of the pool's
+    pages, the fp32 tails, the layer's ``_k_scale``/``_v_scale`` and the step's batch (whose
+    max_query_len selects the retrieval kernel's split-key path). The kernels are recorded here (their
+    fp8 reads are checked against the oracle in tests/test_triton_kernels.py); on CPU the impl refuses."""
+    from razor_vllm import backend
+
+    states, retrieval_spec, local_spec = build_layer_states(dtype=torch.uint8)
+    rng = random.Random(0)
+    page = retrieval_spec.page_size_bytes
+    pools = {name: Pool(spec, page, 12, rng) for name, spec in
+             ((RETRIEVAL_POOL_NAME, retrieval_spec), (LOCAL_POOL_NAME, local_spec))}  # fmt: skip
+    batch = [(0, 0, 40), (1, 7, 8)]
+    metadata = {}
+    for name, pool in pools.items():
+        for rid, _, hi in batch:
+            pool.allocate(rid, hi)
+        builder = RazorMetadataBuilder(pool_spec := retrieval_spec if name == RETRIEVAL_POOL_NAME else local_spec,
+                                       [], None, torch.device("cpu"))  # fmt: skip
+        assert pool_spec.dtype == torch.uint8
+        builder.bind_prompt_lengths(lambda: torch.tensor([40, 8, 0], dtype=torch.int32))
+        metadata[name] = builder.build(0, common_metadata(batch, pool, pad_tokens=2))
+    ctx = ForwardContext(
+        no_compile_layers={name: SimpleNamespace(kv_cache=pool.kv_cache) for name, pool in pools.items()},
+        attn_metadata=metadata,
+        slot_mapping={},
+    )
+    layer = SimpleNamespace(razor_state=states[1], _k_scale=torch.tensor([0.5]), _v_scale=torch.tensor([0.25]))
+    impl = RazorAttentionImpl(NUM_KV_HEADS * G, HEAD_SIZE, HEAD_SIZE**-0.5, NUM_KV_HEADS, None, None, "fp8_e5m2")
+    q = torch.randn(43, NUM_KV_HEADS * G, HEAD_SIZE)
+    k, v = torch.randn(43, NUM_KV_HEADS, HEAD_SIZE), torch.randn(43, NUM_KV_HEADS, HEAD_SIZE)
+    with override_forward_context(ctx), pytest.raises(NotImplementedError, match="fp8 KV caches are served on CUDA"):
+        impl.forward(layer, q, k, v, None, metadata[LOCAL_POOL_NAME], torch.zeros_like(q))
+
+    # As on CUDA: K/V stored from slot_mapping by ops.store_kv.
+    metadata.update({name: dataclasses.replace(md, slots=None) for name, md in metadata.items()})
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, kernel):
+            def record(*args):
+                calls.append((kernel, args))
+                if kernel.endswith("attention"):
+                    return torch.zeros_like(args[0])
+
+            return record
+
+    monkeypatch.setattr(backend, "ops", Recorder())
+    with override_forward_context(ctx):
+        impl.forward(layer, q, k, v, None, metadata[LOCAL_POOL_NAME], torch.zeros_like(q))
+    kernels = [kernel for kernel, _ in calls]
+    assert kernels == ["store_kv", "paged_attention", "store_kv", "write_block_tails", "local_attention"], kernels
+    for kernel, args in calls:
+        caches = args[:2] if kernel in ("store_kv", "write_block_tails") else args[1:3]
+        assert all(c.dtype == torch.float8_e5m2 for c in caches), kernel
+        assert args[-2] is layer._k_scale and args[-1] is layer._v_scale, kernel
+    (_, store_r), (_, paged), (_, store_l), (_, tails_args), (_, local) = calls
+    assert store_r[0].data_ptr() == pools[RETRIEVAL_POOL_NAME].kv_cache.data_ptr()
+    assert store_l[0].data_ptr() == pools[LOCAL_POOL_NAME].kv_cache.data_ptr()
+    assert paged[3] is metadata[RETRIEVAL_POOL_NAME].batch and paged[3].max_query_len == 40
+    assert tails_args[2].dtype == torch.float32 and local[3] is tails_args[2]

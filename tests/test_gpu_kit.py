@@ -120,11 +120,8 @@ def test_gpu_check_dry_run(kit, tmp_path):
     assert all(r["ok"] for r in sections["kernel_checks"]["result"].values())
     shapes = sections["model_shapes"]["result"]
     ran = {(k.split("/")[0], k.split("/")[2]) for k in shapes if "/" in k}
-    if "local" in shapes:  # the Triton local kernels await their port to the block-tail contract
-        assert "ported" in shapes["local"]["skipped"]
-        assert ran == {shape for shape in gpu_check.DRY_SHAPES if shape[1] == "retrieval"}
-    else:
-        assert ran == gpu_check.DRY_SHAPES
+    assert ran == gpu_check.DRY_SHAPES and all(v["ok"] for v in shapes.values())
+    assert gpu_check.DRY_CHECKS <= sections["kernel_checks"]["result"].keys()
     timing = sections["timings"]["result"]
     ops = {r["op"] for r in timing["rows"]}
     assert {"stock_vllm", "flash_sdpa", "razor_retrieval", "razor_local"} <= ops, ops

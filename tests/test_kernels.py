@@ -737,3 +737,35 @@ def test_cpp_is_the_default_on_cpu(monkeypatch):
     cache = torch.zeros(2, 1, 16, 64)
     assert ops._choose("local_attention", torch.float32, cache[..., :32], cache[..., 32:]) is ops.kernels("cpp")
     assert ops._choose("local_attention", torch.float64, cache[..., :32], cache[..., 32:]) is reference
+
+
+class _OnMetaByDefault:
+    """The reference's kernels, each call run with "meta" as the default device."""
+
+    def __getattr__(self, name):
+        kernel = getattr(reference, name)
+
+        def call(*args, **kwargs):
+            with torch.device("meta"):
+                assert torch.zeros(1).is_meta  # the default device is in force
+                return kernel(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_makes_its_tensors_on_the_caches_device(mode, monkeypatch):
+    """RAZOR_VLLM_KERNELS=reference must run on a GPU: every tensor the reference makes must be on the
+    caches' device. With the default device set to "meta", a tensor made without ``device=`` would be
+    a meta tensor and the first op mixing it with the CPU caches raises."""
+    case = LOCAL_CASES[0]
+    rng = random.Random(61)
+    lengths = case.boundary_lengths()
+    data = make_data(case, torch.float32, 61, lengths)
+    schedule = make_schedule(lengths, rng, max_chunk=30, style="mixed", recompute=True)
+    monkeypatch.setattr(ops, "kernels", lambda name: _OnMetaByDefault())
+    outputs, _ = run_engine("reference", case, torch.float32, data, schedule, True, rng, exact=mode == "exact")
+    expected = local_oracle(case, data, prompts=schedule.prompts if mode == "exact" else None)
+    assert_close(outputs, expected, TOLERANCE[torch.float32])
+    paged, _ = run_engine("reference", case, torch.float32, data, schedule, False, rng)
+    assert_close(paged, causal_oracle(case, data), TOLERANCE[torch.float32])

@@ -59,6 +59,16 @@ def test_capability_per_platform():
     assert not RazorAttentionBackend.supports_kv_cache_dtype("fp8")  # this machine: CPU
 
 
+def test_forced_cpu_kernels_refuse_fp8_at_start_up(monkeypatch):
+    """RAZOR_VLLM_KERNELS=reference|cpp on a GPU: those kernels read no fp8, so it is not offered."""
+    from razor_vllm import ops
+
+    monkeypatch.setenv(ops.KERNELS_ENV, "reference")
+    assert not set(kv_dtypes.FP8_KV_CACHE_DTYPES) & set(kv_dtypes.supported_kv_cache_dtypes("cuda"))
+    monkeypatch.delenv(ops.KERNELS_ENV)
+    assert set(kv_dtypes.FP8_KV_CACHE_DTYPES) <= set(kv_dtypes.supported_kv_cache_dtypes("cuda"))
+
+
 def test_fp8_cache_view_rejects_other_storage():
     with pytest.raises(ValueError, match="stored as uint8"):
         kv_dtypes.fp8_view(torch.zeros(2, 4, dtype=torch.bfloat16), "fp8_e4m3")
@@ -142,3 +152,64 @@ def test_store_kv_reference_path_builds_nothing_on_the_default_device():
     with torch.device("meta"):
         write_kv(kv[..., :8], kv[..., 8:], key, value, SlotIndex.from_slot_mapping(slots, 4), 1)
     assert torch.equal(kv[1, 1, 1, :8], key[0, 0]) and torch.equal(kv[0, 1, 2, 8:], value[2, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The dispatcher's wiring of the Triton-only arguments (the engine's path to split-key decode and fp8)
+
+
+def test_dispatcher_hands_triton_the_step_and_the_scales(monkeypatch):
+    """ops.paged_attention gives the Triton kernel the step's max_query_len (it selects vLLM's
+    split-key decode path from it), and every Triton kernel the layer's fp8 scales; the CPU kernels
+    refuse scales (a clear error, never an fp8 cache read as if it were unscaled)."""
+    from razor_vllm import ops
+
+    calls = []
+
+    class Recorder:  # stands in for razor_vllm.triton_kernels (no CUDA here); records the calls
+        def __getattr__(self, kernel):
+            return lambda *args, **kwargs: calls.append((kernel, args, kwargs))
+
+    query, kv, tails, batch, heads, rule = _step()
+    k_scale, v_scale = torch.tensor([0.5]), torch.tensor([0.25])
+    triton = ops._Unpacked(Recorder(), gpu=True)
+    triton.paged_attention(query, kv[..., :16], kv[..., 16:], batch, heads, 0.25, k_scale, v_scale)
+    triton.write_block_tails(kv[..., :16], kv[..., 16:], tails, batch, heads, rule, k_scale, v_scale)
+    triton.local_attention(query, kv[..., :16], kv[..., 16:], tails, batch, heads, rule, 0.25, k_scale, v_scale)
+    meta = (batch.block_table, batch.seq_lens, batch.query_start_loc)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    (_, args, kwargs), (_, tail_args, tail_kwargs), (_, local_args, local_kwargs) = calls
+    assert [kernel for kernel, _, _ in calls] == ["paged_attention", "write_block_tails", "local_attention"]
+    assert kwargs == dict(max_query_len=6, **scales)
+    assert tail_kwargs == scales and local_kwargs == scales
+
+    def same(got, want):  # the very tensors, then the plain values
+        return len(got) == len(want) and all(
+            g is w if isinstance(w, torch.Tensor) else g == w for g, w in zip(got, want)
+        )
+
+    assert same(args[3:], (*meta, 1, 2, 0.25))
+    assert same(tail_args[3:], (*meta, 1, 2, 2))
+    assert same(local_args[4:], (*meta, batch.prompt_lens, None, 1, 2, 2, 5, True, True, 0.25))
+
+    for forced in ("reference", "cpp", ""):  # "": the CPU's own choice (C++ when built)
+        if forced == "cpp" and ops.cpp is None:
+            continue
+        monkeypatch.setenv(ops.KERNELS_ENV, forced)
+        with pytest.raises(NotImplementedError, match="paged_attention with fp8 scales runs only on CUDA"):
+            ops.paged_attention(query, kv[..., :16], kv[..., 16:], batch, heads, 0.25, k_scale, v_scale)
+        with pytest.raises(NotImplementedError, match="write_block_tails with fp8 scales runs only on CUDA"):
+            ops.write_block_tails(kv[..., :16], kv[..., 16:], tails, batch, heads, rule, k_scale, v_scale)
+        with pytest.raises(NotImplementedError, match="local_attention with fp8 scales runs only on CUDA"):
+            ops.local_attention(query, kv[..., :16], kv[..., 16:], tails, batch, heads, rule, 0.25, k_scale, v_scale)
+    with pytest.raises(NotImplementedError, match="store_kv with fp8 scales"):
+        ops.store_kv(
+            kv[..., :16],
+            kv[..., 16:],
+            query[:, :2],
+            query[:, :2],
+            torch.zeros(7, dtype=torch.int64),
+            heads,
+            k_scale,
+            v_scale,
+        )

@@ -31,13 +31,15 @@ from typing import Callable
 import pytest
 import torch
 
-from razor_vllm.ops import reference
+from razor_vllm.ops import LocalRule, PagedBatch, PoolHeads, reference
 from razor_vllm.ops.cache import SlotIndex, write_kv
 from test_kernels import (
     POISON,
     TOLERANCE,
     Case,
     PagedPool,
+    TailChecker,
+    _tail_started_in_chunk,
     causal_oracle,
     local_oracle,
     make_data,
@@ -72,8 +74,8 @@ class DevicePool(PagedPool):
         self.key_cache, self.value_cache = self.kv_cache[..., :d], self.kv_cache[..., d:]
         blocks = self.kv_cache.shape[0]
         # Strided, as the real page tail: block stride != H_pool * 2 * D.
-        comp = torch.full((blocks, case.pool_heads + 1, 2, d), float("nan"), dtype=torch.float32, device=device)
-        self.comp = comp[:, : case.pool_heads]
+        tails = torch.full((blocks, case.pool_heads + 1, 2, d), float("nan"), dtype=torch.float32, device=device)
+        self.tails = tails[:, : case.pool_heads]
 
     def slots(self, rid: int, lo: int, hi: int) -> list[int]:
         """Allocate blocks up to position hi; the slots of positions [lo, hi)."""
@@ -92,8 +94,9 @@ def padded_block_table(pool: PagedPool, rids: list[int], rows: int) -> torch.Ten
     return torch.cat([table, garbage.view(extra, pool.width).to(torch.int32)])
 
 
-def step_inputs(pool: DevicePool, data, batch, device: str):
-    """One step's tensors: the batch's rows, then PAD_TOKENS padding rows and PAD_REQUESTS padding requests."""
+def step_inputs(pool: DevicePool, data, batch, device: str, prompts=None, windows=None):
+    """One step's tensors: the batch's rows, then PAD_TOKENS padding rows and PAD_REQUESTS padding requests
+    (prompt lengths and windows 0 for those)."""
     c = pool.case
     rows = [(rid, p) for rid, lo, hi in batch for p in range(lo, hi)]
     slots = [s for rid, lo, hi in batch for s in pool.slots(rid, lo, hi)] + [-1] * PAD_TOKENS
@@ -110,34 +113,54 @@ def step_inputs(pool: DevicePool, data, batch, device: str):
     def dev(t, dtype=None):
         return t.to(device=device, dtype=dtype or t.dtype)
 
+    def per_request(values):
+        if values is None:
+            return None
+        return dev(torch.tensor([values[rid] for rid, _, _ in batch] + [0] * PAD_REQUESTS, dtype=torch.int32))
+
     return dict(
         query=dev(query), key=dev(key), value=dev(value), slot_mapping=dev(torch.tensor(slots, dtype=torch.int64)),
         block_table=dev(table), seq_lens=dev(torch.tensor(seq_lens, dtype=torch.int32)),
-        query_start_loc=dev(query_start_loc, torch.int32),
+        query_start_loc=dev(query_start_loc, torch.int32), prompt_lens=per_request(prompts),
+        windows=per_request(windows),
     )  # fmt: skip
 
 
+def local_args(x, case: Case, compensation: bool = True, exact: bool = False) -> tuple:
+    """The Triton local_attention arguments after the tails (razor_vllm.ops._unpack's order)."""
+    return (x["block_table"], x["seq_lens"], x["query_start_loc"], x["prompt_lens"], x["windows"], case.head_offset,
+            case.num_kv_heads, case.sink, case.window, compensation, exact, case.scale)
+
+
+def tail_args(x, case: Case) -> tuple:
+    return x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads, case.sink
+
+
 def run_pool(case, dtype, data, schedule, sliding: bool, seed: int, device: str, compensation: bool = True,
-             split_keys: bool | None = None):
-    """Drive one pool through the schedule with the Triton kernels; each request's outputs [L, Hq, D]
-    in float64, and the pool. ``split_keys``: force the retrieval kernel's path (None: its own choice
-    from the step's exact max_query_len)."""
+             exact: bool = False, windows=None, split_keys: bool | None = None, scales=None, stored=None):
+    """Drive one pool through the schedule with the Triton kernels (store K/V -> block tails ->
+    attention); each request's outputs [L, Hq, D] in float64, and the pool. Every tail written is
+    checked against the from-scratch sums. ``split_keys``: force the retrieval kernel's path (None:
+    its own choice from the step's exact max_query_len). fp8 caches: ``scales`` = (k_scale, v_scale)
+    floats and ``stored`` the data as the cache holds it (dequantized), for the tail checks."""
     tk = triton_kernels()
     lengths = [q.shape[0] for q, _, _ in data]
     pool = DevicePool(case, dtype, lengths, sliding, random.Random(seed), device)
+    checker = TailChecker(case, data if stored is None else stored, pool)
+    scale_args = () if scales is None else tuple(torch.tensor([s], device=device) for s in scales)
+    prompts = schedule.prompts if exact else None
     outputs = [torch.full(q.shape, float("nan"), dtype=torch.float64) for q, _, _ in data]
     for batch in schedule:
-        x = step_inputs(pool, data, batch, device)
-        tk.store_kv(pool.key_cache, pool.value_cache, x["key"], x["value"], x["slot_mapping"], case.head_offset)
+        x = step_inputs(pool, data, batch, device, prompts, windows)
+        tk.store_kv(pool.key_cache, pool.value_cache, x["key"], x["value"], x["slot_mapping"], case.head_offset,
+                    *scale_args)
         meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads)
         out = torch.full_like(x["query"], float("nan"))
         if sliding:
-            tk.local_attention(
-                x["query"], pool.key_cache, pool.value_cache, pool.comp, *meta, case.sink, case.window, case.scale,
-                compensation=compensation, out=out,
-            )  # fmt: skip
-            if compensation:
-                tk.fold_compensation(pool.key_cache, pool.value_cache, pool.comp, *meta, case.sink, case.window)
+            tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *tail_args(x, case), *scale_args)
+            checker.after_write(batch)
+            tk.local_attention(x["query"], pool.key_cache, pool.value_cache, pool.tails,
+                               *local_args(x, case, compensation, exact), out, *scale_args)
         else:
             max_query_len = max(hi - lo for _, lo, hi in batch)
             tk.paged_attention(x["query"], pool.key_cache, pool.value_cache, *meta, case.scale, out=out,
@@ -156,7 +179,9 @@ def run_pool(case, dtype, data, schedule, sliding: bool, seed: int, device: str,
             outputs[rid][lo:hi] = out[row : row + hi - lo].double()
             row += hi - lo
         for rid, lo, hi in batch:
-            pool.release(rid, hi, finished=hi == lengths[rid])
+            window = None if windows is None else windows[rid]
+            pool.release(rid, hi, hi == lengths[rid], window, prompts[rid] if prompts else None)
+    pool.tail_checker = checker
     return outputs, pool
 
 
@@ -176,14 +201,22 @@ def check(name: str, fn: Callable, **kwargs) -> None:
     CHECKS[name] = functools.partial(fn, **kwargs)
 
 
-def local_run(device, case, dtype, seed, lengths, max_chunk=0, style="mixed", compensation=True, schedule=None):
+def local_run(device, case, dtype, seed, lengths, max_chunk=0, style="mixed", compensation=True, schedule=None,
+              mode="compressed", windows=None, min_chunk=1):
     data = make_data(case, dtype, seed, lengths)
-    schedule = schedule or make_schedule(lengths, random.Random(seed), max_chunk=max_chunk, style=style)
-    outputs, pool = run_pool(case, dtype, data, schedule, True, seed, device, compensation)
+    if schedule is None:
+        schedule = make_schedule(lengths, random.Random(seed), max_chunk=max_chunk, style=style, recompute=True,
+                                 min_chunk=min_chunk)
+    exact = mode == "exact"
+    if min_chunk > 1:  # the point of long chunks: a row reads the tail of a block its own chunk started
+        assert _tail_started_in_chunk(schedule, case, windows, schedule.prompts if exact else None)
+    outputs, pool = run_pool(case, dtype, data, schedule, True, seed, device, compensation, exact, windows)
     if style == "mixed":
         assert any(len({hi - lo == 1 for _, lo, hi in batch}) == 2 for batch in schedule), "no prefill+decode step"
     assert pool.recycled > 0  # window blocks were freed (and poisoned) under running requests
-    expected = local_oracle(case, data, "weighted" if compensation else "none")
+    assert pool.tail_checker.checked > 0
+    compensation = "weighted" if compensation else "none"
+    expected = local_oracle(case, data, compensation, schedule.prompts if exact else None, windows)
     assert_close(outputs, expected, TOLERANCE[dtype])
 
 
@@ -230,36 +263,51 @@ def paged_run(device, case, dtype, seed, lengths, max_chunk, style="mixed", spli
 check(
     "local_fp32_gqa_two_heads", local_run, dtype=torch.float32, seed=0, lengths=[3, 23, 24, 25, 61, 47], max_chunk=27,
     case=Case(block_size=16, sink=4, window=20, num_kv_heads=2, g=2, pool_heads=5, head_offset=2),
-)  # fmt: skip
+)
+check(
+    "local_fp32_gqa_two_heads_exact", local_run, dtype=torch.float32, seed=0, lengths=[3, 23, 24, 25, 61, 47],
+    max_chunk=27, mode="exact",
+    case=Case(block_size=16, sink=4, window=20, num_kv_heads=2, g=2, pool_heads=5, head_offset=2),
+)
+check(  # the paper's per-request windows, CUDA-graph padding included (windows 0 there)
+    "local_fp32_per_request_windows_exact", local_run, dtype=torch.float32, seed=14, lengths=[30, 47, 12, 60, 41],
+    max_chunk=20, mode="exact", windows=[1, 9, 16, 40, 5],
+    case=Case(block_size=8, sink=3, window=12, num_kv_heads=1, g=2, pool_heads=2, head_offset=1),
+)
+check(  # chunks of 3+ blocks: later rows read the tail of a block the same chunk started
+    "local_fp32_chunks_span_blocks", local_run, dtype=torch.float32, seed=15, lengths=[70, 45], max_chunk=36,
+    min_chunk=25, style="chunked",
+    case=Case(block_size=8, sink=2, window=7, num_kv_heads=1, g=2, pool_heads=1, head_offset=0),
+)
 check(
     "local_fp32_odd_block_d80", local_run, dtype=torch.float32, seed=1, lengths=[17, 18, 19, 52, 40], max_chunk=24,
     case=Case(block_size=7, sink=3, window=13, num_kv_heads=1, g=3, pool_heads=3, head_offset=1, head_size=80),
-)  # fmt: skip
+)
 check(
-    "local_fp32_sinks_span_blocks_d96", local_run, dtype=torch.float32, seed=2, lengths=[20, 35, 36, 66],
-    max_chunk=40, case=Case(block_size=8, sink=11, window=24, num_kv_heads=1, g=4, pool_heads=2, head_offset=1,
-                            head_size=96),
-)  # fmt: skip
+    "local_fp32_sinks_span_blocks_d96_exact", local_run, dtype=torch.float32, seed=2, lengths=[20, 35, 36, 66],
+    max_chunk=40, mode="exact",
+    case=Case(block_size=8, sink=11, window=24, num_kv_heads=1, g=4, pool_heads=2, head_offset=1, head_size=96),
+)
 check(
-    "local_fp32_no_sink_window1_chunked", local_run, dtype=torch.float32, seed=3, lengths=[9, 40, 33],
-    max_chunk=20, style="chunked",
+    "local_fp32_no_sink_window1_chunked_exact", local_run, dtype=torch.float32, seed=3, lengths=[9, 40, 33],
+    max_chunk=20, style="chunked", mode="exact",
     case=Case(block_size=16, sink=0, window=1, num_kv_heads=2, g=1, pool_heads=2, head_offset=0, head_size=64),
-)  # fmt: skip
+)
 check(
     "local_fp32_g5_d40_prefill", local_run, dtype=torch.float32, seed=4, lengths=[30, 36, 80, 140], max_chunk=60,
     style="prefill",
     case=Case(block_size=32, sink=2, window=33, num_kv_heads=1, g=5, pool_heads=1, head_offset=0, head_size=40),
-)  # fmt: skip
+)
 check(  # chunks of more than one query tile starting past S + W: keys dropped by a whole later tile
     "local_fp32_long_chunks_past_window", local_run, dtype=torch.float32, seed=7, lengths=[100, 77], style="chunked",
     schedule=[[(0, 0, 30), (1, 0, 20)], [(0, 30, 75), (1, 20, 60)], [(1, 60, 77), (0, 75, 100)]],
     case=Case(block_size=16, sink=4, window=16, num_kv_heads=1, g=2, pool_heads=2, head_offset=1, head_size=64),
-)  # fmt: skip
+)
 check(  # g = 16: one query per 16-row tile, so no tile has later rows dropping window keys
     "local_fp32_g16_one_query_per_tile", local_run, dtype=torch.float32, seed=8, lengths=[12, 31], max_chunk=14,
     style="chunked",
     case=Case(block_size=8, sink=2, window=9, num_kv_heads=1, g=16, pool_heads=1, head_offset=0, head_size=32),
-)  # fmt: skip
+)
 for _dtype in (torch.bfloat16, torch.float16):
     check(
         f"local_{str(_dtype)[6:]}", local_run, dtype=_dtype, seed=5, lengths=[6, 26, 27, 70], max_chunk=30,
@@ -269,22 +317,22 @@ check(
     "local_without_compensation_sums_poisoned", local_run, dtype=torch.float32, seed=6, lengths=[10, 40, 90],
     max_chunk=25, style="chunked", compensation=False,
     case=Case(block_size=16, sink=4, window=20, num_kv_heads=1, g=2, pool_heads=2, head_offset=1),
-)  # fmt: skip
+)
 
 # Retrieval heads (vLLM's unified_attention on the retrieval pool's layout).
 check(
     "paged_fp32_odd_block", paged_run, dtype=torch.float32, seed=10, lengths=[1, 22, 23, 24, 70], max_chunk=30,
     case=Case(block_size=23, sink=0, window=1, num_kv_heads=2, g=3, pool_heads=4, head_offset=1, head_size=64),
-)  # fmt: skip
+)
 check(
     "paged_fp32_block187_d80", paged_run, dtype=torch.float32, seed=11, lengths=[5, 190, 40], max_chunk=100,
     case=Case(block_size=187, sink=0, window=1, num_kv_heads=1, g=3, pool_heads=3, head_offset=2, head_size=80),
-)  # fmt: skip
+)
 check(
     "paged_fp32_g72_d40_decode", paged_run, dtype=torch.float32, seed=12, lengths=[17, 9], max_chunk=8,
     style="decode", split_keys=False,  # the 2D decode path (the split path at g=72 is 10x slower to interpret)
     case=Case(block_size=16, sink=0, window=1, num_kv_heads=1, g=72, pool_heads=2, head_offset=1, head_size=40),
-)  # fmt: skip
+)
 for _dtype in (torch.bfloat16, torch.float16):
     check(
         f"paged_{str(_dtype)[6:]}", paged_run, dtype=_dtype, seed=13, lengths=[5, 40, 61], max_chunk=30,
@@ -355,7 +403,8 @@ def paged_fp8(device: str, fp8: torch.dtype, split_keys: bool, seed: int) -> Non
     table = torch.zeros(len(lengths) + 1, width, dtype=torch.int32)
     for rid, t in enumerate(tables):
         table[rid, : len(t)] = torch.tensor(t)
-    query = torch.cat([torch.stack([q[-1] for q, _, _ in data]), torch.full((2, 6, d), float("nan"))]).to(torch.bfloat16)
+    query = torch.cat([torch.stack([q[-1] for q, _, _ in data]), torch.full((2, 6, d), float("nan"))])
+    query = query.to(torch.bfloat16)
     seq_lens = torch.tensor(lengths + [0], dtype=torch.int32)
     qsl = torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32)
     out = tk.paged_attention(
@@ -374,9 +423,40 @@ for _fp8, _split in ((torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True), 
     check(f"paged_{str(_fp8)[6:]}_{'split' if _split else '2d'}", paged_fp8, fp8=_fp8, split_keys=_split, seed=18)
 
 
+def local_fp8(device: str, fp8: torch.dtype, mode: str, seed: int) -> None:
+    """fp8 local pool through chunked prefill and decode (blocks freed behind the window): store_kv
+    quantizes with vLLM's scales, write_block_tails sums the dequantized values (checked against the
+    from-scratch sums of what the cache holds), and local attention equals the float64 oracle over the
+    dequantized keys/values as the kernel reads them: in the query's dtype, as vLLM's kernels do (the
+    fp8 and that bf16 rounding are the cache's error, not the kernel's; against the unrounded values
+    the bf16 rounding of each dequantized key alone moves the output by about 1e-2 here)."""
+    case = Case(block_size=8, sink=3, window=10, num_kv_heads=1, g=2, pool_heads=2, head_offset=1, head_size=32)
+    lengths = [5, 30, 47]
+    data = make_data(case, torch.bfloat16, seed, lengths)
+    gen = torch.Generator().manual_seed(seed)
+    data = [(q, 4 * k, v * 0.5 + torch.randn(v.shape, generator=gen).to(v.dtype) * 30)
+            for q, k, v in data]  # (values past e4m3's range: saturation is exercised)
+    k_scale, v_scale = 0.37, 0.11
+    stored = [(q, fp8_quantize(k, k_scale, fp8).double() * k_scale, fp8_quantize(v, v_scale, fp8).double() * v_scale)
+              for q, k, v in data]  # fmt: skip
+    schedule = make_schedule(lengths, random.Random(seed), max_chunk=12, style="mixed", recompute=True)
+    exact = mode == "exact"
+    outputs, pool = run_pool(case, fp8, data, schedule, True, seed, device, exact=exact, scales=(k_scale, v_scale),
+                             stored=stored)  # fmt: skip
+    assert pool.recycled > 0 and pool.tail_checker.checked > 0
+    read = [(q, k.to(q.dtype), v.to(q.dtype)) for q, k, v in stored]
+    expected = local_oracle(case, read, "weighted", schedule.prompts if exact else None)
+    assert_close(outputs, expected, TOLERANCE[torch.bfloat16])
+
+
+for _fp8, _mode in ((torch.float8_e4m3fn, "exact"), (torch.float8_e5m2, "compressed")):
+    check(f"local_{str(_fp8)[6:]}_{_mode}", local_fp8, fp8=_fp8, mode=_mode, seed=23)
+
+
 def one_step_against_reference(device: str) -> None:
-    """One mixed step (chunks and decodes past the window, padding) against the PyTorch reference,
-    kernel by kernel, including the fold's effect on every request's slot and ``out=None``."""
+    """One mixed step (chunks starting several blocks, decodes past the window, a prompt ending inside a
+    chunk, padding) against the PyTorch reference, kernel by kernel: the tails each writes (and no
+    other tail changed), local attention in both modes with ``out=None``, and paged attention."""
     tk = triton_kernels()
     case = Case(block_size=16, sink=4, window=20, num_kv_heads=2, g=3, pool_heads=4, head_offset=1, head_size=48)
     lengths = [90, 60, 45, 30]
@@ -386,32 +466,36 @@ def one_step_against_reference(device: str) -> None:
         slots = torch.tensor(pool.slots(rid, 0, lengths[rid]), device=device)
         tk.store_kv(pool.key_cache, pool.value_cache, k.to(device), v.to(device), slots, case.head_offset)
     gen = torch.Generator().manual_seed(20)
-    pool.comp[:, case.head_offset : case.head_offset + case.num_kv_heads] = torch.randn(
-        pool.comp.shape[0], case.num_kv_heads, 2, case.head_size, generator=gen
-    ).to(device)
-    batch = [(0, 89, 90), (1, 35, 60), (2, 44, 45), (3, 0, 30)]  # decode, chunk past W, decode, first chunk
-    x = step_inputs(pool, data, [(r, lo, hi) for r, lo, hi in batch], device)
-    meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads)
+    pool.tails[:, case.head_offset : case.head_offset + case.num_kv_heads] = torch.randn(
+        pool.tails.shape[0], case.num_kv_heads, 2, case.head_size, generator=gen
+    ).to(device)  # earlier steps' tails: any values (this check compares implementations, not the oracle)
+    batch = [(0, 89, 90), (1, 15, 60), (2, 44, 45), (3, 0, 30)]  # decode, 3-block chunk, decode, first chunk
+    prompts = [50, 40, 45, 30]
+    x = step_inputs(pool, data, batch, device, prompts)
     rows = sum(hi - lo for _, lo, hi in batch)
-    cpu = {k: v.cpu() for k, v in x.items()}
-    cpu_meta = (cpu["block_table"], cpu["seq_lens"], cpu["query_start_loc"], case.head_offset, case.num_kv_heads)
+    cpu = {k: None if v is None else v.cpu() for k, v in x.items()}
+    heads = PoolHeads(case.head_offset, case.num_kv_heads)
+    paged = PagedBatch(cpu["block_table"], cpu["seq_lens"], cpu["query_start_loc"], prompt_lens=cpu["prompt_lens"])
     caches = pool.key_cache.cpu(), pool.value_cache.cpu()
 
-    got = tk.local_attention(x["query"], pool.key_cache, pool.value_cache, pool.comp, *meta, 4, 20, case.scale).cpu()
-    want = reference.local_attention(cpu["query"], *caches, pool.comp.cpu(), *cpu_meta, 4, 20, case.scale)
-    assert relative_error(got[:rows].double(), want[:rows].double()) < 1e-5
-    assert torch.equal(got[rows:], torch.zeros_like(got[rows:])), "rows of no request are zero with out=None"
+    tails_want = pool.tails.cpu().clone()
+    reference.write_block_tails(*caches, tails_want, paged, heads, LocalRule(case.sink, case.window))
+    tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *tail_args(x, case))
+    # The tails the step started, and no other tail changed (NaN = NaN).
+    torch.testing.assert_close(pool.tails.cpu(), tails_want, rtol=1e-5, atol=1e-4, equal_nan=True)
 
-    comp_want = pool.comp.cpu().clone()
-    reference.fold_compensation(*caches, comp_want, *cpu_meta, 4, 20)
-    tk.fold_compensation(pool.key_cache, pool.value_cache, pool.comp, *meta, 4, 20)
-    comp_got = pool.comp.cpu()
-    # Compare the slots the step touched, and that no other slot changed (NaN = NaN).
-    torch.testing.assert_close(comp_got, comp_want, rtol=1e-5, atol=1e-4, equal_nan=True)
+    for exact in (False, True):
+        got = tk.local_attention(x["query"], pool.key_cache, pool.value_cache, pool.tails,
+                                 *local_args(x, case, exact=exact)).cpu()
+        rule = LocalRule(case.sink, case.window, exact_prefill=exact)
+        want = reference.local_attention(cpu["query"], *caches, pool.tails.cpu(), paged, heads, rule, case.scale)
+        assert relative_error(got[:rows].double(), want[:rows].double()) < 1e-5, f"exact={exact}"
+        assert torch.equal(got[rows:], torch.zeros_like(got[rows:])), "rows of no request are zero with out=None"
 
     # No block was freed in this check, so the pool also serves as a full (retrieval) pool.
+    meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads)
     got = tk.paged_attention(x["query"], pool.key_cache, pool.value_cache, *meta, case.scale).cpu()
-    want = reference.paged_attention(cpu["query"], *caches, *cpu_meta, case.scale)
+    want = reference.paged_attention(cpu["query"], *caches, paged, heads, case.scale)
     assert relative_error(got[:rows].double(), want[:rows].double()) < (1e-5 if device == "cpu" else TF32_TOLERANCE)
     assert torch.equal(got[rows:], torch.zeros_like(got[rows:])), "rows of no request are zero with out=None"
 
@@ -436,10 +520,7 @@ def store_kv_matches_write_kv(device: str) -> None:
 
 
 check("store_kv_matches_write_kv", store_kv_matches_write_kv)
-# The Triton local kernels are being ported to the block-tail contract (branch kernels); until then
-# the dispatcher runs the local pool on the reference for CUDA tensors and these checks wait.
-PENDING_PORT = {name for name in CHECKS if name.startswith("local_") or name == "one_step_against_reference"}
-CPU_CHECKS = [name for name in CHECKS if name not in PENDING_PORT]
+CPU_CHECKS = list(CHECKS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,17 +565,17 @@ def cuda_graph_decode(device: str) -> None:
         c = cases[kind]
         data = [part(kind, r) for r in range(4)]
         for r, p in enumerate(prompt):
-            x = step_inputs(pool, data, [(r, 0, p)], device)
+            x = step_inputs(pool, data, [(r, 0, p)], device, prompts={r: p})
             tk.store_kv(pool.key_cache, pool.value_cache, x["key"], x["value"], x["slot_mapping"], c.head_offset)
             meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], c.head_offset, c.num_kv_heads)
-            if kind == "local":
-                out = tk.local_attention(x["query"], pool.key_cache, pool.value_cache, pool.comp, *meta, c.sink,
-                                         c.window, c.scale)  # fmt: skip
-                tk.fold_compensation(pool.key_cache, pool.value_cache, pool.comp, *meta, c.sink, c.window)
+            if kind == "local":  # exact prefill: the prompt is plain causal attention
+                tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *tail_args(x, c))
+                out = tk.local_attention(x["query"], pool.key_cache, pool.value_cache, pool.tails,
+                                         *local_args(x, c, exact=True))
             else:
                 out = tk.paged_attention(x["query"], pool.key_cache, pool.value_cache, *meta, c.scale)
             outputs[kind][r][:p] = out[:p].double().cpu()
-            pool.release(r, p, finished=False)
+            pool.release(r, p, finished=False, prompt_len=p)
 
     # Persistent buffers, as a cudagraph-capable metadata builder would own them.
     buf = {
@@ -510,6 +591,7 @@ def cuda_graph_decode(device: str) -> None:
     }  # fmt: skip
     seq_lens = torch.zeros(capacity, dtype=torch.int32, device=device)
     query_start_loc = torch.zeros(capacity + 1, dtype=torch.int32, device=device)
+    prompt_lens = torch.zeros(capacity, dtype=torch.int32, device=device)
 
     def forward():
         for kind, pool in pools.items():
@@ -517,9 +599,9 @@ def cuda_graph_decode(device: str) -> None:
             tk.store_kv(pool.key_cache, pool.value_cache, b["key"], b["value"], b["slot_mapping"], c.head_offset)
             meta = (b["block_table"], seq_lens, query_start_loc, c.head_offset, c.num_kv_heads)
             if kind == "local":
-                tk.local_attention(b["query"], pool.key_cache, pool.value_cache, pool.comp, *meta, c.sink, c.window,
-                                   c.scale, out=b["out"])  # fmt: skip
-                tk.fold_compensation(pool.key_cache, pool.value_cache, pool.comp, *meta, c.sink, c.window)
+                tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *meta, c.sink)
+                tk.local_attention(b["query"], pool.key_cache, pool.value_cache, pool.tails, *meta[:3], prompt_lens,
+                                   None, *meta[3:], c.sink, c.window, True, True, c.scale, out=b["out"])
             else:  # a pure-decode step of one KV head: the split-key path, captured with its scratch
                 tk.paged_attention(b["query"], pool.key_cache, pool.value_cache, *meta, c.scale, out=b["out"],
                                    max_query_len=1)
@@ -531,6 +613,7 @@ def cuda_graph_decode(device: str) -> None:
         n = len(active)
         query_start_loc.copy_(torch.tensor([min(i, n) for i in range(capacity + 1)], dtype=torch.int32))
         seq_lens.copy_(torch.tensor([position[r] + 1 for r in active] + [0] * (capacity - n), dtype=torch.int32))
+        prompt_lens.copy_(torch.tensor([prompt[r] for r in active] + [0] * (capacity - n), dtype=torch.int32))
         for kind, pool in pools.items():
             b, data = buf[kind], [part(kind, r) for r in range(4)]
             slots = [pool.slots(r, position[r], position[r] + 1)[0] for r in active] + [-1] * (capacity - n)
@@ -550,11 +633,11 @@ def cuda_graph_decode(device: str) -> None:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up (compiles) outside the capture, then undo its writes
-        snapshot = {k: (p.kv_cache.clone(), p.comp.clone()) for k, p in pools.items()}
+        snapshot = {k: (p.kv_cache.clone(), p.tails.clone()) for k, p in pools.items()}
         forward()
         for k, p in pools.items():
             p.kv_cache.copy_(snapshot[k][0])
-            p.comp.copy_(snapshot[k][1])
+            p.tails.copy_(snapshot[k][1])
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -572,7 +655,7 @@ def cuda_graph_decode(device: str) -> None:
         for r in active:
             position[r] += 1
             for pool in pools.values():
-                pool.release(r, position[r], finished=position[r] == lengths[r])
+                pool.release(r, position[r], finished=position[r] == lengths[r], prompt_len=prompt[r])
         active = [r for r in active if position[r] < lengths[r]]
         if active:
             fill(active)
@@ -580,7 +663,7 @@ def cuda_graph_decode(device: str) -> None:
 
     for r in range(4):
         q, k, v = part("local", r)
-        expected = local_oracle(local, [(q, k, v)])[0]
+        expected = local_oracle(local, [(q, k, v)], prompts=[prompt[r]])[0]
         assert relative_error(outputs["local"][r], expected) < TOLERANCE[dtype], f"local, request {r}"
         q, k, v = part("full", r)
         expected = causal_oracle(full, [(q, k, v)])[0]
@@ -624,7 +707,6 @@ def test_on_cuda(name):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.skip(reason="the Triton local kernels are being ported to the block-tail contract")
 def test_cuda_graph_decode():
     cuda_graph_decode("cuda")
 
@@ -636,9 +718,10 @@ def test_dispatch_sends_cuda_tensors_to_triton(monkeypatch):
 
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     cache = torch.zeros(2, 1, 16, 64, device="cuda")
-    assert ops._choose("paged_attention", torch.float32, cache[..., :32], cache[..., 32:]).ops is triton_kernels()
+    for kernel in ("paged_attention", "local_attention", "write_block_tails"):
+        assert ops._choose(kernel, torch.float32, cache[..., :32], cache[..., 32:]).ops is triton_kernels()
     monkeypatch.setenv(ops.KERNELS_ENV, "reference")
-    assert ops._choose("paged_attention", torch.float32, cache[..., :32], cache[..., 32:]) is reference
+    assert ops._choose("local_attention", torch.float32, cache[..., :32], cache[..., 32:]) is reference
 
 
 # (kernel, dtype, head_size, block_size, g, queries per request, requests, GPU archs): SmolLM decode, a
@@ -649,7 +732,11 @@ AOT_CASES = [
     ("local", torch.float16, 80, 16, 8, 64, 2, (80,)),
     ("local", torch.float32, 64, 16, 1, 1, 4, (80,)),
     ("local", torch.bfloat16, 64, 16, 16, 1, 4, (90,)),  # BLOCK_Q = 1
-    ("fold", torch.bfloat16, 128, 187, 4, 512, 1, (90,)),
+    ("local_exact_windows", torch.bfloat16, 64, 16, 3, 64, 2, (90,)),
+    ("tails", torch.bfloat16, 128, 187, 4, 512, 1, (90,)),
+    ("local", torch.float8_e4m3fn, 128, 16, 4, 1, 8, (90,)),  # fp8 caches (bf16 queries): decode
+    ("local_exact_windows", torch.float8_e5m2, 64, 32, 3, 64, 2, (80, 90)),
+    ("tails", torch.float8_e4m3fn, 128, 16, 4, 64, 2, (90,)),
     ("store", torch.float16, 80, 16, 8, 64, 2, (80,)),
     ("store", torch.float8_e4m3fn, 128, 16, 4, 1, 8, (90,)),  # fp8 caches: cvt.rn on sm_89+
     ("store", torch.float8_e5m2, 64, 16, 4, 1, 8, (90,)),
@@ -658,21 +745,23 @@ AOT_CASES = [
 
 def aot_plan(kernel: str, dtype: torch.dtype, d: int, bs: int, g: int, q_len: int, reqs: int):
     """The launch plan for these shapes (CPU tensors: only their types and shapes matter)."""
-    from razor_vllm.triton_kernels import cache_write, fold, local
+    from razor_vllm.triton_kernels import cache_write, local, tails
 
     n_kv, pool = 2, 5
     kv = torch.zeros(6, pool, bs, 2 * d, dtype=dtype)
-    comp = torch.zeros(6, pool, 2, d)
-    query = torch.zeros(q_len * reqs, g * n_kv, d, dtype=dtype)
+    tail = torch.zeros(6, pool, 2, d)
+    fp8 = dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    scales = (torch.ones(1), torch.ones(1)) if fp8 else (None, None)
+    query = torch.zeros(q_len * reqs, g * n_kv, d, dtype=torch.bfloat16 if fp8 else dtype)
     meta = (torch.zeros(reqs, 4, dtype=torch.int32), torch.zeros(reqs, dtype=torch.int32),
             torch.zeros(reqs + 1, dtype=torch.int32))  # fmt: skip
-    if kernel == "local":
-        return local.plan(query, kv[..., :d], kv[..., d:], comp, *meta, 1, n_kv, 4, 252, 0.125, torch.empty_like(query))
-    if kernel == "fold":
-        return fold.plan(kv[..., :d], kv[..., d:], comp, *meta, 1, n_kv, 4, 252)
-    fp8 = dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    if kernel.startswith("local"):
+        per_request = torch.zeros(reqs, dtype=torch.int32) if kernel == "local_exact_windows" else None
+        return local.plan(query, kv[..., :d], kv[..., d:], tail, *meta, per_request, per_request, 1, n_kv, 4, 252,
+                          True, per_request is not None, 0.125, torch.empty_like(query), *scales)
+    if kernel == "tails":
+        return tails.plan(kv[..., :d], kv[..., d:], tail, *meta, 1, n_kv, 4, *scales)
     key = torch.zeros(q_len * reqs, n_kv, d, dtype=torch.bfloat16 if fp8 else dtype)
-    scales = (torch.ones(1), torch.ones(1)) if fp8 else (None, None)
     return cache_write.plan(kv[..., :d], kv[..., d:], key, key, torch.zeros(q_len * reqs, dtype=torch.int64), 1,
                             *scales)
 
@@ -732,14 +821,14 @@ def test_launch_grid_depends_on_shapes_only():
     from razor_vllm.triton_kernels import local
 
     kv = torch.zeros(4, 2, 16, 64)
-    comp = torch.zeros(4, 2, 2, 32)
+    tails = torch.zeros(4, 2, 2, 32)
     query = torch.zeros(6, 3, 32)
     plans = []
-    for seq_lens, qsl in [([5, 9, 0], [0, 1, 2, 2]), ([40, 1, 7], [0, 3, 4, 6])]:
+    for seq_lens, qsl, prompt_lens in [([5, 9, 0], [0, 1, 2, 2], [5, 2, 0]), ([40, 1, 7], [0, 3, 4, 6], [1, 1, 9])]:
         meta = (torch.zeros(3, 4, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32),
-                torch.tensor(qsl, dtype=torch.int32))  # fmt: skip
-        plans.append(local.plan(query, kv[..., :32], kv[..., 32:], comp, *meta, 0, 1, 4, 8, 0.2,
-                                          torch.empty_like(query)))  # fmt: skip
+                torch.tensor(qsl, dtype=torch.int32), torch.tensor(prompt_lens, dtype=torch.int32), None)
+        plans.append(local.plan(query, kv[..., :32], kv[..., 32:], tails, *meta, 0, 1, 4, 8, True, True, 0.2,
+                                torch.empty_like(query)))
     assert plans[0].grid == plans[1].grid and plans[0].constexprs == plans[1].constexprs
 
 
@@ -747,22 +836,29 @@ def test_bad_inputs_raise_clear_errors():
     tk = pytest.importorskip("razor_vllm.triton_kernels")
     kv = torch.zeros(4, 3, 16, 64)
     k, v = kv[..., :32], kv[..., 32:]
-    comp = torch.zeros(4, 3, 2, 32)
+    tails = torch.zeros(4, 3, 2, 32)
     meta = (torch.zeros(2, 4, dtype=torch.int32), torch.tensor([3, 1], dtype=torch.int32),
             torch.tensor([0, 2, 3], dtype=torch.int32))  # fmt: skip
+    rule = (4, 8, True, False, 0.1)  # sink, window, compensation, exact_prefill, scale
     q = torch.zeros(3, 4, 32)
     with pytest.raises(ValueError, match="outside the pool's 3 heads"):
-        tk.local_attention(q, k, v, comp, *meta, 2, 2, 4, 8, 0.1)
+        tk.local_attention(q, k, v, tails, *meta, None, None, 2, 2, *rule)
     with pytest.raises(ValueError, match="not a multiple of num_kv_heads=3"):
         tk.paged_attention(q, k, v, *meta, 0, 3, 0.1)
-    with pytest.raises(ValueError, match="comp must be float32"):
-        tk.local_attention(q, k, v, comp.to(torch.bfloat16), *meta, 0, 2, 4, 8, 0.1)
+    with pytest.raises(ValueError, match="tails must be float32"):
+        tk.local_attention(q, k, v, tails.to(torch.bfloat16), *meta, None, None, 0, 2, *rule)
     with pytest.raises(ValueError, match="need sink >= 0 and window >= 1"):
-        tk.fold_compensation(k, v, comp, *meta, 0, 2, 4, 0)
+        tk.local_attention(q, k, v, tails, *meta, None, None, 0, 2, 4, 0, True, False, 0.1)
+    with pytest.raises(ValueError, match="exact_prefill needs prompt_lens"):
+        tk.local_attention(q, k, v, tails, *meta, None, None, 0, 2, 4, 8, True, True, 0.1)
+    with pytest.raises(ValueError, match="windows must be an int32"):
+        tk.local_attention(q, k, v, tails, *meta, None, torch.ones(1, dtype=torch.int32), 0, 2, *rule)
+    with pytest.raises(ValueError, match="need sink >= 0"):
+        tk.write_block_tails(k, v, tails, *meta, 0, 2, -1)
     with pytest.raises(ValueError, match="the Triton kernels need them equal"):
-        tk.local_attention(q.to(torch.float16), k, v, comp, *meta, 0, 2, 4, 8, 0.1)
+        tk.local_attention(q.to(torch.float16), k, v, tails, *meta, None, None, 0, 2, *rule)
     with pytest.raises(ValueError, match="num_reqs \\+ 1 = 3 entries"):
-        tk.fold_compensation(k, v, comp, meta[0], meta[1], meta[2][:2], 0, 2, 4, 8)
+        tk.write_block_tails(k, v, tails, meta[0], meta[1], meta[2][:2], 0, 2, 4)
     with pytest.raises(ValueError, match="out must match query"):
         tk.paged_attention(q, k, v, *meta, 0, 2, 0.1, out=torch.zeros(2, 4, 32))
     with pytest.raises(ValueError, match="slot_mapping needs one entry per token"):
@@ -770,7 +866,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_fp8_inputs_raise_clear_errors():
-    """fp8 caches need vLLM's scales (and only they take them); local kernels refuse fp8 until they read it."""
+    """fp8 caches need vLLM's scales (and only they take them), in every kernel that reads a cache."""
     tk = pytest.importorskip("razor_vllm.triton_kernels")
     kv = torch.zeros(4, 3, 16, 64, dtype=torch.uint8).view(torch.float8_e4m3fn)
     k, v = kv[..., :32], kv[..., 32:]
@@ -787,8 +883,13 @@ def test_fp8_inputs_raise_clear_errors():
         tk.store_kv(k, v, key, key, slots, 0, torch.ones(1, dtype=torch.float16), torch.ones(1))
     with pytest.raises(ValueError, match="are for float8 caches"):
         tk.store_kv(k.float(), v.float(), key.float(), key.float(), slots, 0, torch.ones(1), torch.ones(1))
-    with pytest.raises(ValueError, match="caches must both be float32, bfloat16, float16, got"):
-        tk.local_attention(q, k, v, torch.zeros(4, 3, 2, 32), *meta, 0, 2, 4, 8, 0.1)
+    with pytest.raises(ValueError, match="needs k_scale"):
+        tk.local_attention(q, k, v, torch.zeros(4, 3, 2, 32), *meta, None, None, 0, 2, 4, 8, True, False, 0.1)
+    with pytest.raises(ValueError, match="needs v_scale"):
+        tk.write_block_tails(k, v, torch.zeros(4, 3, 2, 32), *meta, 0, 2, 4, torch.ones(1))
+    with pytest.raises(ValueError, match="are for float8 caches"):
+        tk.write_block_tails(k.float(), v.float(), torch.zeros(4, 3, 2, 32), *meta, 0, 2, 4, torch.ones(1),
+                             torch.ones(1))
 
 
 def test_source_folder_is_not_a_top_level_package():
@@ -877,8 +978,9 @@ def _let_vllm_use_triton_on_cpu() -> None:
 def _interpret_bf16_as_a_gpu_does() -> None:
     """Triton 3.9's interpreter keeps bf16 as raw uint16 and (1) multiplies those integers in tl.dot,
     (2) truncates fp32 -> bf16 casts, (3) casts other types to and from bf16 as integers (True -> the
-    smallest subnormal), (4) rounds fp32 -> float8 differently from a GPU (see below). A GPU multiplies the values (fp32 accumulation) and converts values, rounding
-    to nearest even. Patch the interpreter (this subprocess only) so bf16 runs check what a GPU computes."""
+    smallest subnormal), (4) rounds fp32 -> float8 differently from a GPU (see below). A GPU multiplies
+    the values (fp32 accumulation) and converts values, rounding to nearest even. Patch the interpreter
+    (this subprocess only) so bf16 and fp8 runs check what a GPU computes."""
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter

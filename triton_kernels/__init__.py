@@ -1,11 +1,13 @@
-"""Triton GPU kernels for both KV pools, with the signatures of ``razor_vllm.ops.reference``.
+"""Triton GPU kernels for both KV pools, with the positional signatures of ``razor_vllm.ops._unpack``.
 
 Installed as ``razor_vllm.triton_kernels`` (``package_dir`` in setup.py); the layout and the
 attention rule are documented in ``razor_vllm.ops``.
 
-- ``local_attention``: local heads (sinks + window + count-weighted compensation), varlen and
-  chunked, one program per (query tile of one request, KV head); ours.
-- ``fold_compensation``: adds the positions leaving the window to the fp32 sums; ours.
+- ``local_attention``: local heads (exact prompt queries, or sinks + window + count-weighted
+  compensation from the block tails), varlen and chunked, one program per (query tile of one
+  request, KV head); ours.
+- ``write_block_tails``: the fp32 sums over [S, b*B) into the tail of every local block b started
+  this step; ours.
 - ``paged_attention``: retrieval heads; vLLM's own Triton ``unified_attention`` reads the
   retrieval pool through a strided view, so no kernel of ours.
 - ``store_kv``: stores this step's K/V at vLLM's ``slot_mapping`` (negative slots skipped).
@@ -23,8 +25,8 @@ if __name__ != "razor_vllm.triton_kernels":
     )
 
 from .cache_write import store_kv
-from .fold import fold_compensation
 from .local import local_attention
 from .paged import paged_attention
+from .tails import write_block_tails
 
-__all__ = ["local_attention", "fold_compensation", "paged_attention", "store_kv"]
+__all__ = ["local_attention", "write_block_tails", "paged_attention", "store_kv"]

@@ -98,14 +98,25 @@ def check_scales(
             )
 
 
-def check_comp(comp: torch.Tensor, key_cache: torch.Tensor) -> None:
+def check_tails(tails: torch.Tensor, key_cache: torch.Tensor) -> None:
     expected = (key_cache.shape[0], key_cache.shape[1], 2, key_cache.shape[3])
-    if comp.dtype != torch.float32 or tuple(comp.shape) != expected or comp.stride(3) != 1:
+    if tails.dtype != torch.float32 or tuple(tails.shape) != expected or tails.stride(3) != 1:
         raise ValueError(
-            f"comp must be float32 {list(expected)} with contiguous rows, got {comp.dtype} {list(comp.shape)}"
+            f"tails must be float32 {list(expected)} with contiguous rows, got {tails.dtype} {list(tails.shape)}"
         )
-    if comp.device != key_cache.device:
-        raise ValueError(f"comp is on {comp.device}, the cache on {key_cache.device}")
+    if tails.device != key_cache.device:
+        raise ValueError(f"tails is on {tails.device}, the cache on {key_cache.device}")
+
+
+def per_request(t, name: str, num_reqs: int, device: torch.device):
+    """An optional per-request int tensor (prompt_lens, windows) as int32 on ``device``; None stays None."""
+    if t is None:
+        return None
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the cache on {device}")
+    if t.dim() != 1 or t.shape[0] < num_reqs or t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be an int32 [num_reqs={num_reqs}] tensor, got {t.dtype} {tuple(t.shape)}")
+    return t.to(torch.int32)
 
 
 def check_rule(sink: int, window: int) -> None:
@@ -149,7 +160,7 @@ def metadata(
 def local_pool_args(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    comp: torch.Tensor,
+    tails: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
@@ -157,18 +168,25 @@ def local_pool_args(
     num_kv_heads: int,
     sink: int,
     window: int,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> dict[str, Any]:
-    """Checks and launch arguments that both local-pool kernels (attention and fold) take."""
-    check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads)
-    check_comp(comp, key_cache)
+    """Checks and launch arguments that both local-pool kernels (attention and block tails) take.
+    An fp8 cache needs vLLM's scales (``k_scale_ptr``/``v_scale_ptr``; the seq_lens tensor stands in,
+    never read, otherwise)."""
+    check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads, allow_fp8=True)
+    check_scales(key_cache, k_scale, v_scale)
+    check_tails(tails, key_cache)
     check_rule(sink, window)
     block_table, seq_lens, query_start_loc = metadata(block_table, seq_lens, query_start_loc, key_cache.device)
+    fp8 = key_cache.dtype in FP8_DTYPES
     return dict(
-        k_ptr=key_cache, v_ptr=value_cache, comp_ptr=comp, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
+        k_scale_ptr=k_scale if fp8 else seq_lens, v_scale_ptr=v_scale if fp8 else seq_lens,
+        k_ptr=key_cache, v_ptr=value_cache, tails_ptr=tails, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
         query_start_loc_ptr=query_start_loc, head_offset=head_offset, sink=sink, window=window,
         stride_k_block=key_cache.stride(0), stride_k_head=key_cache.stride(1), stride_k_slot=key_cache.stride(2),
         stride_v_block=value_cache.stride(0), stride_v_head=value_cache.stride(1), stride_v_slot=value_cache.stride(2),
-        stride_c_block=comp.stride(0), stride_c_head=comp.stride(1), stride_c_kv=comp.stride(2),
+        stride_t_block=tails.stride(0), stride_t_head=tails.stride(1), stride_t_kv=tails.stride(2),
         stride_bt=block_table.stride(0),
     )  # fmt: skip
 
@@ -205,13 +223,22 @@ def load_kv_tile(
     stride_k_slot,
     stride_v_block,
     stride_v_slot,
+    k_scale_ptr,
+    v_scale_ptr,
     BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """Keys and values [TILE_N, HEAD_PAD] of positions ``pos`` of one request and head; masked-off
-    positions are neither looked up in the block table nor read (they may be freed blocks)."""
+    positions are neither looked up in the block table nor read (they may be freed blocks). An fp8
+    cache (``FP8``) comes back dequantized in fp32 (stored * scale, vLLM's per-tensor scales)."""
     block = tl.load(block_table_row_ptr + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
     slot = (pos % BLOCK_SIZE).to(tl.int64)
     mask = pos_ok[:, None] & d_ok[None, :]
     k_rows = k_head_ptr + (block * stride_k_block + slot * stride_k_slot)[:, None]
     v_rows = v_head_ptr + (block * stride_v_block + slot * stride_v_slot)[:, None]
-    return tl.load(k_rows + d[None, :], mask=mask, other=0.0), tl.load(v_rows + d[None, :], mask=mask, other=0.0)
+    k = tl.load(k_rows + d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_rows + d[None, :], mask=mask, other=0.0)
+    if FP8:
+        k = k.to(tl.float32) * tl.load(k_scale_ptr)
+        v = v.to(tl.float32) * tl.load(v_scale_ptr)
+    return k, v

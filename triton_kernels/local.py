@@ -1,24 +1,32 @@
-"""Local heads: attention over the sinks, the recent window and one compensation key/value.
+"""Local heads: exact prompt queries, or attention over the sinks, the recent window and one
+compensation key/value built from the block tails.
 
 One program per (query tile of one request, KV head). A tile holds BLOCK_Q consecutive queries of
 one request times the g query heads of the KV head (GQA: every key row loaded serves all of them),
-as BLOCK_M = BLOCK_Q * g (padded) rows. For a tile with positions [ta, tb] it walks these key ranges
-with an fp32 online softmax (base 2):
+as BLOCK_M = BLOCK_Q * g (padded) rows. A row at t is a *prompt row* under exact prefill when t is
+before its request's prompt length (it sees every position [0, t]); every other row is
+*compressed*: sinks, window [t - W + 1, t] (W per request when ``windows`` is given) and, when
+n_d = t - W + 1 - S > 0, the compensation key of [S, t - W]. For a tile with positions [ta, tb]
+and c_a = block of the oldest window position of its first compressed row ta', the sums of a
+compressed row t are tail(c_a) + the rows [R0, t - W + 1) with R0 = max(S, c_a * B) (a tail holds
+[S, c*B); see tails.py). The kernel walks, with an fp32 online softmax (base 2):
 
 1. sinks [0, min(S, tb + 1)), each row seeing those <= t;
-2. [R0, max(R0, ta - W + 1)) with R0 = max(S, p0 + 1 - W): keys every row of the tile has dropped
-   but the stored sums do not yet hold (chunked prefill: the chunk's own first queries). Only
-   their column sums are needed, added to the stored sums of [S, p0 + 1 - W);
-3. the window [max(S, ta - W + 1), tb], each row seeing [t - W + 1, t]. In a multi-query tile its
-   first keys are also dropped for the later rows (3a): their scores and values go into those
-   rows' compensation sums as well. Then each row's compensation key is complete (logit
-   scale * q.k_sum / n_d + ln(n_d), value v_sum / n_d, n_d = t - W + 1 - S) and joins the softmax
-   like one more key, so its per-row sums need no registers during the rest of the window (3b).
+2. [lo, max(S, ta - W + 1)) with lo = S when the tile has prompt rows (they see these keys; the
+   engine keeps every block while a request prefills) and R0 otherwise: keys outside every
+   compressed row's window. Their column sums from R0 on go to every compressed row's sums (fewer
+   than B keys of block c_a unless prompt rows need more);
+3. the window [max(S, ta - W + 1), tb], each row seeing [t - W + 1, t] (prompt rows: all <= t). In a
+   multi-query tile its first keys are also dropped for the later rows (3a): their scores and values
+   go into those rows' compensation sums as well. Then each row's compensation key is complete
+   (logit scale * q.k_sum / n_d + ln(n_d), value v_sum / n_d) and joins the softmax like one more
+   key, so its per-row sums need no registers during the rest of the window (3b).
 
-Only positions [0, S) and >= p0 - W + 1 are read, so freed window blocks may hold any
-id and any data. Dots accumulate in fp32 and take fp32 inputs at full precision (``input_precision=
-"ieee"``; Triton's default would be TF32); bf16/fp16 inputs go to the tensor cores as they are, the
-probabilities rounded to the cache dtype for the value product as in FlashAttention.
+A tile without prompt rows reads only positions [0, S), block c_a's tail and positions >= R0, so
+freed window blocks may hold any id and any data. Dots accumulate in fp32 and take fp32 inputs at
+full precision (``input_precision="ieee"``; Triton's default would be TF32); bf16/fp16 inputs go to
+the tensor cores as they are, the probabilities rounded to the cache dtype for the value product as
+in FlashAttention.
 """
 
 from __future__ import annotations
@@ -27,7 +35,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Launch, check_output, check_query, find_request, head_pad, load_kv_tile, local_pool_args
+from ._common import (
+    FP8_DTYPES,
+    Launch,
+    check_output,
+    check_query,
+    find_request,
+    head_pad,
+    load_kv_tile,
+    local_pool_args,
+    per_request,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -51,10 +69,12 @@ def _local_attention_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
-    comp_ptr,
+    tails_ptr,
     block_table_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    prompt_lens_ptr,  # read only when EXACT
+    windows_ptr,  # read only when PER_REQUEST_WINDOW
     scale_log2,  # softmax scale * log2(e)
     num_reqs,
     head_offset,
@@ -70,10 +90,12 @@ def _local_attention_kernel(
     stride_v_block,
     stride_v_head,
     stride_v_slot,
-    stride_c_block,
-    stride_c_head,
-    stride_c_kv,
+    stride_t_block,
+    stride_t_head,
+    stride_t_kv,
     stride_bt,
+    k_scale_ptr,  # fp8 caches: vLLM's per-tensor scales (1-element fp32), else never read
+    v_scale_ptr,
     BLOCK_SIZE: tl.constexpr,
     G: tl.constexpr,  # query heads per KV head
     HEAD_SIZE: tl.constexpr,
@@ -81,7 +103,10 @@ def _local_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     TILE_N: tl.constexpr,
-    COMPENSATION: tl.constexpr,  # False: the ablation without the compensation key (comp is not read)
+    COMPENSATION: tl.constexpr,  # False: the ablation without the compensation key (tails are not read)
+    EXACT: tl.constexpr,  # exact prefill: queries before the prompt length are plain causal attention
+    PER_REQUEST_WINDOW: tl.constexpr,
+    FP8: tl.constexpr,  # fp8 cache: tiles dequantized (fp32), then cast to the query's dtype for the dots
 ):
     kv = tl.program_id(1)
     req, q_tile = find_request(query_start_loc_ptr, num_reqs, tl.program_id(0), BLOCK_Q)
@@ -93,11 +118,17 @@ def _local_attention_kernel(
     p0 = tl.load(seq_lens_ptr + req) - q_len  # position of the request's first query this step
     ta = p0 + first
     tb = p0 + tl.minimum(first + BLOCK_Q, q_len) - 1
+    if PER_REQUEST_WINDOW:
+        window = tl.load(windows_ptr + req)
+    prompt_end = ta  # rows before it are prompt rows
+    if EXACT:
+        prompt_end = tl.maximum(ta, tl.minimum(tl.load(prompt_lens_ptr + req), tb + 1))
 
     rows = tl.arange(0, BLOCK_M)
     qi = first + rows // G
     row_ok = (rows < BLOCK_Q * G) & (qi < q_len)
     t = p0 + qi
+    is_prompt = t < prompt_end
     head = kv * G + rows % G
     d = tl.arange(0, HEAD_PAD)
     d_ok = d < HEAD_SIZE
@@ -125,31 +156,53 @@ def _local_attention_kernel(
         pos_ok = pos < sink_end
         k, v = load_kv_tile(
             k_head, v_head, bt_row, pos, pos_ok, d, d_ok, stride_k_block, stride_k_slot, stride_v_block,
-            stride_v_slot, BLOCK_SIZE,
-        )  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+            stride_v_slot, k_scale_ptr, v_scale_ptr, BLOCK_SIZE, FP8,
+        )
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
         visible = pos_ok[None, :] & (pos[None, :] <= t[:, None])
-        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, visible, v)
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, visible, v.to(q.dtype))
 
+    # The tile's compressed rows with a compensation key start at ta_c; their sums are
+    # tail(c_a) + rows [r0, t - W + 1).
+    ta_c = tl.maximum(prompt_end, sink + window)
+    has_comp = ta_c <= tb
+    if not COMPENSATION:
+        has_comp = ta_c < 0  # False (ta_c >= S + W >= 1): the ablation reads no tail
+    c_a = tl.maximum(ta_c - window + 1, 0) // BLOCK_SIZE
     window_start = tl.maximum(sink, ta - window + 1)
+    r0 = window_start  # nothing to sum without compensated rows
+    if has_comp:
+        r0 = tl.maximum(sink, c_a * BLOCK_SIZE)
+    key_sum = tl.zeros([HEAD_PAD], tl.float32)
+    value_sum = tl.zeros([HEAD_PAD], tl.float32)
+    if has_comp & (c_a * BLOCK_SIZE > sink):  # tail(c_a) is not the empty sum
+        tail = tails_ptr + tl.load(bt_row + c_a).to(tl.int64) * stride_t_block + pool_head * stride_t_head
+        key_sum += tl.load(tail + d, mask=d_ok, other=0.0)
+        value_sum += tl.load(tail + stride_t_kv + d, mask=d_ok, other=0.0)
+
+    # 2. keys before every compressed row's window: prompt rows attend to them, compensated rows sum them
+    lo = tl.minimum(r0, window_start)
+    if prompt_end > ta:
+        lo = sink
+    for n0 in range(lo, window_start, TILE_N):
+        pos = n0 + n
+        pos_ok = pos < window_start
+        k, v = load_kv_tile(
+            k_head, v_head, bt_row, pos, pos_ok, d, d_ok, stride_k_block, stride_k_slot, stride_v_block,
+            stride_v_slot, k_scale_ptr, v_scale_ptr, BLOCK_SIZE, FP8,
+        )
+        if prompt_end > ta:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
+            visible = pos_ok[None, :] & (pos[None, :] <= t[:, None]) & is_prompt[:, None]
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, visible, v.to(q.dtype))
+        summed = (pos_ok & (pos >= r0))[:, None]
+        key_sum += tl.sum(tl.where(summed, k.to(tl.float32), 0.0), 0)
+        value_sum += tl.sum(tl.where(summed, v.to(tl.float32), 0.0), 0)
+
     split = window_start  # window keys before `split` are also dropped by some rows of the tile
-    if COMPENSATION:
-        # 2. dropped by every row of the tile, not in the stored sums: column sums only
-        key_sum = tl.zeros([HEAD_PAD], tl.float32)
-        value_sum = tl.zeros([HEAD_PAD], tl.float32)
-        for n0 in range(tl.maximum(sink, p0 + 1 - window), window_start, TILE_N):
-            pos = n0 + n
-            pos_ok = pos < window_start
-            k, v = load_kv_tile(
-                k_head, v_head, bt_row, pos, pos_ok, d, d_ok, stride_k_block, stride_k_slot, stride_v_block,
-                stride_v_slot, BLOCK_SIZE,
-            )  # fmt: skip
-            key_sum += tl.sum(k.to(tl.float32), 0)
-            value_sum += tl.sum(v.to(tl.float32), 0)
-        if p0 + 1 - window > sink:  # the stored sums of [S, p0 + 1 - W)
-            slot = comp_ptr + tl.load(bt_row).to(tl.int64) * stride_c_block + pool_head * stride_c_head
-            key_sum += tl.load(slot + d, mask=d_ok, other=0.0)
-            value_sum += tl.load(slot + stride_c_kv + d, mask=d_ok, other=0.0)
+    n_dropped = t - window + 1 - sink
+    compensated = row_ok & ~is_prompt & (n_dropped > 0)
+    if has_comp:
         row_key_dot = tl.sum(q.to(tl.float32) * key_sum[None, :], 1)
         row_value_sum = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32) + value_sum[None, :]
 
@@ -163,21 +216,20 @@ def _local_attention_kernel(
                 pos_ok = pos < split
                 k, v = load_kv_tile(
                     k_head, v_head, bt_row, pos, pos_ok, d, d_ok, stride_k_block, stride_k_slot, stride_v_block,
-                    stride_v_slot, BLOCK_SIZE,
+                    stride_v_slot, k_scale_ptr, v_scale_ptr, BLOCK_SIZE, FP8,
                 )  # fmt: skip
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-                visible = pos_ok[None, :] & (pos[None, :] > t[:, None] - window) & (pos[None, :] <= t[:, None])
-                m_i, l_i, acc = _softmax_step(m_i, l_i, acc, qk * scale_log2, visible, v)
-                dropped = pos_ok[None, :] & (pos[None, :] <= t[:, None] - window)
+                qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+                seen = (pos[None, :] > t[:, None] - window) | is_prompt[:, None]
+                visible = pos_ok[None, :] & seen & (pos[None, :] <= t[:, None])
+                m_i, l_i, acc = _softmax_step(m_i, l_i, acc, qk * scale_log2, visible, v.to(q.dtype))
+                dropped = (pos_ok & (pos >= r0))[None, :] & (pos[None, :] <= t[:, None] - window)
+                dropped = dropped & compensated[:, None]
                 row_key_dot += tl.sum(tl.where(dropped, qk, 0.0), 1)
                 row_value_sum += tl.dot(dropped.to(v.dtype), v, input_precision="ieee")
 
         # The compensation key, complete now: into the softmax like one more key.
-        n_dropped = t - window + 1 - sink
         count = tl.maximum(n_dropped, 1).to(tl.float32)
-        comp_logit = tl.where(
-            row_ok & (n_dropped > 0), row_key_dot * scale_log2 / count + tl.log2(count), float("-inf")
-        )
+        comp_logit = tl.where(compensated, row_key_dot * scale_log2 / count + tl.log2(count), float("-inf"))
         m_new = tl.maximum(m_i, comp_logit)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
@@ -192,11 +244,12 @@ def _local_attention_kernel(
         pos_ok = pos <= tb
         k, v = load_kv_tile(
             k_head, v_head, bt_row, pos, pos_ok, d, d_ok, stride_k_block, stride_k_slot, stride_v_block,
-            stride_v_slot, BLOCK_SIZE,
-        )  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        visible = pos_ok[None, :] & (pos[None, :] > t[:, None] - window) & (pos[None, :] <= t[:, None])
-        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, visible, v)
+            stride_v_slot, k_scale_ptr, v_scale_ptr, BLOCK_SIZE, FP8,
+        )
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
+        seen = (pos[None, :] > t[:, None] - window) | is_prompt[:, None]
+        visible = pos_ok[None, :] & seen & (pos[None, :] <= t[:, None])
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, visible, v.to(q.dtype))
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
@@ -227,41 +280,55 @@ def plan(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    comp: torch.Tensor,
+    tails: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
+    prompt_lens: torch.Tensor | None,
+    windows: torch.Tensor | None,
     head_offset: int,
     num_kv_heads: int,
     sink: int,
     window: int,
+    compensation: bool,
+    exact_prefill: bool,
     scale: float,
     out: torch.Tensor,
-    compensation: bool = True,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> Launch:
     args = local_pool_args(
-        key_cache, value_cache, comp, block_table, seq_lens, query_start_loc, head_offset, num_kv_heads, sink, window
+        key_cache, value_cache, tails, block_table, seq_lens, query_start_loc, head_offset, num_kv_heads, sink, window,
+        k_scale, v_scale,
     )
     g = check_query(query, key_cache, num_kv_heads)
     check_output(out, query)
+    num_reqs = seq_lens.shape[0]
+    if exact_prefill and prompt_lens is None:
+        raise ValueError("exact_prefill needs prompt_lens")
+    prompt_lens = per_request(prompt_lens, "prompt_lens", num_reqs, key_cache.device)
+    windows = per_request(windows, "windows", num_reqs, key_cache.device)
     if query.stride(2) != 1:
         query = query.contiguous()
-    num_reqs = seq_lens.shape[0]
     block_m, block_q, tile_n, num_warps = tile_shape(
         query.shape[0], num_reqs, g, head_pad(query.shape[2]), query.dtype
     )
+    metadata = args["seq_lens_ptr"]  # stands in for an absent optional tensor (never read)
     return Launch(
         kernel=_local_attention_kernel,
         grid=(query.shape[0] // block_q + num_reqs if num_reqs else 0, num_kv_heads),
         args=dict(
             args, out_ptr=out, q_ptr=query, scale_log2=float(scale) * LOG2E, num_reqs=num_reqs,
+            prompt_lens_ptr=metadata if prompt_lens is None else prompt_lens,
+            windows_ptr=metadata if windows is None else windows,
             stride_q_tok=query.stride(0), stride_q_head=query.stride(1),
             stride_o_tok=out.stride(0), stride_o_head=out.stride(1),
         ),  # fmt: skip
         constexprs=dict(
             BLOCK_SIZE=key_cache.shape[2], G=g, HEAD_SIZE=query.shape[2], HEAD_PAD=head_pad(query.shape[2]),
             BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
-            COMPENSATION=bool(compensation),
+            COMPENSATION=bool(compensation), EXACT=bool(exact_prefill), PER_REQUEST_WINDOW=windows is not None,
+            FP8=key_cache.dtype in FP8_DTYPES,
         ),  # fmt: skip
         options=dict(num_warps=num_warps),
     )
@@ -271,27 +338,32 @@ def local_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    comp: torch.Tensor,
+    tails: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
+    prompt_lens: torch.Tensor | None,
+    windows: torch.Tensor | None,
     head_offset: int,
     num_kv_heads: int,
     sink: int,
     window: int,
+    compensation: bool,
+    exact_prefill: bool,
     scale: float,
-    compensation: bool = True,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Local-head attention (sinks + window + compensation); returns [T, Hq, D] in query's dtype.
-
-    ``compensation=False`` (an ablation) leaves out the compensation key: ``comp`` is not read.
-    Rows that belong to no request are zero, or left as they are when ``out`` is given.
+    """Local-head attention (the arguments of ``razor_vllm.ops._unpack``); returns [T, Hq, D] in
+    query's dtype. ``compensation=False`` (an ablation) leaves out the compensation key: ``tails`` is
+    not read. Rows that belong to no request are zero, or left as they are when ``out`` is given.
+    An fp8 cache (float8 views) needs vLLM's ``k_scale``/``v_scale`` (1-element fp32 device tensors).
     """
     if out is None:
         out = torch.zeros_like(query, memory_format=torch.contiguous_format)
     plan(
-        query, key_cache, value_cache, comp, block_table, seq_lens, query_start_loc, head_offset, num_kv_heads,
-        sink, window, scale, out, compensation,
+        query, key_cache, value_cache, tails, block_table, seq_lens, query_start_loc, prompt_lens, windows,
+        head_offset, num_kv_heads, sink, window, compensation, exact_prefill, scale, out, k_scale, v_scale,
     )()  # fmt: skip
     return out

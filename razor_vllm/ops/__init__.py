@@ -99,20 +99,42 @@ def _unpack(kernel: str, batch: PagedBatch, heads: PoolHeads, rule: Optional[Loc
 
 
 class _Unpacked:
-    """An op set with positional signatures (C++, Triton) behind the contract's signatures."""
+    """An op set with positional signatures (C++, Triton) behind the contract's signatures.
 
-    def __init__(self, ops) -> None:
+    ``gpu``: the Triton set, whose ``paged_attention`` also takes the step's ``max_query_len`` (it
+    picks vLLM's split-key decode path from it) and, in every kernel, fp8 scales as keywords."""
+
+    def __init__(self, ops, gpu: bool = False) -> None:
         self.ops = ops
+        self.gpu = gpu
 
-    def local_attention(self, query, key_cache, value_cache, tails, batch, heads, rule, scale):
-        args = _unpack("local_attention", batch, heads, rule)
-        return self.ops.local_attention(query, key_cache, value_cache, tails, *args, scale)
+    def local_attention(self, query, key_cache, value_cache, tails, batch, heads, rule, scale, k_scale=None,
+                        v_scale=None):
+        args = (query, key_cache, value_cache, tails, *_unpack("local_attention", batch, heads, rule), scale)
+        if not self.gpu:
+            _refuse_scales("local_attention", k_scale, v_scale)
+            return self.ops.local_attention(*args)
+        return self.ops.local_attention(*args, k_scale=k_scale, v_scale=v_scale)
 
-    def write_block_tails(self, key_cache, value_cache, tails, batch, heads, rule):
-        self.ops.write_block_tails(key_cache, value_cache, tails, *_unpack("write_block_tails", batch, heads, rule))
+    def write_block_tails(self, key_cache, value_cache, tails, batch, heads, rule, k_scale=None, v_scale=None):
+        args = (key_cache, value_cache, tails, *_unpack("write_block_tails", batch, heads, rule))
+        if not self.gpu:
+            _refuse_scales("write_block_tails", k_scale, v_scale)
+            return self.ops.write_block_tails(*args)
+        self.ops.write_block_tails(*args, k_scale=k_scale, v_scale=v_scale)
 
-    def paged_attention(self, query, key_cache, value_cache, batch, heads, scale):
-        return self.ops.paged_attention(query, key_cache, value_cache, *_unpack("paged_attention", batch, heads), scale)
+    def paged_attention(self, query, key_cache, value_cache, batch, heads, scale, k_scale=None, v_scale=None):
+        args = (query, key_cache, value_cache, *_unpack("paged_attention", batch, heads), scale)
+        if not self.gpu:
+            _refuse_scales("paged_attention", k_scale, v_scale)
+            return self.ops.paged_attention(*args)
+        return self.ops.paged_attention(*args, max_query_len=batch.max_query_len, k_scale=k_scale, v_scale=v_scale)
+
+
+def _refuse_scales(kernel: str, k_scale, v_scale) -> None:
+    """fp8 caches (vLLM's k/v scales) are read by the Triton kernels only."""
+    if k_scale is not None or v_scale is not None:
+        raise NotImplementedError(f"{kernel} with fp8 scales runs only on CUDA with the Triton kernels")
 
 
 _CPP = None if cpp is None else _Unpacked(cpp)
@@ -120,7 +142,7 @@ _CPP = None if cpp is None else _Unpacked(cpp)
 
 @functools.cache
 def _triton_unpacked() -> _Unpacked:
-    return _Unpacked(triton_kernels())
+    return _Unpacked(triton_kernels(), gpu=True)
 
 
 def _choose(kernel: str, query_dtype: torch.dtype, *tensors: torch.Tensor):
@@ -128,11 +150,6 @@ def _choose(kernel: str, query_dtype: torch.dtype, *tensors: torch.Tensor):
     if forced:
         return kernels(forced)
     if any(t.is_cuda for t in tensors):
-        module = triton_kernels()
-        # Triton kernels from before the block-tail contract have no write_block_tails: the local
-        # pool then runs on the (device-agnostic) reference.
-        if kernel != "paged_attention" and not hasattr(module, "write_block_tails"):
-            return reference
         return _triton_unpacked()
     key_cache = tensors[0]
     if (
@@ -159,12 +176,18 @@ def local_attention(
     heads: PoolHeads,
     rule: LocalRule,
     scale: float,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Local-head attention (exact prompt queries, or sinks + window + compensation); returns
-    [T, Hq, D] in query's dtype. ``rule.compensation=False`` (an ablation): ``tails`` is not read."""
+    [T, Hq, D] in query's dtype. ``rule.compensation=False`` (an ablation): ``tails`` is not read.
+    An fp8 cache (float8 views) needs the layer's ``_k_scale``/``_v_scale`` (Triton only)."""
     _check_batch(batch, rule)
     impl = _choose("local_attention", query.dtype, key_cache, value_cache, tails)
-    return impl.local_attention(query, key_cache, value_cache, tails, batch, heads, rule, scale)
+    if impl is reference:
+        _refuse_scales("local_attention", k_scale, v_scale)
+        return impl.local_attention(query, key_cache, value_cache, tails, batch, heads, rule, scale)
+    return impl.local_attention(query, key_cache, value_cache, tails, batch, heads, rule, scale, k_scale, v_scale)
 
 
 def write_block_tails(
@@ -174,11 +197,17 @@ def write_block_tails(
     batch: PagedBatch,
     heads: PoolHeads,
     rule: LocalRule,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """After this step's K/V are stored and before attention: write the tail of every local block
-    whose first position is among this step's queries (sums over [S, b*B); zeros when b*B <= S)."""
+    whose first position is among this step's queries (sums over [S, b*B); zeros when b*B <= S).
+    An fp8 cache: the sums are of the dequantized values (scales as for ``local_attention``)."""
     impl = _choose("write_block_tails", torch.float32, key_cache, value_cache, tails)
-    impl.write_block_tails(key_cache, value_cache, tails, batch, heads, rule)
+    if impl is reference:
+        _refuse_scales("write_block_tails", k_scale, v_scale)
+        return impl.write_block_tails(key_cache, value_cache, tails, batch, heads, rule)
+    impl.write_block_tails(key_cache, value_cache, tails, batch, heads, rule, k_scale, v_scale)
 
 
 def paged_attention(
@@ -188,10 +217,19 @@ def paged_attention(
     batch: PagedBatch,
     heads: PoolHeads,
     scale: float,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Causal attention of retrieval heads over the paged cache; returns [T, Hq, D] in query's dtype."""
+    """Causal attention of retrieval heads over the paged cache; returns [T, Hq, D] in query's dtype.
+
+    On CUDA, ``batch.max_query_len`` (exact, or 0 = unknown) lets a small pure-decode step take vLLM's
+    split-key path. An fp8 cache (float8 views, ``kv_dtypes.fp8_view``) needs the layer's
+    ``_k_scale``/``_v_scale`` (Triton only)."""
     impl = _choose("paged_attention", query.dtype, key_cache, value_cache)
-    return impl.paged_attention(query, key_cache, value_cache, batch, heads, scale)
+    if impl is reference:
+        _refuse_scales("paged_attention", k_scale, v_scale)
+        return impl.paged_attention(query, key_cache, value_cache, batch, heads, scale)
+    return impl.paged_attention(query, key_cache, value_cache, batch, heads, scale, k_scale, v_scale)
 
 
 def store_kv(
@@ -201,16 +239,20 @@ def store_kv(
     value: torch.Tensor,
     slot_mapping: torch.Tensor,
     heads: PoolHeads,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Store key/value [T, heads.count, D] at pool heads [heads.offset, heads.offset + heads.count) of
     ``slot_mapping`` (block * block_size + offset in this pool, negative = padding).
 
     On CUDA one Triton launch reads the mapping on the device (no host sync: CUDA-graph safe);
-    elsewhere, or when a kernel set is forced, ``cache.write_kv``.
+    elsewhere, or when a kernel set is forced, ``cache.write_kv``. An fp8 cache (float8 views) needs
+    the layer's ``_k_scale``/``_v_scale`` (stored = value / scale; Triton only).
     """
     if key_cache.is_cuda and not os.environ.get(KERNELS_ENV):
-        triton_kernels().store_kv(key_cache, value_cache, key, value, slot_mapping, heads.offset)
+        triton_kernels().store_kv(key_cache, value_cache, key, value, slot_mapping, heads.offset, k_scale, v_scale)
     else:
+        _refuse_scales("store_kv", k_scale, v_scale)
         index = SlotIndex.from_slot_mapping(slot_mapping[: key.shape[0]], key_cache.shape[2])
         write_kv(key_cache, value_cache, key, value, index, heads.offset)
 

@@ -1,0 +1,175 @@
+"""Write the block tails of the local pool: for every block b a request starts this step, the fp32
+sums of K and V over [S, b*B), into the page tail of that block.
+
+The tail is written once, when the block's first position b*B is among the step's queries, as
+tail(b) = tail(b-1) + sums over [max(S, (b-1)*B), b*B) (zeros when b*B <= S), and never changed
+afterwards: it depends only on the token prefix, so a block is as cacheable as its tokens. Attention
+then reads tail(c) of the block c holding a query's oldest window position.
+
+One program per (request, KV head) walks the request's started blocks in order with a running sum
+(a long prefill chunk is serial inside one program, O(chunk) rows). Requests without queries (batch
+padding) return at once. The grid is (num_reqs, num_kv_heads): shapes only, CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FP8_DTYPES, Launch, head_pad, load_kv_tile, local_pool_args
+
+TILE_N = 32
+
+
+@triton.jit(do_not_specialize=["head_offset", "sink"])
+def _write_block_tails_kernel(
+    k_ptr,
+    v_ptr,
+    tails_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    head_offset,
+    sink,
+    stride_k_block,
+    stride_k_head,
+    stride_k_slot,
+    stride_v_block,
+    stride_v_head,
+    stride_v_slot,
+    stride_t_block,
+    stride_t_head,
+    stride_t_kv,
+    stride_bt,
+    k_scale_ptr,  # fp8 caches: vLLM's per-tensor scales (1-element fp32), else never read
+    v_scale_ptr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    TILE_N: tl.constexpr,
+    FP8: tl.constexpr,  # fp8 cache: the sums are of the dequantized values (stored * scale)
+):
+    req = tl.program_id(0)
+    kv = tl.program_id(1)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - tl.load(query_start_loc_ptr + req)
+    if q_len <= 0:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    p0 = seq_len - q_len
+    first = (p0 + BLOCK_SIZE - 1) // BLOCK_SIZE  # blocks [first, last] start inside [p0, p1]
+    last = (seq_len - 1) // BLOCK_SIZE
+
+    pool_head = (head_offset + kv).to(tl.int64)
+    k_head = k_ptr + pool_head * stride_k_head
+    v_head = v_ptr + pool_head * stride_v_head
+    bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
+    d = tl.arange(0, HEAD_PAD)
+    d_ok = d < HEAD_SIZE
+    n = tl.arange(0, TILE_N)
+
+    key_sum = tl.zeros([HEAD_PAD], tl.float32)
+    value_sum = tl.zeros([HEAD_PAD], tl.float32)
+    if (first <= last) & ((first - 1) * BLOCK_SIZE > sink):  # tail(first - 1) is not the empty sum
+        prev = tails_ptr + tl.load(bt_row + first - 1).to(tl.int64) * stride_t_block + pool_head * stride_t_head
+        key_sum += tl.load(prev + d, mask=d_ok, other=0.0)
+        value_sum += tl.load(prev + stride_t_kv + d, mask=d_ok, other=0.0)
+    for b in range(first, last + 1):
+        hi = b * BLOCK_SIZE
+        for n0 in range(tl.maximum(sink, hi - BLOCK_SIZE), hi, TILE_N):  # empty when b*B <= S
+            pos = n0 + n
+            pos_ok = pos < hi
+            k, v = load_kv_tile(
+                k_head,
+                v_head,
+                bt_row,
+                pos,
+                pos_ok,
+                d,
+                d_ok,
+                stride_k_block,
+                stride_k_slot,
+                stride_v_block,
+                stride_v_slot,
+                k_scale_ptr,
+                v_scale_ptr,
+                BLOCK_SIZE,
+                FP8,
+            )
+            key_sum += tl.sum(k.to(tl.float32), 0)
+            value_sum += tl.sum(v.to(tl.float32), 0)
+        tail = tails_ptr + tl.load(bt_row + b).to(tl.int64) * stride_t_block + pool_head * stride_t_head
+        tl.store(tail + d, key_sum, mask=d_ok)
+        tl.store(tail + stride_t_kv + d, value_sum, mask=d_ok)
+
+
+def plan(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    tails: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    head_offset: int,
+    num_kv_heads: int,
+    sink: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> Launch:
+    args = local_pool_args(
+        key_cache,
+        value_cache,
+        tails,
+        block_table,
+        seq_lens,
+        query_start_loc,
+        head_offset,
+        num_kv_heads,
+        sink,
+        1,
+        k_scale,
+        v_scale,
+    )
+    return Launch(
+        kernel=_write_block_tails_kernel,
+        grid=(seq_lens.shape[0], num_kv_heads),
+        args={name: value for name, value in args.items() if name != "window"},
+        constexprs=dict(
+            BLOCK_SIZE=key_cache.shape[2],
+            HEAD_SIZE=key_cache.shape[3],
+            HEAD_PAD=head_pad(key_cache.shape[3]),
+            TILE_N=TILE_N,
+            FP8=key_cache.dtype in FP8_DTYPES,
+        ),
+        options=dict(num_warps=2),
+    )
+
+
+def write_block_tails(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    tails: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    head_offset: int,
+    num_kv_heads: int,
+    sink: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> None:
+    """Before attention: the tail of every local block started this step (``razor_vllm.ops``); an fp8
+    cache needs vLLM's ``k_scale``/``v_scale``."""
+    plan(
+        key_cache,
+        value_cache,
+        tails,
+        block_table,
+        seq_lens,
+        query_start_loc,
+        head_offset,
+        num_kv_heads,
+        sink,
+        k_scale,
+        v_scale,
+    )()
