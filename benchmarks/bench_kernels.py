@@ -51,7 +51,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, gen: torch.Generator) -> dict:
     d, pool_heads = shape.head_size, 2 * shape.num_kv_heads
     kv_cache = torch.randn(num_blocks, pool_heads, BLOCK_SIZE, 2 * d, generator=gen).to(dtype)
     tails = torch.randn(num_blocks, pool_heads, 2, d, generator=gen) * 100
-    block_table = (torch.randperm(num_blocks - 1, generator=gen)[: shape.batch * blocks_per_req] + 1)
+    block_table = torch.randperm(num_blocks - 1, generator=gen)[: shape.batch * blocks_per_req] + 1
     block_table = block_table.view(shape.batch, blocks_per_req).to(torch.int32)
     query = torch.randn(shape.batch * shape.q_len, shape.num_q_heads, d, generator=gen).to(dtype)
     return dict(
@@ -117,14 +117,31 @@ def main() -> None:
             for op in ref_calls:
                 ref_ms = best_ms(ref_calls[op], args.repeat)
                 cpp_ms = best_ms(cpp_calls[op], args.repeat)
-                rows.append(dict(shape=asdict(shape), dtype=dtype_name, op=op, reference_ms=ref_ms, cpp_ms=cpp_ms,
-                                 speedup=ref_ms / cpp_ms))  # fmt: skip
-                print(f"{shape.name:24s} {dtype_name:9s} {op:18s} reference {ref_ms:9.3f} ms   "
-                      f"cpp {cpp_ms:8.3f} ms   x{ref_ms / cpp_ms:6.1f}", flush=True)  # fmt: skip
+                rows.append(
+                    dict(
+                        shape=asdict(shape),
+                        dtype=dtype_name,
+                        op=op,
+                        reference_ms=ref_ms,
+                        cpp_ms=cpp_ms,
+                        speedup=ref_ms / cpp_ms,
+                    )
+                )
+                print(
+                    f"{shape.name:24s} {dtype_name:9s} {op:18s} reference {ref_ms:9.3f} ms   "
+                    f"cpp {cpp_ms:8.3f} ms   x{ref_ms / cpp_ms:6.1f}",
+                    flush=True,
+                )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor() or
-                platform.machine(), sink=SINK, window=WINDOW, block_size=BLOCK_SIZE)  # fmt: skip
+    meta = dict(
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=platform.processor() or platform.machine(),
+        sink=SINK,
+        window=WINDOW,
+        block_size=BLOCK_SIZE,
+    )
     args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     print(f"wrote {args.out}")
 

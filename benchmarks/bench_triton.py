@@ -53,8 +53,9 @@ SHAPES = [
 ]
 
 
-def paged_cache(num_blocks: int, block_size: int, shape: Shape, dtype: torch.dtype, gen: torch.Generator,
-                device: str = "cuda"):
+def paged_cache(
+    num_blocks: int, block_size: int, shape: Shape, dtype: torch.dtype, gen: torch.Generator, device: str = "cuda"
+):
     """Key and value views [num_blocks, H_pool, block_size, D] of one razor pool page layout; this
     layer's heads sit after another layer's (head_offset = num_kv_heads)."""
     d = shape.head_size
@@ -115,17 +116,39 @@ def bench(shape: Shape, dtype: torch.dtype, gen: torch.Generator, cudagraph: boo
 
     local_tokens = min(shape.context, SINK + WINDOW + shape.q_len)
     ops = {
-        "local_attention": (lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["tails"],
-                                                       *local_meta[:3], None, None, *local_meta[3:], SINK, WINDOW,
-                                                       True, False, scale, out=out), local_tokens),
-        "paged_attention": (lambda: tk.paged_attention(query, full_key, full_value, *full_meta, scale, out=out),
-                            shape.context),
-        "stock_full_attention": (lambda: tk.paged_attention(query, stock_key, stock_value, *stock_meta, scale, out=out),
-                                 shape.context),
-        "write_block_tails": (lambda: tk.write_block_tails(local["key_cache"], local["value_cache"], local["tails"],
-                                                           *local_meta, SINK), shape.q_len),
+        "local_attention": (
+            lambda: tk.local_attention(
+                query,
+                local["key_cache"],
+                local["value_cache"],
+                local["tails"],
+                *local_meta[:3],
+                None,
+                None,
+                *local_meta[3:],
+                SINK,
+                WINDOW,
+                True,
+                False,
+                scale,
+                out=out,
+            ),
+            local_tokens,
+        ),
+        "paged_attention": (
+            lambda: tk.paged_attention(query, full_key, full_value, *full_meta, scale, out=out),
+            shape.context,
+        ),
+        "stock_full_attention": (
+            lambda: tk.paged_attention(query, stock_key, stock_value, *stock_meta, scale, out=out),
+            shape.context,
+        ),
+        "write_block_tails": (
+            lambda: tk.write_block_tails(local["key_cache"], local["value_cache"], local["tails"], *local_meta, SINK),
+            shape.q_len,
+        ),
         "store_kv": (lambda: tk.store_kv(local["key_cache"], local["value_cache"], key, key, slots, n_kv), 0),
-    }  # fmt: skip
+    }
     rows = []
     for op, (fn, read_tokens) in ops.items():
         fn()
@@ -165,9 +188,25 @@ def _local_call(tk, query, local: dict, seq_lens, qsl, n_kv: int, scale: float, 
     """The Triton local kernel (``razor_vllm.ops._unpack``'s positional API) with the compressed rule
     for every query: a prefill chunk at 128k in exact mode is plain causal attention over the whole
     prompt, i.e. what the retrieval rows time; the pool here keeps the sinks and the window only."""
-    return lambda: tk.local_attention(query, local["key_cache"], local["value_cache"], local["tails"],
-                                      local["block_table"], seq_lens, qsl, None, None, 0, n_kv, SINK, WINDOW,
-                                      True, False, scale, out=out)
+    return lambda: tk.local_attention(
+        query,
+        local["key_cache"],
+        local["value_cache"],
+        local["tails"],
+        local["block_table"],
+        seq_lens,
+        qsl,
+        None,
+        None,
+        0,
+        n_kv,
+        SINK,
+        WINDOW,
+        True,
+        False,
+        scale,
+        out=out,
+    )
 
 
 def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device: str) -> list[dict]:
@@ -209,8 +248,18 @@ def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device
         if device == "cuda":
             torch.cuda.synchronize()
         ms = timer(fn)
-        rows.append(dict(model=model.name, context=context, batch=batch, q_len=q_len, dtype=str(dtype)[6:],
-                         op=name, kv_heads=heads, ms=ms))
+        rows.append(
+            dict(
+                model=model.name,
+                context=context,
+                batch=batch,
+                q_len=q_len,
+                dtype=str(dtype)[6:],
+                op=name,
+                kv_heads=heads,
+                ms=ms,
+            )
+        )
 
     # Stock: all heads, vLLM's layout [blocks, 16, kv_heads, D] (given as our [blocks, heads, 16, D] view).
     query = rand(tokens, n_kv * g, d)
@@ -219,8 +268,13 @@ def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device
     stock = rand(2, batch * blocks + 1, 16, n_kv, d)
     stock_table = table(batch, blocks)
     sk, sv = stock[0].permute(0, 2, 1, 3), stock[1].permute(0, 2, 1, 3)
-    record("stock_vllm", lambda: tk.paged_attention(query, sk, sv, stock_table, seq_lens, qsl, 0, n_kv, scale,
-                                                    out=out, max_query_len=q_len), n_kv)
+    record(
+        "stock_vllm",
+        lambda: tk.paged_attention(
+            query, sk, sv, stock_table, seq_lens, qsl, 0, n_kv, scale, out=out, max_query_len=q_len
+        ),
+        n_kv,
+    )
     # Flash SDPA over contiguous K/V: [batch, heads, len, D], causal over the last q_len positions.
     q4 = query.view(batch, q_len, n_kv * g, d).transpose(1, 2)
     k4 = rand(batch, n_kv, context, d).repeat_interleave(g, dim=1)
@@ -238,12 +292,32 @@ def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device
     rblocks = -(-context // RETRIEVAL_BLOCK)
     rkv = rand(batch * rblocks + 1, n_ret, RETRIEVAL_BLOCK, 2 * d)
     rtable = table(batch, rblocks)
-    record("razor_retrieval", lambda: tk.paged_attention(q_ret, rkv[..., :d], rkv[..., d:], rtable, seq_lens, qsl,
-                                                         0, n_ret, scale, out=out_ret, max_query_len=q_len), n_ret)
+    record(
+        "razor_retrieval",
+        lambda: tk.paged_attention(
+            q_ret, rkv[..., :d], rkv[..., d:], rtable, seq_lens, qsl, 0, n_ret, scale, out=out_ret, max_query_len=q_len
+        ),
+        n_ret,
+    )
     if q_len == 1 and device == "cuda":
-        record("razor_retrieval_2d_only", lambda: tk.paged_attention(
-            q_ret, rkv[..., :d], rkv[..., d:], rtable, seq_lens, qsl, 0, n_ret, scale, out=out_ret,
-            max_query_len=q_len, split_keys=False), n_ret)
+        record(
+            "razor_retrieval_2d_only",
+            lambda: tk.paged_attention(
+                q_ret,
+                rkv[..., :d],
+                rkv[..., d:],
+                rtable,
+                seq_lens,
+                qsl,
+                0,
+                n_ret,
+                scale,
+                out=out_ret,
+                max_query_len=q_len,
+                split_keys=False,
+            ),
+            n_ret,
+        )
     # Local heads: this layer's others; a rank with one KV head (70B at TP=8) holds either kind in a
     # given layer, so there the local kernel is timed on that head and ratios() weighs the two kinds.
     heads = n_loc or n_kv
@@ -251,8 +325,11 @@ def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device
     local = local_pool(shape, dtype, gen, device)
     q_loc = query[:, n_ret * g :] if n_loc else query
     out_loc = torch.empty_like(q_loc)
-    record("razor_local" if n_loc else "razor_local_all_heads",
-           _local_call(tk, q_loc, local, seq_lens, qsl, heads, scale, out_loc), heads)
+    record(
+        "razor_local" if n_loc else "razor_local_all_heads",
+        _local_call(tk, q_loc, local, seq_lens, qsl, heads, scale, out_loc),
+        heads,
+    )
     return rows
 
 
@@ -261,18 +338,32 @@ def ratios(rows: list[dict]) -> list[dict]:
     out = []
     keys = sorted({(r["model"], r["q_len"], r["context"], r["batch"]) for r in rows})
     for model, q_len, context, batch in keys:
-        ms = {r["op"]: r["ms"] for r in rows if (r["model"], r["q_len"], r["context"], r["batch"]) == (model, q_len,
-                                                                                                   context, batch)}
+        ms = {
+            r["op"]: r["ms"]
+            for r in rows
+            if (r["model"], r["q_len"], r["context"], r["batch"]) == (model, q_len, context, batch)
+        }
         if "razor_local" in ms:  # this layer's retrieval heads + its local heads
             razor = ms["razor_retrieval"] + ms["razor_local"]
         else:  # one KV head per rank: a layer is retrieval with probability RETRIEVAL_FRACTION
             razor = RETRIEVAL_FRACTION * ms["razor_retrieval"] + (1 - RETRIEVAL_FRACTION) * ms["razor_local_all_heads"]
-        out.append(dict(model=model, phase="decode" if q_len == 1 else "prefill", context=context, batch=batch,
-                        q_len=q_len, razor_ms=razor, stock_vllm_ms=ms.get("stock_vllm"),
-                        flash_sdpa_ms=ms.get("flash_sdpa"), razor_over_stock_vllm=razor / ms["stock_vllm"],
-                        razor_over_flash_sdpa=razor / ms["flash_sdpa"],
-                        split_speedup=(ms["razor_retrieval_2d_only"] / ms["razor_retrieval"]
-                                       if "razor_retrieval_2d_only" in ms else None)))
+        out.append(
+            dict(
+                model=model,
+                phase="decode" if q_len == 1 else "prefill",
+                context=context,
+                batch=batch,
+                q_len=q_len,
+                razor_ms=razor,
+                stock_vllm_ms=ms.get("stock_vllm"),
+                flash_sdpa_ms=ms.get("flash_sdpa"),
+                razor_over_stock_vllm=razor / ms["stock_vllm"],
+                razor_over_flash_sdpa=razor / ms["flash_sdpa"],
+                split_speedup=(
+                    ms["razor_retrieval_2d_only"] / ms["razor_retrieval"] if "razor_retrieval_2d_only" in ms else None
+                ),
+            )
+        )
     return out
 
 
@@ -284,8 +375,9 @@ def main() -> None:
     parser.add_argument("--no-cudagraph", action="store_true", help="skip the CUDA-graph replay timings")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench_triton.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was timed",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "bench_triton.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was timed", file=sys.stderr
+        )
         raise SystemExit(2)
 
     gen = torch.Generator().manual_seed(0)
@@ -298,9 +390,17 @@ def main() -> None:
     import triton
     import vllm
 
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                vllm=vllm.__version__, host=platform.node(), sink=SINK, window=WINDOW, local_block=LOCAL_BLOCK,
-                retrieval_block=RETRIEVAL_BLOCK)  # fmt: skip
+    meta = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        vllm=vllm.__version__,
+        host=platform.node(),
+        sink=SINK,
+        window=WINDOW,
+        local_block=LOCAL_BLOCK,
+        retrieval_block=RETRIEVAL_BLOCK,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     print(f"wrote {args.out}")

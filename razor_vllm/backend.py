@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 import torch
-
 from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -29,9 +28,9 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from razor_vllm import kv_dtypes, ops
+from razor_vllm.geometry import LocalGeometry
 from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
 from razor_vllm.ops.cache import SlotIndex, write_kv
-from razor_vllm.geometry import LocalGeometry
 from razor_vllm.pools import RazorLocalSpec
 
 if TYPE_CHECKING:

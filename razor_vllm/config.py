@@ -51,16 +51,21 @@ class ModelFingerprint(_Strict):
 
     #: Fields a profile must share with the model it is applied to (the rest identify a checkpoint).
     SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
-        "architecture", "model_type", "num_layers", "num_attention_heads", "num_kv_heads", "head_size",
-        "vocab_size", "position_encoding",
-    )  # fmt: skip
+        "architecture",
+        "model_type",
+        "num_layers",
+        "num_attention_heads",
+        "num_kv_heads",
+        "head_size",
+        "vocab_size",
+        "position_encoding",
+    )
 
     @model_validator(mode="after")
     def _gqa_divides(self) -> "ModelFingerprint":
         if self.num_attention_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_kv_heads={self.num_kv_heads}"
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
         return self
 
@@ -124,7 +129,9 @@ def position_encoding_of(cfg: Any) -> str:
     """
     model_type = getattr(cfg, "model_type", "")
     attn_config = getattr(cfg, "attn_config", None)
-    mpt_alibi = attn_config.get("alibi", False) if isinstance(attn_config, dict) else getattr(attn_config, "alibi", False)
+    mpt_alibi = (
+        attn_config.get("alibi", False) if isinstance(attn_config, dict) else getattr(attn_config, "alibi", False)
+    )
     declared = str(getattr(cfg, "position_encoding_type", None) or getattr(cfg, "position_embedding_type", None) or "")
     if getattr(cfg, "alibi", False) or declared.lower() == "alibi" or mpt_alibi or model_type == "bloom":
         return "alibi"
@@ -236,9 +243,7 @@ class RazorProfile(_Strict):
     def _shapes_match_model(self) -> "RazorProfile":
         n_layers, n_kv = self.model.num_layers, self.model.num_kv_heads
         if len(self.retrieval_heads) != n_layers:
-            raise ValueError(
-                f"retrieval_heads has {len(self.retrieval_heads)} layers, model.num_layers is {n_layers}"
-            )
+            raise ValueError(f"retrieval_heads has {len(self.retrieval_heads)} layers, model.num_layers is {n_layers}")
         for layer, heads in enumerate(self.retrieval_heads):
             bad = [h for h in heads if not 0 <= h < n_kv]
             if bad:
@@ -312,7 +317,10 @@ def _describe(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
         msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"field '{loc}': {msg}" + (f" (got {err['input']!r})" if err["type"] != "value_error" and _short(err.get("input")) else ""))
+        parts.append(
+            f"field '{loc}': {msg}"
+            + (f" (got {err['input']!r})" if err["type"] != "value_error" and _short(err.get("input")) else "")
+        )
     return "; ".join(parts)
 
 
@@ -353,7 +361,9 @@ def resolve_profile(spec: str | Path) -> RazorProfile:
     if candidate.is_file():
         return RazorProfile.load(candidate)
     names = sorted(p.stem for p in bundled_profiles_dir().glob("*.yaml"))
-    raise ProfileError(f"profile '{spec}': not a file and not a bundled profile (bundled: {', '.join(names) or 'none'})")
+    raise ProfileError(
+        f"profile '{spec}': not a file and not a bundled profile (bundled: {', '.join(names) or 'none'})"
+    )
 
 
 def bundled_profile_paths(search_dir: Optional[Path] = None) -> list[Path]:
@@ -401,7 +411,7 @@ def find_profile_for(
         f"head size {served.head_size}, vocab {served.vocab_size}, context {served.context_length}, "
         f"RoPE {served.rope_scaling}){detail}. "
         "Produce one with `razor-vllm profile --model DIR` and pass it with "
-        "--additional-config '{\"razor\": {\"profile\": PATH}}'"
+        '--additional-config \'{"razor": {"profile": PATH}}\''
     )
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger

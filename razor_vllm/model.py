@@ -108,7 +108,14 @@ def prepare_default_model(model_dir: Path | None = None, force: bool = False, pr
     steps.update()
 
     (tmp_dir / _DONE_MARKER).write_text(
-        json.dumps({"recipe": RECIPE_VERSION, "source": str(source), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2)
+        json.dumps(
+            {
+                "recipe": RECIPE_VERSION,
+                "source": str(source),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            indent=2,
+        )
     )
     shutil.rmtree(model_dir, ignore_errors=True)
     tmp_dir.rename(model_dir)

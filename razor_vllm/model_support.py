@@ -123,8 +123,10 @@ def engine_feature_reasons(vllm_config: Any) -> list[str]:
             "requests that the local heads cannot rebuild"
         )
     parallel = vllm_config.parallel_config
-    for option, name in (("decode_context_parallel_size", "--decode-context-parallel-size"),
-                         ("prefill_context_parallel_size", "--prefill-context-parallel-size")):  # fmt: skip
+    for option, name in (
+        ("decode_context_parallel_size", "--decode-context-parallel-size"),
+        ("prefill_context_parallel_size", "--prefill-context-parallel-size"),
+    ):
         if getattr(parallel, option, 1) > 1:
             reasons.append(
                 f"{name} > 1: context parallelism splits a sequence's KV cache across ranks; razor's window, sinks "

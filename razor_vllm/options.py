@@ -71,8 +71,7 @@ class RazorOptions(BaseModel):
             options = cls.model_validate(raw)
         except ValidationError as exc:
             details = "; ".join(
-                f"razor.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
-                for e in exc.errors()
+                f"razor.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
             )
             raise ValueError(f"invalid razor options in --additional-config: {details}") from exc
         if options.all_retrieval and options.all_local:

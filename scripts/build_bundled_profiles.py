@@ -35,32 +35,60 @@ SINK, WINDOW = 128, 256
 CREATED = "2026-12-01T00:00:00+00:00"  # fixed, so that a rebuild reproduces the files byte for byte
 
 SOURCES = {
-    "duo": dict(repository="https://github.com/mit-han-lab/duo-attention",
-                commit="fe93c314ae87306ef6629dc16713250b4718ffe7", license="MIT", importer=DuoAttentionImport),
-    "kvzip": dict(repository="https://github.com/snu-mllab/KVzip",
-                  commit="5d8472975d286e3da6b52178af39d18904330c0d", license="MIT", importer=KVzipImport),
-}  # fmt: skip
+    "duo": dict(
+        repository="https://github.com/mit-han-lab/duo-attention",
+        commit="fe93c314ae87306ef6629dc16713250b4718ffe7",
+        license="MIT",
+        importer=DuoAttentionImport,
+    ),
+    "kvzip": dict(
+        repository="https://github.com/snu-mllab/KVzip",
+        commit="5d8472975d286e3da6b52178af39d18904330c0d",
+        license="MIT",
+        importer=KVzipImport,
+    ),
+}
 _DUO = "attn_patterns/{}/lr=0.02-reg=0.05-ctx=1000_{}-multi_passkey10/full_attention_heads.tsv"
 
 # bundled name -> (Hugging Face id, source, path of the head file in the source repository)
 MODELS = {
     "llama-2-7b-32k-instruct": (
-        "togethercomputer/Llama-2-7B-32K-Instruct", "duo", _DUO.format("Llama-2-7B-32K-Instruct", 32000)),
+        "togethercomputer/Llama-2-7B-32K-Instruct",
+        "duo",
+        _DUO.format("Llama-2-7B-32K-Instruct", 32000),
+    ),
     "llama-3-8b-instruct-gradient-1048k": (
-        "gradientai/Llama-3-8B-Instruct-Gradient-1048k", "kvzip", "utils/head_score/duo-scbench_qa_eng-0.pt"),
+        "gradientai/Llama-3-8B-Instruct-Gradient-1048k",
+        "kvzip",
+        "utils/head_score/duo-scbench_qa_eng-0.pt",
+    ),
     "llama-3-8b-instruct-gradient-4194k": (
-        "gradientai/Llama-3-8B-Instruct-Gradient-4194k", "duo", _DUO.format("Llama-3-8B-Instruct-Gradient-4194k", 32000)),
+        "gradientai/Llama-3-8B-Instruct-Gradient-4194k",
+        "duo",
+        _DUO.format("Llama-3-8B-Instruct-Gradient-4194k", 32000),
+    ),
     "llama-3.1-8b-instruct": (
-        "meta-llama/Llama-3.1-8B-Instruct", "kvzip", "utils/head_score/llama3.1-8b-scbench_qa_eng-0.pt"),
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "kvzip",
+        "utils/head_score/llama3.1-8b-scbench_qa_eng-0.pt",
+    ),
     "mistral-7b-instruct-v0.2": (
-        "mistralai/Mistral-7B-Instruct-v0.2", "duo", _DUO.format("Mistral-7B-Instruct-v0.2", 32000)),
+        "mistralai/Mistral-7B-Instruct-v0.2",
+        "duo",
+        _DUO.format("Mistral-7B-Instruct-v0.2", 32000),
+    ),
     "mistral-7b-instruct-v0.3": (
-        "mistralai/Mistral-7B-Instruct-v0.3", "duo", _DUO.format("Mistral-7B-Instruct-v0.3", 32000)),
-}  # fmt: skip
+        "mistralai/Mistral-7B-Instruct-v0.3",
+        "duo",
+        _DUO.format("Mistral-7B-Instruct-v0.3", 32000),
+    ),
+}
 
 
 def git_show(git_dir: Path, commit: str, path: str) -> bytes:
-    return subprocess.run(["git", "-C", str(git_dir), "show", f"{commit}:{path}"], check=True, capture_output=True).stdout
+    return subprocess.run(
+        ["git", "-C", str(git_dir), "show", f"{commit}:{path}"], check=True, capture_output=True
+    ).stdout
 
 
 def model_dir_for(name: str, root: Path) -> Path:

@@ -50,7 +50,8 @@ WHEELS = {
 }
 
 SHIM = {
-    "__init__.py": '''"""Import shim for vLLM's Triton attention kernels on a machine without vLLM (made by make gpu-kit).
+    "__init__.py": '''"""Import shim for vLLM's Triton attention kernels on a machine without vLLM
+(made by make gpu-kit).
 
 Not vLLM: only the names vLLM's triton_unified_attention.py and triton_attention_helpers.py import.
 """
@@ -70,7 +71,8 @@ import logging
 def init_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 ''',
-    "platforms/__init__.py": '''"""vllm.platforms.current_platform: the CUDA questions the copied kernels ask (CPU: the interpreter)."""
+    "platforms/__init__.py": '''"""vllm.platforms.current_platform: the CUDA questions the copied kernels ask
+(CPU: the interpreter)."""
 
 import torch
 
@@ -108,7 +110,8 @@ class _Platform:
 
 current_platform = _Platform()
 ''',
-    "triton_utils/__init__.py": '''"""vllm.triton_utils: Triton itself (the shim is only used where Triton is installed)."""
+    "triton_utils/__init__.py": '''"""vllm.triton_utils: Triton itself
+(the shim is only used where Triton is installed)."""
 
 import triton
 import triton.language as tl
@@ -118,7 +121,8 @@ HAS_TRITON = True
     "v1/__init__.py": "",
     "v1/attention/__init__.py": "",
     "v1/attention/ops/__init__.py": "",
-    "v1/kv_cache_interface.py": '''"""vllm.v1.kv_cache_interface.KVQuantMode, with the installed vLLM's members (written at kit time)."""
+    "v1/kv_cache_interface.py": '''"""vllm.v1.kv_cache_interface.KVQuantMode, with the installed vLLM's members
+(written at kit time)."""
 
 from enum import IntEnum
 

@@ -42,14 +42,21 @@ class EngineRun:
     first_logprobs: list[dict[int, float]]  # the first generated token's top-k log-probs (top_logprobs > 0)
 
 
-def run_engine(kwargs: dict[str, Any], prompts: list, max_tokens: int = 16, chats: Optional[list] = None,
-               logprobs: bool = False, top_logprobs: int = 0) -> EngineRun:
+def run_engine(
+    kwargs: dict[str, Any],
+    prompts: list,
+    max_tokens: int = 16,
+    chats: Optional[list] = None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+) -> EngineRun:
     from vllm import LLM, SamplingParams
 
     llm = LLM(**kwargs)
     try:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens,
-                                logprobs=max(top_logprobs, 1) if logprobs or top_logprobs else None)
+        params = SamplingParams(
+            temperature=0, max_tokens=max_tokens, logprobs=max(top_logprobs, 1) if logprobs or top_logprobs else None
+        )
         outputs = llm.generate(prompts, params, use_tqdm=False) if prompts else []
         chat_texts = [llm.chat(msgs, params, use_tqdm=False)[0].outputs[0].text for msgs in (chats or [])]
         metrics = {}
@@ -65,11 +72,13 @@ def run_engine(kwargs: dict[str, Any], prompts: list, max_tokens: int = 16, chat
             logprobs=[
                 [step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                 for o in outputs
-            ] if logprobs else [],
-            first_logprobs=[
-                {token: lp.logprob for token, lp in o.outputs[0].logprobs[0].items()} for o in outputs
-            ] if top_logprobs else [],
-        )  # fmt: skip
+            ]
+            if logprobs
+            else [],
+            first_logprobs=[{token: lp.logprob for token, lp in o.outputs[0].logprobs[0].items()} for o in outputs]
+            if top_logprobs
+            else [],
+        )
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm

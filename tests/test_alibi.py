@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from razor_vllm.config import RazorProfile
-from razor_vllm.profile import AlibiRangeSelector, alibi_head_ranges, profile_model
-from razor_vllm.profile import command
+from razor_vllm.profile import AlibiRangeSelector, alibi_head_ranges, command, profile_model
 from razor_vllm.profile.alibi import alibi_slopes
+
 from tiny_models import build_tiny_bloom
 
 EPS = 1e-3
@@ -126,8 +126,21 @@ def test_profile_model_and_cli_use_theorem_1_for_alibi(tiny_bloom, tmp_path):
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     out = tmp_path / "bloom.yaml"
-    args = parser.parse_args(["--model", str(tiny_bloom), "--context-length", "1000", "--alibi-eps", "1e-3",
-                              "--window", "128", "--out", str(out), "--quiet"])
+    args = parser.parse_args(
+        [
+            "--model",
+            str(tiny_bloom),
+            "--context-length",
+            "1000",
+            "--alibi-eps",
+            "1e-3",
+            "--window",
+            "128",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     args.argv = ["--model", "X"]
     assert command.run(args) == 0
     loaded = RazorProfile.load(out)
@@ -142,15 +155,30 @@ def test_profile_model_and_cli_use_theorem_1_for_alibi(tiny_bloom, tmp_path):
 # the 13B's fields as in vLLM's former vllm/transformers_utils/configs/baichuan_13b.py: model_max_length,
 # no max_position_embeddings). Both are model_type "baichuan", architecture BaichuanForCausalLM.
 BAICHUAN2_7B = dict(
-    architectures=["BaichuanForCausalLM"], model_type="baichuan", hidden_size=4096, intermediate_size=11008,
-    num_attention_heads=32, num_hidden_layers=32, max_position_embeddings=4096, model_max_length=4096,
-    vocab_size=125696, rms_norm_eps=1e-6, tie_word_embeddings=False,
-)  # fmt: skip
-BAICHUAN2_13B = dict(
-    architectures=["BaichuanForCausalLM"], model_type="baichuan", hidden_size=5120, intermediate_size=13696,
-    num_attention_heads=40, num_hidden_layers=40, model_max_length=4096, vocab_size=125696, rms_norm_eps=1e-6,
+    architectures=["BaichuanForCausalLM"],
+    model_type="baichuan",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_hidden_layers=32,
+    max_position_embeddings=4096,
+    model_max_length=4096,
+    vocab_size=125696,
+    rms_norm_eps=1e-6,
     tie_word_embeddings=False,
-)  # fmt: skip
+)
+BAICHUAN2_13B = dict(
+    architectures=["BaichuanForCausalLM"],
+    model_type="baichuan",
+    hidden_size=5120,
+    intermediate_size=13696,
+    num_attention_heads=40,
+    num_hidden_layers=40,
+    model_max_length=4096,
+    vocab_size=125696,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
 
 
 def _config(values):

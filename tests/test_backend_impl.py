@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
+from test_kernels import make_schedule, relative_error
 from vllm.forward_context import ForwardContext, override_forward_context
 from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
 
@@ -27,8 +27,6 @@ from razor_vllm.install import HeadSelection, LayerRazorState
 from razor_vllm.layout import plan_layout
 from razor_vllm.ops.dense import dense_block_tail, dense_razor_attention
 from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, build_specs
-
-from test_kernels import make_schedule, relative_error
 
 NUM_KV_HEADS, G, HEAD_SIZE, SINK, WINDOW, LOCAL_BLOCK = 3, 3, 32, 4, 24, 16
 # Layer 0 keeps KV head 1 in full, layer 1 heads 0 and 2: both leave a non-contiguous set somewhere.
@@ -71,8 +69,14 @@ class Pool:
 def build_layer_states(exact_prefill: bool = True, compression_ratio=None, dtype=torch.float32):
     layout = plan_layout(RETRIEVAL, NUM_KV_HEADS, LOCAL_BLOCK, dtype.itemsize)
     retrieval_spec, local_spec = build_specs(
-        layout, HEAD_SIZE, dtype, SINK, WINDOW, exact_prefill=exact_prefill,
-        compression_ratio=compression_ratio, max_model_len=1024,
+        layout,
+        HEAD_SIZE,
+        dtype,
+        SINK,
+        WINDOW,
+        exact_prefill=exact_prefill,
+        compression_ratio=compression_ratio,
+        max_model_len=1024,
     )
     states = [
         LayerRazorState(
@@ -145,8 +149,9 @@ def test_metadata_aliases_the_runner_buffers():
 PATHS = [
     ("cpu", "slot_index", 1e-4),
     ("cpu", "slot_mapping", 1e-4),
-    pytest.param("cuda", "slot_mapping", 5e-3,
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+    pytest.param(
+        "cuda", "slot_mapping", 5e-3, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    ),
 ]
 
 
@@ -223,8 +228,15 @@ def test_impl_matches_dense_oracle(device, store, tolerance, seed, mode):
         flags = [h in retrieval for h in range(NUM_KV_HEADS)]
         for rid, (q, k, v) in enumerate(data[layer_index]):
             expected = dense_razor_attention(
-                q.double(), k.double(), v.double(), range(q.shape[0]), flags, SINK,
-                rule.request_window(prompt_lens[rid]), HEAD_SIZE**-0.5, prompt_len=prompt_lens[rid] if exact else None,
+                q.double(),
+                k.double(),
+                v.double(),
+                range(q.shape[0]),
+                flags,
+                SINK,
+                rule.request_window(prompt_lens[rid]),
+                HEAD_SIZE**-0.5,
+                prompt_len=prompt_lens[rid] if exact else None,
             )
             err = relative_error(outputs[layer_index][rid].double(), expected)
             assert err < tolerance, f"layer {layer_index} request {rid}: relative error {err:.3g}"
@@ -263,15 +275,18 @@ def test_impl_hands_fp8_views_and_the_layers_scales_to_the_kernels(monkeypatch):
     states, retrieval_spec, local_spec = build_layer_states(dtype=torch.uint8)
     rng = random.Random(0)
     page = retrieval_spec.page_size_bytes
-    pools = {name: Pool(spec, page, 12, rng) for name, spec in
-             ((RETRIEVAL_POOL_NAME, retrieval_spec), (LOCAL_POOL_NAME, local_spec))}  # fmt: skip
+    pools = {
+        name: Pool(spec, page, 12, rng)
+        for name, spec in ((RETRIEVAL_POOL_NAME, retrieval_spec), (LOCAL_POOL_NAME, local_spec))
+    }
     batch = [(0, 0, 40), (1, 7, 8)]
     metadata = {}
     for name, pool in pools.items():
         for rid, _, hi in batch:
             pool.allocate(rid, hi)
-        builder = RazorMetadataBuilder(pool_spec := retrieval_spec if name == RETRIEVAL_POOL_NAME else local_spec,
-                                       [], None, torch.device("cpu"))  # fmt: skip
+        builder = RazorMetadataBuilder(
+            pool_spec := retrieval_spec if name == RETRIEVAL_POOL_NAME else local_spec, [], None, torch.device("cpu")
+        )
         assert pool_spec.dtype == torch.uint8
         builder.bind_prompt_lengths(lambda: torch.tensor([40, 8, 0], dtype=torch.int32))
         metadata[name] = builder.build(0, common_metadata(batch, pool, pad_tokens=2))

@@ -41,8 +41,9 @@ def test_padding_keeps_the_profile_and_sizes_pools_for_the_heaviest_rank():
 
 def test_pipeline_stages_plan_their_own_layers_with_global_indices():
     stages = [range(0, 3), range(3, 6)]
-    plan = plan_scaleout(HEADS, 2, tp_size=1, pp_size=2, mode="promote",
-                         priority=promotion_priority(SCORES), layers_per_stage=stages)  # fmt: skip
+    plan = plan_scaleout(
+        HEADS, 2, tp_size=1, pp_size=2, mode="promote", priority=promotion_priority(SCORES), layers_per_stage=stages
+    )
     s0, s1 = plan.rank(0, 0), plan.rank(1, 0)
     assert s0.layers == (0, 1, 2) and s1.layers == (3, 4, 5)
     assert (s0.profile_count, s1.profile_count) == (3, 2)
@@ -90,7 +91,9 @@ def test_pool_usage_of_every_engine_core_is_kept():
     described = describe_usage(status, usage)
     assert described["kv_bytes"]["razor"] == 8000
     assert [(e["engine"], e["requests"], e["kv_bytes"]["razor"]) for e in described["engines"]] == [
-        (0, 1, 5000), (2, 2, 3000)]  # fmt: skip
+        (0, 1, 5000),
+        (2, 2, 3000),
+    ]
     assert combine_pool_usage([None, None]) is None
 
 
@@ -105,11 +108,24 @@ def test_status_reports_every_ranks_heads_and_the_balancing_cost(tmp_path):
     from tiny_models import build_tiny_llama
 
     path = build_tiny_llama(tmp_path / "tiny", num_layers=6)
-    profile = RazorProfile(model=fingerprint_of(path), sink=4, window=16, retrieval_heads=HEADS, scores=SCORES,
-                           provenance=Provenance(method="manual", command="t", tool_version="0", created=utc_now()))
-    args = EngineArgs(model=str(path), attention_backend="razor", tensor_parallel_size=2, max_model_len=512,
-                      kv_cache_memory_bytes=32 << 20, enforce_eager=True, dtype="float32",
-                      additional_config={"razor": {"profile": str(profile.save(path / "p.yaml"))}})  # fmt: skip
+    profile = RazorProfile(
+        model=fingerprint_of(path),
+        sink=4,
+        window=16,
+        retrieval_heads=HEADS,
+        scores=SCORES,
+        provenance=Provenance(method="manual", command="t", tool_version="0", created=utc_now()),
+    )
+    args = EngineArgs(
+        model=str(path),
+        attention_backend="razor",
+        tensor_parallel_size=2,
+        max_model_len=512,
+        kv_cache_memory_bytes=32 << 20,
+        enforce_eager=True,
+        dtype="float32",
+        additional_config={"razor": {"profile": str(profile.save(path / "p.yaml"))}},
+    )
     status = compute_status(args.create_engine_config())
     balance = status["balance"]
     assert balance["mode"] == "promote"

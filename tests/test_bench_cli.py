@@ -9,8 +9,8 @@ import os
 import pytest
 
 from razor_vllm.bench import analytic, report
-from razor_vllm.common.runinfo import int_list
 from razor_vllm.cli import main
+from razor_vllm.common.runinfo import int_list
 from razor_vllm.config import resolve_profile
 
 
@@ -19,8 +19,17 @@ def test_help(capsys):
         main(["bench", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--contexts", "--kv-gib", "--kv-bytes", "--window", "--sink", "--out", "--plot", "--quick",
-                   "--skip-engine"):
+    for option in (
+        "--contexts",
+        "--kv-gib",
+        "--kv-bytes",
+        "--window",
+        "--sink",
+        "--out",
+        "--plot",
+        "--quick",
+        "--skip-engine",
+    ):
         assert option in out
 
 
@@ -67,8 +76,23 @@ def test_skip_engine_writes_json(tmp_path, capsys):
 def test_compressed_prefill_admission_is_bounded(tmp_path):
     """--prefill compressed: admission charges the window plus a chunk, far below stock."""
     out = tmp_path / "bench.json"
-    assert main(["bench", "--skip-engine", "--dtype", "bfloat16", "--prefill", "compressed", "--out", str(out),
-                 "--format", "plain"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--skip-engine",
+                "--dtype",
+                "bfloat16",
+                "--prefill",
+                "compressed",
+                "--out",
+                str(out),
+                "--format",
+                "plain",
+            ]
+        )
+        == 0
+    )
     a = json.loads(out.read_text())["analytic"]
     assert a["prefill"] == "compressed"
     for r in a["requests"]:
@@ -78,8 +102,29 @@ def test_compressed_prefill_admission_is_bounded(tmp_path):
 
 def test_window_and_kv_options(tmp_path):
     out = tmp_path / "b.json"
-    assert main(["bench", "--skip-engine", "--dtype", "float32", "--window", "128", "--sink", "8",
-                 "--contexts", "1k,2k", "--kv-gib", "0.25", "--out", str(out), "--format", "markdown"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--skip-engine",
+                "--dtype",
+                "float32",
+                "--window",
+                "128",
+                "--sink",
+                "8",
+                "--contexts",
+                "1k,2k",
+                "--kv-gib",
+                "0.25",
+                "--out",
+                str(out),
+                "--format",
+                "markdown",
+            ]
+        )
+        == 0
+    )
     a = json.loads(out.read_text())["analytic"]
     assert (a["window"], a["sink"], a["dtype"]) == (128, 8, "float32")
     assert {c["kv_bytes"] for c in a["max_concurrency"]} == {1 << 28}
@@ -88,11 +133,11 @@ def test_window_and_kv_options(tmp_path):
 
 def test_analytic_matches_vllm_specs():
     """The admission figures are vLLM's own: RazorLocalSpec / FullAttentionSpec give the same blocks."""
+    from types import SimpleNamespace
+
     import torch
 
     from razor_vllm.pools import build_specs
-
-    from types import SimpleNamespace
 
     profile = resolve_profile("smollm2-135m-instruct")
     for exact in (False, True):
@@ -114,10 +159,20 @@ def _fake_results() -> dict:
     geo = analytic.geometry(profile, "float32")
     res = dict(meta={}, analytic=analytic.analytic_report(geo, [2048], 512, {2048: 200 << 20}))
     side = dict(peak_running=2, saturated=True, num_gpu_blocks=20, vllm_max_concurrency=2.5, preemptions=0)
-    res["capacity"] = [dict(context=2048, kv_bytes=200 << 20, prompt_tokens=1792, max_tokens=256, stock=side,
-                            razor=dict(side, peak_running=6, num_gpu_blocks=147, vllm_max_concurrency=4.1),
-                            ratio_measured=3.0, ratio_vllm_logged=1.64, ratio_theory_steady=3.2,
-                            razor_steady_concurrency=7.0)]
+    res["capacity"] = [
+        dict(
+            context=2048,
+            kv_bytes=200 << 20,
+            prompt_tokens=1792,
+            max_tokens=256,
+            stock=side,
+            razor=dict(side, peak_running=6, num_gpu_blocks=147, vllm_max_concurrency=4.1),
+            ratio_measured=3.0,
+            ratio_vllm_logged=1.64,
+            ratio_theory_steady=3.2,
+            razor_steady_concurrency=7.0,
+        )
+    ]
     point = dict(prefill_tok_s=500.0, decode_tok_s=50.0)
     res["throughput"] = [dict(context=1024, batch=8, stock=point, razor=point, ratio_prefill=1.0, ratio_decode=1.0)]
     return res

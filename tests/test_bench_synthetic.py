@@ -20,15 +20,18 @@ def run_bench(tmp_path, *args: str) -> tuple[int, dict]:
 
 
 def test_llama_8b_shape_and_profile(tmp_path, default_model_dir):
-    rc, data = run_bench(tmp_path, "--model", "synthetic:llama-3-8b", "--skip-engine", "--dtype", "bfloat16",
-                         "--contexts", "8k,32k")
+    rc, data = run_bench(
+        tmp_path, "--model", "synthetic:llama-3-8b", "--skip-engine", "--dtype", "bfloat16", "--contexts", "8k,32k"
+    )
     assert rc == 0
     meta, a = data["meta"], data["analytic"]
     assert meta["synthetic"] == dict(shape="synthetic:llama-3-8b", retrieval_share=0.15, load_format="dummy")
     # Llama-3-8B in bf16: 32 layers x 8 KV heads x (K+V) x 128 x 2 bytes = 128 KiB per token.
     assert a["bytes_per_token"]["stock"] == 32 * 8 * 2 * 128 * 2
     assert (a["window"], a["sink"]) == (1024, 4)
-    config = json.loads((synthetic.make_checkpoint("llama-3-8b", tmp_path, default_model_dir) / "config.json").read_text())
+    config = json.loads(
+        (synthetic.make_checkpoint("llama-3-8b", tmp_path, default_model_dir) / "config.json").read_text()
+    )
     assert (config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]) == (32, 8, 128)
     assert not list(tmp_path.glob("llama-3-8b/*.safetensors"))  # weights come from load_format=dummy
 
@@ -74,8 +77,9 @@ def test_fit_rule(tmp_path, default_model_dir):
     # The same memory in razor pages holds several times as many 32k requests: with exact prefill
     # (the default) one request's prompt transient (about stock's own cache for it) plus the others'
     # steady pages; compressed prefill admits within the window and holds more.
-    razor_engine = dict(num_gpu_blocks=gpu.razor_num_blocks(blocks * gpu.stock_block_bytes),
-                        block_size=gpu.reported_block_size)  # what a razor engine reports
+    razor_engine = dict(
+        num_gpu_blocks=gpu.razor_num_blocks(blocks * gpu.stock_block_bytes), block_size=gpu.reported_block_size
+    )  # what a razor engine reports
     assert razor(32768, 6, 100, razor_engine) is None
     assert razor(32768, 8, 100, razor_engine) is not None
     assert razor(32768, 64, 100, razor_engine) is not None
@@ -90,9 +94,26 @@ def test_tiny_synthetic_engines_measure_what_fits(tmp_path):
     """Real engines with dummy weights: a batch that stock's KV cache cannot hold at once is listed
     as skipped for stock and measured for razor, in the same KV bytes."""
     rc, data = run_bench(
-        tmp_path, "--model", "synthetic:tiny", "--retrieval-share", "0.25", "--window", "64", "--dtype", "float32",
-        "--skip-capacity", "--throughput-contexts", "512", "--batches", "1,6", "--decode-tokens", "4",
-        "--chunk", "128", "--kv-bytes", str(4 << 20),
+        tmp_path,
+        "--model",
+        "synthetic:tiny",
+        "--retrieval-share",
+        "0.25",
+        "--window",
+        "64",
+        "--dtype",
+        "float32",
+        "--skip-capacity",
+        "--throughput-contexts",
+        "512",
+        "--batches",
+        "1,6",
+        "--decode-tokens",
+        "4",
+        "--chunk",
+        "128",
+        "--kv-bytes",
+        str(4 << 20),
     )
     assert rc == 0, data
     rows = {r["batch"]: r for r in data["throughput"]}
@@ -105,6 +126,10 @@ def test_tiny_synthetic_engines_measure_what_fits(tmp_path):
     assert data["throughput_engines"]["razor"]["skipped"] == []
     assert data["meta"]["cuda_graphs"] is False  # CPU: always eager
     engines = data["throughput_engines"]
-    razor_geo = analytic.geometry(RazorProfile.load(data["meta"]["profile"]), "float32", window=64,
-                                  stock_block_size=engines["stock"]["block_size"])
+    razor_geo = analytic.geometry(
+        RazorProfile.load(data["meta"]["profile"]),
+        "float32",
+        window=64,
+        stock_block_size=engines["stock"]["block_size"],
+    )
     assert engines["razor"]["block_size"] == razor_geo.reported_block_size  # the razor check ran

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from razor_vllm.balance import plan_scaleout, profile_ratios, promotion_priority
 from razor_vllm.bench import analytic
 from razor_vllm.cli import main
 from razor_vllm.config import (
@@ -29,7 +30,6 @@ from razor_vllm.config import (
     find_profile_for,
     resolve_profile,
 )
-from razor_vllm.balance import plan_scaleout, profile_ratios, promotion_priority
 from razor_vllm.layout import plan_layout, shard_kv_heads
 from razor_vllm.profile.importers import select_ratio_with_ties
 from razor_vllm.profile.selectors import fingerprint_of
@@ -88,7 +88,9 @@ def test_bundled_profile_provenance_and_selection_rule(name):
 def test_no_two_bundled_profiles_claim_one_model(tmp_path):
     for name in BUNDLED:
         served = fingerprint_of(checkpoint(tmp_path, name))
-        fits = [p.stem for p in bundled_profile_paths() if not RazorProfile.load(p).model.mismatches(served, identity=True)]
+        fits = [
+            p.stem for p in bundled_profile_paths() if not RazorProfile.load(p).model.mismatches(served, identity=True)
+        ]
         assert fits == [name]
 
 
@@ -106,8 +108,9 @@ def test_third_party_notices_cover_every_bundled_source():
 
 def test_llama_3_8b_instruct_does_not_get_llama_3_1s_profile(tmp_path):
     # meta-llama/Meta-Llama-3-8B-Instruct: Llama-3.1's shapes, but 8192 positions and plain RoPE
-    llama3 = checkpoint(tmp_path, "llama-3.1-8b-instruct", max_position_embeddings=8192, rope_scaling=None,
-                        rope_theta=500000.0)  # fmt: skip
+    llama3 = checkpoint(
+        tmp_path, "llama-3.1-8b-instruct", max_position_embeddings=8192, rope_scaling=None, rope_theta=500000.0
+    )
     served = fingerprint_of(llama3)
     assert served.rope_scaling == "default" and served.context_length == 8192
     with pytest.raises(ProfileError, match=r"context 8192, RoPE default\); nearest is .*context_length: profile has"):
@@ -125,8 +128,11 @@ def test_gradient_1m_and_4m_are_told_apart(tmp_path):
 
 
 def test_a_user_override_of_rope_scaling_is_not_silently_matched(tmp_path):
-    yarn = checkpoint(tmp_path, "mistral-7b-instruct-v0.2",
-                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    yarn = checkpoint(
+        tmp_path,
+        "mistral-7b-instruct-v0.2",
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    )
     with pytest.raises(ProfileError, match="rope_scaling: profile has 'default', model has 'yarn x4'"):
         find_profile_for(fingerprint_of(yarn))
 
@@ -172,7 +178,9 @@ def test_bundled_profile_lays_out_at_every_tensor_parallel_size(name, dtype):
             for block in (16, 128):
                 layout = plan_layout(heads, max(1, n_kv // tp), 32, DTYPE_BYTES[dtype], default_block_size=block)
                 assert layout.num_retrieval_heads == sum(map(len, heads))
-                assert layout.num_retrieval_heads + layout.num_local_heads == profile.model.num_layers * max(1, n_kv // tp)
+                assert layout.num_retrieval_heads + layout.num_local_heads == profile.model.num_layers * max(
+                    1, n_kv // tp
+                )
                 assert layout.page_slots() > 0
 
 
@@ -183,8 +191,9 @@ def rank_pool_shapes(profile: RazorProfile, tp: int, mode: str = "pad", dtype_by
     plan = plan_scaleout(profile.retrieval_heads, profile.model.num_kv_heads, tp, 1, mode, priority)
     shapes = set()
     for rank in plan.ranks:
-        layout = plan_layout(rank.heads, rank.kv_heads, 32, dtype_bytes, default_block_size=block,
-                             pool_heads=plan.pool_heads)
+        layout = plan_layout(
+            rank.heads, rank.kv_heads, 32, dtype_bytes, default_block_size=block, pool_heads=plan.pool_heads
+        )
         shapes.add((layout.retrieval_pool_heads, layout.local_pool_heads, layout.retrieval_block_size))
     return shapes
 
@@ -205,8 +214,22 @@ def test_bundled_profile_pools_agree_across_ranks(name, tp):
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_profile_bytes_per_request_on_the_analytic_path(name, tmp_path, default_model_dir):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--model", f"synthetic:{name}", "--skip-engine", "--dtype", "bfloat16",
-               "--contexts", "8k,32k", "--out", str(out), "--format", "plain"])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "--model",
+            f"synthetic:{name}",
+            "--skip-engine",
+            "--dtype",
+            "bfloat16",
+            "--contexts",
+            "8k,32k",
+            "--out",
+            str(out),
+            "--format",
+            "plain",
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     profile = resolve_profile(name)
@@ -233,8 +256,10 @@ MIRRORS = {
 }
 
 
-@pytest.mark.skipif(not all(p.is_dir() for p in MIRRORS.values()) or not shutil.which("git"),
-                    reason="needs git checkouts of mit-han-lab/duo-attention and snu-mllab/KVzip")  # fmt: skip
+@pytest.mark.skipif(
+    not all(p.is_dir() for p in MIRRORS.values()) or not shutil.which("git"),
+    reason="needs git checkouts of mit-han-lab/duo-attention and snu-mllab/KVzip",
+)
 def test_bundled_profiles_rebuild_byte_for_byte(tmp_path):
     import importlib.util
 
@@ -264,9 +289,14 @@ def test_vllm_config_of_the_real_model_resolves_to_its_bundled_profile(name, tmp
 
     model_dir = synthetic.make_checkpoint(name, tmp_path, default_model_dir)
     vllm_config = EngineArgs(
-        model=str(model_dir), load_format="dummy", attention_backend="razor", max_model_len=4096, dtype="bfloat16",
-        kv_cache_memory_bytes=1 << 30, enforce_eager=True,
-    ).create_engine_config()  # fmt: skip
+        model=str(model_dir),
+        load_format="dummy",
+        attention_backend="razor",
+        max_model_len=4096,
+        dtype="bfloat16",
+        kv_cache_memory_bytes=1 << 30,
+        enforce_eager=True,
+    ).create_engine_config()
     assert unsupported_reasons(vllm_config) == []
     resolved = resolve_for_vllm_config(vllm_config)
     assert resolved.profile == resolve_profile(name)
@@ -289,16 +319,27 @@ def test_engine_runs_the_real_layer_shapes_with_dummy_weights(name, tmp_path, de
     layers = [i for i, heads in enumerate(bundled.retrieval_heads) if heads][:2]
     served = fingerprint_of(model_dir).model_copy(update={"num_layers": 2})
     profile = RazorProfile(
-        model=served, sink=bundled.sink, window=bundled.window,
+        model=served,
+        sink=bundled.sink,
+        window=bundled.window,
         retrieval_heads=[bundled.retrieval_heads[i] for i in layers],
-        provenance=Provenance(method="manual", command=f"layers {layers} of {name}", tool_version="0", created=utc_now()),
-    )  # fmt: skip
+        provenance=Provenance(
+            method="manual", command=f"layers {layers} of {name}", tool_version="0", created=utc_now()
+        ),
+    )
     path = profile.save(tmp_path / "two-layers.yaml")
     kwargs = engine_kwargs(
-        model_dir, "razor", {"profile": str(path)}, load_format="dummy", dtype="bfloat16",
-        hf_overrides={"num_hidden_layers": 2}, max_model_len=1024, kv_cache_memory_bytes=64 << 20,
-        max_num_batched_tokens=256, max_num_seqs=4,
-    )  # fmt: skip
+        model_dir,
+        "razor",
+        {"profile": str(path)},
+        load_format="dummy",
+        dtype="bfloat16",
+        hf_overrides={"num_hidden_layers": 2},
+        max_model_len=1024,
+        kv_cache_memory_bytes=64 << 20,
+        max_num_batched_tokens=256,
+        max_num_seqs=4,
+    )
     prompts = [{"prompt_token_ids": [(7 * i) % 40000 + 100 for i in range(n)]} for n in (40, 600)]  # past sink + window
     run = run_engine(kwargs, prompts, max_tokens=4)
     assert [len(t) for t in run.token_ids] == [4, 4]
@@ -312,22 +353,45 @@ def test_qwen_1m_models_with_dual_chunk_attention_are_refused_by_name(tmp_path, 
 
     # Qwen/Qwen2.5-7B-Instruct-1M's config.json values (public fixtures quoting it), layers cut to 2
     config = dict(
-        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584, intermediate_size=18944,
-        num_attention_heads=28, num_hidden_layers=2, num_key_value_heads=4, max_position_embeddings=1010000,
-        rope_theta=10000000.0, rms_norm_eps=1e-05, sliding_window=32768, use_sliding_window=False,
-        tie_word_embeddings=False, torch_dtype="bfloat16", vocab_size=152064,
-        dual_chunk_attention_config={"chunk_size": 262144, "local_size": 8192,
-                                     "original_max_position_embeddings": 262144},
-    )  # fmt: skip
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_hidden_layers=2,
+        num_key_value_heads=4,
+        max_position_embeddings=1010000,
+        rope_theta=10000000.0,
+        rms_norm_eps=1e-05,
+        sliding_window=32768,
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        vocab_size=152064,
+        dual_chunk_attention_config={
+            "chunk_size": 262144,
+            "local_size": 8192,
+            "original_max_position_embeddings": 262144,
+        },
+    )
     target = tmp_path / "qwen"
     target.mkdir()
     (target / "config.json").write_text(json.dumps(config))
     for file in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(default_model_dir / file, target / file)
-    args = dict(model=str(target), load_format="dummy", attention_backend="razor", max_model_len=4096,
-                dtype="bfloat16", kv_cache_memory_bytes=1 << 30, enforce_eager=True)  # fmt: skip
+    args = dict(
+        model=str(target),
+        load_format="dummy",
+        attention_backend="razor",
+        max_model_len=4096,
+        dtype="bfloat16",
+        kv_cache_memory_bytes=1 << 30,
+        enforce_eager=True,
+    )
     # refused while vLLM builds its config (vllm_compat's hook), naming the model and the reason
-    with pytest.raises(ValueError, match=r"RAZOR attention cannot serve .*qwen \(Qwen2ForCausalLM\): it uses dual chunk"):
+    with pytest.raises(
+        ValueError, match=r"RAZOR attention cannot serve .*qwen \(Qwen2ForCausalLM\): it uses dual chunk"
+    ):
         EngineArgs(**args).create_engine_config()
     config.pop("dual_chunk_attention_config")
     (target / "config.json").write_text(json.dumps(config))

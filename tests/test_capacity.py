@@ -41,8 +41,11 @@ def test_razor_holds_3x_more_long_requests():
     razor = measure_capacity({**base, "attention_backend": "razor"}, num_requests, PROMPT_TOKENS, MAX_TOKENS, "razor")
     measured = razor.peak_running / stock.peak_running
     theory = theoretical_ratio(profile, profile.window)
-    print(f"\npeak running: stock {stock.peak_running}, razor {razor.peak_running} "
-          f"(measured {measured:.2f}x, theory {theory:.2f}x); blocks stock {stock.num_gpu_blocks}, razor {razor.num_gpu_blocks}")
+    print(
+        f"\npeak running: stock {stock.peak_running}, razor {razor.peak_running} "
+        f"(measured {measured:.2f}x, theory {theory:.2f}x); "
+        f"blocks stock {stock.num_gpu_blocks}, razor {razor.num_gpu_blocks}"
+    )
     assert razor.peak_running < num_requests, "not saturated: submit more requests"
     assert theory >= 3.0
     assert measured >= 3.0

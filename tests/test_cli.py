@@ -26,8 +26,19 @@ def test_console_script_lists_subcommands():
 
 def test_profile_from_scores_records_the_command(tmp_path, capsys):
     out = tmp_path / "reselected.yaml"
-    code = main(["profile", "--from-scores", "smollm2-135m-instruct", "--induction-ratio", "0.05",
-                 "--echo-ratio", "0", "--out", str(out)])
+    code = main(
+        [
+            "profile",
+            "--from-scores",
+            "smollm2-135m-instruct",
+            "--induction-ratio",
+            "0.05",
+            "--echo-ratio",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     from razor_vllm.config import RazorProfile
 

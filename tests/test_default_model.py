@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from engine_runs import engine_kwargs, run_engine
 from razor_vllm.model import is_prepared, prepare_default_model
+
+from engine_runs import engine_kwargs, run_engine
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

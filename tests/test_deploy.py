@@ -238,10 +238,7 @@ def container_gpus(container: dict[str, Any]) -> int:
 def configmap_mounts(pod_spec: dict[str, Any]) -> set[str]:
     configmaps = {v["name"] for v in pod_spec.get("volumes", []) if "configMap" in v}
     return {
-        m["mountPath"]
-        for c in pod_spec["containers"]
-        for m in c.get("volumeMounts", [])
-        if m["name"] in configmaps
+        m["mountPath"] for c in pod_spec["containers"] for m in c.get("volumeMounts", []) if m["name"] in configmaps
     }
 
 
@@ -602,7 +599,6 @@ def test_gpu_pods_get_shared_memory_and_tolerate_gpu_taints():
 
 def test_health_route_is_one_vllm_serves():
     from fastapi import FastAPI
-
     from vllm.entrypoints.serve.instrumentator import register_instrumentator_api_routers
 
     app = FastAPI()
@@ -653,7 +649,9 @@ def test_lws_schema_derivation_closes_objects_and_checks_pods_as_kubernetes_does
     assert schema["additionalProperties"] is False and "description" not in schema
     lwt = schema["properties"]["spec"]["properties"]["leaderWorkerTemplate"]
     assert lwt["additionalProperties"] is False
-    assert lwt["properties"]["workerTemplate"] == {"$ref": derive.K8S_DEFINITIONS + "io.k8s.api.core.v1.PodTemplateSpec"}
+    assert lwt["properties"]["workerTemplate"] == {
+        "$ref": derive.K8S_DEFINITIONS + "io.k8s.api.core.v1.PodTemplateSpec"
+    }
     assert "additionalProperties" not in schema["properties"]["spec"]["properties"]["open"]
     # The vendored schema names its release, and the manifest tells users to install that one.
     release = json.loads(LWS_SCHEMA.read_text())["x-lws-release"]

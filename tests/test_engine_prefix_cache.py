@@ -160,7 +160,7 @@ def test_multi_turn_second_turn(mode):
     may hit past it."""
     reference, _ = run(mode, False)
     cached, _ = run(mode, True)
-    (_, _, hit, _), = cached[2]
+    ((_, _, hit, _),) = cached[2]
     first_prompt = cached[0][0][3]
     assert hit > 0
     if mode == "exact":

@@ -75,16 +75,22 @@ def run(name: str):
         # switched off, it over-admits chunked prefills and must preempt (recompute) requests when
         # the cache runs out.
         "razor_small_kv": (
-            engine_kwargs(model, "razor", razor_w, kv_cache_memory_bytes=small_kv_bytes(), max_num_batched_tokens=256,
-                          max_model_len=2048, scheduler_reserve_full_isl=False),
+            engine_kwargs(
+                model,
+                "razor",
+                razor_w,
+                kv_cache_memory_bytes=small_kv_bytes(),
+                max_num_batched_tokens=256,
+                max_model_len=2048,
+                scheduler_reserve_full_isl=False,
+            ),
             PASSKEY_PROMPTS * 2,
         ),
         "streaming": (engine_kwargs(model, "razor", {**razor_w, "all_local": True}), PASSKEY_PROMPTS),
     }
     kwargs, prompts = configs[name]
     # The small-cache run decodes long enough for its requests to outgrow the cache together.
-    return run_engine(kwargs, prompts, max_tokens=40 if name == "razor_small_kv" else 12, logprobs=True,
-                      top_logprobs=5)
+    return run_engine(kwargs, prompts, max_tokens=40 if name == "razor_small_kv" else 12, logprobs=True, top_logprobs=5)
 
 
 def max_logprob_gap(a, b) -> float:
@@ -133,8 +139,10 @@ COMPRESSED_ANSWERS = [2, 3]
 
 def test_razor_finds_passkeys_far_outside_the_window():
     razor, compressed, streaming = run("razor"), run("razor_compressed"), run("streaming")
-    print(f"\nrazor (W={WINDOW}): {razor.texts}\ncompressed prefill: {compressed.texts}"
-          f"\nstreaming (W={WINDOW}, no retrieval heads): {streaming.texts}")
+    print(
+        f"\nrazor (W={WINDOW}): {razor.texts}\ncompressed prefill: {compressed.texts}"
+        f"\nstreaming (W={WINDOW}, no retrieval heads): {streaming.texts}"
+    )
     for i in RAZOR_ANSWERS:
         assert razor.texts[i].strip().startswith(PASSKEYS[i]), (PASSKEYS[i], razor.texts[i])
     for i in COMPRESSED_ANSWERS:
@@ -147,17 +155,24 @@ def test_razor_finds_passkeys_far_outside_the_window():
 def test_engine_matches_hf_reference():
     """The engine's greedy tokens equal an independent float64 HF implementation of the rule, in
     both prefill modes."""
-    from hf_razor_reference import razor_greedy
-
     from razor_vllm.config import resolve_profile
     from razor_vllm.model import prepare_default_model
+
+    from hf_razor_reference import razor_greedy
 
     profile = resolve_profile("smollm2-135m-instruct")
     model = prepare_default_model(progress=False)
     for name, exact in (("razor", True), ("razor_compressed", False)):
         for i in (0, 2):
-            want = razor_greedy(model, PASSKEY_PROMPTS[i], profile.retrieval_heads, sink=profile.sink, window=WINDOW,
-                                max_new_tokens=8, exact_prefill=exact)
+            want = razor_greedy(
+                model,
+                PASSKEY_PROMPTS[i],
+                profile.retrieval_heads,
+                sink=profile.sink,
+                window=WINDOW,
+                max_new_tokens=8,
+                exact_prefill=exact,
+            )
             assert run(name).token_ids[i][:8] == want, (name, run(name).texts[i], want)
 
 

@@ -31,12 +31,21 @@ def test_teacher_forcing_records_the_engine_distribution(default_model_dir, tmp_
     llm = LLM(**engine_kwargs(default_model_dir, logits_processors=[PROCESSOR], max_model_len=1024))
     try:
         forced, scored, free = llm.generate(
-            [TokensPrompt(prompt_token_ids=prefix), TokensPrompt(prompt_token_ids=prefix + continuation),
-             TokensPrompt(prompt_token_ids=prefix)],
-            [SamplingParams(temperature=0, max_tokens=len(continuation), ignore_eos=True,
-                            extra_args=teacher_args(continuation, out)),
-             SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
-             SamplingParams(temperature=0, max_tokens=8)],
+            [
+                TokensPrompt(prompt_token_ids=prefix),
+                TokensPrompt(prompt_token_ids=prefix + continuation),
+                TokensPrompt(prompt_token_ids=prefix),
+            ],
+            [
+                SamplingParams(
+                    temperature=0,
+                    max_tokens=len(continuation),
+                    ignore_eos=True,
+                    extra_args=teacher_args(continuation, out),
+                ),
+                SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
+                SamplingParams(temperature=0, max_tokens=8),
+            ],
             use_tqdm=False,
         )
     finally:
@@ -64,10 +73,39 @@ def eval_slice(tmp_path_factory):
     from razor_vllm.cli import main
 
     out = tmp_path_factory.mktemp("eval") / "slice.json"
-    code = main(["eval", "--modes", "full,razor,streaming", "--sweep", "window=2048", "--tasks", "niah_number",
-                 "--contexts", "1k", "--depths", "0.25,0.75", "--samples", "1", "--fidelity-contexts", "1k",
-                 "--fidelity-samples", "1", "--fidelity-tokens", "24", "--greedy-tokens", "16",
-                 "--kv-gib", "0.5", "--format", "plain", "--out", str(out), "--plot-dir", str(out.parent)])
+    code = main(
+        [
+            "eval",
+            "--modes",
+            "full,razor,streaming",
+            "--sweep",
+            "window=2048",
+            "--tasks",
+            "niah_number",
+            "--contexts",
+            "1k",
+            "--depths",
+            "0.25,0.75",
+            "--samples",
+            "1",
+            "--fidelity-contexts",
+            "1k",
+            "--fidelity-samples",
+            "1",
+            "--fidelity-tokens",
+            "24",
+            "--greedy-tokens",
+            "16",
+            "--kv-gib",
+            "0.5",
+            "--format",
+            "plain",
+            "--out",
+            str(out),
+            "--plot-dir",
+            str(out.parent),
+        ]
+    )
     assert code == 0
     return json.loads(out.read_text()), out.parent
 

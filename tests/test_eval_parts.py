@@ -43,8 +43,7 @@ def test_streaming_keeps_no_retrieval_heads_and_razor_options(profile, tmp_path)
     variants = base_variants(["razor", "streaming"], profile, sink=2, window=64, compensation=False)
     razor, streaming = variants
     assert streaming.num_retrieval_heads == 0
-    assert streaming.razor_options(None) == dict(sink=2, window=64, compensation=False, prefill="exact",
-                                                 all_local=True)
+    assert streaming.razor_options(None) == dict(sink=2, window=64, compensation=False, prefill="exact", all_local=True)
     assert razor.razor_options(tmp_path / "p.yaml")["profile"] == str(tmp_path / "p.yaml")
 
 
@@ -115,12 +114,32 @@ def test_prefix_credit():
 
 def _results(profile):
     variants = base_variants(["full", "razor"], profile)
-    tasks = [dict(variant=v.label, mode=v.mode, task="passkey", context=1024, depth=d, score=s)
-             for v, s in ((variants[0], 1.0), (variants[1], 0.5)) for d in (0.0, 1.0)]
-    fidelity = [dict(variant="razor", mode="razor", context=1024, index=0, kl=0.05, kl_max=0.2, top1=0.9, nll=2.1,
-                     nll_full=2.0, greedy_prefix=5, greedy_match=0.5)]
-    return dict(meta=dict(variants=[v.describe() for v in variants], grid=dict(depths=[0.0, 1.0])),
-                budgets={v.label: {"1024": v.kv_budget(1024)} for v in variants}, tasks=tasks, fidelity=fidelity)
+    tasks = [
+        dict(variant=v.label, mode=v.mode, task="passkey", context=1024, depth=d, score=s)
+        for v, s in ((variants[0], 1.0), (variants[1], 0.5))
+        for d in (0.0, 1.0)
+    ]
+    fidelity = [
+        dict(
+            variant="razor",
+            mode="razor",
+            context=1024,
+            index=0,
+            kl=0.05,
+            kl_max=0.2,
+            top1=0.9,
+            nll=2.1,
+            nll_full=2.0,
+            greedy_prefix=5,
+            greedy_match=0.5,
+        )
+    ]
+    return dict(
+        meta=dict(variants=[v.describe() for v in variants], grid=dict(depths=[0.0, 1.0])),
+        budgets={v.label: {"1024": v.kv_budget(1024)} for v in variants},
+        tasks=tasks,
+        fidelity=fidelity,
+    )
 
 
 def test_tables_and_plots(profile, tmp_path):
@@ -142,7 +161,6 @@ def test_tables_and_plots(profile, tmp_path):
 def test_cli_refuses_bad_arguments(tmp_path, capsys):
     from razor_vllm.cli import main
 
-
     def run(*args):
         code = main(["eval", *args, "--out", str(tmp_path / "x.json")])
         return code, capsys.readouterr().err
@@ -162,8 +180,25 @@ def test_cli_refuses_contexts_past_the_model_window(tmp_path, capsys):
     """SmolLM2 reads 8192 tokens: an 8k prompt plus its answer does not fit. Refused before any engine."""
     from razor_vllm.cli import main
 
-    code = main(["eval", "--tasks", "passkey", "--contexts", "8k", "--depths", "0.5", "--samples", "1",
-                 "--modes", "full", "--fidelity-samples", "0", "--out", str(tmp_path / "x.json")])
+    code = main(
+        [
+            "eval",
+            "--tasks",
+            "passkey",
+            "--contexts",
+            "8k",
+            "--depths",
+            "0.5",
+            "--samples",
+            "1",
+            "--modes",
+            "full",
+            "--fidelity-samples",
+            "0",
+            "--out",
+            str(tmp_path / "x.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert "needs max_model_len" in err and "past the model's 8192 tokens" in err
@@ -188,8 +223,12 @@ def test_pareto_front_keeps_only_unbeaten_points():
 def test_prefill_modes_as_variants(profile):
     variants = with_prefill_modes(base_variants(["full", "razor", "streaming"], profile), ["exact", "compressed"])
     assert [(v.label, v.prefill) for v in variants] == [
-        ("full", "exact"), ("razor", "exact"), ("razor (compressed prefill)", "compressed"),
-        ("streaming", "exact"), ("streaming (compressed prefill)", "compressed")]
+        ("full", "exact"),
+        ("razor", "exact"),
+        ("razor (compressed prefill)", "compressed"),
+        ("streaming", "exact"),
+        ("streaming (compressed prefill)", "compressed"),
+    ]
     assert variants[2].razor_options(None)["prefill"] == "compressed"
     swept = sweep_variants("prefill", ["exact", "compressed"], profile)
     assert [v.prefill for v in swept] == ["exact", "compressed"]
@@ -199,13 +238,24 @@ def test_prefill_modes_as_variants(profile):
 
 def test_pareto_data_groups_razor_variants_by_prefill_mode(profile):
     variants = [base_variants(["full"], profile)[0]] + with_prefill_modes(
-        sweep_variants("window", ["64", "512"], profile), ["exact", "compressed"])
-    scores = {"full": 1.0, "razor W=64": 0.4, "razor W=512": 0.8, "razor W=64 (compressed prefill)": 0.1,
-              "razor W=512 (compressed prefill)": 0.3}
-    tasks = [dict(variant=v.label, mode=v.mode, task="passkey", context=2048, depth=0.5, score=scores[v.label])
-             for v in variants]
-    results = dict(meta=dict(variants=[v.describe() for v in variants]), tasks=tasks,
-                   budgets={v.label: {"2048": v.kv_budget(2048)} for v in variants})
+        sweep_variants("window", ["64", "512"], profile), ["exact", "compressed"]
+    )
+    scores = {
+        "full": 1.0,
+        "razor W=64": 0.4,
+        "razor W=512": 0.8,
+        "razor W=64 (compressed prefill)": 0.1,
+        "razor W=512 (compressed prefill)": 0.3,
+    }
+    tasks = [
+        dict(variant=v.label, mode=v.mode, task="passkey", context=2048, depth=0.5, score=scores[v.label])
+        for v in variants
+    ]
+    results = dict(
+        meta=dict(variants=[v.describe() for v in variants]),
+        tasks=tasks,
+        budgets={v.label: {"2048": v.kv_budget(2048)} for v in variants},
+    )
     data = report.pareto_data(results)
     assert sorted(data) == ["compressed", "exact"]
     assert [label for _, _, label in data["exact"]] == ["razor W=64", "razor W=512"]

@@ -119,8 +119,9 @@ class Schedule(list):
     prompts: list[int]
 
 
-def make_schedule(lengths: list[int], rng: random.Random, max_chunk: int, style: str, recompute: bool = False,
-                  min_chunk: int = 1) -> Schedule:
+def make_schedule(
+    lengths: list[int], rng: random.Random, max_chunk: int, style: str, recompute: bool = False, min_chunk: int = 1
+) -> Schedule:
     """Steps as a chunked-prefill scheduler would batch them.
 
     style: "prefill" (whole prompt in one chunk), "chunked" (random chunk sizes), "decode" (one token
@@ -131,8 +132,9 @@ def make_schedule(lengths: list[int], rng: random.Random, max_chunk: int, style:
         kind = rng.choice(["prefill", "chunked", "decode"]) if style == "mixed" else style
         prefill = {"prefill": rng.randint(max(1, length - 4), length), "chunked": length, "decode": 1}[kind]
         prompt = rng.randint(1, prefill) if recompute and rng.random() < 0.5 else prefill
-        requests.append(dict(rid=rid, length=length, prefill=prefill, prompt=prompt, kind=kind,
-                             start=rng.randint(0, 6), done=0))
+        requests.append(
+            dict(rid=rid, length=length, prefill=prefill, prompt=prompt, kind=kind, start=rng.randint(0, 6), done=0)
+        )
     steps, step = Schedule(), 0
     steps.prompts = [r["prompt"] for r in requests]
     while any(r["done"] < r["length"] for r in requests):
@@ -197,8 +199,14 @@ class PagedPool:
                     table[row, i] = block
         return table.to(torch.int32)
 
-    def release(self, rid: int, next_position: int, finished: bool, window: Optional[int] = None,
-                prompt_len: Optional[int] = None) -> None:
+    def release(
+        self,
+        rid: int,
+        next_position: int,
+        finished: bool,
+        window: Optional[int] = None,
+        prompt_len: Optional[int] = None,
+    ) -> None:
         """Free what no later step may read: everything when finished; in the local pool (unless exact
         prefill keeps a prefilling request's blocks) every block past the sink blocks and before both
         block c of the next step's first query p (c = (p-W+1) // B) and the block of p - 1 (read
@@ -272,9 +280,20 @@ def make_batch(pool: PagedPool, batch, rids, prompts=None, windows=None) -> Page
     )
 
 
-def run_engine(impl, case, dtype, data, schedule, sliding: bool, rng: random.Random, before_step=None,
-               compensation: bool = True, exact: bool = False, windows: Optional[list[int]] = None,
-               check_tails: bool = True):
+def run_engine(
+    impl,
+    case,
+    dtype,
+    data,
+    schedule,
+    sliding: bool,
+    rng: random.Random,
+    before_step=None,
+    compensation: bool = True,
+    exact: bool = False,
+    windows: Optional[list[int]] = None,
+    check_tails: bool = True,
+):
     """Drive one pool through the schedule; returns each request's outputs [L, Hq, D] in float64,
     and the pool (with its ``tail_checker`` for the local pool)."""
     kernels = ops.kernels(impl)
@@ -305,7 +324,7 @@ def run_engine(impl, case, dtype, data, schedule, sliding: bool, rng: random.Ran
         assert out.dtype == query.dtype and out.shape == query.shape
         for row, (rid, lo, hi) in zip(paged.query_start_loc.tolist(), batch):
             outputs[rid][lo:hi] = out[row : row + hi - lo].double()
-        for rid, lo, hi in batch:
+        for rid, _lo, hi in batch:
             window = case.window if windows is None else windows[rid]
             pool.release(rid, hi, hi == lengths[rid], window, prompts[rid] if prompts else None)
     return outputs, pool
@@ -519,8 +538,9 @@ def test_prefix_cache_hit_equals_computing_from_zero(impl, mode, case, where):
         kernels.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, paged, case.heads, rule)
         checker.after_write([(rid, lo, hi)])
         query = data[rid][0][lo:hi]
-        return kernels.local_attention(query, pool.key_cache, pool.value_cache, pool.tails, paged, case.heads,
-                                       rule, case.scale)
+        return kernels.local_attention(
+            query, pool.key_cache, pool.value_cache, pool.tails, paged, case.heads, rule, case.scale
+        )
 
     for lo in range(0, lengths[0], 2 * bs - 3):  # the document, in chunks; its blocks stay cached
         step(0, lo, min(lengths[0], lo + 2 * bs - 3))
@@ -579,8 +599,17 @@ def test_compensation_matters(impl):
     def forget_stored_sums(pool):
         pool.tails.zero_()
 
-    outputs, _ = run_engine(impl, case, torch.float32, data, schedule, sliding=True, rng=random.Random(5),
-                            before_step=forget_stored_sums, check_tails=False)
+    outputs, _ = run_engine(
+        impl,
+        case,
+        torch.float32,
+        data,
+        schedule,
+        sliding=True,
+        rng=random.Random(5),
+        before_step=forget_stored_sums,
+        check_tails=False,
+    )
     for out, ref in zip(outputs, expected):
         assert relative_error(out, ref) > 100 * tolerance
 
@@ -609,8 +638,9 @@ def test_exact_prefill_needs_prompt_lens():
     pool.write(0, data[0][1], data[0][2], 0, 4)
     batch = make_batch(pool, [(0, 0, 4)], [0])
     with pytest.raises(ValueError, match="prompt_lens"):
-        ops.local_attention(data[0][0], pool.key_cache, pool.value_cache, pool.tails, batch, case.heads,
-                            LocalRule(4, 20), case.scale)
+        ops.local_attention(
+            data[0][0], pool.key_cache, pool.value_cache, pool.tails, batch, case.heads, LocalRule(4, 20), case.scale
+        )
     with pytest.raises(ValueError, match="window"):
         LocalRule(4, 0)
 
@@ -680,12 +710,14 @@ def test_layer_split_across_pools(impl, mode):
         block_size=32, sink=sink, window=window, num_kv_heads=2, g=g, pool_heads=4, head_offset=2, head_size=d
     )
     out_full, _ = run_engine(impl, full_case, torch.float32, pool_part(full_heads), schedule, False, random.Random(1))
-    out_local, _ = run_engine(impl, local_case, torch.float32, pool_part(local_heads), schedule, True,
-                              random.Random(2), exact=exact)
+    out_local, _ = run_engine(
+        impl, local_case, torch.float32, pool_part(local_heads), schedule, True, random.Random(2), exact=exact
+    )
     for rid, (q, k, v) in enumerate(full):
         prompt_len = schedule.prompts[rid] if exact else None
-        expected = dense_razor_attention(q, k, v, range(q.shape[0]), retrieval, sink, window, full_case.scale,
-                                         prompt_len=prompt_len)
+        expected = dense_razor_attention(
+            q, k, v, range(q.shape[0]), retrieval, sink, window, full_case.scale, prompt_len=prompt_len
+        )
         layer = torch.cat([out_full[rid], out_local[rid]], dim=1)  # heads 0..2 in KV-head order
         assert relative_error(layer, expected) < TOLERANCE[torch.float32]
 

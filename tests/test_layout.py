@@ -26,7 +26,9 @@ def test_pages_equal_and_heads_placed_once(seed, dtype_size, local_block):
     assert layout.num_retrieval_heads == n_r and layout.num_local_heads == n_l
     if n_r and n_l:
         # vLLM pools blocks of both groups: the pages must be byte-identical.
-        assert layout.retrieval_pool_heads * layout.retrieval_block_size == layout.local_pool_heads * (local_block + tail)
+        assert layout.retrieval_pool_heads * layout.retrieval_block_size == layout.local_pool_heads * (
+            local_block + tail
+        )
     # Padding is a few heads, not "every layer padded to the largest count".
     assert layout.retrieval_pool_heads - n_r <= max(2, n_r // 4)
     # Each layer's heads are contiguous, disjoint, and cover exactly its heads.

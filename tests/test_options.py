@@ -61,7 +61,12 @@ def test_no_bundled_profile_for_unknown_model():
 
 @pytest.mark.parametrize(
     "raw, field",
-    [({"window": 0}, "razor.window"), ({"sink": -1}, "razor.sink"), ({"windw": 5}, "razor.windw"), ({"window": "x"}, "razor.window")],
+    [
+        ({"window": 0}, "razor.window"),
+        ({"sink": -1}, "razor.sink"),
+        ({"windw": 5}, "razor.windw"),
+        ({"window": "x"}, "razor.window"),
+    ],
 )
 def test_invalid_options_name_the_field(raw, field):
     with pytest.raises(ValueError, match=field):

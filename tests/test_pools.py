@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from vllm.v1.core.block_pool import BlockPool
 
 from razor_vllm.geometry import LocalGeometry, cdiv, max_concurrency
@@ -85,7 +84,7 @@ def test_preempted_request_recomputes_prompt_exactly_then_by_the_window_rule():
     """After preemption vLLM recomputes prompt + generated tokens as one prefill (prefill_end =
     num_tokens - 1): the manager keeps every block only up to the prompt's end."""
     manager, _ = make_manager(exact=True)
-    prompt, total = 100, 180
+    prompt = 100
     list(run_chunks(manager, "r", prompt, prompt + 40, 64))
     manager.free("r")  # preempted
     processed = 0

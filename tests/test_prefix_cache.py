@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-
 from vllm import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_manager import KVCacheManager

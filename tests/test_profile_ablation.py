@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from razor_vllm.config import bundled_profiles_dir, RazorProfile
+from razor_vllm.config import RazorProfile, bundled_profiles_dir
 from razor_vllm.model import DEFAULT_PROFILE_NAME
 
 ATTN = "razor_test_local_heads"
@@ -88,8 +88,10 @@ def test_restricting_retrieval_heads_breaks_copying_random_heads_do_not(model):
     for _ in range(RANDOM_DRAWS):
         pick = set(rng.sample(others, count))
         randoms.append(copy_accuracy(model, ids, [sorted(h for l2, h in pick if l2 == l) for l in range(n_layers)]))
-    print(f"copy accuracy: full {baseline:.3f}, {count} retrieval heads local {retrieval:.3f}, "
-          f"{count} random other heads local {', '.join(f'{r:.3f}' for r in randoms)}")
+    print(
+        f"copy accuracy: full {baseline:.3f}, {count} retrieval heads local {retrieval:.3f}, "
+        f"{count} random other heads local {', '.join(f'{r:.3f}' for r in randoms)}"
+    )
 
     # measured (seed 1234, 4 x 200 tokens): full 0.668, retrieval heads local 0.000, random 0.45-0.64
     assert baseline >= 0.5

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from razor_vllm.config import ProfileError, RazorProfile
-from razor_vllm.profile import DuoAttentionImport, RetrievalHeadImport
-from razor_vllm.profile import command
+from razor_vllm.profile import DuoAttentionImport, RetrievalHeadImport, command
+
 from tiny_models import build_tiny_llama
 
 # tiny model: 4 layers, 4 query heads over 2 KV heads (query heads 0,1 -> KV 0; 2,3 -> KV 1)
@@ -90,12 +90,12 @@ def rh_scores():
     return {
         "0-0": [0.0, 0.2],  # mean 0.1
         "0-1": [0.3, 0.5],  # 0.4   -> KV 0 of layer 0: 0.4
-        "0-3": [0.05],      # KV 1 of layer 0: 0.05
-        "1-2": [0.3],       # KV 1 of layer 1: max(0.3, 0.0), whatever the order
+        "0-3": [0.05],  # KV 1 of layer 0: 0.05
+        "1-2": [0.3],  # KV 1 of layer 1: max(0.3, 0.0), whatever the order
         "1-3": [0.0],
         "2-1": [0.2, 0.2, 0.2],  # 0.2 -> KV 0 of layer 2
-        "2-2": [0.9],       # -> KV 1 of layer 2
-        "3-0": [],          # empty list: 0
+        "2-2": [0.9],  # -> KV 1 of layer 2
+        "3-0": [],  # empty list: 0
     }
 
 
@@ -126,8 +126,20 @@ def test_retrieval_head_malformed_files(tiny_llama, tmp_path, data, message):
 def test_retrieval_head_cli_end_to_end(tiny_llama, tmp_path, capsys):
     path = write(tmp_path, "head_score.json", json.dumps(rh_scores()))
     out = tmp_path / "rh.yaml"
-    argv = ["--model", str(tiny_llama), "--import-retrieval-head", str(path), "--ratio", "0.25",
-            "--sink", "8", "--window", "32", "--out", str(out)]
+    argv = [
+        "--model",
+        str(tiny_llama),
+        "--import-retrieval-head",
+        str(path),
+        "--ratio",
+        "0.25",
+        "--sink",
+        "8",
+        "--window",
+        "32",
+        "--out",
+        str(out),
+    ]
     assert cli(argv) == 0
     profile = RazorProfile.load(out)
     assert profile.retrieval_heads == [[0], [], [1], []]  # top 2 of 8: 0.9 (layer 2) and 0.4 (layer 0)
@@ -182,7 +194,10 @@ def test_ratio_keeps_ties_at_the_cut(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize(
     "rows,message",
-    [([[0.5, 0.5]] * 3, r"shape \[3, 2\], the model has 4 layers x 2 KV heads"), ([[float("nan"), 0.5]] * 4, "non-finite")],
+    [
+        ([[0.5, 0.5]] * 3, r"shape \[3, 2\], the model has 4 layers x 2 KV heads"),
+        ([[float("nan"), 0.5]] * 4, "non-finite"),
+    ],
 )
 def test_kvzip_malformed_files(tiny_llama, tmp_path, rows, message):
     import torch
@@ -201,8 +216,23 @@ def test_kvzip_cli_end_to_end(tiny_llama, tmp_path):
     a = save_pt(tmp_path, "a.pt", [[0.5, 0.25], [1.0, 0.125], [0.75, 0.5], [0.0625, 0.875]])
     b = save_pt(tmp_path, "b.pt", [[0.5, 0.9375], [0.25, 0.125], [0.75, 0.5], [0.0625, 0.25]])
     out = tmp_path / "kvzip.yaml"
-    assert cli(["--model", str(tiny_llama), "--import-kvzip", str(a), str(b), "--ratio", "0.25", "--out", str(out),
-                "--quiet"]) == 0  # fmt: skip
+    assert (
+        cli(
+            [
+                "--model",
+                str(tiny_llama),
+                "--import-kvzip",
+                str(a),
+                str(b),
+                "--ratio",
+                "0.25",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     profile = RazorProfile.load(out)
     assert profile.provenance.method == "kvzip" and profile.provenance.source == f"{a}, {b}"
     assert profile.retrieval_heads == [[1], [0], [], []]

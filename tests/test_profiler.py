@@ -13,17 +13,19 @@ import yaml
 from razor_vllm.config import ProfileError, RazorProfile
 from razor_vllm.profile import (
     EchoInductionSelector,
+    command,
     global_top_k,
     kv_head_scores,
     make_probe,
     profile_model,
     reselect,
+    scoring,
     select_union,
     top_k_count,
 )
-from razor_vllm.profile import command, scoring
 from razor_vllm.profile.probe import default_tokens, default_vocab_range
 from razor_vllm.profile.scoring import ProbeScorer, copy_pairs
+
 from tiny_models import BOS_ID, build_tiny_llama
 
 PROBE_ARGS = ["--tokens", "48", "--repeats", "3", "--vocab-low", "100", "--vocab-high", "160"]
@@ -38,7 +40,13 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_profile(tiny_llama):
     return profile_model(
-        tiny_llama, tokens=48, repeats=3, vocab_range=(100, 160), seed=7, induction_ratio=0.25, echo_ratio=0.1,
+        tiny_llama,
+        tokens=48,
+        repeats=3,
+        vocab_range=(100, 160),
+        seed=7,
+        induction_ratio=0.25,
+        echo_ratio=0.1,
         command="test",
     )
 
@@ -152,8 +160,14 @@ def test_profile_stores_kv_max_of_query_head_scores(tiny_llama, tiny_profile):
 @pytest.mark.parametrize(
     "ratio,total,count",
     [
-        (0.14, 90, 13), (0.01, 90, 1), (0.0, 90, 0), (0.15, 90, 14),
-        (0.5, 3, 2), (1.0, 7, 7), (0.001, 10, 1), (0.14, 8, 1),
+        (0.14, 90, 13),
+        (0.01, 90, 1),
+        (0.0, 90, 0),
+        (0.15, 90, 14),
+        (0.5, 3, 2),
+        (1.0, 7, 7),
+        (0.001, 10, 1),
+        (0.14, 8, 1),
     ],
 )
 def test_top_k_count_rounds_half_up_and_keeps_at_least_one(ratio, total, count):
@@ -330,15 +344,30 @@ def run_cli(argv, set_argv=True):
 
 def test_cli_profiles_tiny_model_end_to_end(tiny_llama, tmp_path, capsys):
     out = tmp_path / "configs" / "tiny.yaml"
-    argv = ["--model", str(tiny_llama), "--out", str(out), *PROBE_ARGS, "--seed", "7",
-            "--induction-ratio", "0.25", "--echo-ratio", "0.1", "--window", "64", "--quiet"]
+    argv = [
+        "--model",
+        str(tiny_llama),
+        "--out",
+        str(out),
+        *PROBE_ARGS,
+        "--seed",
+        "7",
+        "--induction-ratio",
+        "0.25",
+        "--echo-ratio",
+        "0.1",
+        "--window",
+        "64",
+        "--quiet",
+    ]
     assert run_cli(argv) == 0
     profile = RazorProfile.load(out)
     assert profile.provenance.command == "razor-vllm profile " + shlex.join(argv)
     assert profile.provenance.probe_tokens == 48 and profile.provenance.probe_vocab_range == (100, 160)
     assert (profile.sink, profile.window) == (4, 64)
-    api = profile_model(tiny_llama, tokens=48, repeats=3, vocab_range=(100, 160), seed=7,
-                        induction_ratio=0.25, echo_ratio=0.1)
+    api = profile_model(
+        tiny_llama, tokens=48, repeats=3, vocab_range=(100, 160), seed=7, induction_ratio=0.25, echo_ratio=0.1
+    )
     assert profile.scores == api.scores and profile.retrieval_heads == api.retrieval_heads
     assert capsys.readouterr().out == ""
 
@@ -469,8 +498,9 @@ def test_scoring_on_cuda_matches_cpu_and_keeps_everything_on_the_gpu(tiny_llama)
 def test_estimate_arithmetic():
     from razor_vllm.profile.estimate import ModelSize, estimate
 
-    llama8b = ModelSize(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
-                        vocab=128256, tied=False)  # fmt: skip
+    llama8b = ModelSize(
+        layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256, tied=False
+    )
     assert llama8b.params == 8_030_261_248  # Llama-3-8B's published count
     est = estimate(llama8b, 10_001, torch.bfloat16, block_size=512, key_block_size=1024)
     assert est.weight_bytes == 2 * llama8b.params

@@ -49,8 +49,13 @@ def _in_worker(worker) -> dict:
 
 @pytest.fixture
 def ray_head():
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})  # fmt: skip
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+    )
     try:
         yield
     finally:
@@ -70,18 +75,32 @@ def test_razor_config_crosses_ray_into_vllms_worker_wrapper(ray_head, tmp_path):
     from tiny_models import build_tiny_llama
 
     path = build_tiny_llama(tmp_path / "tiny", num_layers=6)
-    profile = RazorProfile(model=fingerprint_of(path), sink=4, window=16, retrieval_heads=HEADS, scores=SCORES,
-                           provenance=Provenance(method="manual", command="t", tool_version="0", created=utc_now()))
+    profile = RazorProfile(
+        model=fingerprint_of(path),
+        sink=4,
+        window=16,
+        retrieval_heads=HEADS,
+        scores=SCORES,
+        provenance=Provenance(method="manual", command="t", tool_version="0", created=utc_now()),
+    )
     options = {"profile": str(profile.save(path / "p.yaml")), "window": 24, "tp_balance": "promote"}
-    config = EngineArgs(model=str(path), attention_backend="razor", tensor_parallel_size=2, max_model_len=512,
-                        kv_cache_memory_bytes=32 << 20, enforce_eager=True, dtype="float32",
-                        additional_config={"razor": options}).create_engine_config()  # fmt: skip
+    config = EngineArgs(
+        model=str(path),
+        attention_backend="razor",
+        tensor_parallel_size=2,
+        max_model_len=512,
+        kv_cache_memory_bytes=32 << 20,
+        enforce_eager=True,
+        dtype="float32",
+        additional_config={"razor": options},
+    ).create_engine_config()
     expected = [r.heads for r in plan_for_resolved(resolve_for_vllm_config(config), 2, 2).ranks]
 
     # As RayDistributedExecutor._init_workers_ray: an actor of vLLM's wrapper, then init_worker.
     actor = ray.remote(num_cpus=0)(RayWorkerWrapper).remote(rpc_rank=0)
-    kwargs = dict(vllm_config=config, local_rank=0, rank=0, distributed_init_method="tcp://127.0.0.1:0",
-                  is_driver_worker=True)  # fmt: skip
+    kwargs = dict(
+        vllm_config=config, local_rank=0, rank=0, distributed_init_method="tcp://127.0.0.1:0", is_driver_worker=True
+    )
     ray.get(actor.execute_method.remote("init_worker", [kwargs]), timeout=600)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker cannot import this test module
     seen = ray.get(actor.execute_method.remote(cloudpickle.dumps(_in_worker)), timeout=600)

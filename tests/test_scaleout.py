@@ -40,9 +40,13 @@ TOLERANCE = 1e-5
 
 def _profile(path, heads, scores=None):
     return RazorProfile(
-        model=fingerprint_of(path), sink=4, window=16, retrieval_heads=heads, scores=scores or {},
+        model=fingerprint_of(path),
+        sink=4,
+        window=16,
+        retrieval_heads=heads,
+        scores=scores or {},
         provenance=Provenance(method="manual", command="test", tool_version="0", created=utc_now()),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +62,17 @@ def generate(model, razor: dict, monkeypatch, tp: int = 1, pp: int = 1, **extra)
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % 2) for i in range(workers)))
     else:
         monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    kwargs = engine_kwargs(model, "razor", razor, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                           max_model_len=512, kv_cache_memory_bytes=32 << 20, max_num_batched_tokens=64, **extra)
+    kwargs = engine_kwargs(
+        model,
+        "razor",
+        razor,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        max_model_len=512,
+        kv_cache_memory_bytes=32 << 20,
+        max_num_batched_tokens=64,
+        **extra,
+    )
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(4, 500) for _ in range(n)]} for n in (40, 150, 300)]
     return run_engine(kwargs, prompts, max_tokens=16, logprobs=True)
@@ -119,9 +132,25 @@ def test_dp2_two_engine_cores_serve_and_report_their_own_pools(tiny_model, refer
     from loadtest.server import vllm_server
 
     model, profile = tiny_model
-    args = ["--attention-backend", "razor", "--dtype", "float32", "--max-model-len", "512", "--seed", "0",
-            "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(32 << 20), "--enforce-eager",
-            "--data-parallel-size", "2", "--additional-config", json.dumps({"razor": {"profile": str(profile)}})]
+    args = [
+        "--attention-backend",
+        "razor",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--seed",
+        "0",
+        "--max-num-batched-tokens",
+        "64",
+        "--kv-cache-memory-bytes",
+        str(32 << 20),
+        "--enforce-eager",
+        "--data-parallel-size",
+        "2",
+        "--additional-config",
+        json.dumps({"razor": {"profile": str(profile)}}),
+    ]
     env = {"VLLM_PLUGINS": "razor,razor_status", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per engine
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     rng = random.Random(0)

@@ -48,8 +48,13 @@ def test_mismatched_profile_is_refused_naming_the_difference(default_model_dir, 
     from razor_vllm.config import resolve_profile
 
     profile = resolve_profile("smollm2-135m-instruct")
-    wrong = profile.model_copy(update={"model": profile.model.model_copy(update={"num_layers": 32}),
-                                       "retrieval_heads": profile.retrieval_heads + [[], []], "scores": {}})
+    wrong = profile.model_copy(
+        update={
+            "model": profile.model.model_copy(update={"num_layers": 32}),
+            "retrieval_heads": profile.retrieval_heads + [[], []],
+            "scores": {},
+        }
+    )
     path = wrong.save(tmp_path / "wrong.yaml")
     with pytest.raises(ValueError, match="num_layers: profile has 32, model has 30"):
         _create_config(default_model_dir, profile=str(path))
@@ -97,8 +102,9 @@ def unservable_models(tmp_path_factory):
 def _engine_args(model_dir, **kwargs):
     from vllm import EngineArgs
 
-    return EngineArgs(model=str(model_dir), max_model_len=256, kv_cache_memory_bytes=64 << 20, enforce_eager=True,
-                      **kwargs)  # fmt: skip
+    return EngineArgs(
+        model=str(model_dir), max_model_len=256, kv_cache_memory_bytes=64 << 20, enforce_eager=True, **kwargs
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(UNSERVABLE))
@@ -108,8 +114,13 @@ def test_model_razor_cannot_serve_is_refused_naming_why(unservable_models, kind)
     model_dir = unservable_models[kind]
     _engine_args(model_dir).create_engine_config()  # stock vLLM takes this model: the refusal below is razor's
     with pytest.raises(ValueError) as err:
-        LLM(model=str(model_dir), attention_backend="razor", max_model_len=256, kv_cache_memory_bytes=64 << 20,
-            enforce_eager=True)  # fmt: skip
+        LLM(
+            model=str(model_dir),
+            attention_backend="razor",
+            max_model_len=256,
+            kv_cache_memory_bytes=64 << 20,
+            enforce_eager=True,
+        )
     message = str(err.value)
     assert f"RAZOR attention cannot serve {model_dir}" in message, message
     assert UNSERVABLE[kind] in message, message
@@ -140,14 +151,18 @@ def test_vllm_serve_stops_before_any_engine_starts(unservable_models):
 # -- engine features razor's pools would silently break: refused at config time, naming the option ---
 
 ENGINE_FEATURES = {  # EngineArgs -> the option the message must name
-    "speculative": (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
-                    "--speculative-config"),
-    "kv_transfer": (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
-                    "--kv-transfer-config"),
+    "speculative": (
+        dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
+        "--speculative-config",
+    ),
+    "kv_transfer": (
+        dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+        "--kv-transfer-config",
+    ),
     "kv_offloading": (dict(kv_offloading_size=1.0), "--kv-offloading-size"),
     "fast_prefill": (dict(kv_sharing_fast_prefill=True), "--kv-sharing-fast-prefill"),
     "hybrid_off": (dict(disable_hybrid_kv_cache_manager=True), "--disable-hybrid-kv-cache-manager"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("feature", sorted(ENGINE_FEATURES))

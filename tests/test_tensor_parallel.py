@@ -3,9 +3,10 @@ serves its shard of them.
 
 A tiny Llama (4 layers, 4 query / 2 KV heads) runs with TP=2, one KV head per rank, and a profile
 whose retrieval heads fall differently on the ranks in every layer (rank 1 only, rank 0 only, none,
-both); a second one with a single KV head, which vLLM replicates on both ranks. If a rank picked the wrong heads, its local/retrieval split would differ from the TP=1 run's
-and so would the log-probabilities; razor's own difference from stock (window 16 on prompts of up
-to 300 tokens) shows the comparison can tell.
+both); a second one with a single KV head, which vLLM replicates on both ranks. If a rank picked
+the wrong heads, its local/retrieval split would differ from the TP=1 run's and so would the
+log-probabilities; razor's own difference from stock (window 16 on prompts of up to 300 tokens)
+shows the comparison can tell.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ PROFILES = {2: [[1], [0], [], [0, 1]], 1: [[0], [], [0], []]}
 def tiny_model(request, tmp_path_factory):
     path = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), num_kv_heads=request.param)
     profile = RazorProfile(
-        model=fingerprint_of(path), sink=4, window=16, retrieval_heads=PROFILES[request.param],
+        model=fingerprint_of(path),
+        sink=4,
+        window=16,
+        retrieval_heads=PROFILES[request.param],
         provenance=Provenance(method="manual", command="test", tool_version="0", created=utc_now()),
-    )  # fmt: skip
+    )
     return path, profile.save(path / "razor-profile.yaml")
 
 
@@ -47,8 +51,15 @@ def generate(model, tp: int, razor: dict | None, monkeypatch) -> EngineRun:
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tp)))
     else:
         monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    kwargs = engine_kwargs(model, "stock" if razor is None else "razor", razor, tensor_parallel_size=tp,
-                           max_model_len=512, kv_cache_memory_bytes=32 << 20, max_num_batched_tokens=64)
+    kwargs = engine_kwargs(
+        model,
+        "stock" if razor is None else "razor",
+        razor,
+        tensor_parallel_size=tp,
+        max_model_len=512,
+        kv_cache_memory_bytes=32 << 20,
+        max_num_batched_tokens=64,
+    )
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(4, 500) for _ in range(n)]} for n in (40, 150, 300)]
     return run_engine(kwargs, prompts, max_tokens=16, logprobs=True)

@@ -30,9 +30,6 @@ from typing import Callable
 
 import pytest
 import torch
-
-from razor_vllm.ops import LocalRule, PagedBatch, PoolHeads, reference
-from razor_vllm.ops.cache import SlotIndex, write_kv
 from test_kernels import (
     POISON,
     TOLERANCE,
@@ -46,6 +43,9 @@ from test_kernels import (
     make_schedule,
     relative_error,
 )
+
+from razor_vllm.ops import LocalRule, PagedBatch, PoolHeads, reference
+from razor_vllm.ops.cache import SlotIndex, write_kv
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD_REQUESTS, PAD_TOKENS = 2, 3  # batch padding added to every step, as vLLM's CUDA-graph padding
@@ -119,25 +119,55 @@ def step_inputs(pool: DevicePool, data, batch, device: str, prompts=None, window
         return dev(torch.tensor([values[rid] for rid, _, _ in batch] + [0] * PAD_REQUESTS, dtype=torch.int32))
 
     return dict(
-        query=dev(query), key=dev(key), value=dev(value), slot_mapping=dev(torch.tensor(slots, dtype=torch.int64)),
-        block_table=dev(table), seq_lens=dev(torch.tensor(seq_lens, dtype=torch.int32)),
-        query_start_loc=dev(query_start_loc, torch.int32), prompt_lens=per_request(prompts),
+        query=dev(query),
+        key=dev(key),
+        value=dev(value),
+        slot_mapping=dev(torch.tensor(slots, dtype=torch.int64)),
+        block_table=dev(table),
+        seq_lens=dev(torch.tensor(seq_lens, dtype=torch.int32)),
+        query_start_loc=dev(query_start_loc, torch.int32),
+        prompt_lens=per_request(prompts),
         windows=per_request(windows),
-    )  # fmt: skip
+    )
 
 
 def local_args(x, case: Case, compensation: bool = True, exact: bool = False) -> tuple:
     """The Triton local_attention arguments after the tails (razor_vllm.ops._unpack's order)."""
-    return (x["block_table"], x["seq_lens"], x["query_start_loc"], x["prompt_lens"], x["windows"], case.head_offset,
-            case.num_kv_heads, case.sink, case.window, compensation, exact, case.scale)
+    return (
+        x["block_table"],
+        x["seq_lens"],
+        x["query_start_loc"],
+        x["prompt_lens"],
+        x["windows"],
+        case.head_offset,
+        case.num_kv_heads,
+        case.sink,
+        case.window,
+        compensation,
+        exact,
+        case.scale,
+    )
 
 
 def tail_args(x, case: Case) -> tuple:
     return x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads, case.sink
 
 
-def run_pool(case, dtype, data, schedule, sliding: bool, seed: int, device: str, compensation: bool = True,
-             exact: bool = False, windows=None, split_keys: bool | None = None, scales=None, stored=None):
+def run_pool(
+    case,
+    dtype,
+    data,
+    schedule,
+    sliding: bool,
+    seed: int,
+    device: str,
+    compensation: bool = True,
+    exact: bool = False,
+    windows=None,
+    split_keys: bool | None = None,
+    scales=None,
+    stored=None,
+):
     """Drive one pool through the schedule with the Triton kernels (store K/V -> block tails ->
     attention); each request's outputs [L, Hq, D] in float64, and the pool. Every tail written is
     checked against the from-scratch sums. ``split_keys``: force the retrieval kernel's path (None:
@@ -152,19 +182,35 @@ def run_pool(case, dtype, data, schedule, sliding: bool, seed: int, device: str,
     outputs = [torch.full(q.shape, float("nan"), dtype=torch.float64) for q, _, _ in data]
     for batch in schedule:
         x = step_inputs(pool, data, batch, device, prompts, windows)
-        tk.store_kv(pool.key_cache, pool.value_cache, x["key"], x["value"], x["slot_mapping"], case.head_offset,
-                    *scale_args)
+        tk.store_kv(
+            pool.key_cache, pool.value_cache, x["key"], x["value"], x["slot_mapping"], case.head_offset, *scale_args
+        )
         meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads)
         out = torch.full_like(x["query"], float("nan"))
         if sliding:
             tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *tail_args(x, case), *scale_args)
             checker.after_write(batch)
-            tk.local_attention(x["query"], pool.key_cache, pool.value_cache, pool.tails,
-                               *local_args(x, case, compensation, exact), out, *scale_args)
+            tk.local_attention(
+                x["query"],
+                pool.key_cache,
+                pool.value_cache,
+                pool.tails,
+                *local_args(x, case, compensation, exact),
+                out,
+                *scale_args,
+            )
         else:
             max_query_len = max(hi - lo for _, lo, hi in batch)
-            tk.paged_attention(x["query"], pool.key_cache, pool.value_cache, *meta, case.scale, out=out,
-                               max_query_len=max_query_len, split_keys=split_keys)
+            tk.paged_attention(
+                x["query"],
+                pool.key_cache,
+                pool.value_cache,
+                *meta,
+                case.scale,
+                out=out,
+                max_query_len=max_query_len,
+                split_keys=split_keys,
+            )
         out = out.cpu()
         num_rows = sum(hi - lo for _, lo, hi in batch)
         split_used = split_keys
@@ -178,7 +224,7 @@ def run_pool(case, dtype, data, schedule, sliding: bool, seed: int, device: str,
         for rid, lo, hi in batch:
             outputs[rid][lo:hi] = out[row : row + hi - lo].double()
             row += hi - lo
-        for rid, lo, hi in batch:
+        for rid, _lo, hi in batch:
             window = None if windows is None else windows[rid]
             pool.release(rid, hi, hi == lengths[rid], window, prompts[rid] if prompts else None)
     pool.tail_checker = checker
@@ -201,12 +247,25 @@ def check(name: str, fn: Callable, **kwargs) -> None:
     CHECKS[name] = functools.partial(fn, **kwargs)
 
 
-def local_run(device, case, dtype, seed, lengths, max_chunk=0, style="mixed", compensation=True, schedule=None,
-              mode="compressed", windows=None, min_chunk=1):
+def local_run(
+    device,
+    case,
+    dtype,
+    seed,
+    lengths,
+    max_chunk=0,
+    style="mixed",
+    compensation=True,
+    schedule=None,
+    mode="compressed",
+    windows=None,
+    min_chunk=1,
+):
     data = make_data(case, dtype, seed, lengths)
     if schedule is None:
-        schedule = make_schedule(lengths, random.Random(seed), max_chunk=max_chunk, style=style, recompute=True,
-                                 min_chunk=min_chunk)
+        schedule = make_schedule(
+            lengths, random.Random(seed), max_chunk=max_chunk, style=style, recompute=True, min_chunk=min_chunk
+        )
     exact = mode == "exact"
     if min_chunk > 1:  # the point of long chunks: a row reads the tail of a block its own chunk started
         assert _tail_started_in_chunk(schedule, case, windows, schedule.prompts if exact else None)
@@ -261,98 +320,200 @@ def paged_run(device, case, dtype, seed, lengths, max_chunk, style="mixed", spli
 
 # Local heads. Sizes are small so that the interpreter finishes; each case crosses S + W and frees blocks.
 check(
-    "local_fp32_gqa_two_heads", local_run, dtype=torch.float32, seed=0, lengths=[3, 23, 24, 25, 61, 47], max_chunk=27,
+    "local_fp32_gqa_two_heads",
+    local_run,
+    dtype=torch.float32,
+    seed=0,
+    lengths=[3, 23, 24, 25, 61, 47],
+    max_chunk=27,
     case=Case(block_size=16, sink=4, window=20, num_kv_heads=2, g=2, pool_heads=5, head_offset=2),
 )
 check(
-    "local_fp32_gqa_two_heads_exact", local_run, dtype=torch.float32, seed=0, lengths=[3, 23, 24, 25, 61, 47],
-    max_chunk=27, mode="exact",
+    "local_fp32_gqa_two_heads_exact",
+    local_run,
+    dtype=torch.float32,
+    seed=0,
+    lengths=[3, 23, 24, 25, 61, 47],
+    max_chunk=27,
+    mode="exact",
     case=Case(block_size=16, sink=4, window=20, num_kv_heads=2, g=2, pool_heads=5, head_offset=2),
 )
 check(  # the paper's per-request windows, CUDA-graph padding included (windows 0 there)
-    "local_fp32_per_request_windows_exact", local_run, dtype=torch.float32, seed=14, lengths=[30, 47, 12, 60, 41],
-    max_chunk=20, mode="exact", windows=[1, 9, 16, 40, 5],
+    "local_fp32_per_request_windows_exact",
+    local_run,
+    dtype=torch.float32,
+    seed=14,
+    lengths=[30, 47, 12, 60, 41],
+    max_chunk=20,
+    mode="exact",
+    windows=[1, 9, 16, 40, 5],
     case=Case(block_size=8, sink=3, window=12, num_kv_heads=1, g=2, pool_heads=2, head_offset=1),
 )
 check(  # chunks of 3+ blocks: later rows read the tail of a block the same chunk started
-    "local_fp32_chunks_span_blocks", local_run, dtype=torch.float32, seed=15, lengths=[70, 45], max_chunk=36,
-    min_chunk=25, style="chunked",
+    "local_fp32_chunks_span_blocks",
+    local_run,
+    dtype=torch.float32,
+    seed=15,
+    lengths=[70, 45],
+    max_chunk=36,
+    min_chunk=25,
+    style="chunked",
     case=Case(block_size=8, sink=2, window=7, num_kv_heads=1, g=2, pool_heads=1, head_offset=0),
 )
 check(
-    "local_fp32_odd_block_d80", local_run, dtype=torch.float32, seed=1, lengths=[17, 18, 19, 52, 40], max_chunk=24,
+    "local_fp32_odd_block_d80",
+    local_run,
+    dtype=torch.float32,
+    seed=1,
+    lengths=[17, 18, 19, 52, 40],
+    max_chunk=24,
     case=Case(block_size=7, sink=3, window=13, num_kv_heads=1, g=3, pool_heads=3, head_offset=1, head_size=80),
 )
 check(
-    "local_fp32_sinks_span_blocks_d96_exact", local_run, dtype=torch.float32, seed=2, lengths=[20, 35, 36, 66],
-    max_chunk=40, mode="exact",
+    "local_fp32_sinks_span_blocks_d96_exact",
+    local_run,
+    dtype=torch.float32,
+    seed=2,
+    lengths=[20, 35, 36, 66],
+    max_chunk=40,
+    mode="exact",
     case=Case(block_size=8, sink=11, window=24, num_kv_heads=1, g=4, pool_heads=2, head_offset=1, head_size=96),
 )
 check(
-    "local_fp32_no_sink_window1_chunked_exact", local_run, dtype=torch.float32, seed=3, lengths=[9, 40, 33],
-    max_chunk=20, style="chunked", mode="exact",
+    "local_fp32_no_sink_window1_chunked_exact",
+    local_run,
+    dtype=torch.float32,
+    seed=3,
+    lengths=[9, 40, 33],
+    max_chunk=20,
+    style="chunked",
+    mode="exact",
     case=Case(block_size=16, sink=0, window=1, num_kv_heads=2, g=1, pool_heads=2, head_offset=0, head_size=64),
 )
 check(
-    "local_fp32_g5_d40_prefill", local_run, dtype=torch.float32, seed=4, lengths=[30, 36, 80, 140], max_chunk=60,
+    "local_fp32_g5_d40_prefill",
+    local_run,
+    dtype=torch.float32,
+    seed=4,
+    lengths=[30, 36, 80, 140],
+    max_chunk=60,
     style="prefill",
     case=Case(block_size=32, sink=2, window=33, num_kv_heads=1, g=5, pool_heads=1, head_offset=0, head_size=40),
 )
 check(  # chunks of more than one query tile starting past S + W: keys dropped by a whole later tile
-    "local_fp32_long_chunks_past_window", local_run, dtype=torch.float32, seed=7, lengths=[100, 77], style="chunked",
+    "local_fp32_long_chunks_past_window",
+    local_run,
+    dtype=torch.float32,
+    seed=7,
+    lengths=[100, 77],
+    style="chunked",
     schedule=[[(0, 0, 30), (1, 0, 20)], [(0, 30, 75), (1, 20, 60)], [(1, 60, 77), (0, 75, 100)]],
     case=Case(block_size=16, sink=4, window=16, num_kv_heads=1, g=2, pool_heads=2, head_offset=1, head_size=64),
 )
 check(  # g = 16: one query per 16-row tile, so no tile has later rows dropping window keys
-    "local_fp32_g16_one_query_per_tile", local_run, dtype=torch.float32, seed=8, lengths=[12, 31], max_chunk=14,
+    "local_fp32_g16_one_query_per_tile",
+    local_run,
+    dtype=torch.float32,
+    seed=8,
+    lengths=[12, 31],
+    max_chunk=14,
     style="chunked",
     case=Case(block_size=8, sink=2, window=9, num_kv_heads=1, g=16, pool_heads=1, head_offset=0, head_size=32),
 )
 for _dtype in (torch.bfloat16, torch.float16):
     check(
-        f"local_{str(_dtype)[6:]}", local_run, dtype=_dtype, seed=5, lengths=[6, 26, 27, 70], max_chunk=30,
+        f"local_{str(_dtype)[6:]}",
+        local_run,
+        dtype=_dtype,
+        seed=5,
+        lengths=[6, 26, 27, 70],
+        max_chunk=30,
         case=Case(block_size=16, sink=4, window=21, num_kv_heads=2, g=3, pool_heads=3, head_offset=1, head_size=64),
-    )  # fmt: skip
+    )
 check(
-    "local_without_compensation_sums_poisoned", local_run, dtype=torch.float32, seed=6, lengths=[10, 40, 90],
-    max_chunk=25, style="chunked", compensation=False,
+    "local_without_compensation_sums_poisoned",
+    local_run,
+    dtype=torch.float32,
+    seed=6,
+    lengths=[10, 40, 90],
+    max_chunk=25,
+    style="chunked",
+    compensation=False,
     case=Case(block_size=16, sink=4, window=20, num_kv_heads=1, g=2, pool_heads=2, head_offset=1),
 )
 
 # Retrieval heads (vLLM's unified_attention on the retrieval pool's layout).
 check(
-    "paged_fp32_odd_block", paged_run, dtype=torch.float32, seed=10, lengths=[1, 22, 23, 24, 70], max_chunk=30,
+    "paged_fp32_odd_block",
+    paged_run,
+    dtype=torch.float32,
+    seed=10,
+    lengths=[1, 22, 23, 24, 70],
+    max_chunk=30,
     case=Case(block_size=23, sink=0, window=1, num_kv_heads=2, g=3, pool_heads=4, head_offset=1, head_size=64),
 )
 check(
-    "paged_fp32_block187_d80", paged_run, dtype=torch.float32, seed=11, lengths=[5, 190, 40], max_chunk=100,
+    "paged_fp32_block187_d80",
+    paged_run,
+    dtype=torch.float32,
+    seed=11,
+    lengths=[5, 190, 40],
+    max_chunk=100,
     case=Case(block_size=187, sink=0, window=1, num_kv_heads=1, g=3, pool_heads=3, head_offset=2, head_size=80),
 )
 check(
-    "paged_fp32_g72_d40_decode", paged_run, dtype=torch.float32, seed=12, lengths=[17, 9], max_chunk=8,
-    style="decode", split_keys=False,  # the 2D decode path (the split path at g=72 is 10x slower to interpret)
+    "paged_fp32_g72_d40_decode",
+    paged_run,
+    dtype=torch.float32,
+    seed=12,
+    lengths=[17, 9],
+    max_chunk=8,
+    style="decode",
+    split_keys=False,  # the 2D decode path (the split path at g=72 is 10x slower to interpret)
     case=Case(block_size=16, sink=0, window=1, num_kv_heads=1, g=72, pool_heads=2, head_offset=1, head_size=40),
 )
 for _dtype in (torch.bfloat16, torch.float16):
     check(
-        f"paged_{str(_dtype)[6:]}", paged_run, dtype=_dtype, seed=13, lengths=[5, 40, 61], max_chunk=30,
+        f"paged_{str(_dtype)[6:]}",
+        paged_run,
+        dtype=_dtype,
+        seed=13,
+        lengths=[5, 40, 61],
+        max_chunk=30,
         case=Case(block_size=16, sink=0, window=1, num_kv_heads=2, g=2, pool_heads=3, head_offset=1, head_size=64),
-    )  # fmt: skip
+    )
 
 # Split-key decode (vLLM's 3D split-softmax path): chosen by the kernel for small pure-decode steps,
 # forced here also on prefill steps, to show that correctness does not hang on the choice.
 check(  # contexts of 1..60 keys over 16 segments: empty segments, prefill chunks on the split path too
-    "paged_split_keys_fp32_odd_block", paged_run, dtype=torch.float32, seed=14, lengths=[1, 2, 37, 60],
-    max_chunk=8, style="prefill", split_keys=True,
+    "paged_split_keys_fp32_odd_block",
+    paged_run,
+    dtype=torch.float32,
+    seed=14,
+    lengths=[1, 2, 37, 60],
+    max_chunk=8,
+    style="prefill",
+    split_keys=True,
     case=Case(block_size=23, sink=0, window=1, num_kv_heads=1, g=4, pool_heads=3, head_offset=1, head_size=64),
 )
 check(
-    "paged_split_keys_decode_bf16_d80", paged_run, dtype=torch.bfloat16, seed=15, lengths=[9, 20], max_chunk=4,
-    style="decode", split_keys=True,
+    "paged_split_keys_decode_bf16_d80",
+    paged_run,
+    dtype=torch.bfloat16,
+    seed=15,
+    lengths=[9, 20],
+    max_chunk=4,
+    style="decode",
+    split_keys=True,
     case=Case(block_size=16, sink=0, window=1, num_kv_heads=1, g=3, pool_heads=2, head_offset=0, head_size=80),
 )
 check(  # prefill steps 2D, decode steps split (max_query_len == 1, small grid); 300 keys: 2 tiles a segment
-    "paged_split_keys_chosen_by_shape", paged_run, dtype=torch.float16, seed=16, lengths=[3, 300, 41], max_chunk=4,
+    "paged_split_keys_chosen_by_shape",
+    paged_run,
+    dtype=torch.float16,
+    seed=16,
+    lengths=[3, 300, 41],
+    max_chunk=4,
     style="prefill",
     case=Case(block_size=16, sink=0, window=1, num_kv_heads=1, g=2, pool_heads=1, head_offset=0, head_size=64),
 )
@@ -373,8 +534,9 @@ def paged_fp8(device: str, fp8: torch.dtype, split_keys: bool, seed: int) -> Non
     lengths = [3, 40, 77]
     data = make_data(case, torch.bfloat16, seed, lengths)
     gen = torch.Generator().manual_seed(seed)
-    data = [(q, 4 * k, v * 0.5 + torch.randn(v.shape, generator=gen).to(v.dtype) * 30)
-            for q, k, v in data]  # (values past e4m3's range: saturation is exercised)
+    data = [
+        (q, 4 * k, v * 0.5 + torch.randn(v.shape, generator=gen).to(v.dtype) * 30) for q, k, v in data
+    ]  # (values past e4m3's range: saturation is exercised)
     k_scale, v_scale = 0.37, 0.11
     blocks = sum(-(-n // case.block_size) for n in lengths) + 2
     raw = torch.full((blocks, case.pool_heads, case.block_size, 2 * case.head_size), 0x7F, dtype=torch.uint8)
@@ -389,11 +551,20 @@ def paged_fp8(device: str, fp8: torch.dtype, split_keys: bool, seed: int) -> Non
         used += nb
     scales = (torch.tensor([k_scale], device=device), torch.tensor([v_scale], device=device))
     for rid, (_, k, v) in enumerate(data):
-        slots = torch.tensor([tables[rid][p // case.block_size] * case.block_size + p % case.block_size
-                              for p in range(lengths[rid])] + [-1])
+        slots = torch.tensor(
+            [tables[rid][p // case.block_size] * case.block_size + p % case.block_size for p in range(lengths[rid])]
+            + [-1]
+        )
         pad = torch.full((1, case.num_kv_heads, d), float("nan"), dtype=k.dtype)
-        tk.store_kv(key_cache, value_cache, torch.cat([k, pad]).to(device), torch.cat([v, pad]).to(device),
-                    slots.to(device), case.head_offset, *scales)
+        tk.store_kv(
+            key_cache,
+            value_cache,
+            torch.cat([k, pad]).to(device),
+            torch.cat([v, pad]).to(device),
+            slots.to(device),
+            case.head_offset,
+            *scales,
+        )
         stored_k = torch.stack([key_cache[tables[rid][p // 16], 1:3, p % 16].cpu() for p in range(lengths[rid])])
         stored_v = torch.stack([value_cache[tables[rid][p // 16], 1:3, p % 16].cpu() for p in range(lengths[rid])])
         assert torch.equal(stored_k.view(torch.uint8), fp8_quantize(k, k_scale, fp8).view(torch.uint8)), "fp8 keys"
@@ -408,12 +579,24 @@ def paged_fp8(device: str, fp8: torch.dtype, split_keys: bool, seed: int) -> Non
     seq_lens = torch.tensor(lengths + [0], dtype=torch.int32)
     qsl = torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32)
     out = tk.paged_attention(
-        query.to(device), key_cache, value_cache, table.to(device), seq_lens.to(device), qsl.to(device),
-        case.head_offset, case.num_kv_heads, case.scale, max_query_len=1, split_keys=split_keys,
-        k_scale=scales[0], v_scale=scales[1],
+        query.to(device),
+        key_cache,
+        value_cache,
+        table.to(device),
+        seq_lens.to(device),
+        qsl.to(device),
+        case.head_offset,
+        case.num_kv_heads,
+        case.scale,
+        max_query_len=1,
+        split_keys=split_keys,
+        k_scale=scales[0],
+        v_scale=scales[1],
     ).cpu()
-    deq = [(q, fp8_quantize(k, k_scale, fp8).double() * k_scale, fp8_quantize(v, v_scale, fp8).double() * v_scale)
-           for q, k, v in data]
+    deq = [
+        (q, fp8_quantize(k, k_scale, fp8).double() * k_scale, fp8_quantize(v, v_scale, fp8).double() * v_scale)
+        for q, k, v in data
+    ]
     expected = torch.stack([ref[-1] for ref in causal_oracle(case, deq)])
     err = relative_error(out[:3].double(), expected)
     assert err < TOLERANCE[torch.bfloat16], f"fp8 {fp8} split={split_keys}: relative error {err:.3g}"
@@ -434,15 +617,19 @@ def local_fp8(device: str, fp8: torch.dtype, mode: str, seed: int) -> None:
     lengths = [5, 30, 47]
     data = make_data(case, torch.bfloat16, seed, lengths)
     gen = torch.Generator().manual_seed(seed)
-    data = [(q, 4 * k, v * 0.5 + torch.randn(v.shape, generator=gen).to(v.dtype) * 30)
-            for q, k, v in data]  # (values past e4m3's range: saturation is exercised)
+    data = [
+        (q, 4 * k, v * 0.5 + torch.randn(v.shape, generator=gen).to(v.dtype) * 30) for q, k, v in data
+    ]  # (values past e4m3's range: saturation is exercised)
     k_scale, v_scale = 0.37, 0.11
-    stored = [(q, fp8_quantize(k, k_scale, fp8).double() * k_scale, fp8_quantize(v, v_scale, fp8).double() * v_scale)
-              for q, k, v in data]  # fmt: skip
+    stored = [
+        (q, fp8_quantize(k, k_scale, fp8).double() * k_scale, fp8_quantize(v, v_scale, fp8).double() * v_scale)
+        for q, k, v in data
+    ]
     schedule = make_schedule(lengths, random.Random(seed), max_chunk=12, style="mixed", recompute=True)
     exact = mode == "exact"
-    outputs, pool = run_pool(case, fp8, data, schedule, True, seed, device, exact=exact, scales=(k_scale, v_scale),
-                             stored=stored)  # fmt: skip
+    outputs, pool = run_pool(
+        case, fp8, data, schedule, True, seed, device, exact=exact, scales=(k_scale, v_scale), stored=stored
+    )
     assert pool.recycled > 0 and pool.tail_checker.checked > 0
     read = [(q, k.to(q.dtype), v.to(q.dtype)) for q, k, v in stored]
     expected = local_oracle(case, read, "weighted", schedule.prompts if exact else None)
@@ -485,8 +672,9 @@ def one_step_against_reference(device: str) -> None:
     torch.testing.assert_close(pool.tails.cpu(), tails_want, rtol=1e-5, atol=1e-4, equal_nan=True)
 
     for exact in (False, True):
-        got = tk.local_attention(x["query"], pool.key_cache, pool.value_cache, pool.tails,
-                                 *local_args(x, case, exact=exact)).cpu()
+        got = tk.local_attention(
+            x["query"], pool.key_cache, pool.value_cache, pool.tails, *local_args(x, case, exact=exact)
+        ).cpu()
         rule = LocalRule(case.sink, case.window, exact_prefill=exact)
         want = reference.local_attention(cpu["query"], *caches, pool.tails.cpu(), paged, heads, rule, case.scale)
         assert relative_error(got[:rows].double(), want[:rows].double()) < 1e-5, f"exact={exact}"
@@ -543,8 +731,10 @@ def cuda_graph_decode(device: str) -> None:
     lengths = [p + n for p, n in zip(prompt, [60, 45, 30, 70])]
     gen = torch.Generator().manual_seed(40)
     q_all = [torch.randn(n, 9, 64, generator=gen).to(dtype) for n in lengths]
-    kv_all = [(torch.randn(n, 3, 64, generator=gen).to(dtype), torch.randn(n, 3, 64, generator=gen).to(dtype))
-              for n in lengths]  # fmt: skip
+    kv_all = [
+        (torch.randn(n, 3, 64, generator=gen).to(dtype), torch.randn(n, 3, 64, generator=gen).to(dtype))
+        for n in lengths
+    ]
     heads = {"full": [0], "local": [1, 2]}
 
     def part(kind, rid):
@@ -557,8 +747,10 @@ def cuda_graph_decode(device: str) -> None:
         "full": DevicePool(full, dtype, lengths, False, random.Random(2), device),
     }
     cases = {"local": local, "full": full}
-    outputs = {kind: [torch.full((n, 3 * len(heads[kind]), 64), float("nan"), dtype=torch.float64) for n in lengths]
-               for kind in pools}  # fmt: skip
+    outputs = {
+        kind: [torch.full((n, 3 * len(heads[kind]), 64), float("nan"), dtype=torch.float64) for n in lengths]
+        for kind in pools
+    }
 
     # Prefill eagerly, one chunk per request.
     for kind, pool in pools.items():
@@ -570,8 +762,9 @@ def cuda_graph_decode(device: str) -> None:
             meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], c.head_offset, c.num_kv_heads)
             if kind == "local":  # exact prefill: the prompt is plain causal attention
                 tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *tail_args(x, c))
-                out = tk.local_attention(x["query"], pool.key_cache, pool.value_cache, pool.tails,
-                                         *local_args(x, c, exact=True))
+                out = tk.local_attention(
+                    x["query"], pool.key_cache, pool.value_cache, pool.tails, *local_args(x, c, exact=True)
+                )
             else:
                 out = tk.paged_attention(x["query"], pool.key_cache, pool.value_cache, *meta, c.scale)
             outputs[kind][r][:p] = out[:p].double().cpu()
@@ -588,7 +781,7 @@ def cuda_graph_decode(device: str) -> None:
             out=torch.zeros(capacity, 3 * len(heads[kind]), 64, dtype=dtype, device=device),
         )
         for kind in pools
-    }  # fmt: skip
+    }
     seq_lens = torch.zeros(capacity, dtype=torch.int32, device=device)
     query_start_loc = torch.zeros(capacity + 1, dtype=torch.int32, device=device)
     prompt_lens = torch.zeros(capacity, dtype=torch.int32, device=device)
@@ -600,11 +793,26 @@ def cuda_graph_decode(device: str) -> None:
             meta = (b["block_table"], seq_lens, query_start_loc, c.head_offset, c.num_kv_heads)
             if kind == "local":
                 tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *meta, c.sink)
-                tk.local_attention(b["query"], pool.key_cache, pool.value_cache, pool.tails, *meta[:3], prompt_lens,
-                                   None, *meta[3:], c.sink, c.window, True, True, c.scale, out=b["out"])
+                tk.local_attention(
+                    b["query"],
+                    pool.key_cache,
+                    pool.value_cache,
+                    pool.tails,
+                    *meta[:3],
+                    prompt_lens,
+                    None,
+                    *meta[3:],
+                    c.sink,
+                    c.window,
+                    True,
+                    True,
+                    c.scale,
+                    out=b["out"],
+                )
             else:  # a pure-decode step of one KV head: the split-key path, captured with its scratch
-                tk.paged_attention(b["query"], pool.key_cache, pool.value_cache, *meta, c.scale, out=b["out"],
-                                   max_query_len=1)
+                tk.paged_attention(
+                    b["query"], pool.key_cache, pool.value_cache, *meta, c.scale, out=b["out"], max_query_len=1
+                )
 
     position = list(prompt)
 
@@ -648,7 +856,7 @@ def cuda_graph_decode(device: str) -> None:
         graph.replay()
         torch.cuda.synchronize()
         replays += 1
-        for kind, pool in pools.items():
+        for kind in pools:
             out = buf[kind]["out"].cpu()
             for i, r in enumerate(active):
                 outputs[kind][r][position[r]] = out[i].double()
@@ -683,8 +891,12 @@ def interpreted(tmp_path_factory) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, __file__, "--json", str(results)],
-        env=env, capture_output=True, text=True, timeout=INTERPRETER_TIMEOUT_S, cwd=ROOT,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=INTERPRETER_TIMEOUT_S,
+        cwd=ROOT,
+    )
     done = json.loads(results.read_text()) if results.exists() else {}
     crash = f"the interpreter run died (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {name: done[name]["error"] if name in done else crash for name in CPU_CHECKS}
@@ -753,23 +965,53 @@ def aot_plan(kernel: str, dtype: torch.dtype, d: int, bs: int, g: int, q_len: in
     fp8 = dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     scales = (torch.ones(1), torch.ones(1)) if fp8 else (None, None)
     query = torch.zeros(q_len * reqs, g * n_kv, d, dtype=torch.bfloat16 if fp8 else dtype)
-    meta = (torch.zeros(reqs, 4, dtype=torch.int32), torch.zeros(reqs, dtype=torch.int32),
-            torch.zeros(reqs + 1, dtype=torch.int32))  # fmt: skip
+    meta = (
+        torch.zeros(reqs, 4, dtype=torch.int32),
+        torch.zeros(reqs, dtype=torch.int32),
+        torch.zeros(reqs + 1, dtype=torch.int32),
+    )
     if kernel.startswith("local"):
         per_request = torch.zeros(reqs, dtype=torch.int32) if kernel == "local_exact_windows" else None
-        return local.plan(query, kv[..., :d], kv[..., d:], tail, *meta, per_request, per_request, 1, n_kv, 4, 252,
-                          True, per_request is not None, 0.125, torch.empty_like(query), *scales)
+        return local.plan(
+            query,
+            kv[..., :d],
+            kv[..., d:],
+            tail,
+            *meta,
+            per_request,
+            per_request,
+            1,
+            n_kv,
+            4,
+            252,
+            True,
+            per_request is not None,
+            0.125,
+            torch.empty_like(query),
+            *scales,
+        )
     if kernel == "tails":
         return tails.plan(kv[..., :d], kv[..., d:], tail, *meta, 1, n_kv, 4, *scales)
     key = torch.zeros(q_len * reqs, n_kv, d, dtype=torch.bfloat16 if fp8 else dtype)
-    return cache_write.plan(kv[..., :d], kv[..., d:], key, key, torch.zeros(q_len * reqs, dtype=torch.int64), 1,
-                            *scales)
+    return cache_write.plan(
+        kv[..., :d], kv[..., d:], key, key, torch.zeros(q_len * reqs, dtype=torch.int64), 1, *scales
+    )
 
 
 def _signature(value) -> str:
     if isinstance(value, torch.Tensor):
-        return "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-                      torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}[value.dtype]
+        return (
+            "*"
+            + {
+                torch.float32: "fp32",
+                torch.bfloat16: "bf16",
+                torch.float16: "fp16",
+                torch.int32: "i32",
+                torch.int64: "i64",
+                torch.float8_e4m3fn: "fp8e4nv",
+                torch.float8_e5m2: "fp8e5",
+            }[value.dtype]
+        )
     if isinstance(value, float):
         return "fp32"
     return "i32" if -(2**31) <= value < 2**31 else "i64"
@@ -779,8 +1021,9 @@ def _signature(value) -> str:
 @pytest.mark.parametrize(
     "case,arch",
     [(case, arch) for case in AOT_CASES for arch in case[-1]],
-    ids=lambda x: f"{x[0]}-{str(x[1])[6:]}-D{x[2]}-bs{x[3]}-g{x[4]}-q{x[5]}x{x[6]}" if isinstance(x, tuple)
-    else f"sm{x}",
+    ids=lambda x: (
+        f"{x[0]}-{str(x[1])[6:]}-D{x[2]}-bs{x[3]}-g{x[4]}-q{x[5]}x{x[6]}" if isinstance(x, tuple) else f"sm{x}"
+    ),
 )
 def test_kernels_compile_for_gpus(case, arch):
     """Compile the launch plan to a cubin for sm_80 / sm_90 (ptxas ships with Triton; no GPU needed)."""
@@ -825,10 +1068,18 @@ def test_launch_grid_depends_on_shapes_only():
     query = torch.zeros(6, 3, 32)
     plans = []
     for seq_lens, qsl, prompt_lens in [([5, 9, 0], [0, 1, 2, 2], [5, 2, 0]), ([40, 1, 7], [0, 3, 4, 6], [1, 1, 9])]:
-        meta = (torch.zeros(3, 4, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32),
-                torch.tensor(qsl, dtype=torch.int32), torch.tensor(prompt_lens, dtype=torch.int32), None)
-        plans.append(local.plan(query, kv[..., :32], kv[..., 32:], tails, *meta, 0, 1, 4, 8, True, True, 0.2,
-                                torch.empty_like(query)))
+        meta = (
+            torch.zeros(3, 4, dtype=torch.int32),
+            torch.tensor(seq_lens, dtype=torch.int32),
+            torch.tensor(qsl, dtype=torch.int32),
+            torch.tensor(prompt_lens, dtype=torch.int32),
+            None,
+        )
+        plans.append(
+            local.plan(
+                query, kv[..., :32], kv[..., 32:], tails, *meta, 0, 1, 4, 8, True, True, 0.2, torch.empty_like(query)
+            )
+        )
     assert plans[0].grid == plans[1].grid and plans[0].constexprs == plans[1].constexprs
 
 
@@ -837,8 +1088,11 @@ def test_bad_inputs_raise_clear_errors():
     kv = torch.zeros(4, 3, 16, 64)
     k, v = kv[..., :32], kv[..., 32:]
     tails = torch.zeros(4, 3, 2, 32)
-    meta = (torch.zeros(2, 4, dtype=torch.int32), torch.tensor([3, 1], dtype=torch.int32),
-            torch.tensor([0, 2, 3], dtype=torch.int32))  # fmt: skip
+    meta = (
+        torch.zeros(2, 4, dtype=torch.int32),
+        torch.tensor([3, 1], dtype=torch.int32),
+        torch.tensor([0, 2, 3], dtype=torch.int32),
+    )
     rule = (4, 8, True, False, 0.1)  # sink, window, compensation, exact_prefill, scale
     q = torch.zeros(3, 4, 32)
     with pytest.raises(ValueError, match="outside the pool's 3 heads"):
@@ -870,8 +1124,11 @@ def test_fp8_inputs_raise_clear_errors():
     tk = pytest.importorskip("razor_vllm.triton_kernels")
     kv = torch.zeros(4, 3, 16, 64, dtype=torch.uint8).view(torch.float8_e4m3fn)
     k, v = kv[..., :32], kv[..., 32:]
-    meta = (torch.zeros(2, 4, dtype=torch.int32), torch.tensor([3, 1], dtype=torch.int32),
-            torch.tensor([0, 2, 3], dtype=torch.int32))
+    meta = (
+        torch.zeros(2, 4, dtype=torch.int32),
+        torch.tensor([3, 1], dtype=torch.int32),
+        torch.tensor([0, 2, 3], dtype=torch.int32),
+    )
     q = torch.zeros(3, 4, 32, dtype=torch.bfloat16)
     key = torch.zeros(3, 2, 32, dtype=torch.bfloat16)
     slots = torch.zeros(3, dtype=torch.int64)
@@ -888,8 +1145,9 @@ def test_fp8_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="needs v_scale"):
         tk.write_block_tails(k, v, torch.zeros(4, 3, 2, 32), *meta, 0, 2, 4, torch.ones(1))
     with pytest.raises(ValueError, match="are for float8 caches"):
-        tk.write_block_tails(k.float(), v.float(), torch.zeros(4, 3, 2, 32), *meta, 0, 2, 4, torch.ones(1),
-                             torch.ones(1))
+        tk.write_block_tails(
+            k.float(), v.float(), torch.zeros(4, 3, 2, 32), *meta, 0, 2, 4, torch.ones(1), torch.ones(1)
+        )
 
 
 def test_source_folder_is_not_a_top_level_package():

@@ -107,9 +107,12 @@ def test_engine_core_answers_pool_usage():
     method = getattr(EngineCore, vllm_compat.POOL_USAGE_UTILITY)
     block = SimpleNamespace(block_id=3, is_null=False)
     stock_scheduler = SimpleNamespace(  # one stock KV group holding a block: not a razor pool
-        kv_cache_config=SimpleNamespace(kv_cache_groups=[SimpleNamespace(layer_names=["model.layers.0.self_attn.attn"])]),
-        kv_cache_manager=SimpleNamespace(coordinator=SimpleNamespace(
-            single_type_managers=[SimpleNamespace(req_to_blocks={"r": [block]})])),
+        kv_cache_config=SimpleNamespace(
+            kv_cache_groups=[SimpleNamespace(layer_names=["model.layers.0.self_attn.attn"])]
+        ),
+        kv_cache_manager=SimpleNamespace(
+            coordinator=SimpleNamespace(single_type_managers=[SimpleNamespace(req_to_blocks={"r": [block]})])
+        ),
     )
     assert method(SimpleNamespace(scheduler=stock_scheduler)) is None  # an engine without razor pools reports nothing
 
@@ -176,17 +179,32 @@ def test_max_concurrency_is_razors_with_exact_prefill():
     full = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32)
 
     def groups(exact):
-        local = RazorLocalSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32, sliding_window=32,
-                               sink=4, exact_prefill=exact)
-        return SimpleNamespace(num_blocks=1000, kv_cache_groups=[
-            SimpleNamespace(kv_cache_spec=full, host_resident=False),
-            SimpleNamespace(kv_cache_spec=local, host_resident=False)])
+        local = RazorLocalSpec(
+            block_size=16,
+            num_kv_heads=1,
+            head_size=8,
+            dtype=torch.float32,
+            sliding_window=32,
+            sink=4,
+            exact_prefill=exact,
+        )
+        return SimpleNamespace(
+            num_blocks=1000,
+            kv_cache_groups=[
+                SimpleNamespace(kv_cache_spec=full, host_resident=False),
+                SimpleNamespace(kv_cache_spec=local, host_resident=False),
+            ],
+        )
 
-    retrieval, cap = 1024 // 16, groups(False).kv_cache_groups[1].kv_cache_spec.max_admission_blocks_per_request(64, 1024)
+    retrieval, cap = (
+        1024 // 16,
+        groups(False).kv_cache_groups[1].kv_cache_spec.max_admission_blocks_per_request(64, 1024),
+    )
     got = kv_cache_utils.get_max_concurrency_for_kv_cache_config(config, groups(True))
     assert got == pytest.approx((1000 - (1024 // 16 - cap)) / (retrieval + cap))
     assert kv_cache_utils.get_max_concurrency_for_kv_cache_config(config, groups(False)) == pytest.approx(
-        1000 / (retrieval + cap))  # compressed: vLLM's own figure
+        1000 / (retrieval + cap)
+    )  # compressed: vLLM's own figure
 
 
 def test_install_is_idempotent():

@@ -129,12 +129,27 @@ def build_tiny_deepseek_v2(path: str | Path, *, seed: int = 0, with_tokenizer: b
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     config = DeepseekV2Config(
-        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None,
-        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, n_routed_experts=4, n_shared_experts=1,
-        num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1,
-        max_position_embeddings=2048, architectures=["DeepseekV2ForCausalLM"], **_SMALL,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        max_position_embeddings=2048,
+        architectures=["DeepseekV2ForCausalLM"],
+        **_SMALL,
+    )
     return _save_random(path, DeepseekV2ForCausalLM, config, seed, with_tokenizer)
 
 
@@ -143,9 +158,14 @@ def build_tiny_bert(path: str | Path, *, seed: int = 0, with_tokenizer: bool = T
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=512, architectures=["BertModel"], **_SMALL,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        architectures=["BertModel"],
+        **_SMALL,
+    )
     return _save_random(path, BertModel, config, seed, with_tokenizer)
 
 
@@ -156,10 +176,17 @@ def build_tiny_mistral(
     from transformers import MistralConfig, MistralForCausalLM
 
     config = MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, sliding_window=sliding_window, max_position_embeddings=2048,
-        architectures=["MistralForCausalLM"], **_SMALL,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=sliding_window,
+        max_position_embeddings=2048,
+        architectures=["MistralForCausalLM"],
+        **_SMALL,
+    )
     return _save_random(path, MistralForCausalLM, config, seed, with_tokenizer)
 
 
@@ -168,9 +195,14 @@ def build_tiny_mamba(path: str | Path, *, seed: int = 0, with_tokenizer: bool = 
     from transformers import MambaConfig, MambaForCausalLM
 
     config = MambaConfig(
-        hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
-        architectures=["MambaForCausalLM"], **_SMALL,
-    )  # fmt: skip
+        hidden_size=64,
+        state_size=8,
+        num_hidden_layers=2,
+        expand=2,
+        conv_kernel=4,
+        architectures=["MambaForCausalLM"],
+        **_SMALL,
+    )
     return _save_random(path, MambaForCausalLM, config, seed, with_tokenizer)
 
 
@@ -179,11 +211,20 @@ def build_tiny_whisper(path: str | Path, *, seed: int = 0, with_tokenizer: bool 
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     config = WhisperConfig(
-        d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80, max_source_positions=1500,
-        max_target_positions=448, decoder_start_token_id=BOS_ID, architectures=["WhisperForConditionalGeneration"],
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_mel_bins=80,
+        max_source_positions=1500,
+        max_target_positions=448,
+        decoder_start_token_id=BOS_ID,
+        architectures=["WhisperForConditionalGeneration"],
         **_SMALL,
-    )  # fmt: skip
+    )
     return _save_random(path, WhisperForConditionalGeneration, config, seed, with_tokenizer)
 
 
@@ -192,9 +233,23 @@ def build_tiny_jamba(path: str | Path, *, seed: int = 0, with_tokenizer: bool = 
     from transformers import JambaConfig, JambaForCausalLM
 
     config = JambaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2,
-        num_experts_per_tok=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
-        use_mamba_kernels=False, architectures=["JambaForCausalLM"], **_SMALL,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=2,
+        num_experts_per_tok=1,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=8,
+        use_mamba_kernels=False,
+        architectures=["JambaForCausalLM"],
+        **_SMALL,
+    )
     return _save_random(path, JambaForCausalLM, config, seed, with_tokenizer)

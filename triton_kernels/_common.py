@@ -79,9 +79,7 @@ def check_query(query: torch.Tensor, key_cache: torch.Tensor, num_kv_heads: int)
     return query.shape[1] // num_kv_heads
 
 
-def check_scales(
-    key_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]
-) -> None:
+def check_scales(key_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> None:
     """An fp8 cache needs vLLM's per-tensor scales (stored = value / scale): 1-element fp32 tensors
     on the cache's device, read by the kernel (no host sync); other caches take none."""
     if key_cache.dtype not in FP8_DTYPES:
@@ -181,14 +179,28 @@ def local_pool_args(
     block_table, seq_lens, query_start_loc = metadata(block_table, seq_lens, query_start_loc, key_cache.device)
     fp8 = key_cache.dtype in FP8_DTYPES
     return dict(
-        k_scale_ptr=k_scale if fp8 else seq_lens, v_scale_ptr=v_scale if fp8 else seq_lens,
-        k_ptr=key_cache, v_ptr=value_cache, tails_ptr=tails, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
-        query_start_loc_ptr=query_start_loc, head_offset=head_offset, sink=sink, window=window,
-        stride_k_block=key_cache.stride(0), stride_k_head=key_cache.stride(1), stride_k_slot=key_cache.stride(2),
-        stride_v_block=value_cache.stride(0), stride_v_head=value_cache.stride(1), stride_v_slot=value_cache.stride(2),
-        stride_t_block=tails.stride(0), stride_t_head=tails.stride(1), stride_t_kv=tails.stride(2),
+        k_scale_ptr=k_scale if fp8 else seq_lens,
+        v_scale_ptr=v_scale if fp8 else seq_lens,
+        k_ptr=key_cache,
+        v_ptr=value_cache,
+        tails_ptr=tails,
+        block_table_ptr=block_table,
+        seq_lens_ptr=seq_lens,
+        query_start_loc_ptr=query_start_loc,
+        head_offset=head_offset,
+        sink=sink,
+        window=window,
+        stride_k_block=key_cache.stride(0),
+        stride_k_head=key_cache.stride(1),
+        stride_k_slot=key_cache.stride(2),
+        stride_v_block=value_cache.stride(0),
+        stride_v_head=value_cache.stride(1),
+        stride_v_slot=value_cache.stride(2),
+        stride_t_block=tails.stride(0),
+        stride_t_head=tails.stride(1),
+        stride_t_kv=tails.stride(2),
         stride_bt=block_table.stride(0),
-    )  # fmt: skip
+    )
 
 
 @triton.jit

@@ -155,8 +155,21 @@ def _local_attention_kernel(
         pos = n0 + n
         pos_ok = pos < sink_end
         k, v = load_kv_tile(
-            k_head, v_head, bt_row, pos, pos_ok, d, d_ok, stride_k_block, stride_k_slot, stride_v_block,
-            stride_v_slot, k_scale_ptr, v_scale_ptr, BLOCK_SIZE, FP8,
+            k_head,
+            v_head,
+            bt_row,
+            pos,
+            pos_ok,
+            d,
+            d_ok,
+            stride_k_block,
+            stride_k_slot,
+            stride_v_block,
+            stride_v_slot,
+            k_scale_ptr,
+            v_scale_ptr,
+            BLOCK_SIZE,
+            FP8,
         )
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
         visible = pos_ok[None, :] & (pos[None, :] <= t[:, None])
@@ -188,8 +201,21 @@ def _local_attention_kernel(
         pos = n0 + n
         pos_ok = pos < window_start
         k, v = load_kv_tile(
-            k_head, v_head, bt_row, pos, pos_ok, d, d_ok, stride_k_block, stride_k_slot, stride_v_block,
-            stride_v_slot, k_scale_ptr, v_scale_ptr, BLOCK_SIZE, FP8,
+            k_head,
+            v_head,
+            bt_row,
+            pos,
+            pos_ok,
+            d,
+            d_ok,
+            stride_k_block,
+            stride_k_slot,
+            stride_v_block,
+            stride_v_slot,
+            k_scale_ptr,
+            v_scale_ptr,
+            BLOCK_SIZE,
+            FP8,
         )
         if prompt_end > ta:
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
@@ -209,15 +235,29 @@ def _local_attention_kernel(
         # 3a. window keys that later rows of the tile have dropped: attended and summed per row
         if BLOCK_Q > 1:
             dropped_end = tb - window + 1  # no row drops a key at or after this position
-            split = tl.minimum(window_start + tl.cdiv(tl.maximum(dropped_end - window_start, 0), TILE_N) * TILE_N,
-                               tb + 1)  # fmt: skip
+            split = tl.minimum(
+                window_start + tl.cdiv(tl.maximum(dropped_end - window_start, 0), TILE_N) * TILE_N, tb + 1
+            )
             for n0 in range(window_start, split, TILE_N):
                 pos = n0 + n
                 pos_ok = pos < split
                 k, v = load_kv_tile(
-                    k_head, v_head, bt_row, pos, pos_ok, d, d_ok, stride_k_block, stride_k_slot, stride_v_block,
-                    stride_v_slot, k_scale_ptr, v_scale_ptr, BLOCK_SIZE, FP8,
-                )  # fmt: skip
+                    k_head,
+                    v_head,
+                    bt_row,
+                    pos,
+                    pos_ok,
+                    d,
+                    d_ok,
+                    stride_k_block,
+                    stride_k_slot,
+                    stride_v_block,
+                    stride_v_slot,
+                    k_scale_ptr,
+                    v_scale_ptr,
+                    BLOCK_SIZE,
+                    FP8,
+                )
                 qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
                 seen = (pos[None, :] > t[:, None] - window) | is_prompt[:, None]
                 visible = pos_ok[None, :] & seen & (pos[None, :] <= t[:, None])
@@ -243,8 +283,21 @@ def _local_attention_kernel(
         pos = n0 + n
         pos_ok = pos <= tb
         k, v = load_kv_tile(
-            k_head, v_head, bt_row, pos, pos_ok, d, d_ok, stride_k_block, stride_k_slot, stride_v_block,
-            stride_v_slot, k_scale_ptr, v_scale_ptr, BLOCK_SIZE, FP8,
+            k_head,
+            v_head,
+            bt_row,
+            pos,
+            pos_ok,
+            d,
+            d_ok,
+            stride_k_block,
+            stride_k_slot,
+            stride_v_block,
+            stride_v_slot,
+            k_scale_ptr,
+            v_scale_ptr,
+            BLOCK_SIZE,
+            FP8,
         )
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
         seen = (pos[None, :] > t[:, None] - window) | is_prompt[:, None]
@@ -298,8 +351,18 @@ def plan(
     v_scale: torch.Tensor | None = None,
 ) -> Launch:
     args = local_pool_args(
-        key_cache, value_cache, tails, block_table, seq_lens, query_start_loc, head_offset, num_kv_heads, sink, window,
-        k_scale, v_scale,
+        key_cache,
+        value_cache,
+        tails,
+        block_table,
+        seq_lens,
+        query_start_loc,
+        head_offset,
+        num_kv_heads,
+        sink,
+        window,
+        k_scale,
+        v_scale,
     )
     g = check_query(query, key_cache, num_kv_heads)
     check_output(out, query)
@@ -310,26 +373,37 @@ def plan(
     windows = per_request(windows, "windows", num_reqs, key_cache.device)
     if query.stride(2) != 1:
         query = query.contiguous()
-    block_m, block_q, tile_n, num_warps = tile_shape(
-        query.shape[0], num_reqs, g, head_pad(query.shape[2]), query.dtype
-    )
+    block_m, block_q, tile_n, num_warps = tile_shape(query.shape[0], num_reqs, g, head_pad(query.shape[2]), query.dtype)
     metadata = args["seq_lens_ptr"]  # stands in for an absent optional tensor (never read)
     return Launch(
         kernel=_local_attention_kernel,
         grid=(query.shape[0] // block_q + num_reqs if num_reqs else 0, num_kv_heads),
         args=dict(
-            args, out_ptr=out, q_ptr=query, scale_log2=float(scale) * LOG2E, num_reqs=num_reqs,
+            args,
+            out_ptr=out,
+            q_ptr=query,
+            scale_log2=float(scale) * LOG2E,
+            num_reqs=num_reqs,
             prompt_lens_ptr=metadata if prompt_lens is None else prompt_lens,
             windows_ptr=metadata if windows is None else windows,
-            stride_q_tok=query.stride(0), stride_q_head=query.stride(1),
-            stride_o_tok=out.stride(0), stride_o_head=out.stride(1),
-        ),  # fmt: skip
+            stride_q_tok=query.stride(0),
+            stride_q_head=query.stride(1),
+            stride_o_tok=out.stride(0),
+            stride_o_head=out.stride(1),
+        ),
         constexprs=dict(
-            BLOCK_SIZE=key_cache.shape[2], G=g, HEAD_SIZE=query.shape[2], HEAD_PAD=head_pad(query.shape[2]),
-            BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
-            COMPENSATION=bool(compensation), EXACT=bool(exact_prefill), PER_REQUEST_WINDOW=windows is not None,
+            BLOCK_SIZE=key_cache.shape[2],
+            G=g,
+            HEAD_SIZE=query.shape[2],
+            HEAD_PAD=head_pad(query.shape[2]),
+            BLOCK_Q=block_q,
+            BLOCK_M=block_m,
+            TILE_N=tile_n,
+            COMPENSATION=bool(compensation),
+            EXACT=bool(exact_prefill),
+            PER_REQUEST_WINDOW=windows is not None,
             FP8=key_cache.dtype in FP8_DTYPES,
-        ),  # fmt: skip
+        ),
         options=dict(num_warps=num_warps),
     )
 
@@ -363,7 +437,24 @@ def local_attention(
     if out is None:
         out = torch.zeros_like(query, memory_format=torch.contiguous_format)
     plan(
-        query, key_cache, value_cache, tails, block_table, seq_lens, query_start_loc, prompt_lens, windows,
-        head_offset, num_kv_heads, sink, window, compensation, exact_prefill, scale, out, k_scale, v_scale,
-    )()  # fmt: skip
+        query,
+        key_cache,
+        value_cache,
+        tails,
+        block_table,
+        seq_lens,
+        query_start_loc,
+        prompt_lens,
+        windows,
+        head_offset,
+        num_kv_heads,
+        sink,
+        window,
+        compensation,
+        exact_prefill,
+        scale,
+        out,
+        k_scale,
+        v_scale,
+    )()
     return out

@@ -210,9 +210,13 @@ def _rank_layout(plan: ScaleoutPlan, local_block_size: int, dtype_bytes: int, bl
     """Rank 0's layout sized for the heaviest rank: every rank's pools have this shape (install.py)."""
     first = plan.ranks[0]
     return plan_layout(
-        first.heads, first.kv_heads, local_block_size, dtype_bytes, default_block_size=block_size,
+        first.heads,
+        first.kv_heads,
+        local_block_size,
+        dtype_bytes,
+        default_block_size=block_size,
         pool_heads=plan.pool_heads,
-    )  # fmt: skip
+    )
 
 
 def balance_report(geo: KVGeometry) -> dict[str, Any]:

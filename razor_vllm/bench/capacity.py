@@ -65,7 +65,9 @@ class CapacityResult:
         return asdict(self)
 
 
-def random_prompts(num: int, length: int, vocab_low: int = 1000, vocab_high: int = 20000, seed: int = 0) -> list[list[int]]:
+def random_prompts(
+    num: int, length: int, vocab_low: int = 1000, vocab_high: int = 20000, seed: int = 0
+) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab_low, vocab_high) for _ in range(length)] for _ in range(num)]
 

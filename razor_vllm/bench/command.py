@@ -40,79 +40,167 @@ SYNTHETIC_SHARE, SYNTHETIC_SINK, SYNTHETIC_WINDOW = 0.15, 4, 1024
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to run")
-    what.add_argument("--quick", action="store_true",
-                      help="smaller sizes: contexts 1k,2k; throughput at 512,1k with batches 1,4 (a few minutes)")
+    what.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller sizes: contexts 1k,2k; throughput at 512,1k with batches 1,4 (a few minutes)",
+    )
     what.add_argument("--skip-engine", action="store_true", help="analytic part only (no engine, seconds)")
     what.add_argument("--skip-capacity", action="store_true", help="no capacity engines")
     what.add_argument("--skip-throughput", action="store_true", help="no throughput engines")
-    what.add_argument("--prefix-workload", action="store_true",
-                      help="instead of capacity and throughput: one long document and --questions questions about "
-                           "it, concurrently and in turns, stock vs razor with prefix caching on (TTFT, prefill "
-                           "tokens computed, requests held at once, throughput)")
+    what.add_argument(
+        "--prefix-workload",
+        action="store_true",
+        help="instead of capacity and throughput: one long document and --questions questions about "
+        "it, concurrently and in turns, stock vs razor with prefix caching on (TTFT, prefill "
+        "tokens computed, requests held at once, throughput)",
+    )
 
     model = parser.add_argument_group("model and razor")
-    model.add_argument("--model", default="default",
-                       help="Hugging Face checkpoint dir ('default': the embedded SmolLM2-135M-Instruct), or "
-                            f"synthetic:NAME, a model shape with random weights ({', '.join(synthetic.SHAPES)})")
-    model.add_argument("--retrieval-share", type=float, default=SYNTHETIC_SHARE, metavar="F",
-                       help="synthetic models: share of KV heads drawn (seeded) as retrieval heads "
-                            f"(default: {SYNTHETIC_SHARE})")
+    model.add_argument(
+        "--model",
+        default="default",
+        help="Hugging Face checkpoint dir ('default': the embedded SmolLM2-135M-Instruct), or "
+        f"synthetic:NAME, a model shape with random weights ({', '.join(synthetic.SHAPES)})",
+    )
+    model.add_argument(
+        "--retrieval-share",
+        type=float,
+        default=SYNTHETIC_SHARE,
+        metavar="F",
+        help=f"synthetic models: share of KV heads drawn (seeded) as retrieval heads (default: {SYNTHETIC_SHARE})",
+    )
     model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
     model.add_argument("--window", type=int, help="razor window W (default: the profile's)")
     model.add_argument("--sink", type=int, help="razor sink S (default: the profile's)")
-    model.add_argument("--prefill", default="exact", choices=["exact", "compressed"],
-                       help="razor's prefill mode (default: exact, the paper's)")
-    model.add_argument("--compression-ratio", type=float, default=None, metavar="C",
-                       help="serve razor with the paper's window rule max(window, N/C) (default: the fixed "
-                       f"window); the bytes-per-rule table uses C={analytic.PAPER_RATIO:g} without it")
-    model.add_argument("--tp", type=int, default=1, metavar="N",
-                       help="analytic part: tensor-parallel size (per-rank heads and what balancing costs)")
-    model.add_argument("--tp-balance", choices=["promote", "pad"],
-                       help="razor option tp_balance for --tp (default: promote when the profile has scores)")
-    model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                       help="model and KV dtype for every engine and the analytic part (default: auto, as vLLM "
-                            "picks it; on CPUs without avx512_bf16/AMX float32 runs several times faster)")
+    model.add_argument(
+        "--prefill",
+        default="exact",
+        choices=["exact", "compressed"],
+        help="razor's prefill mode (default: exact, the paper's)",
+    )
+    model.add_argument(
+        "--compression-ratio",
+        type=float,
+        default=None,
+        metavar="C",
+        help="serve razor with the paper's window rule max(window, N/C) (default: the fixed "
+        f"window); the bytes-per-rule table uses C={analytic.PAPER_RATIO:g} without it",
+    )
+    model.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="analytic part: tensor-parallel size (per-rank heads and what balancing costs)",
+    )
+    model.add_argument(
+        "--tp-balance",
+        choices=["promote", "pad"],
+        help="razor option tp_balance for --tp (default: promote when the profile has scores)",
+    )
+    model.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="model and KV dtype for every engine and the analytic part (default: auto, as vLLM "
+        "picks it; on CPUs without avx512_bf16/AMX float32 runs several times faster)",
+    )
 
     engine = parser.add_argument_group("engines")
-    engine.add_argument("--stock-backend", metavar="NAME",
-                        help="attention backend of the stock engines, e.g. FLASH_ATTN (default: vLLM's choice)")
-    engine.add_argument("--eager", action="store_true",
-                        help="no torch.compile / CUDA graphs on a GPU (always eager on CPU)")
+    engine.add_argument(
+        "--stock-backend",
+        metavar="NAME",
+        help="attention backend of the stock engines, e.g. FLASH_ATTN (default: vLLM's choice)",
+    )
+    engine.add_argument(
+        "--eager", action="store_true", help="no torch.compile / CUDA graphs on a GPU (always eager on CPU)"
+    )
 
     sizes = parser.add_argument_group("sizes")
-    sizes.add_argument("--contexts", type=runinfo.int_list, metavar="N,N,...",
-                       help="request lengths (prompt + generated) for the analytic and capacity parts; each "
-                            "capacity engine runs with max_model_len = N (default: 2k,4k,8k; --quick: 1k,2k)")
+    sizes.add_argument(
+        "--contexts",
+        type=runinfo.int_list,
+        metavar="N,N,...",
+        help="request lengths (prompt + generated) for the analytic and capacity parts; each "
+        "capacity engine runs with max_model_len = N (default: 2k,4k,8k; --quick: 1k,2k)",
+    )
     kv = sizes.add_mutually_exclusive_group()
-    kv.add_argument("--kv-gib", type=float, metavar="G",
-                    help="KV cache size of every engine, GiB (default: capacity: stock holds 2 full requests; "
-                         "throughput: stock holds the widest batch at the longest context)")
+    kv.add_argument(
+        "--kv-gib",
+        type=float,
+        metavar="G",
+        help="KV cache size of every engine, GiB (default: capacity: stock holds 2 full requests; "
+        "throughput: stock holds the widest batch at the longest context)",
+    )
     kv.add_argument("--kv-bytes", type=int, metavar="B", help="the same in bytes")
-    sizes.add_argument("--throughput-contexts", type=runinfo.int_list, metavar="N,N,...",
-                       help="prompt lengths of the throughput part (default: 1k,4k; --quick: 512,1k)")
-    sizes.add_argument("--batches", type=runinfo.int_list, metavar="B,B,...",
-                       help="requests decoded together in the throughput part (default: 1,8; --quick: 1,4)")
-    sizes.add_argument("--decode-tokens", type=int, metavar="N",
-                       help="decode steps timed with the whole batch decoding (default: 32; --quick: 16)")
-    sizes.add_argument("--repeat", type=int, default=1, metavar="N",
-                       help="throughput: run each point N times, keep the best (default: 1)")
-    sizes.add_argument("--chunk", type=int, default=512, metavar="T",
-                       help="max_num_batched_tokens (chunked prefill) of every engine (default: 512)")
+    sizes.add_argument(
+        "--throughput-contexts",
+        type=runinfo.int_list,
+        metavar="N,N,...",
+        help="prompt lengths of the throughput part (default: 1k,4k; --quick: 512,1k)",
+    )
+    sizes.add_argument(
+        "--batches",
+        type=runinfo.int_list,
+        metavar="B,B,...",
+        help="requests decoded together in the throughput part (default: 1,8; --quick: 1,4)",
+    )
+    sizes.add_argument(
+        "--decode-tokens",
+        type=int,
+        metavar="N",
+        help="decode steps timed with the whole batch decoding (default: 32; --quick: 16)",
+    )
+    sizes.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="throughput: run each point N times, keep the best (default: 1)",
+    )
+    sizes.add_argument(
+        "--chunk",
+        type=int,
+        default=512,
+        metavar="T",
+        help="max_num_batched_tokens (chunked prefill) of every engine (default: 512)",
+    )
     sizes.add_argument("--seed", type=int, default=0, help="seed of the random-token prompts (default: 0)")
-    sizes.add_argument("--doc-tokens", type=int, default=6000, metavar="N",
-                       help="--prefix-workload: tokens of the shared document (default: 6000)")
-    sizes.add_argument("--questions", type=int, default=8, metavar="N",
-                       help="--prefix-workload: questions per phase (default: 8)")
-    sizes.add_argument("--question-tokens", type=int, default=32, metavar="N",
-                       help="--prefix-workload: tokens of each question (default: 32)")
-    sizes.add_argument("--answer-tokens", type=int, default=32, metavar="N",
-                       help="--prefix-workload: tokens generated per question (default: 32)")
+    sizes.add_argument(
+        "--doc-tokens",
+        type=int,
+        default=6000,
+        metavar="N",
+        help="--prefix-workload: tokens of the shared document (default: 6000)",
+    )
+    sizes.add_argument(
+        "--questions", type=int, default=8, metavar="N", help="--prefix-workload: questions per phase (default: 8)"
+    )
+    sizes.add_argument(
+        "--question-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="--prefix-workload: tokens of each question (default: 32)",
+    )
+    sizes.add_argument(
+        "--answer-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="--prefix-workload: tokens generated per question (default: 32)",
+    )
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=DEFAULT_OUT, metavar="JSON", help=f"results file (default: {DEFAULT_OUT})")
     out.add_argument("--plot", metavar="PNG", help="also draw the results (needs matplotlib)")
-    out.add_argument("--format", default="auto", choices=["auto", "rich", "plain", "markdown"],
-                     help="table style (default: rich when installed)")
+    out.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "rich", "plain", "markdown"],
+        help="table style (default: rich when installed)",
+    )
     out.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs (default: errors only)")
 
 
@@ -142,8 +230,15 @@ def _run(args: argparse.Namespace) -> int:
         dtype = runinfo.resolve_dtype(args.dtype, model_dir)
         if args.compression_ratio is not None and args.compression_ratio <= 1:
             raise ValueError("--compression-ratio must be > 1")
-        geo = analytic.geometry(profile, dtype, window=args.window, sink=args.sink, tp_size=args.tp,
-                                tp_balance=args.tp_balance, **_rule(args))
+        geo = analytic.geometry(
+            profile,
+            dtype,
+            window=args.window,
+            sink=args.sink,
+            tp_size=args.tp,
+            tp_balance=args.tp_balance,
+            **_rule(args),
+        )
         if args.tp > 1 and not args.skip_engine:
             raise ValueError("--tp > 1 is analytic only: add --skip-engine")
     except (ProfileError, ValueError, FileNotFoundError, OSError) as exc:
@@ -160,15 +255,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.prefix_workload and not args.skip_engine:
         results["prefix_workload"], failures = _prefix_workload(args, model_dir, geo)
     elif not args.skip_engine:
-        engine_results, failures = _engine_parts(args, model_dir, geo, contexts, kv_for, tp_contexts, batches,
-                                                 decode_tokens)
+        engine_results, failures = _engine_parts(
+            args, model_dir, geo, contexts, kv_for, tp_contexts, batches, decode_tokens
+        )
         results.update(engine_results)
         # Redo the arithmetic with what the engines reported (block size, in-flight tokens).
         seen = results.pop("_engine_geometry", None)
         if seen and (seen["block_size"] != geo.stock_block_size or seen["in_flight"] != args.chunk):
             geo = geo.with_stock_block_size(seen["block_size"])
-            results["analytic"] = analytic.analytic_report(geo, contexts, seen["in_flight"], kv_for,
-                                                           **_paper_ratio(args))
+            results["analytic"] = analytic.analytic_report(
+                geo, contexts, seen["in_flight"], kv_for, **_paper_ratio(args)
+            )
     results["meta"]["finished"] = runinfo.now()
     results["meta"]["load_average_end"] = runinfo.loadavg()
 
@@ -177,13 +274,11 @@ def _run(args: argparse.Namespace) -> int:
     print(f"wrote {path}", file=sys.stderr)
     if args.plot:
         png = report.plot(results, Path(args.plot))
-        print(f"wrote {png}" if png else f"{PROG}: --plot needs matplotlib (pip install matplotlib); skipped",
-              file=sys.stderr)
+        print(
+            f"wrote {png}" if png else f"{PROG}: --plot needs matplotlib (pip install matplotlib); skipped",
+            file=sys.stderr,
+        )
     return 1 if failures else 0
-
-
-
-
 
 
 def _rule(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,8 +298,10 @@ def _prepare_synthetic(args: argparse.Namespace) -> None:
     sink = args.sink if args.sink is not None else SYNTHETIC_SINK
     window = args.window if args.window is not None else SYNTHETIC_WINDOW
     if args.profile:
-        raise ValueError("--profile cannot be combined with a synthetic model (its profile is drawn at random, "
-                         "or for synthetic:<bundled profile> the bundled one)")
+        raise ValueError(
+            "--profile cannot be combined with a synthetic model (its profile is drawn at random, "
+            "or for synthetic:<bundled profile> the bundled one)"
+        )
     if synthetic.is_bundled(args.model):
         args.retrieval_share = None  # the bundled profile's heads, not a drawn share
     command = "razor-vllm bench " + shlex.join(runinfo.subcommand_argv(args, "bench"))
@@ -268,7 +365,8 @@ def _engine_parts(args, model_dir, geo, contexts, kv_for, tp_contexts, batches, 
                 failures += bad
         if not args.skip_throughput:
             results["throughput"], results["throughput_engines"], bad = _throughput(
-                args, model_dir, geo, tp_contexts, batches, decode_tokens, bar)
+                args, model_dir, geo, tp_contexts, batches, decode_tokens, bar
+            )
             failures += bad
     finally:
         bar.close()
@@ -285,17 +383,36 @@ def _capacity_at(args, model_dir, geo, ctx, kv_bytes, bar, seen_geometry) -> tup
     razor_blocks = geo.razor_num_blocks(kv_bytes)
     steady = razor_blocks / geo.razor_steady_pages(ctx)
     num_requests = int((razor_blocks - 1) // geo.razor_steady_pages(ctx)) + 3  # more than razor can hold
-    entry: dict[str, Any] = dict(context=ctx, kv_bytes=kv_bytes, prompt_tokens=prompt, max_tokens=max_tokens,
-                                 num_requests=num_requests, razor_steady_concurrency=steady)
+    entry: dict[str, Any] = dict(
+        context=ctx,
+        kv_bytes=kv_bytes,
+        prompt_tokens=prompt,
+        max_tokens=max_tokens,
+        num_requests=num_requests,
+        razor_steady_concurrency=steady,
+    )
     failures = 0
     for backend in ("stock", "razor"):
         bar.set_description(f"capacity {ctx} {backend}")
-        kwargs = _engine_kwargs(args, model_dir, geo.dtype, backend, max_model_len=ctx, kv_cache_memory_bytes=kv_bytes,
-                                max_num_seqs=num_requests + 1)
+        kwargs = _engine_kwargs(
+            args,
+            model_dir,
+            geo.dtype,
+            backend,
+            max_model_len=ctx,
+            kv_cache_memory_bytes=kv_bytes,
+            max_num_seqs=num_requests + 1,
+        )
         try:
             res = measure_capacity(
-                kwargs, num_requests, prompt, max_tokens, backend, seed=args.seed + ctx,
-                stop_at_first_finish=True, stop_when_saturated=True,
+                kwargs,
+                num_requests,
+                prompt,
+                max_tokens,
+                backend,
+                seed=args.seed + ctx,
+                stop_at_first_finish=True,
+                stop_when_saturated=True,
                 on_step=lambda running, waiting: bar.set_postfix(running=running, waiting=waiting, refresh=False),
             )
             d = res.as_dict()
@@ -355,13 +472,27 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
     failures = 0
     for backend in ("stock", "razor"):
         bar.set_description(f"throughput {backend}")
-        kwargs = _engine_kwargs(args, model_dir, geo.dtype, backend, max_model_len=max_model_len,
-                                kv_cache_memory_bytes=kv_bytes, max_num_seqs=widest)
+        kwargs = _engine_kwargs(
+            args,
+            model_dir,
+            geo.dtype,
+            backend,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_bytes,
+            max_num_seqs=widest,
+        )
         try:
             pts, info = measure_throughput(
-                kwargs, backend, contexts, batches, args.chunk, decode_tokens, seed=args.seed + 1000,
-                on_point=lambda p: bar.set_postfix(ctx=p.context, batch=p.batch, prefill=f"{p.prefill_tok_s:.0f}",
-                                                   decode=f"{p.decode_tok_s:.1f}"),
+                kwargs,
+                backend,
+                contexts,
+                batches,
+                args.chunk,
+                decode_tokens,
+                seed=args.seed + 1000,
+                on_point=lambda p: bar.set_postfix(
+                    ctx=p.context, batch=p.batch, prefill=f"{p.prefill_tok_s:.0f}", decode=f"{p.decode_tok_s:.1f}"
+                ),
                 repeat=args.repeat,
                 fits=_fits(geo, backend, args.chunk, vllm_block_size=engines.get("stock", {}).get("block_size")),
             )
@@ -377,9 +508,16 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
         for key in sorted(points["stock"].keys() | points["razor"].keys()):
             s, r = points["stock"].get(key), points["razor"].get(key)
             both = s is not None and r is not None
-            rows.append(dict(context=key[0], batch=key[1], stock=s, razor=r,
-                             ratio_prefill=r["prefill_tok_s"] / s["prefill_tok_s"] if both else None,
-                             ratio_decode=r["decode_tok_s"] / s["decode_tok_s"] if both else None))
+            rows.append(
+                dict(
+                    context=key[0],
+                    batch=key[1],
+                    stock=s,
+                    razor=r,
+                    ratio_prefill=r["prefill_tok_s"] / s["prefill_tok_s"] if both else None,
+                    ratio_decode=r["decode_tok_s"] / s["decode_tok_s"] if both else None,
+                )
+            )
     return rows, engines, failures
 
 
@@ -399,19 +537,38 @@ def _prefix_workload(args, model_dir, geo) -> tuple[dict[str, Any], int]:
     failures = 0
     for backend in ("stock", "razor"):
         print(f"{PROG}: prefix workload, {backend}", file=sys.stderr)
-        kwargs = _engine_kwargs(args, model_dir, geo.dtype, backend, max_model_len=max_model_len,
-                                kv_cache_memory_bytes=kv_bytes, max_num_seqs=max(2 * args.questions, 8))
+        kwargs = _engine_kwargs(
+            args,
+            model_dir,
+            geo.dtype,
+            backend,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_bytes,
+            max_num_seqs=max(2 * args.questions, 8),
+        )
         try:
-            pts, info = measure_prefix_workload(kwargs, backend, args.doc_tokens, args.questions,
-                                                args.question_tokens, args.answer_tokens, seed=args.seed + 2000)
+            pts, info = measure_prefix_workload(
+                kwargs,
+                backend,
+                args.doc_tokens,
+                args.questions,
+                args.question_tokens,
+                args.answer_tokens,
+                seed=args.seed + 2000,
+            )
             phases[backend] = [p.as_dict() for p in pts]
             engines[backend] = info
         except Exception as exc:  # noqa: BLE001
             engines[backend] = dict(error=f"{type(exc).__name__}: {exc}")
             failures += 1
             print(f"{PROG}: prefix workload {backend} failed: {exc}", file=sys.stderr)
-    workload = dict(doc_tokens=args.doc_tokens, questions=args.questions, question_tokens=args.question_tokens,
-                    answer_tokens=args.answer_tokens, kv_cache_bytes=kv_bytes)
+    workload = dict(
+        doc_tokens=args.doc_tokens,
+        questions=args.questions,
+        question_tokens=args.question_tokens,
+        answer_tokens=args.answer_tokens,
+        kv_cache_bytes=kv_bytes,
+    )
     return dict(workload=workload, engines=engines, phases=phases, rows=compare(phases)), failures
 
 
@@ -422,8 +579,8 @@ def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decod
         command="razor-vllm bench " + shlex.join(argv),
         started=runinfo.now(),
         model=str(model_dir) if model_dir else args.model,
-        synthetic=args.synthetic and dict(shape=args.synthetic, retrieval_share=args.retrieval_share,
-                                          load_format=args.load_format),
+        synthetic=args.synthetic
+        and dict(shape=args.synthetic, retrieval_share=args.retrieval_share, load_format=args.load_format),
         stock_backend=args.stock_backend or "vLLM's choice",
         cuda_graphs=not args.eager,
         profile=args.profile or f"bundled ({profile.model.architecture})",
@@ -432,18 +589,13 @@ def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decod
         sink=args.sink if args.sink is not None else profile.sink,
         contexts=list(contexts),
         kv_bytes="per context: stock holds 2 full requests" if kv_fixed is None else kv_fixed,
-        throughput=dict(contexts=list(tp_contexts), batches=list(batches), decode_tokens=decode_tokens,
-                        repeat=args.repeat),
+        throughput=dict(
+            contexts=list(tp_contexts), batches=list(batches), decode_tokens=decode_tokens, repeat=args.repeat
+        ),
         max_num_batched_tokens=args.chunk,
         machine=runinfo.machine(),
         load_average_start=runinfo.loadavg(),
     )
-
-
-
-
-
-
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:  # for `python -m razor_vllm.bench.command`

@@ -146,7 +146,7 @@ def compare(phases: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     for phase in ("concurrent", "turns"):
         s, r = by.get("stock", {}).get(phase), by.get("razor", {}).get(phase)
 
-        def ratio(key: str) -> Optional[float]:
+        def ratio(key: str, s=s, r=r) -> Optional[float]:
             return r[key] / s[key] if s and r and s[key] else None
 
         rows.append(

@@ -26,15 +26,47 @@ PREFIX = "synthetic:"
 
 # Only what differs from the default model's Llama config. ``tiny`` is for CPU tests of the machinery.
 SHAPES: dict[str, dict] = {
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, rope_theta=500000.0, tie_word_embeddings=False),
-    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, head_dim=128, rope_theta=500000.0, tie_word_embeddings=False),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, rope_theta=10000.0, tie_word_embeddings=True),
-}  # fmt: skip
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
+    "llama-3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    ),
+}
 MAX_POSITIONS = 131072
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -72,8 +104,12 @@ def make_checkpoint(name: str, root: Path, tokenizer_dir: Path) -> Path:
         config = json.loads((tokenizer_dir / "config.json").read_text())
         config.pop("_model_name_or_path", None)
         rope_theta = shape.pop("rope_theta")
-        config.update(shape, max_position_embeddings=MAX_POSITIONS, dtype="bfloat16",
-                      rope_parameters={"rope_theta": rope_theta, "rope_type": "default"})  # fmt: skip
+        config.update(
+            shape,
+            max_position_embeddings=MAX_POSITIONS,
+            dtype="bfloat16",
+            rope_parameters={"rope_theta": rope_theta, "rope_type": "default"},
+        )
     target = root / name
     target.mkdir(parents=True, exist_ok=True)
     for file in TOKENIZER_FILES:
@@ -95,8 +131,9 @@ def make_profile(model_dir: Path, share: float, seed: int, sink: int, window: in
     every = [(layer, head) for layer in range(model.num_layers) for head in range(model.num_kv_heads)]
     chosen = random.Random(seed).sample(every, round(share * len(every)))
     heads = [sorted(h for layer_id, h in chosen if layer_id == layer) for layer in range(model.num_layers)]
-    provenance = Provenance(method="manual", command=command, tool_version=razor_vllm.__version__,
-                            created=utc_now(), seed=seed, ratio=share)  # fmt: skip
+    provenance = Provenance(
+        method="manual", command=command, tool_version=razor_vllm.__version__, created=utc_now(), seed=seed, ratio=share
+    )
     return RazorProfile(model=model, sink=sink, window=window, retrieval_heads=heads, provenance=provenance)
 
 

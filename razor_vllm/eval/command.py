@@ -34,10 +34,24 @@ PROG = "razor-vllm eval"
 DEFAULT_OUT = "out/eval.json"
 DEFAULT_TASKS = ("passkey", "niah_number", "niah_uuid", "multikey", "variable_tracking", "common_words")
 
-FULL = dict(contexts=[1024, 2048, 4096], depths=[0.0, 0.25, 0.5, 0.75, 1.0], samples=2,
-            fidelity_contexts=[2048, 4096], fidelity_samples=4, fidelity_tokens=64, greedy_tokens=32)
-QUICK = dict(contexts=[1024, 2048], depths=[0.25, 0.75], samples=1,
-             fidelity_contexts=[1024], fidelity_samples=2, fidelity_tokens=32, greedy_tokens=16)
+FULL = dict(
+    contexts=[1024, 2048, 4096],
+    depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+    samples=2,
+    fidelity_contexts=[2048, 4096],
+    fidelity_samples=4,
+    fidelity_tokens=64,
+    greedy_tokens=32,
+)
+QUICK = dict(
+    contexts=[1024, 2048],
+    depths=[0.25, 0.75],
+    samples=1,
+    fidelity_contexts=[1024],
+    fidelity_samples=2,
+    fidelity_tokens=32,
+    greedy_tokens=16,
+)
 
 
 def _float_list(text: str) -> list[float]:
@@ -63,49 +77,91 @@ def _sweep(text: str) -> tuple[str, list[str]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to run")
-    what.add_argument("--quick", action="store_true",
-                      help="small grids: contexts 1k,2k, depths 0.25,0.75, 1 sample, fidelity at 1k (minutes)")
-    what.add_argument("--modes", type=_names, metavar="M,M,...",
-                      help="engine modes among full, razor, streaming, random (default: full,razor,streaming; "
-                           "with --sweep: full,streaming)")
-    what.add_argument("--tasks", type=_names, metavar="T,T,...",
-                      help=f"synthetic tasks (default: {','.join(DEFAULT_TASKS)}; 'none' for fidelity only)")
-    what.add_argument("--sweep", type=_sweep, metavar="NAME=V,V,...",
-                      help="razor variants along one setting: retrieval_share (e.g. 5%%,10%%,15%%,25%%), window, "
-                           "sink, compensation (on,off)")
+    what.add_argument(
+        "--quick",
+        action="store_true",
+        help="small grids: contexts 1k,2k, depths 0.25,0.75, 1 sample, fidelity at 1k (minutes)",
+    )
+    what.add_argument(
+        "--modes",
+        type=_names,
+        metavar="M,M,...",
+        help="engine modes among full, razor, streaming, random (default: full,razor,streaming; "
+        "with --sweep: full,streaming)",
+    )
+    what.add_argument(
+        "--tasks",
+        type=_names,
+        metavar="T,T,...",
+        help=f"synthetic tasks (default: {','.join(DEFAULT_TASKS)}; 'none' for fidelity only)",
+    )
+    what.add_argument(
+        "--sweep",
+        type=_sweep,
+        metavar="NAME=V,V,...",
+        help="razor variants along one setting: retrieval_share (e.g. 5%%,10%%,15%%,25%%), window, "
+        "sink, compensation (on,off)",
+    )
 
     grid = parser.add_argument_group("task grid")
-    grid.add_argument("--contexts", type=runinfo.int_list, metavar="N,N,...", help="prompt lengths in tokens (default 1k,2k,4k)")
-    grid.add_argument("--depths", type=_float_list, metavar="D,D,...",
-                      help="needle depths in [0, 1] for tasks with one needle (default 0,0.25,0.5,0.75,1)")
+    grid.add_argument(
+        "--contexts", type=runinfo.int_list, metavar="N,N,...", help="prompt lengths in tokens (default 1k,2k,4k)"
+    )
+    grid.add_argument(
+        "--depths",
+        type=_float_list,
+        metavar="D,D,...",
+        help="needle depths in [0, 1] for tasks with one needle (default 0,0.25,0.5,0.75,1)",
+    )
     grid.add_argument("--samples", type=int, metavar="N", help="samples per task, context and depth (default 2)")
-    grid.add_argument("--haystack", choices=["noise", "text"], default="noise",
-                      help="filler around needles: RULER's repeated noise sentences or Moby-Dick (default: noise)")
+    grid.add_argument(
+        "--haystack",
+        choices=["noise", "text"],
+        default="noise",
+        help="filler around needles: RULER's repeated noise sentences or Moby-Dick (default: noise)",
+    )
     grid.add_argument("--seed", type=int, default=0, help="seed of every generated sample (default 0)")
-    grid.add_argument("--split", choices=["evaluation", "calibration"], default="evaluation",
-                      help="calibration: tasks from other seeds and other wording than the evaluation set, to "
-                      "choose settings (retrieval share, window) on before reporting the evaluation set")
+    grid.add_argument(
+        "--split",
+        choices=["evaluation", "calibration"],
+        default="evaluation",
+        help="calibration: tasks from other seeds and other wording than the evaluation set, to "
+        "choose settings (retrieval share, window) on before reporting the evaluation set",
+    )
 
     fid = parser.add_argument_group("fidelity on natural text")
-    fid.add_argument("--fidelity-contexts", type=runinfo.int_list, metavar="N,N,...",
-                     help="prefix lengths of the Moby-Dick slices (default 2k,4k)")
+    fid.add_argument(
+        "--fidelity-contexts",
+        type=runinfo.int_list,
+        metavar="N,N,...",
+        help="prefix lengths of the Moby-Dick slices (default 2k,4k)",
+    )
     fid.add_argument("--fidelity-samples", type=int, metavar="N", help="slices per length (default 4; 0: skip)")
     fid.add_argument("--fidelity-tokens", type=int, metavar="T", help="teacher-forced tokens per slice (default 64)")
     fid.add_argument("--greedy-tokens", type=int, metavar="T", help="greedy continuation tokens (default 32)")
 
     model = parser.add_argument_group("model and razor")
-    model.add_argument("--model", default="default",
-                       help="Hugging Face checkpoint dir ('default': the embedded SmolLM2-135M-Instruct)")
+    model.add_argument(
+        "--model", default="default", help="Hugging Face checkpoint dir ('default': the embedded SmolLM2-135M-Instruct)"
+    )
     model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
     model.add_argument("--window", type=int, help="window W of local heads (default: the profile's)")
     model.add_argument("--sink", type=int, help="sink S of local heads (default: the profile's)")
     model.add_argument("--no-compensation", action="store_true", help="razor/streaming without the compensation token")
-    model.add_argument("--prefill", type=_names, default=["exact"], metavar="M[,M]",
-                       help="razor's prefill mode(s): exact (the paper, default), compressed; two modes run every "
-                       "razor-backed variant in both")
-    model.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float16", "float32"],
-                       help="model and KV dtype (default float32: exact comparisons, and fastest on CPUs without "
-                            "bf16 units)")
+    model.add_argument(
+        "--prefill",
+        type=_names,
+        default=["exact"],
+        metavar="M[,M]",
+        help="razor's prefill mode(s): exact (the paper, default), compressed; two modes run every "
+        "razor-backed variant in both",
+    )
+    model.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="model and KV dtype (default float32: exact comparisons, and fastest on CPUs without bf16 units)",
+    )
     model.add_argument("--kv-gib", type=float, default=2.0, metavar="G", help="KV cache of every engine (default 2)")
     model.add_argument("--chunk", type=int, default=2048, metavar="T", help="max_num_batched_tokens (default 2048)")
     model.add_argument("--max-num-seqs", type=int, default=16, metavar="N", help="requests batched (default 16)")
@@ -152,9 +208,14 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     work_dir = out.parent / (out.stem + "-work")
     evaluation = Evaluation(
-        model_dir=Path(model_dir), variants=variants, grid=grid, work_dir=work_dir,
-        dtype=runinfo.resolve_dtype(args.dtype, model_dir), kv_bytes=int(args.kv_gib * (1 << 30)),
-        chunk=args.chunk, max_num_seqs=args.max_num_seqs,
+        model_dir=Path(model_dir),
+        variants=variants,
+        grid=grid,
+        work_dir=work_dir,
+        dtype=runinfo.resolve_dtype(args.dtype, model_dir),
+        kv_bytes=int(args.kv_gib * (1 << 30)),
+        chunk=args.chunk,
+        max_num_seqs=args.max_num_seqs,
     )
     meta = _meta(args, profile, model_dir, evaluation)
     try:
@@ -196,8 +257,9 @@ def _variants(args: argparse.Namespace, profile) -> list:
     modes = args.modes or default_modes
     if "full" not in modes:
         modes = ["full"] + modes  # everything is measured against it
-    variants = with_prefill_modes(base_variants(modes, profile, args.sink, args.window, compensation, seed=args.seed),
-                                  args.prefill)
+    variants = with_prefill_modes(
+        base_variants(modes, profile, args.sink, args.window, compensation, seed=args.seed), args.prefill
+    )
     if args.sweep:
         name, values = args.sweep
         swept = sweep_variants(name, values, profile, args.sink, args.window, compensation)

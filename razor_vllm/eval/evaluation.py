@@ -73,8 +73,16 @@ class Evaluation:
             for context in self.grid.contexts:
                 for depth in depths:
                     seed = cell_seed(self.grid.seed, task, context, depth)
-                    made += make_samples(task, tokenizer, context, self.grid.samples, seed, depth,
-                                         haystack=self.grid.haystack, split=self.grid.split)
+                    made += make_samples(
+                        task,
+                        tokenizer,
+                        context,
+                        self.grid.samples,
+                        seed,
+                        depth,
+                        haystack=self.grid.haystack,
+                        split=self.grid.split,
+                    )
         return made
 
     def texts(self, tokenizer) -> list[TextItem]:
@@ -90,8 +98,10 @@ class Evaluation:
             for index in range(self.grid.fidelity_samples):
                 # Spread the slices over the book (chapter 1 is the best-known page; skip it).
                 start = 2 + (index * (chapters - 10)) // max(self.grid.fidelity_samples, 1)
-                ids = tokenizer(natural_text(tokenizer, need + 256, start_chapter=start),  # sentences run long
-                                add_special_tokens=False).input_ids
+                ids = tokenizer(
+                    natural_text(tokenizer, need + 256, start_chapter=start),  # sentences run long
+                    add_special_tokens=False,
+                ).input_ids
                 if len(ids) < need:
                     raise ValueError(f"Moby-Dick from chapter {start} is shorter than {need} tokens")
                 items.append(TextItem(context, index, ids[:context], ids[context:need]))
@@ -122,8 +132,12 @@ class Evaluation:
         samples = self.samples(tokenizer)
         texts = self.texts(tokenizer)
         settings = EngineSettings(
-            model=str(self.model_dir), dtype=self.dtype, max_model_len=self.max_model_len(samples, texts),
-            kv_cache_bytes=self.kv_bytes, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.chunk,
+            model=str(self.model_dir),
+            dtype=self.dtype,
+            max_model_len=self.max_model_len(samples, texts),
+            kv_cache_bytes=self.kv_bytes,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.chunk,
         )
         task_rows: list[dict[str, Any]] = []
         fidelity_rows: list[dict[str, Any]] = []
@@ -135,15 +149,26 @@ class Evaluation:
             label = f"[{number}/{len(ordered)}] {variant.label}" if self.progress else None
             if self.progress:
                 print(f"eval {label}: {len(samples)} task prompts, {len(texts)} text slices", file=sys.stderr)
-            outputs = run_variant(variant, settings, samples, texts, self.grid.greedy_tokens, logprob_dir,
-                                  progress=label)
+            outputs = run_variant(
+                variant, settings, samples, texts, self.grid.greedy_tokens, logprob_dir, progress=label
+            )
             engines[variant.label] = dict(outputs.engine, seconds=round(outputs.seconds, 1))
             for sample, text in zip(samples, outputs.task_texts):
-                task_rows.append(dict(variant=variant.label, mode=variant.mode, task=sample.task,
-                                      context=_bucket(sample, self.grid.contexts), context_tokens=sample.context_tokens,
-                                      depth=sample.depth, seed=sample.seed, score=score(sample, text),
-                                      partial=metrics.prefix_credit(sample.answers, text),
-                                      answers=list(sample.answers), output=text))
+                task_rows.append(
+                    dict(
+                        variant=variant.label,
+                        mode=variant.mode,
+                        task=sample.task,
+                        context=_bucket(sample, self.grid.contexts),
+                        context_tokens=sample.context_tokens,
+                        depth=sample.depth,
+                        seed=sample.seed,
+                        score=score(sample, text),
+                        partial=metrics.prefix_credit(sample.answers, text),
+                        answers=list(sample.answers),
+                        output=text,
+                    )
+                )
             if variant.mode == "full":
                 full = outputs
             elif full is not None:
@@ -157,12 +182,17 @@ class Evaluation:
             fidelity=fidelity_rows,
         )
 
-    def _fidelity(self, variant: Variant, full: VariantOutputs, outputs: VariantOutputs,
-                  texts: list[TextItem]) -> list[dict[str, Any]]:
+    def _fidelity(
+        self, variant: Variant, full: VariantOutputs, outputs: VariantOutputs, texts: list[TextItem]
+    ) -> list[dict[str, Any]]:
         rows = []
         for i, item in enumerate(texts):
             f = metrics.fidelity(
-                full.teacher_files[i], outputs.teacher_files[i], item.continuation, item.context, item.index,
+                full.teacher_files[i],
+                outputs.teacher_files[i],
+                item.continuation,
+                item.context,
+                item.index,
                 full.greedy_ids[i] if full.greedy_ids else None,
                 outputs.greedy_ids[i] if outputs.greedy_ids else None,
             )

@@ -59,16 +59,33 @@ def greedy_agreement(reference: list[int], other: list[int]) -> tuple[int, float
     return prefix, match
 
 
-def fidelity(full_file: Path, other_file: Path, targets: list[int], context: int, index: int,
-             full_greedy: Optional[list[int]], greedy: Optional[list[int]]) -> Fidelity:
+def fidelity(
+    full_file: Path,
+    other_file: Path,
+    targets: list[int],
+    context: int,
+    index: int,
+    full_greedy: Optional[list[int]],
+    greedy: Optional[list[int]],
+) -> Fidelity:
     full = np.load(full_file, mmap_mode="r")
     other = np.load(other_file, mmap_mode="r")
     kl, top1, nll = kl_top1_nll(np.asarray(full), np.asarray(other), targets)
     _, _, nll_full = kl_top1_nll(np.asarray(full), np.asarray(full), targets)
-    prefix, match = (greedy_agreement(full_greedy, greedy) if full_greedy is not None and greedy is not None
-                     else (None, None))
-    return Fidelity(context, index, float(kl.mean()), float(kl.max()), float(top1.mean()), float(nll.mean()),
-                    float(nll_full.mean()), prefix, match)
+    prefix, match = (
+        greedy_agreement(full_greedy, greedy) if full_greedy is not None and greedy is not None else (None, None)
+    )
+    return Fidelity(
+        context,
+        index,
+        float(kl.mean()),
+        float(kl.max()),
+        float(top1.mean()),
+        float(nll.mean()),
+        float(nll_full.mean()),
+        prefix,
+        match,
+    )
 
 
 def prefix_credit(answers: Iterable[str], output_text: str) -> float:
@@ -82,8 +99,9 @@ def prefix_credit(answers: Iterable[str], output_text: str) -> float:
     for answer in answers:
         best = 0
         for word in words:
-            n = next((i for i, (a, b) in enumerate(zip(answer.lower(), word.lower())) if a != b),
-                     min(len(answer), len(word)))
+            n = next(
+                (i for i, (a, b) in enumerate(zip(answer.lower(), word.lower())) if a != b), min(len(answer), len(word))
+            )
             best = max(best, n)
         credits.append(best / len(answer))
     return sum(credits) / len(credits) if credits else 0.0
@@ -113,7 +131,9 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def interval_by(rows: Iterable[dict[str, Any]], keys: tuple[str, ...], value: str) -> dict[tuple, tuple[float, float, int]]:
+def interval_by(
+    rows: Iterable[dict[str, Any]], keys: tuple[str, ...], value: str
+) -> dict[tuple, tuple[float, float, int]]:
     """(mean, Wilson low, Wilson high) and count of ``value`` (a score in [0, 1]) grouped by ``keys``."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:

@@ -18,7 +18,7 @@ def _ctx(n: int) -> str:
 
 
 def _ci(cell: tuple[float, float, float, int] | None) -> str:
-    """"mean [low, high]" in percent: the Wilson 95% interval of a cell's accuracy."""
+    """ "mean [low, high]" in percent: the Wilson 95% interval of a cell's accuracy."""
     if cell is None:
         return "-"
     mean, low, high, _ = cell
@@ -34,13 +34,18 @@ def tables(results: dict[str, Any]) -> list[Table]:
     budgets = results["budgets"]
     out = []
     contexts = sorted({int(c) for b in budgets.values() for c in b})
-    out.append(Table(
-        "KV budget (share of the full cache's KV entries per request)",
-        ["variant", "retrieval heads"] + [_ctx(c) for c in contexts],
-        [[v["label"], f"{v['retrieval_heads']}/{v['total_heads']}"]
-         + [_pct(budgets[v["label"]].get(str(c))) + "%" for c in contexts] for v in results["meta"]["variants"]],
-        note="head-tokens kept: retrieval heads everything, local heads sink + window + 1 compensation token",
-    ))
+    out.append(
+        Table(
+            "KV budget (share of the full cache's KV entries per request)",
+            ["variant", "retrieval heads"] + [_ctx(c) for c in contexts],
+            [
+                [v["label"], f"{v['retrieval_heads']}/{v['total_heads']}"]
+                + [_pct(budgets[v["label"]].get(str(c))) + "%" for c in contexts]
+                for v in results["meta"]["variants"]
+            ],
+            note="head-tokens kept: retrieval heads everything, local heads sink + window + 1 compensation token",
+        )
+    )
     rows = results["tasks"]
     if rows:
         acc = interval_by(rows, ("variant", "task", "context"), "score")
@@ -50,15 +55,27 @@ def tables(results: dict[str, Any]) -> list[Table]:
         body = [[t, _ctx(c)] + [_ci(acc.get((n, t, c))) for n in names] for t in tasks for c in task_contexts]
         body += [["all tasks", _ctx(c)] + [_ci(total.get((n, c))) for n in names] for c in task_contexts]
         per_cell = min(cell[3] for cell in acc.values())
-        out.append(Table("Task accuracy (%, Wilson 95% interval)", ["task", "context"] + names, body,
-                         note=f"at least {per_cell} prompts per cell, greedy; score = share of answers found"))
+        out.append(
+            Table(
+                "Task accuracy (%, Wilson 95% interval)",
+                ["task", "context"] + names,
+                body,
+                note=f"at least {per_cell} prompts per cell, greedy; score = share of answers found",
+            )
+        )
         if all("output" in r for r in rows):
             # Older result files have no stored partial credit; it follows from the stored output.
             rows = [r if "partial" in r else dict(r, partial=prefix_credit(r["answers"], r["output"])) for r in rows]
             part = mean_by(rows, ("variant", "task", "context"), "partial")
             body = [[t, _ctx(c)] + [_pct(part.get((n, t, c))) for n in names] for t in tasks for c in task_contexts]
-            out.append(Table("Partial credit (%)", ["task", "context"] + names, body,
-                             note="leading characters of each answer reproduced (e.g. 6 of 7 digits: 85.7)"))
+            out.append(
+                Table(
+                    "Partial credit (%)",
+                    ["task", "context"] + names,
+                    body,
+                    note="leading characters of each answer reproduced (e.g. 6 of 7 digits: 85.7)",
+                )
+            )
     fid = results["fidelity"]
     if fid:
         keys = ("variant", "context")
@@ -70,13 +87,33 @@ def tables(results: dict[str, Any]) -> list[Table]:
             for c in sorted({r["context"] for r in fid}):
                 if (n, c) not in kl:
                     continue
-                body.append([n, _ctx(c), f"{kl[n, c]:.4f}", _pct(top1[n, c]), f"{nll[n, c] - nll_full[n, c]:+.4f}",
-                             "-" if (n, c) not in prefix else f"{prefix[n, c]:.1f}", _pct(match.get((n, c)))])
-        out.append(Table(
-            "Fidelity to the full cache on Moby-Dick (teacher-forced decode)",
-            ["variant", "prefix", "KL (nats/token)", "top-1 agree %", "ΔNLL vs full", "greedy prefix", "greedy match %"],
-            body, note="KL(full || variant) of the next-token distribution, mean over positions and slices",
-        ))
+                body.append(
+                    [
+                        n,
+                        _ctx(c),
+                        f"{kl[n, c]:.4f}",
+                        _pct(top1[n, c]),
+                        f"{nll[n, c] - nll_full[n, c]:+.4f}",
+                        "-" if (n, c) not in prefix else f"{prefix[n, c]:.1f}",
+                        _pct(match.get((n, c))),
+                    ]
+                )
+        out.append(
+            Table(
+                "Fidelity to the full cache on Moby-Dick (teacher-forced decode)",
+                [
+                    "variant",
+                    "prefix",
+                    "KL (nats/token)",
+                    "top-1 agree %",
+                    "ΔNLL vs full",
+                    "greedy prefix",
+                    "greedy match %",
+                ],
+                body,
+                note="KL(full || variant) of the next-token distribution, mean over positions and slices",
+            )
+        )
     return out
 
 
@@ -109,8 +146,13 @@ def plots(results: dict[str, Any], directory: Path) -> list[Path]:
         depths = sorted({d for cells in data.values() for d, _ in cells})
         contexts = sorted({c for cells in data.values() for _, c in cells})
         shown = [n for n in names if n in data]
-        fig, axes = plt.subplots(1, len(shown), figsize=(2.2 + 1.1 * len(contexts) * len(shown), 0.6 * len(depths) + 2),
-                                 squeeze=False, sharey=True)
+        fig, axes = plt.subplots(
+            1,
+            len(shown),
+            figsize=(2.2 + 1.1 * len(contexts) * len(shown), 0.6 * len(depths) + 2),
+            squeeze=False,
+            sharey=True,
+        )
         for ax, name in zip(axes[0], shown):
             grid = [[data[name].get((d, c), float("nan")) for c in contexts] for d in depths]
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -151,9 +193,12 @@ def plots(results: dict[str, Any], directory: Path) -> list[Path]:
                     ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", capsize=3, label=name, color=colours[name])
                 else:
                     ax.plot(xs, ys, "o-", label=name, color=colours[name])
-            ax.set(xlabel="KV budget (% of full cache)", xlim=(0, 105),
-                   ylabel="task accuracy (%)" if panel == "tasks" else "top-1 agreement with full (%)",
-                   title="Accuracy vs KV budget" if panel == "tasks" else "Fidelity vs KV budget")
+            ax.set(
+                xlabel="KV budget (% of full cache)",
+                xlim=(0, 105),
+                ylabel="task accuracy (%)" if panel == "tasks" else "top-1 agreement with full (%)",
+                title="Accuracy vs KV budget" if panel == "tasks" else "Fidelity vs KV budget",
+            )
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
         fig.suptitle("each point: one context length (longer context = smaller budget)", fontsize=9)

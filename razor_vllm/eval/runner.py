@@ -100,8 +100,14 @@ def run_variant(
         out = work_dir / f"teacher-{slug(variant.label)}-{item.context}-{item.index}.npy"
         teacher_files.append(out)
         prompts.append(TokensPrompt(prompt_token_ids=item.prefix))
-        params.append(SamplingParams(temperature=0.0, max_tokens=len(item.continuation), ignore_eos=True,
-                                     extra_args=teacher_args(item.continuation, out)))
+        params.append(
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=len(item.continuation),
+                ignore_eos=True,
+                extra_args=teacher_args(item.continuation, out),
+            )
+        )
     if greedy_tokens > 0:
         for item in texts:
             prompts.append(TokensPrompt(prompt_token_ids=item.prefix))

@@ -99,8 +99,10 @@ _NIAH_NEEDLE = "The special magic {kind} for {key} is {value}."
 _NIAH_FOOTER = "\n\nThe special magic {kind} for {key} is"
 
 
-_PASSKEY_HEADER = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-                   "Find it and memorize it. I will quiz you about it.\n\n")
+_PASSKEY_HEADER = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n\n"
+)
 # Prompt formats tuned on the default model (stock vLLM, fp32, greedy, ~1k tokens): a question line before
 # the answer prefix, or a needle that ends "... is the pass key.", made it answer a copy of the wrong words.
 _PASSKEY_NEEDLE = "The pass key is {key}. Remember it."
@@ -110,7 +112,9 @@ _PASSKEY_FOOTER = "\n\nThe pass key is"
 # The calibration split (``make_samples(split="calibration")``): other seeds and other wording, so
 # settings chosen on it (retrieval share, window) are not tuned to the evaluation prompts.
 SPLITS = ("evaluation", "calibration")
-_CALIBRATION_FILLER = "The river runs to the sea. The hills are quiet at night. Birds fly south in the fall. We walk on."
+_CALIBRATION_FILLER = (
+    "The river runs to the sea. The hills are quiet at night. Birds fly south in the fall. We walk on."
+)
 _TEMPLATES = {
     "evaluation": dict(
         filler=FILLER_SENTENCES,
@@ -147,7 +151,9 @@ def _passkey(rng: random.Random, depth: float, split: str = "evaluation") -> _La
 
 
 def _niah(kind: str, value_of: Callable[[random.Random], str], distractors: int) -> Callable[..., _Layout]:
-    def layout(rng: random.Random, depth: float, num_distractors: int = distractors, split: str = "evaluation") -> _Layout:
+    def layout(
+        rng: random.Random, depth: float, num_distractors: int = distractors, split: str = "evaluation"
+    ) -> _Layout:
         header, needle, footer = _TEMPLATES[split]["niah"]
         if not 0 <= num_distractors < len(KEY_WORDS):
             raise ValueError(f"num_distractors must be in 0..{len(KEY_WORDS) - 1}, got {num_distractors}")
@@ -213,13 +219,22 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec("passkey", "a 7-digit pass key hidden in a long context", True, _passkey),
-        TaskSpec("niah_number", "the 7-digit special magic number for a word, one needle", True,
-                 _niah("number", _number, 0)),
+        TaskSpec(
+            "niah_number", "the 7-digit special magic number for a word, one needle", True, _niah("number", _number, 0)
+        ),
         TaskSpec("niah_uuid", "the special magic uuid for a word, one needle", True, _niah("uuid", _uuid, 0)),
-        TaskSpec("multikey", "the magic number for one word among 3 distractor needles of other words", True,
-                 _niah("number", _number, 3)),
-        TaskSpec("variable_tracking", "all variables bound to a value through a 4-hop chain of VAR assignments",
-                 False, _variable_tracking),
+        TaskSpec(
+            "multikey",
+            "the magic number for one word among 3 distractor needles of other words",
+            True,
+            _niah("number", _number, 3),
+        ),
+        TaskSpec(
+            "variable_tracking",
+            "all variables bound to a value through a 4-hop chain of VAR assignments",
+            False,
+            _variable_tracking,
+        ),
         TaskSpec("common_words", "the 10 most frequent words of a long list of mostly rare words", False),
     )
 }
@@ -236,8 +251,10 @@ def _largest_fitting(render: Callable[[int], str], tokenizer, target: int, low: 
     """The largest n in [low, high] whose render(n) has at most ``target`` tokens (lengths grow with n)."""
     best = render(low)
     if _count(tokenizer, best) > target:
-        raise ValueError(f"context_tokens={target} is too small for this task: its fixed text alone is "
-                         f"{_count(tokenizer, best)} tokens")
+        raise ValueError(
+            f"context_tokens={target} is too small for this task: its fixed text alone is "
+            f"{_count(tokenizer, best)} tokens"
+        )
     while low < high:
         mid = (low + high + 1) // 2
         prompt = render(mid)
@@ -303,8 +320,9 @@ class _Haystack:
         return " ".join(parts)
 
 
-def _haystack_sample(spec: TaskSpec, tokenizer, target: int, rng: random.Random, depth: float | None,
-                     haystack: str, options: dict) -> tuple[str, _Layout]:
+def _haystack_sample(
+    spec: TaskSpec, tokenizer, target: int, rng: random.Random, depth: float | None, haystack: str, options: dict
+) -> tuple[str, _Layout]:
     split = options.get("split", "evaluation")
     if spec.name in ("passkey",) or spec.name.startswith("niah") or spec.name.startswith("multikey"):
         layout = spec.layout(rng, depth, **options)
@@ -320,14 +338,24 @@ def _haystack_sample(spec: TaskSpec, tokenizer, target: int, rng: random.Random,
     return prompt, layout
 
 
-_CWE_HEADER = ("Below is a numbered list of words. In these words, some appear more often than others. "
-               "Memorize the ones that appear most often.\n")
-_CWE_FOOTER = ("\nQuestion: What are the {count} most common words in the above list? "
-               "Answer: The top {count} words that appear most often in the list are:")
+_CWE_HEADER = (
+    "Below is a numbered list of words. In these words, some appear more often than others. "
+    "Memorize the ones that appear most often.\n"
+)
+_CWE_FOOTER = (
+    "\nQuestion: What are the {count} most common words in the above list? "
+    "Answer: The top {count} words that appear most often in the list are:"
+)
 
 
-def _common_words(tokenizer, target: int, rng: random.Random, num_common: int = 10, rare_repeats: int = 3,
-                  common_share: float = COMMON_SHARE) -> tuple[str, _Layout]:
+def _common_words(
+    tokenizer,
+    target: int,
+    rng: random.Random,
+    num_common: int = 10,
+    rare_repeats: int = 3,
+    common_share: float = COMMON_SHARE,
+) -> tuple[str, _Layout]:
     """A numbered list where ``num_common`` words repeat many times among rare ones (RULER's cwe): the
     frequent words fill ``common_share`` of the entries, every rare word appears ``rare_repeats`` times."""
     from razor_vllm.eval import corpus
@@ -367,9 +395,18 @@ def sample_seed(seed: int, index: int, split: str = "evaluation") -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:6], "big")
 
 
-def make_samples(task: str, tokenizer, context_tokens: int, num_samples: int, seed: int,
-                 depth: float | None = None, *, haystack: str = "noise", split: str = "evaluation",
-                 **options) -> list[Sample]:
+def make_samples(
+    task: str,
+    tokenizer,
+    context_tokens: int,
+    num_samples: int,
+    seed: int,
+    depth: float | None = None,
+    *,
+    haystack: str = "noise",
+    split: str = "evaluation",
+    **options,
+) -> list[Sample]:
     """``num_samples`` prompts of ``context_tokens`` tokens for ``task`` (see ``TASKS``).
 
     ``depth``: for tasks with ``uses_depth``, where the (queried) needle goes, in [0, 1]; None draws one per
@@ -401,8 +438,9 @@ def make_samples(task: str, tokenizer, context_tokens: int, num_samples: int, se
             sample_depth = depth
             if spec.uses_depth and sample_depth is None:
                 sample_depth = random.Random(f"depth/{own_seed}").random()
-            prompt, layout = _haystack_sample(spec, tokenizer, context_tokens, rng, sample_depth, haystack,
-                                              dict(options, split=split))
+            prompt, layout = _haystack_sample(
+                spec, tokenizer, context_tokens, rng, sample_depth, haystack, dict(options, split=split)
+            )
         samples.append(
             Sample(
                 task=task,

@@ -67,8 +67,9 @@ class Variant:
 
     def razor_options(self, profile_path: Optional[Path]) -> dict[str, Any]:
         """``additional_config["razor"]`` for this variant (``profile_path``: where its profile is saved)."""
-        options: dict[str, Any] = dict(sink=self.sink, window=self.window, compensation=self.compensation,
-                                       prefill=self.prefill)
+        options: dict[str, Any] = dict(
+            sink=self.sink, window=self.window, compensation=self.compensation, prefill=self.prefill
+        )
         if self.mode == "streaming":
             options["all_local"] = True
         if profile_path is not None:
@@ -76,13 +77,26 @@ class Variant:
         return options
 
     def describe(self) -> dict[str, Any]:
-        return dict(label=self.label, mode=self.mode, retrieval_heads=self.num_retrieval_heads,
-                    total_heads=self.total_heads, sink=self.sink, window=self.window,
-                    compensation=self.compensation, prefill=self.prefill)
+        return dict(
+            label=self.label,
+            mode=self.mode,
+            retrieval_heads=self.num_retrieval_heads,
+            total_heads=self.total_heads,
+            sink=self.sink,
+            window=self.window,
+            compensation=self.compensation,
+            prefill=self.prefill,
+        )
 
 
-def base_variants(modes: list[str], profile: RazorProfile, sink: Optional[int] = None,
-                  window: Optional[int] = None, compensation: bool = True, seed: int = 0) -> list[Variant]:
+def base_variants(
+    modes: list[str],
+    profile: RazorProfile,
+    sink: Optional[int] = None,
+    window: Optional[int] = None,
+    compensation: bool = True,
+    seed: int = 0,
+) -> list[Variant]:
     """The requested modes around one profile (sink/window default to the profile's)."""
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -127,13 +141,25 @@ def _with_heads(profile: RazorProfile, heads: list[list[int]], note: str) -> Raz
     return profile.model_copy(update=dict(retrieval_heads=heads, provenance=provenance))
 
 
-def sweep_variants(name: str, values: list[str], profile: RazorProfile, sink: Optional[int] = None,
-                   window: Optional[int] = None, compensation: bool = True) -> list[Variant]:
+def sweep_variants(
+    name: str,
+    values: list[str],
+    profile: RazorProfile,
+    sink: Optional[int] = None,
+    window: Optional[int] = None,
+    compensation: bool = True,
+) -> list[Variant]:
     """``razor`` variants along one setting (values as given on the command line)."""
     if name not in SWEEPS:
         raise ValueError(f"unknown sweep {name!r}; choose from {', '.join(SWEEPS)}")
-    base = Variant("razor", "razor", profile, profile.sink if sink is None else sink,
-                   profile.window if window is None else window, compensation)
+    base = Variant(
+        "razor",
+        "razor",
+        profile,
+        profile.sink if sink is None else sink,
+        profile.window if window is None else window,
+        compensation,
+    )
     made = []
     for raw in values:
         if name == "retrieval_share":

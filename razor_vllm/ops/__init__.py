@@ -108,8 +108,9 @@ class _Unpacked:
         self.ops = ops
         self.gpu = gpu
 
-    def local_attention(self, query, key_cache, value_cache, tails, batch, heads, rule, scale, k_scale=None,
-                        v_scale=None):
+    def local_attention(
+        self, query, key_cache, value_cache, tails, batch, heads, rule, scale, k_scale=None, v_scale=None
+    ):
         args = (query, key_cache, value_cache, tails, *_unpack("local_attention", batch, heads, rule), scale)
         if not self.gpu:
             _refuse_scales("local_attention", k_scale, v_scale)
@@ -258,6 +259,15 @@ def store_kv(
 
 
 __all__ = [
-    "LocalRule", "PoolHeads", "PagedBatch", "local_attention", "write_block_tails", "paged_attention", "store_kv",
-    "kernels", "cpp", "triton_kernels", "KERNELS_ENV",
-]  # fmt: skip
+    "LocalRule",
+    "PoolHeads",
+    "PagedBatch",
+    "local_attention",
+    "write_block_tails",
+    "paged_attention",
+    "store_kv",
+    "kernels",
+    "cpp",
+    "triton_kernels",
+    "KERNELS_ENV",
+]

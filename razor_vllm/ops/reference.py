@@ -248,8 +248,10 @@ def write_block_tails(
         if hi > lo:
             positions = torch.arange(lo, hi, device=device)
             segment = positions // block_size + 1 - first  # the first started block each position belongs to
-            kv = torch.stack([gather(key_cache, row, positions, heads, dtype),
-                              gather(value_cache, row, positions, heads, dtype)], dim=2)  # [n, P, 2, D]
+            kv = torch.stack(
+                [gather(key_cache, row, positions, heads, dtype), gather(value_cache, row, positions, heads, dtype)],
+                dim=2,
+            )  # [n, P, 2, D]
             sums.index_add_(0, segment, kv.transpose(0, 1))
         if (first - 1) * block_size > sink:  # tail(first-1) is not the empty sum
             sums[0] += layer_tails[row[first - 1].long()]

@@ -53,7 +53,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     slopes = [base ** (i + 1) for i in range(closest)]
     if closest != num_heads:
         extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
-        slopes += [extra_base ** p for p in range(1, 1 + 2 * min(closest, num_heads - closest), 2)]
+        slopes += [extra_base**p for p in range(1, 1 + 2 * min(closest, num_heads - closest), 2)]
     return torch.tensor(slopes, dtype=torch.float64)
 
 

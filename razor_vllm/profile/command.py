@@ -170,12 +170,21 @@ def list_bundled(search_dir: Optional[Path] = None) -> str:
         p = RazorProfile.load(path)
         prov = p.provenance
         if prov.repository:
-            source = f"{prov.method}: {prov.repository.removeprefix('https://github.com/')}@{(prov.commit or '')[:7]} ({prov.license})"
+            repository = prov.repository.removeprefix("https://github.com/")
+            source = f"{prov.method}: {repository}@{(prov.commit or '')[:7]} ({prov.license})"
         else:
             source = prov.method
         model = p.model_names[0] if p.model_names else f"{p.model.architecture} ({p.model.num_layers} layers)"
-        rows.append((path.stem, model, f"{p.num_retrieval_heads}/{p.total_kv_heads}", f"{100 * p.retrieval_share:.1f}%",
-                     f"{p.sink}/{p.window}", source))  # fmt: skip
+        rows.append(
+            (
+                path.stem,
+                model,
+                f"{p.num_retrieval_heads}/{p.total_kv_heads}",
+                f"{100 * p.retrieval_share:.1f}%",
+                f"{p.sink}/{p.window}",
+                source,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n" for r in rows)
 

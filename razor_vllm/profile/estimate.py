@@ -143,7 +143,9 @@ def estimate(
     return Estimate(params, params * b, int(activations), int(scorer), model_flops + scorer_flops, seconds, rate_note)
 
 
-def measure_rates(device: str, dtype: torch.dtype, size: ModelSize, block_size: int, key_block_size: int) -> tuple[float, float]:
+def measure_rates(
+    device: str, dtype: torch.dtype, size: ModelSize, block_size: int, key_block_size: int
+) -> tuple[float, float]:
     """FLOP/s of one ``hidden x hidden`` product in ``dtype`` and of one float32 scorer tile on ``device``."""
 
     def rate(a: torch.Tensor, b_: torch.Tensor, flops: float) -> float:
@@ -188,7 +190,9 @@ def estimate_for_checkpoint(
             note = f"measured here: {rates[0] / 1e12:.2f} TFLOP/s model, {rates[1] / 1e12:.2f} TFLOP/s scorer"
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # a busy device: print the memory part anyway
             note = f"rate not measured: {exc}"
-    return estimate(size, probe_length, dtype, block_size, key_block_size, checkpoint_params(model_dir, cfg), rates, note)
+    return estimate(
+        size, probe_length, dtype, block_size, key_block_size, checkpoint_params(model_dir, cfg), rates, note
+    )
 
 
 __all__ = ["Estimate", "ModelSize", "estimate", "estimate_for_checkpoint", "measure_rates"]

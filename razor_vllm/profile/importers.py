@@ -171,7 +171,7 @@ class RetrievalHeadImport(_ImportSelector):
         except json.JSONDecodeError as exc:
             raise ProfileError(f"{path}: not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
-            raise ProfileError(f"{path}: expected an object {{\"layer-head\": [scores]}}, got {type(data).__name__}")
+            raise ProfileError(f'{path}: expected an object {{"layer-head": [scores]}}, got {type(data).__name__}')
         group = model.num_attention_heads // model.num_kv_heads
         best: list[list[Optional[float]]] = [[None] * model.num_kv_heads for _ in range(model.num_layers)]
         for key, values in data.items():

@@ -106,7 +106,9 @@ class ProbeScorer:
         self.max_tile_elements = 0
         first = int(torch.nonzero(scored.cpu())[0])
         self._blocks = [(a, min(a + block_size, self.seq_len)) for a in range(first, self.seq_len, block_size)]
-        bounds = torch.searchsorted(self.qpos, torch.tensor([b for blk in self._blocks for b in blk], dtype=torch.int64))
+        bounds = torch.searchsorted(
+            self.qpos, torch.tensor([b for blk in self._blocks for b in blk], dtype=torch.int64)
+        )
         # Per query block: (rows, echo cols, induction cols) of its copy pairs, CPU int64.
         self._pairs = [
             (self.qpos[lo:hi] - a, self.kpos[lo:hi], self.kpos[lo:hi] + 1)
@@ -138,7 +140,9 @@ class ProbeScorer:
             )
         echo = torch.stack([self._sums[layer][0].cpu() for layer in expected])
         induction = torch.stack([self._sums[layer][1].cpu() for layer in expected])
-        return QueryHeadScores(echo=echo / self.num_scored, induction=induction / self.num_scored, num_scored=self.num_scored)
+        return QueryHeadScores(
+            echo=echo / self.num_scored, induction=induction / self.num_scored, num_scored=self.num_scored
+        )
 
     def _pairs_on(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if device not in self._device_pairs:
@@ -191,7 +195,9 @@ class ProbeScorer:
             self._progress.update(1)
 
     def _logits(self, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], a: int, c: int, scaling: float):
-        """Masked logits of queries ``[a, a + B)`` for keys ``[c, c + K)``; q (Hkv, G, B, d), k (Hkv, K, d) -> (H, B, K)."""
+        """Masked logits of queries ``[a, a + B)`` for keys ``[c, c + K)``.
+
+        q (Hkv, G, B, d), k (Hkv, K, d) -> (H, B, K)."""
         n_kv, group, rows, head_dim = q.shape
         cols = k.shape[1]
         logits = torch.bmm(q.reshape(n_kv, group * rows, head_dim), k.transpose(1, 2))

@@ -90,9 +90,7 @@ def top_k_count(ratio: float, total: int) -> int:
 
 def global_top_k(table: ScoreTable, k: int) -> list[tuple[int, int]]:
     """The ``k`` highest-scoring (layer, head) pairs; ties go to the lower layer, then the lower head."""
-    ranked = sorted(
-        ((-float(score), layer, head) for layer, row in enumerate(table) for head, score in enumerate(row))
-    )
+    ranked = sorted(((-float(score), layer, head) for layer, row in enumerate(table) for head, score in enumerate(row)))
     return [(layer, head) for _, layer, head in ranked[:k]]
 
 

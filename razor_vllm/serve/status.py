@@ -29,7 +29,6 @@ from typing import Any, Optional
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-
 from vllm.logger import init_logger
 
 from razor_vllm.geometry import cdiv
@@ -55,7 +54,6 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
         return {"razor": False}
 
     import torch
-
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
     from razor_vllm.balance import plan_for_resolved
