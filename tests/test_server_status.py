@@ -54,7 +54,13 @@ def test_status_matches_profile(status):
     assert status["model"] == MODEL
     assert status["profile"]["source"].startswith("bundled profile for LlamaForCausalLM")
     assert status["profile"]["fingerprint"] == prof["model"]
-    assert status["served_fingerprint"] == prof["model"]
+    # The served model's fingerprint equals the profile's wherever the profile pins a field (an
+    # unset context_length / rope_scaling matches any checkpoint of the shape: config.py).
+    served = status["served_fingerprint"]
+    assert {k: served[k] for k, v in prof["model"].items() if v is not None} == {
+        k: v for k, v in prof["model"].items() if v is not None
+    }
+    assert (served["context_length"], served["rope_scaling"]) == (8192, "default")
     heads = status["retrieval_heads"]
     assert heads["per_layer"] == [sorted(h) for h in prof["retrieval_heads"]]
     assert (heads["count"], heads["total"]) == (14, 90)
