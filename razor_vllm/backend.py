@@ -187,10 +187,6 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
 
 
 @functools.cache
-def _pool_heads(offset: int, count: int) -> PoolHeads:
-    return PoolHeads(offset, count)
-
-
 @functools.cache
 def _local_rule(sink: int, window: int, compensation: bool, exact_prefill: bool) -> LocalRule:
     # Exact prefill: the builder puts each request's prompt length in the batch, and the local
@@ -265,7 +261,7 @@ class RazorAttentionImpl(AttentionImpl):
         kv = kv_dtypes.fp8_view(cache, self.kv_cache_dtype)
         key_cache, value_cache = kv[..., : self.head_size], kv[..., self.head_size :]
         key, value = heads.select_kv(key), heads.select_kv(value)
-        pool_heads = _pool_heads(heads.offset, heads.num_kv_heads)
+        pool_heads = PoolHeads(heads.offset, heads.num_kv_heads)
         if md.slots is None:
             ops.store_kv(key_cache, value_cache, key, value, md.slot_mapping, pool_heads, *(scales or ()))
         elif scales is not None:
