@@ -3,16 +3,17 @@ a recent window + one compensation token in a bounded pool.
 
 Read top to bottom in the order data flows: the Backend (capabilities), the per-pool Metadata and
 its Builder (once per step and pool), and the Impl (per layer: write this step's K/V into both
-pools, write the tails of local blocks started this step, attend). Kernels live in
-``razor_vllm.ops``. How the pools are laid out and registered with vLLM: ``pools.py``,
-``install.py``.
+pools, write the tails of local blocks started this step, attend). Between the builder and
+the impl: the state each model attention layer carries (its heads in each pool). Kernels live in
+``razor_vllm.ops``. How the pools are laid out and registered with vLLM, and the layer states
+attached: ``pools.py``, ``install.py``.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional
 
 import torch
 from vllm.forward_context import get_forward_context
@@ -29,12 +30,11 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from razor_vllm import kv_dtypes, ops
 from razor_vllm.geometry import LocalGeometry
+from razor_vllm.layout import PoolLayout
+from razor_vllm.model_support import layer_reasons
 from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
 from razor_vllm.ops.cache import SlotIndex, write_kv
-from razor_vllm.pools import RazorLocalSpec
-
-if TYPE_CHECKING:
-    from razor_vllm.install import LayerRazorState
+from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, RazorLocalSpec, compensation_view
 
 
 class RazorAttentionBackend(AttentionBackend):
@@ -186,7 +186,91 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
         )
 
 
-@functools.cache
+@dataclass
+class LayerPoolHeads:
+    """One layer's heads in one pool (its retrieval heads, or its local heads): which of the layer's
+    KV and query heads, and where they sit in the pool."""
+
+    kv_heads: tuple[int, ...]
+    offset: int
+    queries_per_kv: int
+    kv_index: Optional[torch.Tensor] = field(default=None, repr=False)
+    q_index: Optional[torch.Tensor] = field(default=None, repr=False)
+    q_slice: Optional[slice] = None
+    _device_indices: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, kv_heads: tuple[int, ...], offset: int, queries_per_kv: int) -> "LayerPoolHeads":
+        sel = cls(kv_heads, offset, queries_per_kv)
+        if kv_heads and kv_heads == tuple(range(kv_heads[0], kv_heads[-1] + 1)):
+            # Contiguous heads: slices, no copies.
+            sel.q_slice = slice(kv_heads[0] * queries_per_kv, (kv_heads[-1] + 1) * queries_per_kv)
+        sel.kv_index = torch.tensor(kv_heads, dtype=torch.long)
+        sel.q_index = torch.tensor(
+            [h * queries_per_kv + j for h in kv_heads for j in range(queries_per_kv)], dtype=torch.long
+        )
+        return sel
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.kv_heads)
+
+    def _index(self, name: str, device: torch.device) -> torch.Tensor:
+        """``kv_index`` or ``q_index`` on ``device``, copied there once: the first call is an eager
+        warm-up step, so CUDA-graph capture never sees a host-to-device copy."""
+        index = getattr(self, name)
+        if index.device == device:
+            return index
+        on_device = self._device_indices.get((name, device))
+        if on_device is None:
+            on_device = self._device_indices[(name, device)] = index.to(device)
+        return on_device
+
+    def select_kv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_slice is not None:
+            return x[:, self.kv_heads[0] : self.kv_heads[-1] + 1]
+        return x.index_select(1, self._index("kv_index", x.device))
+
+    def select_q(self, q: torch.Tensor) -> torch.Tensor:
+        if self.q_slice is not None:
+            return q[:, self.q_slice]
+        return q.index_select(1, self._index("q_index", q.device))
+
+    def scatter_q(self, out: torch.Tensor, heads_out: torch.Tensor) -> None:
+        if self.q_slice is not None:
+            out[:, self.q_slice] = heads_out
+        else:
+            out.index_copy_(1, self._index("q_index", out.device), heads_out.to(out.dtype))
+
+
+@dataclass
+class LayerRazorState:
+    """What one model attention layer needs at run time; ``install.install_pools`` attaches it as
+    ``layer.razor_state``."""
+
+    retrieval: LayerPoolHeads
+    local: LayerPoolHeads
+    sink: int
+    window: int
+    layout: PoolLayout
+    use_compensation: bool  # False: the no-compensation ablation
+    head_size: int
+    exact_prefill: bool = True  # prompt queries attend to the whole prompt (the paper)
+    # The pool layers this layer reads (forward-context names): each pipeline stage has its own.
+    retrieval_pool: str = RETRIEVAL_POOL_NAME
+    local_pool: str = LOCAL_POOL_NAME
+    _comp_cache: dict = field(default_factory=dict, repr=False)
+
+    def compensation(self, local_cache: torch.Tensor) -> torch.Tensor:
+        """fp32 compensation-sum view of the local pool (built once per bound cache tensor)."""
+        key = (local_cache.data_ptr(), tuple(local_cache.shape))
+        view = self._comp_cache.get(key)
+        if view is None:
+            self._comp_cache.clear()
+            view = self._comp_cache[key] = compensation_view(local_cache, self.layout, self.head_size)
+        return view
+
+
 @functools.cache
 def _local_rule(sink: int, window: int, compensation: bool, exact_prefill: bool) -> LocalRule:
     # Exact prefill: the builder puts each request's prompt length in the batch, and the local
@@ -209,8 +293,6 @@ class RazorAttentionImpl(AttentionImpl):
         kv_sharing_target_layer_name: Optional[str] = None,
         **extra,
     ) -> None:
-        from razor_vllm.model_support import layer_reasons
-
         unsupported = layer_reasons(
             alibi_slopes, sliding_window, logits_soft_cap, attn_type, kv_sharing_target_layer_name
         )

@@ -7,7 +7,6 @@ attention layer at them, and logs one summary line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -16,108 +15,17 @@ from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_t
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 
+from razor_vllm.backend import LayerPoolHeads, LayerRazorState, RazorAttentionBackend
 from razor_vllm.balance import ScaleoutPlan, plan_for_resolved
 from razor_vllm.config import ModelFingerprint
 from razor_vllm.layout import PoolLayout, plan_layout
 from razor_vllm.options import ResolvedRazorConfig, resolve_for_vllm_config
-from razor_vllm.pools import (
-    LOCAL_POOL_NAME,
-    RETRIEVAL_POOL_NAME,
-    RazorPoolLayer,
-    build_specs,
-    compensation_view,
-    pool_names,
-)
+from razor_vllm.pools import RazorPoolLayer, build_specs, pool_names
 
 logger = init_logger("vllm." + __name__)  # under "vllm" so it shares vLLM's log handlers
 
 
-@dataclass
-class HeadSelection:
-    """One layer's heads of one kind: which KV/query heads, and where they sit in the pool."""
-
-    kv_heads: tuple[int, ...]
-    offset: int
-    queries_per_kv: int
-    kv_index: Optional[torch.Tensor] = field(default=None, repr=False)
-    q_index: Optional[torch.Tensor] = field(default=None, repr=False)
-    q_slice: Optional[slice] = None
-    _device_indices: dict = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def of(cls, kv_heads: tuple[int, ...], offset: int, queries_per_kv: int) -> "HeadSelection":
-        sel = cls(kv_heads, offset, queries_per_kv)
-        if kv_heads and kv_heads == tuple(range(kv_heads[0], kv_heads[-1] + 1)):
-            # Contiguous heads: slices, no copies.
-            sel.q_slice = slice(kv_heads[0] * queries_per_kv, (kv_heads[-1] + 1) * queries_per_kv)
-        sel.kv_index = torch.tensor(kv_heads, dtype=torch.long)
-        sel.q_index = torch.tensor(
-            [h * queries_per_kv + j for h in kv_heads for j in range(queries_per_kv)], dtype=torch.long
-        )
-        return sel
-
-    @property
-    def num_kv_heads(self) -> int:
-        return len(self.kv_heads)
-
-    def _index(self, name: str, device: torch.device) -> torch.Tensor:
-        """``kv_index`` or ``q_index`` on ``device``, copied there once: the first call is an eager
-        warm-up step, so CUDA-graph capture never sees a host-to-device copy."""
-        index = getattr(self, name)
-        if index.device == device:
-            return index
-        on_device = self._device_indices.get((name, device))
-        if on_device is None:
-            on_device = self._device_indices[(name, device)] = index.to(device)
-        return on_device
-
-    def select_kv(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_slice is not None:
-            return x[:, self.kv_heads[0] : self.kv_heads[-1] + 1]
-        return x.index_select(1, self._index("kv_index", x.device))
-
-    def select_q(self, q: torch.Tensor) -> torch.Tensor:
-        if self.q_slice is not None:
-            return q[:, self.q_slice]
-        return q.index_select(1, self._index("q_index", q.device))
-
-    def scatter_q(self, out: torch.Tensor, heads_out: torch.Tensor) -> None:
-        if self.q_slice is not None:
-            out[:, self.q_slice] = heads_out
-        else:
-            out.index_copy_(1, self._index("q_index", out.device), heads_out.to(out.dtype))
-
-
-@dataclass
-class LayerRazorState:
-    """What one model attention layer needs at run time (attached as ``layer.razor_state``)."""
-
-    retrieval: HeadSelection
-    local: HeadSelection
-    sink: int
-    window: int
-    layout: PoolLayout
-    use_compensation: bool  # False: the no-compensation ablation
-    head_size: int
-    exact_prefill: bool = True  # prompt queries attend to the whole prompt (the paper)
-    # The pool layers this layer reads (forward-context names): each pipeline stage has its own.
-    retrieval_pool: str = RETRIEVAL_POOL_NAME
-    local_pool: str = LOCAL_POOL_NAME
-    _comp_cache: dict = field(default_factory=dict, repr=False)
-
-    def compensation(self, local_cache: torch.Tensor) -> torch.Tensor:
-        """fp32 compensation-sum view of the local pool (built once per bound cache tensor)."""
-        key = (local_cache.data_ptr(), tuple(local_cache.shape))
-        view = self._comp_cache.get(key)
-        if view is None:
-            self._comp_cache.clear()
-            view = self._comp_cache[key] = compensation_view(local_cache, self.layout, self.head_size)
-        return view
-
-
 def razor_layers(vllm_config: VllmConfig) -> dict[str, Attention]:
-    from razor_vllm.backend import RazorAttentionBackend
-
     context = vllm_config.compilation_config.static_forward_context
     return {
         name: layer
@@ -128,8 +36,6 @@ def razor_layers(vllm_config: VllmConfig) -> dict[str, Attention]:
 
 def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
     """Idempotent; returns the layout, or None when no layer uses RAZOR."""
-    from razor_vllm.backend import RazorAttentionBackend
-
     context = vllm_config.compilation_config.static_forward_context
     layers = razor_layers(vllm_config)
     if not layers:
@@ -190,8 +96,8 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
         layer = layers[name]
         g = layer.num_heads // layer.num_kv_heads
         layer.razor_state = LayerRazorState(
-            retrieval=HeadSelection.of(heads.retrieval, heads.retrieval_offset, g),
-            local=HeadSelection.of(heads.local, heads.local_offset, g),
+            retrieval=LayerPoolHeads.of(heads.retrieval, heads.retrieval_offset, g),
+            local=LayerPoolHeads.of(heads.local, heads.local_offset, g),
             sink=resolved.sink,
             window=resolved.window,
             layout=layout,

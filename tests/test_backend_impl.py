@@ -22,8 +22,7 @@ from test_kernels import make_schedule, relative_error
 from vllm.forward_context import ForwardContext, override_forward_context
 from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
 
-from razor_vllm.backend import RazorAttentionImpl, RazorMetadataBuilder
-from razor_vllm.install import HeadSelection, LayerRazorState
+from razor_vllm.backend import LayerPoolHeads, LayerRazorState, RazorAttentionImpl, RazorMetadataBuilder
 from razor_vllm.layout import plan_layout
 from razor_vllm.ops.dense import dense_block_tail, dense_razor_attention
 from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, build_specs
@@ -80,8 +79,8 @@ def build_layer_states(exact_prefill: bool = True, compression_ratio=None, dtype
     )
     states = [
         LayerRazorState(
-            retrieval=HeadSelection.of(heads.retrieval, heads.retrieval_offset, G),
-            local=HeadSelection.of(heads.local, heads.local_offset, G),
+            retrieval=LayerPoolHeads.of(heads.retrieval, heads.retrieval_offset, G),
+            local=LayerPoolHeads.of(heads.local, heads.local_offset, G),
             sink=SINK,
             window=WINDOW,
             layout=layout,
