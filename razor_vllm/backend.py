@@ -11,9 +11,8 @@ attached: ``pools.py``, ``install.py``.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Union
 
 import torch
 from vllm.forward_context import get_forward_context
@@ -34,7 +33,7 @@ from razor_vllm.layout import PoolLayout
 from razor_vllm.model_support import layer_reasons
 from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
 from razor_vllm.ops.cache import SlotIndex, write_kv
-from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, RazorLocalSpec, compensation_view
+from razor_vllm.pools import RazorLocalSpec, RazorPoolLayer
 
 
 class RazorAttentionBackend(AttentionBackend):
@@ -186,96 +185,93 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerPoolHeads:
     """One layer's heads in one pool (its retrieval heads, or its local heads): which of the layer's
-    KV and query heads, and where they sit in the pool."""
+    KV heads (query head j reads KV head j // g), and where they sit in the pool (``pool``).
+
+    Everything the forward needs is made here once, at install: contiguous heads are read through
+    slices (views, no copies), others through index tensors already on the layer's device (a CUDA
+    graph never captures a host-to-device copy), and a pool that holds all the layer's heads needs
+    no selection at all (``None``).
+    """
 
     kv_heads: tuple[int, ...]
-    offset: int
-    queries_per_kv: int
-    kv_index: Optional[torch.Tensor] = field(default=None, repr=False)
-    q_index: Optional[torch.Tensor] = field(default=None, repr=False)
-    q_slice: Optional[slice] = None
-    _device_indices: dict = field(default_factory=dict, repr=False)
+    pool: PoolHeads
+    kv_select: Union[slice, torch.Tensor, None] = field(default=None, repr=False)
+    q_select: Union[slice, torch.Tensor, None] = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, kv_heads: tuple[int, ...], offset: int, queries_per_kv: int) -> "LayerPoolHeads":
-        sel = cls(kv_heads, offset, queries_per_kv)
+    def of(
+        cls,
+        kv_heads: tuple[int, ...],
+        offset: int,
+        queries_per_kv: int,
+        layer_kv_heads: int,
+        device: Union[torch.device, str] = "cpu",
+    ) -> "LayerPoolHeads":
+        kv_heads = tuple(kv_heads)
+        pool = PoolHeads(offset, len(kv_heads))
+        if kv_heads == tuple(range(layer_kv_heads)):
+            return cls(kv_heads, pool)
         if kv_heads and kv_heads == tuple(range(kv_heads[0], kv_heads[-1] + 1)):
-            # Contiguous heads: slices, no copies.
-            sel.q_slice = slice(kv_heads[0] * queries_per_kv, (kv_heads[-1] + 1) * queries_per_kv)
-        sel.kv_index = torch.tensor(kv_heads, dtype=torch.long)
-        sel.q_index = torch.tensor(
-            [h * queries_per_kv + j for h in kv_heads for j in range(queries_per_kv)], dtype=torch.long
+            first, end = kv_heads[0], kv_heads[-1] + 1
+            return cls(kv_heads, pool, slice(first, end), slice(first * queries_per_kv, end * queries_per_kv))
+        q_heads = [h * queries_per_kv + j for h in kv_heads for j in range(queries_per_kv)]
+        return cls(
+            kv_heads,
+            pool,
+            torch.tensor(kv_heads, dtype=torch.long, device=device),
+            torch.tensor(q_heads, dtype=torch.long, device=device),
         )
-        return sel
 
     @property
     def num_kv_heads(self) -> int:
-        return len(self.kv_heads)
+        return self.pool.count
 
-    def _index(self, name: str, device: torch.device) -> torch.Tensor:
-        """``kv_index`` or ``q_index`` on ``device``, copied there once: the first call is an eager
-        warm-up step, so CUDA-graph capture never sees a host-to-device copy."""
-        index = getattr(self, name)
-        if index.device == device:
-            return index
-        on_device = self._device_indices.get((name, device))
-        if on_device is None:
-            on_device = self._device_indices[(name, device)] = index.to(device)
-        return on_device
+    @property
+    def offset(self) -> int:
+        return self.pool.offset
 
     def select_kv(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_slice is not None:
-            return x[:, self.kv_heads[0] : self.kv_heads[-1] + 1]
-        return x.index_select(1, self._index("kv_index", x.device))
+        select = self.kv_select
+        if select is None:
+            return x
+        if isinstance(select, slice):
+            return x[:, select]
+        return x.index_select(1, select)
 
     def select_q(self, q: torch.Tensor) -> torch.Tensor:
-        if self.q_slice is not None:
-            return q[:, self.q_slice]
-        return q.index_select(1, self._index("q_index", q.device))
+        select = self.q_select
+        if select is None:
+            return q
+        if isinstance(select, slice):
+            return q[:, select]
+        return q.index_select(1, select)
 
     def scatter_q(self, out: torch.Tensor, heads_out: torch.Tensor) -> None:
-        if self.q_slice is not None:
-            out[:, self.q_slice] = heads_out
+        select = self.q_select
+        if select is None:
+            out.copy_(heads_out)
+        elif isinstance(select, slice):
+            out[:, select] = heads_out
         else:
-            out.index_copy_(1, self._index("q_index", out.device), heads_out.to(out.dtype))
+            out.index_copy_(1, select, heads_out.to(out.dtype))
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerRazorState:
     """What one model attention layer needs at run time; ``install.install_pools`` attaches it as
-    ``layer.razor_state``."""
+    ``layer.razor_state``. Built once: the forward only reads it."""
 
     retrieval: LayerPoolHeads
     local: LayerPoolHeads
-    sink: int
-    window: int
+    rule: LocalRule  # the local heads' rule (sink, window, compensation, exact prefill)
     layout: PoolLayout
-    use_compensation: bool  # False: the no-compensation ablation
-    head_size: int
-    exact_prefill: bool = True  # prompt queries attend to the whole prompt (the paper)
-    # The pool layers this layer reads (forward-context names): each pipeline stage has its own.
-    retrieval_pool: str = RETRIEVAL_POOL_NAME
-    local_pool: str = LOCAL_POOL_NAME
-    _comp_cache: dict = field(default_factory=dict, repr=False)
-
-    def compensation(self, local_cache: torch.Tensor) -> torch.Tensor:
-        """fp32 compensation-sum view of the local pool (built once per bound cache tensor)."""
-        key = (local_cache.data_ptr(), tuple(local_cache.shape))
-        view = self._comp_cache.get(key)
-        if view is None:
-            self._comp_cache.clear()
-            view = self._comp_cache[key] = compensation_view(local_cache, self.layout, self.head_size)
-        return view
-
-
-@functools.cache
-def _local_rule(sink: int, window: int, compensation: bool, exact_prefill: bool) -> LocalRule:
-    # Exact prefill: the builder puts each request's prompt length in the batch, and the local
-    # pool's manager keeps every prompt block until the prompt is done (pools.RazorLocalManager).
-    return LocalRule(sink=sink, window=window, compensation=compensation, exact_prefill=exact_prefill)
+    # The pool layers this layer reads (each pipeline stage has its own); their ``views`` follow
+    # the cache vLLM binds to them. None: no such pool on this rank.
+    retrieval_pool: Optional[RazorPoolLayer]
+    local_pool: Optional[RazorPoolLayer]
 
 
 class RazorAttentionImpl(AttentionImpl):
@@ -323,59 +319,55 @@ class RazorAttentionImpl(AttentionImpl):
         if attn_metadata is None:
             return output  # profiling run: no KV cache yet
         state: LayerRazorState = layer.razor_state
-        ctx = get_forward_context()
+        metadata = get_forward_context().attn_metadata
         num_tokens = attn_metadata.num_actual_tokens
-        query, key, value = query[:num_tokens], key[:num_tokens], value[:num_tokens]
-        out = output[:num_tokens]
+        out = output
+        if query.shape[0] != num_tokens:  # padded batches (shapes only: fixed in a CUDA graph)
+            query, key, value, out = query[:num_tokens], key[:num_tokens], value[:num_tokens], output[:num_tokens]
         # fp8 caches (kv_dtypes.py): vLLM's per-layer per-tensor scales, read on the device.
-        scales = (layer._k_scale, layer._v_scale) if self.kv_cache_dtype in kv_dtypes.FP8_TORCH_DTYPES else None
+        scales = (layer._k_scale, layer._v_scale) if self.kv_cache_dtype in kv_dtypes.FP8_TORCH_DTYPES else ()
         if state.retrieval.num_kv_heads:
-            self._retrieval(state, ctx, query, key, value, out, scales)
+            self._retrieval(state, metadata, query, key, value, out, scales)
         if state.local.num_kv_heads:
-            self._local(state, ctx, query, key, value, out, scales)
+            self._local(state, metadata, query, key, value, out, scales)
         return output
 
-    def _pool(self, ctx, name: str, heads, key: torch.Tensor, value: torch.Tensor, scales):
-        """This step's metadata and K/V caches of pool ``name`` (float8 views of an fp8 cache), with the
-        layer's new K/V written in."""
-        md: RazorPoolMetadata = ctx.attn_metadata[name]
-        cache = ctx.no_compile_layers[name].kv_cache
-        kv = kv_dtypes.fp8_view(cache, self.kv_cache_dtype)
-        key_cache, value_cache = kv[..., : self.head_size], kv[..., self.head_size :]
+    def _store(self, pool: RazorPoolLayer, md: RazorPoolMetadata, heads: LayerPoolHeads, key, value, scales):
+        """Write the layer's new K/V of ``heads`` into ``pool``; returns the pool's views."""
+        views = pool.views
         key, value = heads.select_kv(key), heads.select_kv(value)
-        pool_heads = PoolHeads(heads.offset, heads.num_kv_heads)
         if md.slots is None:
-            ops.store_kv(key_cache, value_cache, key, value, md.slot_mapping, pool_heads, *(scales or ()))
-        elif scales is not None:
+            ops.store_kv(views.key_cache, views.value_cache, key, value, md.slot_mapping, heads.pool, *scales)
+        elif scales:
             raise NotImplementedError("fp8 KV caches are served on CUDA only (razor_vllm/kv_dtypes.py)")
         else:
-            write_kv(key_cache, value_cache, key, value, md.slots, heads.offset)
-        return md, cache, key_cache, value_cache, pool_heads
+            write_kv(views.key_cache, views.value_cache, key, value, md.slots, heads.pool.offset)
+        return views
 
-    def _retrieval(self, state, ctx, query, key, value, out, scales) -> None:
-        heads = state.retrieval
-        md, _, key_cache, value_cache, pool_heads = self._pool(ctx, state.retrieval_pool, heads, key, value, scales)
+    def _retrieval(self, state, metadata, query, key, value, out, scales) -> None:
+        heads, pool = state.retrieval, state.retrieval_pool
+        md: RazorPoolMetadata = metadata[pool.layer_name]
+        views = self._store(pool, md, heads, key, value, scales)
         out_heads = ops.paged_attention(
-            heads.select_q(query), key_cache, value_cache, md.batch, pool_heads, self.scale, *(scales or ())
+            heads.select_q(query), views.key_cache, views.value_cache, md.batch, heads.pool, self.scale, *scales
         )
         heads.scatter_q(out, out_heads)
 
-    def _local(self, state, ctx, query, key, value, out, scales) -> None:
-        heads = state.local
-        md, cache, key_cache, value_cache, pool_heads = self._pool(ctx, state.local_pool, heads, key, value, scales)
-        tails = state.compensation(cache)
-        rule = _local_rule(state.sink, state.window, state.use_compensation, state.exact_prefill)
+    def _local(self, state, metadata, query, key, value, out, scales) -> None:
+        heads, pool, rule = state.local, state.local_pool, state.rule
+        md: RazorPoolMetadata = metadata[pool.layer_name]
+        views = self._store(pool, md, heads, key, value, scales)
         # Before attention: a chunk's later queries read the tails of blocks started in this chunk.
-        ops.write_block_tails(key_cache, value_cache, tails, md.batch, pool_heads, rule, *(scales or ()))
+        ops.write_block_tails(views.key_cache, views.value_cache, views.tails, md.batch, heads.pool, rule, *scales)
         out_heads = ops.local_attention(
             heads.select_q(query),
-            key_cache,
-            value_cache,
-            tails,
+            views.key_cache,
+            views.value_cache,
+            views.tails,
             md.batch,
-            pool_heads,
+            heads.pool,
             rule,
             self.scale,
-            *(scales or ()),
+            *scales,
         )
         heads.scatter_q(out, out_heads)

@@ -7,7 +7,7 @@ attention layer at them, and logs one summary line.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from vllm.config import VllmConfig
@@ -19,6 +19,7 @@ from razor_vllm.backend import LayerPoolHeads, LayerRazorState, RazorAttentionBa
 from razor_vllm.balance import ScaleoutPlan, plan_for_resolved
 from razor_vllm.config import ModelFingerprint
 from razor_vllm.layout import PoolLayout, plan_layout
+from razor_vllm.ops.api import LocalRule
 from razor_vllm.options import ResolvedRazorConfig, resolve_for_vllm_config
 from razor_vllm.pools import RazorPoolLayer, build_specs, pool_names
 
@@ -34,8 +35,11 @@ def razor_layers(vllm_config: VllmConfig) -> dict[str, Attention]:
     }
 
 
-def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
-    """Idempotent; returns the layout, or None when no layer uses RAZOR."""
+def install_pools(vllm_config: VllmConfig, device: Union[torch.device, str, None] = None) -> Optional[PoolLayout]:
+    """Idempotent; returns the layout, or None when no layer uses RAZOR.
+
+    ``device``: the runner's device, where the layers' head index tensors are made (default: the
+    device vLLM's config names)."""
     context = vllm_config.compilation_config.static_forward_context
     layers = razor_layers(vllm_config)
     if not layers:
@@ -45,6 +49,8 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
         return existing[0]
 
     resolved = resolve_for_vllm_config(vllm_config)
+    if device is None:
+        device = getattr(vllm_config.device_config, "device", None) or "cpu"
     names = sorted(layers, key=_layer_index)
     first = layers[names[0]]
     served = ModelFingerprint.from_hf_config(vllm_config.model_config.hf_config)
@@ -86,26 +92,32 @@ def install_pools(vllm_config: VllmConfig) -> Optional[PoolLayout]:
         max_model_len=vllm_config.model_config.max_model_len,
     )
     retrieval_name, local_name = pool_names(stage)
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    retrieval_pool = local_pool = None
     if retrieval_spec is not None:
-        context[retrieval_name] = RazorPoolLayer(retrieval_name, retrieval_spec, RazorAttentionBackend)
+        retrieval_pool = RazorPoolLayer(retrieval_name, retrieval_spec, RazorAttentionBackend, layout, cache_dtype)
+        context[retrieval_name] = retrieval_pool
     if local_spec is not None:
-        context[local_name] = RazorPoolLayer(local_name, local_spec, RazorAttentionBackend)
+        local_pool = RazorPoolLayer(local_name, local_spec, RazorAttentionBackend, layout, cache_dtype)
+        context[local_name] = local_pool
     share_target = local_name if local_spec is not None else retrieval_name
+    rule = LocalRule(
+        sink=resolved.sink,
+        window=resolved.window,
+        compensation=resolved.compensation,
+        exact_prefill=resolved.exact_prefill,
+    )
 
     for name, heads in zip(names, layout.layers):
         layer = layers[name]
         g = layer.num_heads // layer.num_kv_heads
         layer.razor_state = LayerRazorState(
-            retrieval=LayerPoolHeads.of(heads.retrieval, heads.retrieval_offset, g),
-            local=LayerPoolHeads.of(heads.local, heads.local_offset, g),
-            sink=resolved.sink,
-            window=resolved.window,
+            retrieval=LayerPoolHeads.of(heads.retrieval, heads.retrieval_offset, g, layer.num_kv_heads, device),
+            local=LayerPoolHeads.of(heads.local, heads.local_offset, g, layer.num_kv_heads, device),
+            rule=rule,
             layout=layout,
-            use_compensation=resolved.compensation,
-            head_size=layer.head_size,
-            exact_prefill=resolved.exact_prefill,
-            retrieval_pool=retrieval_name,
-            local_pool=local_name,
+            retrieval_pool=retrieval_pool,
+            local_pool=local_pool,
         )
         # vLLM's cross-layer KV sharing: the runner allocates nothing for this layer, adds it to
         # the pool's KV group (so it receives that group's metadata) and binds it that pool.

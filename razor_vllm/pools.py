@@ -11,7 +11,8 @@ companion cache layers that span all model layers:
 
 The model's own attention layers get no cache of their own: they are declared KV-sharing
 layers of a pool (vLLM's cross-layer sharing), so the runner binds them metadata and skips
-allocating for them; the Razor impl then reads both pools through the forward context.
+allocating for them; the Razor impl then reads both pools through the pool layers its layer state
+holds (``RazorPoolLayer.views``, made once per bound cache) and their metadata in the forward context.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SlidingWindowManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 
+from razor_vllm import kv_dtypes
 from razor_vllm.geometry import LocalGeometry
 from razor_vllm.layout import PoolLayout
 
@@ -358,15 +360,62 @@ class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
 
-class RazorPoolLayer(torch.nn.Module, AttentionLayerBase):
-    """A cache-only layer: owns one pool's KV memory; never runs a forward of its own."""
+@dataclass(frozen=True)
+class PoolViews:
+    """The kernels' views of one pool's bound cache (the kernel contract): K and V
+    [num_blocks, pool_heads, block_size, head_size] (float8 views of an fp8 cache, which vLLM stores
+    as uint8) and, for the local pool, the fp32 page tails (``compensation_view``)."""
 
-    def __init__(self, name: str, spec: KVCacheSpec, backend: "type[AttentionBackend]") -> None:
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    tails: Optional[torch.Tensor]
+
+
+class RazorPoolLayer(torch.nn.Module, AttentionLayerBase):
+    """A cache-only layer: owns one pool's KV memory; never runs a forward of its own.
+
+    Its ``views`` are made once each time vLLM binds a cache to it, not per layer and step: vLLM
+    assigns ``kv_cache`` when it binds the allocated cache (``AttentionLayerBase.bind_kv_cache``,
+    called by vllm/v1/worker/utils.py ``bind_kv_cache_to_layers``) and when it drops it
+    (``clear_layer_kv_caches``, the runner's KV re-initialisation), so the views follow every
+    assignment and never keep a dropped cache alive.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        spec: KVCacheSpec,
+        backend: "type[AttentionBackend]",
+        layout: Optional[PoolLayout] = None,
+        kv_cache_dtype: str = "auto",
+    ) -> None:
         super().__init__()
         self.layer_name = name
         self.spec = spec
         self.backend = backend
+        self.layout = layout  # the local pool's page tails need it
+        self.kv_cache_dtype = kv_cache_dtype
+        self.views: Optional[PoolViews] = None
         self.kv_cache = torch.tensor([])
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, cache: torch.Tensor) -> None:
+        self._kv_cache = cache
+        self.views = self._views_of(cache) if cache.dim() == 4 else None
+
+    def _views_of(self, cache: torch.Tensor) -> PoolViews:
+        head_size = self.spec.head_size
+        kv = kv_dtypes.fp8_view(cache, self.kv_cache_dtype)
+        tails = None
+        if isinstance(self.spec, RazorLocalSpec):
+            if self.layout is None:
+                raise ValueError(f"{self.layer_name}: the local pool layer needs the pool layout for its page tails")
+            tails = compensation_view(cache, self.layout, head_size)
+        return PoolViews(kv[..., :head_size], kv[..., head_size:], tails)
 
     def get_attn_backend(self) -> "type[AttentionBackend]":
         return self.backend

@@ -193,7 +193,8 @@ def register_razor_specs() -> None:
 # -- 6. building the pools before the runner collects KV specs ----------------------------------------
 # vllm/v1/worker/gpu_model_runner.py GPUModelRunner.get_kv_cache_spec (inherited by CPUModelRunner)
 # walks static_forward_context; the pools must be registered and the model's layers marked as
-# KV-sharing layers of a pool before that walk.
+# KV-sharing layers of a pool before that walk. The runner's ``device`` (GPUModelRunner.__init__,
+# CPUModelRunner) is where the layers' head index tensors are made.
 
 
 def wrap_runner_kv_spec_collection() -> None:
@@ -208,7 +209,7 @@ def wrap_runner_kv_spec_collection() -> None:
         if is_razor_config(self.vllm_config):
             from razor_vllm.install import install_pools
 
-            install_pools(self.vllm_config)
+            install_pools(self.vllm_config, self.device)
         return original(self, *args, **kwargs)
 
     get_kv_cache_spec.__razor_wrapped__ = True

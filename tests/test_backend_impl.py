@@ -22,14 +22,23 @@ from test_kernels import make_schedule, relative_error
 from vllm.forward_context import ForwardContext, override_forward_context
 from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
 
-from razor_vllm.backend import LayerPoolHeads, LayerRazorState, RazorAttentionImpl, RazorMetadataBuilder
+from razor_vllm.backend import (
+    LayerPoolHeads,
+    LayerRazorState,
+    RazorAttentionBackend,
+    RazorAttentionImpl,
+    RazorMetadataBuilder,
+)
 from razor_vllm.layout import plan_layout
+from razor_vllm.ops.api import LocalRule
 from razor_vllm.ops.dense import dense_block_tail, dense_razor_attention
-from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, build_specs
+from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, RazorPoolLayer, build_specs
 
 NUM_KV_HEADS, G, HEAD_SIZE, SINK, WINDOW, LOCAL_BLOCK = 3, 3, 32, 4, 24, 16
-# Layer 0 keeps KV head 1 in full, layer 1 heads 0 and 2: both leave a non-contiguous set somewhere.
-RETRIEVAL = [[1], [0, 2]]
+# Layer 0 keeps KV head 1 in full, layer 1 heads 0 and 2: both leave a non-contiguous set somewhere
+# (index tensors) beside a contiguous one (slices); layer 2 has only local heads and layer 3 only
+# retrieval heads (one pool holds all the layer's heads: no selection).
+RETRIEVAL = [[1], [0, 2], [], [0, 1, 2]]
 NULL_BLOCK = 0  # vLLM's null block: never allocated here, so NaN
 
 
@@ -65,7 +74,11 @@ class Pool:
         return table
 
 
-def build_layer_states(exact_prefill: bool = True, compression_ratio=None, dtype=torch.float32):
+def build_layer_states(
+    exact_prefill: bool = True, compression_ratio=None, dtype=torch.float32, kv_cache_dtype="auto", device="cpu"
+):
+    """Two layers' states as ``install_pools`` builds them (head index tensors on ``device``),
+    reading two pool layers with no cache bound yet (``bind``)."""
     layout = plan_layout(RETRIEVAL, NUM_KV_HEADS, LOCAL_BLOCK, dtype.itemsize)
     retrieval_spec, local_spec = build_specs(
         layout,
@@ -77,20 +90,32 @@ def build_layer_states(exact_prefill: bool = True, compression_ratio=None, dtype
         compression_ratio=compression_ratio,
         max_model_len=1024,
     )
+    retrieval_pool, local_pool = (
+        RazorPoolLayer(name, spec, RazorAttentionBackend, layout, kv_cache_dtype)
+        for name, spec in ((RETRIEVAL_POOL_NAME, retrieval_spec), (LOCAL_POOL_NAME, local_spec))
+    )
+    rule = LocalRule(SINK, WINDOW, compensation=True, exact_prefill=exact_prefill)
     states = [
         LayerRazorState(
-            retrieval=LayerPoolHeads.of(heads.retrieval, heads.retrieval_offset, G),
-            local=LayerPoolHeads.of(heads.local, heads.local_offset, G),
-            sink=SINK,
-            window=WINDOW,
+            retrieval=LayerPoolHeads.of(heads.retrieval, heads.retrieval_offset, G, NUM_KV_HEADS, device),
+            local=LayerPoolHeads.of(heads.local, heads.local_offset, G, NUM_KV_HEADS, device),
+            rule=rule,
             layout=layout,
-            use_compensation=True,
-            head_size=HEAD_SIZE,
-            exact_prefill=exact_prefill,
+            retrieval_pool=retrieval_pool,
+            local_pool=local_pool,
         )
         for heads in layout.layers
     ]
     return states, retrieval_spec, local_spec
+
+
+def bind(states, pools: dict) -> ForwardContext:
+    """Bind each pool's cache to its pool layer, as vLLM's runner does (``layer.kv_cache = ...``),
+    and return a forward context holding the pool layers (``attn_metadata`` is set per step)."""
+    layers = {layer.layer_name: layer for layer in (states[0].retrieval_pool, states[0].local_pool)}
+    for name, pool in pools.items():
+        layers[name].kv_cache = pool.kv_cache
+    return ForwardContext(no_compile_layers=layers, attn_metadata={}, slot_mapping={})
 
 
 def common_metadata(batch, pool: Pool, pad_tokens: int, device: str = "cpu") -> CommonAttentionMetadata:
@@ -166,8 +191,7 @@ def test_impl_matches_dense_oracle(device, store, tolerance, seed, mode):
     torch.manual_seed(seed)
     rng = random.Random(seed)
     exact, ratio = MODES[mode]
-    states, retrieval_spec, local_spec = build_layer_states(exact, ratio)
-    layout = states[0].layout
+    states, retrieval_spec, local_spec = build_layer_states(exact, ratio, device=device)
     lengths = [9, SINK + WINDOW + 1, 75, 131]
     # Prompt lengths the builder hands the kernels (what the runner's InputBatch holds): a chunk may
     # cross a prompt's end, as when vLLM recomputes a preempted request's prompt and answer at once.
@@ -181,6 +205,7 @@ def test_impl_matches_dense_oracle(device, store, tolerance, seed, mode):
         RETRIEVAL_POOL_NAME: Pool(retrieval_spec, page_elems, total // retrieval_spec.block_size + 8, rng, device),
         LOCAL_POOL_NAME: Pool(local_spec, page_elems, total // local_spec.block_size + 8, rng, device),
     }
+    ctx = bind(states, pools)
     impl = RazorAttentionImpl(NUM_KV_HEADS * G, HEAD_SIZE, HEAD_SIZE**-0.5, NUM_KV_HEADS, None, None, "auto")
     data = [
         [
@@ -208,11 +233,7 @@ def test_impl_matches_dense_oracle(device, store, tolerance, seed, mode):
             md = builder.build(0, common_metadata(batch, pool, pad_tokens, device))
             assert (md.slots is None) == (device == "cuda")
             metadata[name] = dataclasses.replace(md, slots=None) if store == "slot_mapping" else md
-        ctx = ForwardContext(
-            no_compile_layers={name: SimpleNamespace(kv_cache=pool.kv_cache) for name, pool in pools.items()},
-            attn_metadata=metadata,
-            slot_mapping={},
-        )
+        ctx.attn_metadata = metadata
         for layer_index, state in enumerate(states):
             q, k, v = (step_rows(data[layer_index], batch, i, pad_tokens, device) for i in range(3))
             out = torch.full_like(q, math.nan)
@@ -239,13 +260,19 @@ def test_impl_matches_dense_oracle(device, store, tolerance, seed, mode):
             )
             err = relative_error(outputs[layer_index][rid].double(), expected)
             assert err < tolerance, f"layer {layer_index} request {rid}: relative error {err:.3g}"
-    assert layout.layers[0].local == (0, 2) and layout.layers[1].retrieval == (0, 2)  # index paths were taken
+    # every selection path was taken: index tensors, slices, all the layer's heads
+    assert isinstance(states[0].local.q_select, torch.Tensor) and isinstance(states[1].retrieval.q_select, torch.Tensor)
+    assert isinstance(states[0].retrieval.q_select, slice) and isinstance(states[1].local.q_select, slice)
+    assert states[2].local.q_select is None and states[3].retrieval.q_select is None
+    assert states[0].local.q_select.device.type == device and states[1].retrieval.kv_select.device.type == device
 
     # Every local block's page tail holds the sums over [S, b*B) of its layer's local heads.
     local_pool = pools[LOCAL_POOL_NAME]
     for layer_index, state in enumerate(states):
-        tails = state.compensation(local_pool.kv_cache).cpu()
+        tails = state.local_pool.views.tails.cpu()
         heads = list(state.local.kv_heads)
+        if not heads:
+            continue
         for rid, (_, k, v) in enumerate(data[layer_index]):
             for b, block in enumerate(local_pool.tables[rid]):
                 got = tails[block, state.local.offset : state.local.offset + len(heads)].double()
@@ -271,7 +298,7 @@ def test_impl_hands_fp8_views_and_the_layers_scales_to_the_kernels(monkeypatch):
     fp8 reads are checked against the oracle in tests/test_triton_kernels.py); on CPU the impl refuses."""
     from razor_vllm import backend
 
-    states, retrieval_spec, local_spec = build_layer_states(dtype=torch.uint8)
+    states, retrieval_spec, local_spec = build_layer_states(dtype=torch.uint8, kv_cache_dtype="fp8_e5m2")
     rng = random.Random(0)
     page = retrieval_spec.page_size_bytes
     pools = {
@@ -289,11 +316,8 @@ def test_impl_hands_fp8_views_and_the_layers_scales_to_the_kernels(monkeypatch):
         assert pool_spec.dtype == torch.uint8
         builder.bind_prompt_lengths(lambda: torch.tensor([40, 8, 0], dtype=torch.int32))
         metadata[name] = builder.build(0, common_metadata(batch, pool, pad_tokens=2))
-    ctx = ForwardContext(
-        no_compile_layers={name: SimpleNamespace(kv_cache=pool.kv_cache) for name, pool in pools.items()},
-        attn_metadata=metadata,
-        slot_mapping={},
-    )
+    ctx = bind(states, pools)
+    ctx.attn_metadata = metadata
     layer = SimpleNamespace(razor_state=states[1], _k_scale=torch.tensor([0.5]), _v_scale=torch.tensor([0.25]))
     impl = RazorAttentionImpl(NUM_KV_HEADS * G, HEAD_SIZE, HEAD_SIZE**-0.5, NUM_KV_HEADS, None, None, "fp8_e5m2")
     q = torch.randn(43, NUM_KV_HEADS * G, HEAD_SIZE)

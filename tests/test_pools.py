@@ -144,3 +144,39 @@ def test_skipped_tokens_keep_the_block_before_a_new_block():
     geo = LocalGeometry(sink=0, window=1, block_size=B, exact_prefill=False)
     for p0 in range(1, 100):
         assert geo.skipped_tokens(p0, 0) <= p0 - 1
+
+
+def test_pool_layer_views_follow_the_cache_vllm_binds():
+    """A pool layer's kernel views (K, V, and the local pool's fp32 page tails) are made when vLLM
+    binds a cache to it (``AttentionLayerBase.bind_kv_cache``) and dropped when vLLM clears it
+    (``layer.kv_cache = torch.tensor([])``, vllm/v1/worker/utils.py clear_layer_kv_caches), so no
+    layer makes them per step and none keeps a dropped cache alive."""
+    from razor_vllm.backend import RazorAttentionBackend
+    from razor_vllm.layout import plan_layout
+    from razor_vllm.pools import RazorPoolLayer, build_specs, compensation_view
+
+    layout = plan_layout([[1], [0, 2]], 3, B, 4)
+    retrieval_spec, local_spec = build_specs(layout, 8, torch.float32, SINK, WINDOW, max_model_len=256)
+    local = RazorPoolLayer("razor_pools.100001.local", local_spec, RazorAttentionBackend, layout)
+    retrieval = RazorPoolLayer("razor_pools.100000.retrieval", retrieval_spec, RazorAttentionBackend, layout)
+    assert local.views is None and retrieval.views is None  # nothing bound yet
+
+    def cache(spec, num_blocks=5):
+        page = spec.page_size_bytes // 4
+        pages = torch.randn(num_blocks, page)
+        width = 2 * spec.head_size
+        shape = (num_blocks, spec.num_kv_heads, spec.block_size, width)
+        return pages.as_strided(shape, (page, spec.block_size * width, width, 1))
+
+    for _ in range(2):  # bound, cleared, bound again (a new tensor)
+        kv = cache(local_spec)
+        local.bind_kv_cache(kv)
+        retrieval.kv_cache = cache(retrieval_spec)
+        views = local.views
+        assert torch.equal(views.key_cache, kv[..., :8]) and views.key_cache.data_ptr() == kv.data_ptr()
+        assert torch.equal(views.value_cache, kv[..., 8:])
+        assert torch.equal(views.tails, compensation_view(kv, layout, 8))
+        assert retrieval.views.tails is None
+        assert retrieval.views.key_cache.data_ptr() == retrieval.kv_cache.data_ptr()
+        local.kv_cache = torch.tensor([])
+        assert local.views is None
