@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from razor_vllm.balance import kv_heads_per_rank
 from razor_vllm.layout import PoolLayout
@@ -181,6 +181,19 @@ class PoolGeometry:
     ) -> "PoolGeometry":
         rule = LocalGeometry(sink, window, layout.local_block_size, exact_prefill, compression_ratio)
         return cls(layout, head_token_bytes(head_size, dtype_bytes), rule)
+
+    @classmethod
+    def for_resolved(cls, layout: PoolLayout, head_size: int, dtype_bytes: int, resolved: Any) -> "PoolGeometry":
+        """With the rule of razor's resolved options (``options.ResolvedRazorConfig``), as a worker serves it."""
+        return cls.of(
+            layout,
+            head_size,
+            dtype_bytes,
+            resolved.sink,
+            resolved.window,
+            exact_prefill=resolved.exact_prefill,
+            compression_ratio=resolved.compression_ratio,
+        )
 
     @property
     def page_bytes(self) -> int:
