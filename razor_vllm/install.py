@@ -18,6 +18,7 @@ from vllm.model_executor.layers.attention import Attention
 from razor_vllm.backend import LayerPoolHeads, LayerRazorState, RazorAttentionBackend
 from razor_vllm.balance import ScaleoutPlan, plan_for_resolved
 from razor_vllm.config import ModelFingerprint
+from razor_vllm.geometry import PoolGeometry
 from razor_vllm.layout import PoolLayout, plan_layout
 from razor_vllm.ops.api import LocalRule
 from razor_vllm.options import ResolvedRazorConfig, resolve_for_vllm_config
@@ -144,17 +145,17 @@ def summary_line(
         parts.append(f"retrieval heads per rank {plan.describe()}")
     if not resolved.compensation:
         parts.append("compensation off")
+    spec = local_spec if local_spec is not None else retrieval_spec
+    pool = PoolGeometry.for_resolved(layout, spec.head_size, spec.dtype.itemsize, resolved)
     if retrieval_spec is not None:
-        per_token = retrieval_spec.page_size_bytes // retrieval_spec.block_size
-        parts.append(f"retrieval pool {per_token} B/token (block {retrieval_spec.block_size})")
+        parts.append(f"retrieval pool {pool.retrieval_bytes_per_token} B/token (block {layout.retrieval_block_size})")
     if local_spec is not None:
-        geo = local_spec.geometry
-        per_token = local_spec.page_size_bytes // local_spec.block_size
-        held = (geo.sink_blocks + geo.window_blocks(local_spec.sliding_window)) * geo.block_size
+        held = pool.local.held_blocks(local_spec.sliding_window) * layout.local_block_size
+        per_token = int(pool.local_bytes_per_token)  # whole bytes, as /razor/status reports them
         text = f"local pool {per_token} B/token for at most {held} token slots per request after its prompt"
-        if geo.exact_prefill:
+        if resolved.exact_prefill:
             text += " (every prompt block while it prefills)"
-        parts.append(text + f" (block {local_spec.block_size})")
+        parts.append(text + f" (block {layout.local_block_size})")
     return ", ".join(parts)
 
 

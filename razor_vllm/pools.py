@@ -30,7 +30,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, Slid
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 
 from razor_vllm import kv_dtypes
-from razor_vllm.geometry import LocalGeometry
+from razor_vllm.geometry import LocalGeometry, PoolGeometry
 from razor_vllm.layout import PoolLayout
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
         # compressed mode skips what the largest window would (never more than a request's own).
         if self.geometry.exact_prefill:
             return 0
-        return max(0, num_computed_tokens - max(self.sliding_window, 2) + 1)
+        return self.geometry.tokens_before_window(num_computed_tokens, self.sliding_window)
 
     def _num_blocks_to_allocate(
         self,
@@ -284,7 +284,7 @@ class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
             hits = [(k, range(k)) for k in range(run, 0, -1) if aligned(k)][:1]
         else:
             # The blocks of the window of position h (a window of at least 2: get_num_skipped_tokens).
-            window_blocks = cdiv(max(kv_cache_spec.sliding_window, 2) - 1, block_size)
+            window_blocks = kv_cache_spec.geometry.blocks_behind(kv_cache_spec.sliding_window)
             sinks = kv_cache_spec.sink_blocks
             hits = (
                 (k, sorted({*range(min(sinks, k)), *range(max(0, k - window_blocks), k)}))
@@ -439,7 +439,7 @@ def build_specs(
     Under the paper's window rule the spec's ``sliding_window`` is the window at ``max_model_len``.
     """
     elem = torch.tensor([], dtype=dtype).element_size()
-    token_bytes = 2 * head_size * elem
+    pool = PoolGeometry.of(layout, head_size, elem, sink, window, exact_prefill, compression_ratio)
     retrieval = local = None
     if layout.has_retrieval_pool:
         retrieval = RazorRetrievalSpec(
@@ -455,14 +455,12 @@ def build_specs(
             num_kv_heads=layout.local_pool_heads,
             head_size=head_size,
             dtype=dtype,
-            sliding_window=LocalGeometry(
-                sink=sink, window=window, block_size=layout.local_block_size, compression_ratio=compression_ratio
-            ).max_window(max_model_len),
+            sliding_window=pool.local.max_window(max_model_len),
             sink=sink,
             window=window,
             exact_prefill=exact_prefill,
             compression_ratio=compression_ratio,
-            page_size_padded=layout.page_slots() * token_bytes,
+            page_size_padded=pool.page_bytes,
         )
     if retrieval is not None and local is not None:
         assert retrieval.page_size_bytes == local.page_size_bytes, (retrieval, local)

@@ -410,9 +410,9 @@ def razor_max_concurrency(vllm_config: Any, kv_cache_config: Any) -> Optional[fl
         if isinstance(inner[0], RazorLocalSpec):
             geo = inner[0].geometry
             exact = exact or geo.exact_prefill
-            cap = geo.chunk_cap(in_flight, max_len)
-            steady += cap
-            transient += max(0, geo.admission_blocks(max_len, in_flight, max_len) - cap)
+            held, extra = geo.logged_blocks(in_flight, max_len)
+            steady += held
+            transient += extra
         else:
             steady += cdiv(spec.max_memory_usage_bytes(vllm_config), spec.page_size_bytes)
     if not exact:

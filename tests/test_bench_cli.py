@@ -10,6 +10,7 @@ import pytest
 
 from razor_vllm.bench import analytic, report
 from razor_vllm.cli import main
+from razor_vllm.common import tables
 from razor_vllm.common.runinfo import int_list
 from razor_vllm.config import resolve_profile
 
@@ -183,7 +184,7 @@ def test_report_tables(fmt):
     if fmt == "rich":
         pytest.importorskip("rich")
     buf = io.StringIO()
-    report.render(report.tables(_fake_results()), fmt, stream=buf)
+    tables.render(report.tables(_fake_results()), fmt, stream=buf)
     text = buf.getvalue()
     for title in ("KV bytes per token", "Capacity in the same KV memory", "Throughput"):
         assert title in text
@@ -200,7 +201,7 @@ def test_commands_put_the_logging_level_back(tmp_path, monkeypatch):
     only: an in-process caller, e.g. a later server test, keeps its INFO logs."""
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     seen = []
-    monkeypatch.setattr(report, "render", lambda *a, **k: seen.append(os.environ.get("VLLM_LOGGING_LEVEL")))
+    monkeypatch.setattr(tables, "render", lambda *a, **k: seen.append(os.environ.get("VLLM_LOGGING_LEVEL")))
     assert main(["bench", "--skip-engine", "--out", str(tmp_path / "b.json"), "--format", "plain"]) == 0
     assert seen == ["ERROR"] and "VLLM_LOGGING_LEVEL" not in os.environ
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")

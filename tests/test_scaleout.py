@@ -129,7 +129,7 @@ def test_dp2_two_engine_cores_serve_and_report_their_own_pools(tiny_model, refer
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    from loadtest.server import vllm_server
+    from razor_vllm.serve.harness import vllm_server
 
     model, profile = tiny_model
     args = [

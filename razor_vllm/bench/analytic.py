@@ -21,8 +21,9 @@ Per request at context ``T``:
   ``vllm_compat.wrap_max_concurrency`` in exact mode) charges every request its steady cap and one
   request at a time its transient.
 
-The local pool's block rules live in ``razor_vllm.geometry`` (shared with the block manager, the
-start-up line and ``/razor/status``).
+The arithmetic lives in ``razor_vllm.geometry`` (shared with the block manager, the start-up line,
+``/razor/status`` and vLLM's logged "Maximum concurrency"); this module adds the tensor-parallel
+view and the report.
 
 Pure Python (no vLLM import), so ``razor-vllm bench --skip-engine`` and its test are fast.
 """
@@ -34,7 +35,7 @@ from typing import Any, Optional, Sequence
 
 from razor_vllm.balance import ScaleoutPlan, plan_scaleout, profile_ratios, promotion_priority, resolve_mode
 from razor_vllm.config import ModelFingerprint, RazorProfile
-from razor_vllm.geometry import LocalGeometry, cdiv, max_concurrency
+from razor_vllm.geometry import LocalGeometry, PoolGeometry, StockGeometry, head_token_bytes
 from razor_vllm.layout import PoolLayout, plan_layout
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -45,7 +46,9 @@ PAPER_RATIO = 8.0  # C of the paper's window rule in the bytes-per-rule table (`
 
 @dataclass(frozen=True)
 class KVGeometry:
-    """Stock and razor cache geometry for one model, profile, dtype, window and sink."""
+    """Stock and razor cache geometry for one model, profile, dtype, window and sink, over all
+    tensor-parallel ranks: the bench's view of ``geometry.PoolGeometry`` (rank 0's pools, every rank
+    alike) and ``geometry.StockGeometry``, which hold the arithmetic."""
 
     num_layers: int
     num_kv_heads: int
@@ -60,14 +63,25 @@ class KVGeometry:
     plan: Optional[ScaleoutPlan] = None  # tensor parallelism: which heads each rank holds
 
     @property
-    def local(self) -> LocalGeometry:
-        return LocalGeometry(
-            sink=self.sink,
-            window=self.window,
-            block_size=self.layout.local_block_size,
+    def pool(self) -> PoolGeometry:
+        """One rank's pools (every rank's have this shape)."""
+        return PoolGeometry.of(
+            self.layout,
+            self.head_size,
+            self.dtype_bytes,
+            self.sink,
+            self.window,
             exact_prefill=self.exact_prefill,
             compression_ratio=self.compression_ratio,
         )
+
+    @property
+    def stock(self) -> StockGeometry:
+        return StockGeometry.of(self.num_layers, self.num_kv_heads, self.head_token_bytes, self.stock_block_size)
+
+    @property
+    def local(self) -> LocalGeometry:
+        return self.pool.local
 
     @property
     def tp_size(self) -> int:
@@ -97,76 +111,60 @@ class KVGeometry:
 
     @property
     def head_token_bytes(self) -> int:
-        """K and V of one head and token."""
-        return 2 * self.head_size * self.dtype_bytes
+        return head_token_bytes(self.head_size, self.dtype_bytes)
 
     # -- stock ----------------------------------------------------------------------------------
     @property
     def stock_bytes_per_token(self) -> int:
-        return self.num_layers * self.num_kv_heads * self.head_token_bytes
+        return self.stock.bytes_per_token
 
     @property
     def stock_block_bytes(self) -> int:
-        """One block of vLLM's block pool for stock: a page in every layer."""
-        return self.stock_block_size * self.stock_bytes_per_token
+        return self.stock.block_bytes
 
     def stock_blocks(self, tokens: int) -> int:
-        return cdiv(tokens, self.stock_block_size)
+        return self.stock.blocks(tokens)
 
-    # -- razor ----------------------------------------------------------------------------------
+    # -- razor: a block id is a page on every rank ------------------------------------------------
     @property
     def page_bytes(self) -> int:
         """One block id's pages on all tensor-parallel ranks (each holds a page of the same shape)."""
-        return self.layout.page_slots() * self.head_token_bytes * self.tp_size
+        return self.pool.page_bytes * self.tp_size
 
     @property
-    def retrieval_bytes_per_token(self) -> float:
-        if not self.layout.has_retrieval_pool:
-            return 0.0
-        return self.layout.retrieval_pool_heads * self.head_token_bytes * self.tp_size
+    def retrieval_bytes_per_token(self) -> int:
+        return self.pool.retrieval_bytes_per_token * self.tp_size
 
     @property
     def local_bytes_per_token(self) -> float:
-        """Per token slot of the local pool, including the compensation tail and padding heads."""
-        if not self.layout.has_local_pool:
-            return 0.0
-        return self.page_bytes / self.layout.local_block_size
+        return self.pool.local_bytes_per_token * self.tp_size
 
     @property
     def sink_blocks(self) -> int:
         return self.local.sink_blocks
 
     def retrieval_pages(self, tokens: int) -> int:
-        return cdiv(tokens, self.layout.retrieval_block_size) if self.layout.has_retrieval_pool else 0
+        return self.pool.retrieval_pages(tokens)
 
     def local_steady_blocks(self, tokens: int) -> int:
-        """Sink block(s) plus the blocks spanning the last W tokens (as RazorLocalManager keeps them)."""
-        return self.local.steady_blocks(tokens) if self.layout.has_local_pool else 0
+        return self.pool.local_steady_blocks(tokens)
 
     def local_admission_blocks(self, tokens: int, in_flight: int, max_model_len: Optional[int] = None) -> int:
-        """What admission reserves in the local pool (exact prefill: the whole prompt)."""
-        return self.local.admission_blocks(tokens, in_flight, max_model_len) if self.layout.has_local_pool else 0
+        return self.pool.local_admission_blocks(tokens, in_flight, max_model_len)
 
     def razor_logged_concurrency(self, num_blocks: int, context: int, in_flight: int) -> float:
         """vLLM's logged "Maximum concurrency" for requests of ``context`` = max_model_len tokens."""
-        retrieval = self.retrieval_pages(context)
-        if not self.layout.has_local_pool:
-            return num_blocks / retrieval
-        cap = self.local.chunk_cap(in_flight, context)
-        admission = self.local.admission_blocks(context, in_flight, context)
-        if not self.exact_prefill:
-            return num_blocks / (retrieval + admission)
-        return max_concurrency(num_blocks, retrieval + cap, max(0, admission - cap))
+        return self.pool.logged_concurrency(num_blocks, context, in_flight)
 
     def razor_steady_pages(self, tokens: int) -> int:
-        return self.retrieval_pages(tokens) + self.local_steady_blocks(tokens)
+        return self.pool.steady_pages(tokens)
 
     def razor_admission_pages(self, tokens: int, in_flight: int) -> int:
-        return self.retrieval_pages(tokens) + self.local_admission_blocks(tokens, in_flight)
+        return self.pool.admission_pages(tokens, in_flight)
 
     # -- pools of a given size --------------------------------------------------------------------
     def stock_num_blocks(self, kv_bytes: int) -> int:
-        return kv_bytes // self.stock_block_bytes
+        return self.stock.num_blocks(kv_bytes)
 
     def razor_num_blocks(self, kv_bytes: int) -> int:
         return kv_bytes // self.page_bytes
@@ -260,7 +258,7 @@ def analytic_report(
     requests = []
     concurrency = []
     for ctx in contexts:
-        stock_bytes = geo.stock_blocks(ctx) * geo.stock_block_bytes
+        stock_bytes = geo.stock.request_bytes(ctx)
         steady = geo.razor_steady_pages(ctx) * geo.page_bytes
         admission = geo.razor_admission_pages(ctx, in_flight) * geo.page_bytes
         requests.append(
@@ -305,7 +303,7 @@ def analytic_report(
             paper_window=paper.local.request_window(ctx),
             fixed_steady_bytes=fixed.razor_steady_pages(ctx) * geo.page_bytes,
             paper_steady_bytes=paper.razor_steady_pages(ctx) * geo.page_bytes,
-            stock_bytes=geo.stock_blocks(ctx) * geo.stock_block_bytes,
+            stock_bytes=geo.stock.request_bytes(ctx),
         )
         for ctx in contexts
     ]
@@ -342,4 +340,4 @@ def analytic_report(
 
 def default_kv_bytes(geo: KVGeometry, context: int, stock_requests: float = 2.5) -> int:
     """A KV size in which stock holds ``floor(stock_requests)`` full requests of ``context`` tokens."""
-    return int(stock_requests * geo.stock_blocks(context) * geo.stock_block_bytes)
+    return int(stock_requests * geo.stock.request_bytes(context))

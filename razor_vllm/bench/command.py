@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from razor_vllm.bench import analytic, report, synthetic
-from razor_vllm.common import runinfo
+from razor_vllm.common import runinfo, tables
 from razor_vllm.config import ProfileError
 
 PROG = "razor-vllm bench"
@@ -269,8 +269,8 @@ def _run(args: argparse.Namespace) -> int:
     results["meta"]["finished"] = runinfo.now()
     results["meta"]["load_average_end"] = runinfo.loadavg()
 
-    report.render(report.tables(results), args.format)
-    path = report.write_json(results, Path(args.out))
+    tables.render(report.tables(results), args.format)
+    path = tables.write_json(results, Path(args.out))
     print(f"wrote {path}", file=sys.stderr)
     if args.plot:
         png = report.plot(results, Path(args.plot))

@@ -1,6 +1,6 @@
 """The tables and the optional plot of ``razor-vllm bench``.
 
-Rendering (rich, plain text, Markdown) and the JSON file: :mod:`razor_vllm.common.tables`, re-exported here.
+Rendering (rich, plain text, Markdown) and the JSON file: :mod:`razor_vllm.common.tables`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from razor_vllm.common.tables import Table, number, render, to_markdown, to_plain, write_json  # noqa: F401 - re-exported
+from razor_vllm.common.tables import Table, number
 
 MIB = 1 << 20
 

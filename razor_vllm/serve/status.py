@@ -4,8 +4,9 @@ vLLM loads endpoint plugins in the API server process only, and only those named
 ``VLLM_PLUGINS``; that variable then filters the general plugins too, so serve with
 ``VLLM_PLUGINS=razor,razor_status``. The plugin reads the engine's ``VllmConfig`` from the
 ``EngineClient`` it is handed in ``init_state`` and derives the configuration part from it the way
-the workers do (``options.resolve_for_vllm_config`` -> ``layout.plan_layout`` ->
-``pools.build_specs``), so the figures match the worker's "RAZOR: ..." start-up line.
+the workers do (``options.resolve_for_vllm_config`` -> ``balance.plan_for_resolved`` ->
+``layout.plan_layout``) and computes the figures with ``geometry.PoolGeometry`` /
+``geometry.StockGeometry``, as the worker's "RAZOR: ..." start-up line and the bench do.
 
 Bytes per token are summed over all workers (tensor-parallel ranks x pipeline stages); every worker
 sizes its pools for the heaviest one (``balance.py``), and ``balance`` says what each holds and what
@@ -31,7 +32,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from vllm.logger import init_logger
 
-from razor_vllm.geometry import cdiv
+from razor_vllm.geometry import PoolGeometry, StockGeometry, head_token_bytes, paged_bytes
 
 logger = init_logger("vllm." + __name__)  # under "vllm" so it shares vLLM's log handlers
 
@@ -60,18 +61,15 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
     from razor_vllm.config import ModelFingerprint
     from razor_vllm.layout import plan_layout
     from razor_vllm.options import resolve_for_vllm_config
-    from razor_vllm.pools import build_specs
 
     model_config = vllm_config.model_config
     resolved = resolve_for_vllm_config(vllm_config)
     served = ModelFingerprint.from_hf_config(model_config.hf_config)
     dtype = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model_config)
     elem = torch.tensor([], dtype=dtype).element_size()
-    head_token_bytes = 2 * served.head_size * elem
     stock_block = int(vllm_config.cache_config.block_size or 128)
     tp = int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
     pp = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
-    kv_heads_per_rank = served.num_kv_heads // tp if tp <= served.num_kv_heads else 1
     max_len = int(model_config.max_model_len)
     # The workers' plan (install.py): every rank of every stage sizes its pools alike (balance.py).
     plan = plan_for_resolved(resolved, served.num_kv_heads, tp, pp)
@@ -89,52 +87,36 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
             hash_aligned=bool(vllm_config.cache_config.enable_prefix_caching),
             pool_heads=plan.pool_heads,
         )
-        retrieval_spec, local_spec = build_specs(
-            layout,
-            served.head_size,
-            dtype,
-            resolved.sink,
-            resolved.window,
-            exact_prefill=resolved.exact_prefill,
-            compression_ratio=resolved.compression_ratio,
-            max_model_len=max_len,
-        )
-        page_bytes = layout.page_slots() * head_token_bytes
-        pages = admission_pages = 0
-        first = worker is plan.ranks[0]
-        if retrieval_spec is not None:
-            retrieval_bpt += retrieval_spec.page_size_bytes // retrieval_spec.block_size
-            pages += cdiv(max_len, retrieval_spec.block_size)
-            admission_pages += cdiv(max_len, retrieval_spec.block_size)
-            if first:
+        pool = PoolGeometry.for_resolved(layout, served.head_size, elem, resolved)
+        retrieval_bpt += pool.retrieval_bytes_per_token
+        local_bpt += int(pool.local_bytes_per_token)  # whole bytes, as the start-up line prints them
+        # What a request of max_model_len holds once its prompt is done (RazorLocalManager), and its
+        # peak, which admission reserves (exact prefill: the prefill transient).
+        razor_bytes += pool.steady_pages(max_len) * pool.page_bytes
+        admission_bytes += pool.admission_pages(max_len, in_flight, max_len) * pool.page_bytes
+        all_ranks_page_bytes += pool.page_bytes
+        if worker is plan.ranks[0]:
+            if layout.has_retrieval_pool:
                 pools["retrieval"] = dict(
                     heads=layout.num_retrieval_heads,
                     pool_heads=layout.retrieval_pool_heads,
-                    block_size=retrieval_spec.block_size,
-                    page_bytes=retrieval_spec.page_size_bytes,
+                    block_size=layout.retrieval_block_size,
+                    page_bytes=pool.page_bytes,
                 )
-        if local_spec is not None:
-            local_bpt += local_spec.page_size_bytes // local_spec.block_size
-            bs = local_spec.block_size
-            geo = local_spec.geometry
-            pages += geo.steady_blocks(max_len)  # what RazorLocalManager keeps after the prompt
-            admission_pages += geo.admission_blocks(max_len, in_flight, max_len)  # the prefill transient
-            if first:
+            if layout.has_local_pool:
                 pools["local"] = dict(
                     heads=layout.num_local_heads,
                     pool_heads=layout.local_pool_heads,
-                    block_size=bs,
-                    page_bytes=local_spec.page_size_bytes,
+                    block_size=layout.local_block_size,
+                    page_bytes=pool.page_bytes,
                     tail_slots=layout.tail_slots,
                     page_padding_slots=layout.page_padding_slots,  # hash-aligned layouts (prefix caching)
                 )
-        razor_bytes += pages * page_bytes
-        admission_bytes += admission_pages * page_bytes
-        all_ranks_page_bytes += page_bytes
     pooled, ideal = plan.retrieval_heads_all_ranks()
 
-    stock_bpt = served.num_layers * kv_heads_per_rank * tp * head_token_bytes
-    stock_bytes = cdiv(max_len, stock_block) * stock_block * stock_bpt
+    token_bytes = head_token_bytes(served.head_size, elem)
+    stock = StockGeometry.of(served.num_layers, served.num_kv_heads, token_bytes, stock_block, tp)
+    stock_bpt, stock_bytes = stock.bytes_per_token, stock.request_bytes(max_len)
     count = sum(len(h) for h in resolved.retrieval_heads)
     total = served.num_layers * served.num_kv_heads
     return {
@@ -166,7 +148,7 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
             # retrieval heads per worker: from the profile, promoted into spare pool slots, local
             "per_rank": plan.per_rank(),
             # retrieval-pool bytes per token over all workers vs each worker sized for its own profile heads
-            "retrieval_bytes_per_token": {"pools": pooled * head_token_bytes, "unbalanced": ideal * head_token_bytes},
+            "retrieval_bytes_per_token": {"pools": pooled * token_bytes, "unbalanced": ideal * token_bytes},
         },
         "stock_block_size": stock_block,
         "pools": pools,
@@ -188,9 +170,8 @@ def describe_usage(status: dict[str, Any], usage: dict[str, Any]) -> dict[str, A
     ``stock_block_size`` tokens, every layer and head); ``saving`` is their ratio while requests run.
     """
     blocks = dict(usage["blocks_in_use"])
-    stock_block = status["stock_block_size"]
-    stock_tokens = sum(cdiv(n, stock_block) * stock_block for n in usage["tokens"])
-    stock = stock_tokens * status["kv_bytes_per_token"]["stock"]
+    stock_block, stock_bpt = status["stock_block_size"], status["kv_bytes_per_token"]["stock"]
+    stock = sum(paged_bytes(n, stock_block, stock_bpt) for n in usage["tokens"])
     razor = sum(blocks.values()) * status["page_bytes_all_ranks"]
     described = {
         "blocks_in_use": blocks,
