@@ -998,7 +998,9 @@ def aot_plan(kernel: str, dtype: torch.dtype, d: int, bs: int, g: int, q_len: in
     )
 
 
-def _signature(value) -> str:
+def _signature(value):
+    if isinstance(value, tuple):  # a tuple argument (e.g. _common.cache_arg): one type per element
+        return tuple(_signature(v) for v in value)
     if isinstance(value, torch.Tensor):
         return (
             "*"
