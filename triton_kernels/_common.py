@@ -228,9 +228,10 @@ def find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_Q: tl.constexpr):
 @triton.jit
 def cache_row(half, block, slot, head):
     """Address of row (block, head, slot) of one cache half (``cache_arg``'s K or V); the indices may
-    be tensors of any shapes that broadcast (int64, so that large pools do not overflow)."""
+    be tensors of any shapes that broadcast (int64, so that large pools do not overflow). The head
+    term comes first: in the tile loads it is the program's constant part, kept out of the loops."""
     ptr, stride_block, stride_head, stride_slot, _scale_ptr = half
-    return ptr + block * stride_block + head * stride_head + slot * stride_slot
+    return ptr + head * stride_head + (block * stride_block + slot * stride_slot)
 
 
 @triton.jit
