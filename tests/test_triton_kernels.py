@@ -153,6 +153,36 @@ def tail_args(x, case: Case) -> tuple:
     return x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads, case.sink
 
 
+def pool_step(
+    pool: DevicePool,
+    case: Case,
+    x,
+    sliding: bool,
+    out=None,
+    compensation: bool = True,
+    exact: bool = False,
+    scales: tuple = (),
+    max_query_len: int = 0,
+    split_keys: bool | None = None,
+):
+    """One layer's step on one pool, in the backend's order: store_kv -> block tails (local pool) ->
+    attention; returns the attention output (``out``, or a new tensor). ``x``: step_inputs' tensors;
+    ``scales``: fp8 (k_scale, v_scale) device tensors; ``max_query_len``/``split_keys``: the retrieval
+    kernel's path (0/None: the 2D path unless the kernel's own rule splits)."""
+    tk = triton_kernels()
+    caches = (pool.key_cache, pool.value_cache)
+    tk.store_kv(*caches, x["key"], x["value"], x["slot_mapping"], case.head_offset, *scales)
+    if sliding:
+        tk.write_block_tails(*caches, pool.tails, *tail_args(x, case), *scales)
+        return tk.local_attention(
+            x["query"], *caches, pool.tails, *local_args(x, case, compensation, exact), out, *scales
+        )
+    meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads)
+    k_scale, v_scale = scales or (None, None)
+    options = dict(max_query_len=max_query_len, split_keys=split_keys, k_scale=k_scale, v_scale=v_scale)
+    return tk.paged_attention(x["query"], *caches, *meta, case.scale, out=out, **options)
+
+
 def run_pool(
     case,
     dtype,
@@ -173,7 +203,6 @@ def run_pool(
     checked against the from-scratch sums. ``split_keys``: force the retrieval kernel's path (None:
     its own choice from the step's exact max_query_len). fp8 caches: ``scales`` = (k_scale, v_scale)
     floats and ``stored`` the data as the cache holds it (dequantized), for the tail checks."""
-    tk = triton_kernels()
     lengths = [q.shape[0] for q, _, _ in data]
     pool = DevicePool(case, dtype, lengths, sliding, random.Random(seed), device)
     checker = TailChecker(case, data if stored is None else stored, pool)
@@ -182,35 +211,11 @@ def run_pool(
     outputs = [torch.full(q.shape, float("nan"), dtype=torch.float64) for q, _, _ in data]
     for batch in schedule:
         x = step_inputs(pool, data, batch, device, prompts, windows)
-        tk.store_kv(
-            pool.key_cache, pool.value_cache, x["key"], x["value"], x["slot_mapping"], case.head_offset, *scale_args
-        )
-        meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads)
         out = torch.full_like(x["query"], float("nan"))
+        max_query_len = max(hi - lo for _, lo, hi in batch)
+        pool_step(pool, case, x, sliding, out, compensation, exact, scale_args, max_query_len, split_keys)
         if sliding:
-            tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *tail_args(x, case), *scale_args)
-            checker.after_write(batch)
-            tk.local_attention(
-                x["query"],
-                pool.key_cache,
-                pool.value_cache,
-                pool.tails,
-                *local_args(x, case, compensation, exact),
-                out,
-                *scale_args,
-            )
-        else:
-            max_query_len = max(hi - lo for _, lo, hi in batch)
-            tk.paged_attention(
-                x["query"],
-                pool.key_cache,
-                pool.value_cache,
-                *meta,
-                case.scale,
-                out=out,
-                max_query_len=max_query_len,
-                split_keys=split_keys,
-            )
+            checker.after_write(batch)  # (attention reads the tails, never writes them)
         out = out.cpu()
         num_rows = sum(hi - lo for _, lo, hi in batch)
         split_used = split_keys
@@ -720,7 +725,6 @@ def cuda_graph_decode(device: str) -> None:
     updated in place between replays (requests finish and become padding, blocks are allocated and
     freed), and the outputs must equal the oracle as for eager runs. The retrieval pool takes the
     split-key path (its scratch is allocated during capture, from the graph's pool)."""
-    tk = triton_kernels()
     from razor_vllm.triton_kernels.paged import use_split_keys
 
     assert use_split_keys(6, 6, 1, max_query_len=1), "the captured retrieval step should be split-key"
@@ -758,15 +762,7 @@ def cuda_graph_decode(device: str) -> None:
         data = [part(kind, r) for r in range(4)]
         for r, p in enumerate(prompt):
             x = step_inputs(pool, data, [(r, 0, p)], device, prompts={r: p})
-            tk.store_kv(pool.key_cache, pool.value_cache, x["key"], x["value"], x["slot_mapping"], c.head_offset)
-            meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], c.head_offset, c.num_kv_heads)
-            if kind == "local":  # exact prefill: the prompt is plain causal attention
-                tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *tail_args(x, c))
-                out = tk.local_attention(
-                    x["query"], pool.key_cache, pool.value_cache, pool.tails, *local_args(x, c, exact=True)
-                )
-            else:
-                out = tk.paged_attention(x["query"], pool.key_cache, pool.value_cache, *meta, c.scale)
+            out = pool_step(pool, c, x, kind == "local", exact=True)  # exact prefill: plain causal attention
             outputs[kind][r][:p] = out[:p].double().cpu()
             pool.release(r, p, finished=False, prompt_len=p)
 
@@ -787,32 +783,11 @@ def cuda_graph_decode(device: str) -> None:
     prompt_lens = torch.zeros(capacity, dtype=torch.int32, device=device)
 
     def forward():
+        """Both pools' decode step from the persistent buffers; the retrieval pool's (one KV head, pure
+        decode) takes the split-key path, captured with its scratch."""
         for kind, pool in pools.items():
-            c, b = cases[kind], buf[kind]
-            tk.store_kv(pool.key_cache, pool.value_cache, b["key"], b["value"], b["slot_mapping"], c.head_offset)
-            meta = (b["block_table"], seq_lens, query_start_loc, c.head_offset, c.num_kv_heads)
-            if kind == "local":
-                tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *meta, c.sink)
-                tk.local_attention(
-                    b["query"],
-                    pool.key_cache,
-                    pool.value_cache,
-                    pool.tails,
-                    *meta[:3],
-                    prompt_lens,
-                    None,
-                    *meta[3:],
-                    c.sink,
-                    c.window,
-                    True,
-                    True,
-                    c.scale,
-                    out=b["out"],
-                )
-            else:  # a pure-decode step of one KV head: the split-key path, captured with its scratch
-                tk.paged_attention(
-                    b["query"], pool.key_cache, pool.value_cache, *meta, c.scale, out=b["out"], max_query_len=1
-                )
+            x = dict(buf[kind], seq_lens=seq_lens, query_start_loc=query_start_loc, prompt_lens=prompt_lens)
+            pool_step(pool, cases[kind], dict(x, windows=None), kind == "local", x["out"], exact=True, max_query_len=1)
 
     position = list(prompt)
 
@@ -998,7 +973,9 @@ def aot_plan(kernel: str, dtype: torch.dtype, d: int, bs: int, g: int, q_len: in
     )
 
 
-def _signature(value) -> str:
+def _signature(value):
+    if isinstance(value, tuple):  # a tuple argument (e.g. _common.cache_arg): one type per element
+        return tuple(_signature(v) for v in value)
     if isinstance(value, torch.Tensor):
         return (
             "*"

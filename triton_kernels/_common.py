@@ -169,37 +169,40 @@ def local_pool_args(
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
 ) -> dict[str, Any]:
-    """Checks and launch arguments that both local-pool kernels (attention and block tails) take.
-    An fp8 cache needs vLLM's scales (``k_scale_ptr``/``v_scale_ptr``; the seq_lens tensor stands in,
-    never read, otherwise)."""
+    """Checks and launch arguments that both local-pool kernels (attention and block tails) take:
+    the cache as ``cache_arg`` packs it (an fp8 cache needs vLLM's scales) and the page tails as
+    one argument too, (pointer, stride of a block, of a head, of K/V), read by ``add_tail`` and
+    written by ``store_tail``."""
     check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads, allow_fp8=True)
     check_scales(key_cache, k_scale, v_scale)
     check_tails(tails, key_cache)
     check_rule(sink, window)
     block_table, seq_lens, query_start_loc = metadata(block_table, seq_lens, query_start_loc, key_cache.device)
-    fp8 = key_cache.dtype in FP8_DTYPES
     return dict(
-        k_scale_ptr=k_scale if fp8 else seq_lens,
-        v_scale_ptr=v_scale if fp8 else seq_lens,
-        k_ptr=key_cache,
-        v_ptr=value_cache,
-        tails_ptr=tails,
+        cache=cache_arg(key_cache, value_cache, k_scale, v_scale),
+        tails=(tails, tails.stride(0), tails.stride(1), tails.stride(2)),
         block_table_ptr=block_table,
         seq_lens_ptr=seq_lens,
         query_start_loc_ptr=query_start_loc,
         head_offset=head_offset,
         sink=sink,
         window=window,
-        stride_k_block=key_cache.stride(0),
-        stride_k_head=key_cache.stride(1),
-        stride_k_slot=key_cache.stride(2),
-        stride_v_block=value_cache.stride(0),
-        stride_v_head=value_cache.stride(1),
-        stride_v_slot=value_cache.stride(2),
-        stride_t_block=tails.stride(0),
-        stride_t_head=tails.stride(1),
-        stride_t_kv=tails.stride(2),
         stride_bt=block_table.stride(0),
+    )
+
+
+def cache_arg(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]
+) -> tuple:
+    """A pool's paged K/V as one kernel argument, (K half, V half), each half (pointer, stride of a
+    block, of a head, of a slot, fp8 scale pointer): Triton passes a tuple element by element, each
+    specialised as a plain argument would be, so the kernels and their helpers (``cache_row``,
+    ``load_kv_tile``) take the cache as one name. A cache that is not fp8 stands in for its scale
+    (never read)."""
+    fp8 = key_cache.dtype in FP8_DTYPES
+    return tuple(
+        (half, half.stride(0), half.stride(1), half.stride(2), scale if fp8 else half)
+        for half, scale in ((key_cache, k_scale), (value_cache, v_scale))
     )
 
 
@@ -223,34 +226,53 @@ def find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def load_kv_tile(
-    k_head_ptr,
-    v_head_ptr,
-    block_table_row_ptr,
-    pos,
-    pos_ok,
-    d,
-    d_ok,
-    stride_k_block,
-    stride_k_slot,
-    stride_v_block,
-    stride_v_slot,
-    k_scale_ptr,
-    v_scale_ptr,
-    BLOCK_SIZE: tl.constexpr,
-    FP8: tl.constexpr,
-):
-    """Keys and values [TILE_N, HEAD_PAD] of positions ``pos`` of one request and head; masked-off
-    positions are neither looked up in the block table nor read (they may be freed blocks). An fp8
-    cache (``FP8``) comes back dequantized in fp32 (stored * scale, vLLM's per-tensor scales)."""
-    block = tl.load(block_table_row_ptr + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+def cache_row(half, block, slot, head):
+    """Address of row (block, head, slot) of one cache half (``cache_arg``'s K or V); the indices may
+    be tensors of any shapes that broadcast (int64, so that large pools do not overflow). The head
+    term comes first: in the tile loads it is the program's constant part, kept out of the loops."""
+    ptr, stride_block, stride_head, stride_slot, _scale_ptr = half
+    return ptr + head * stride_head + (block * stride_block + slot * stride_slot)
+
+
+@triton.jit
+def _load_rows(half, block, slot, head, d, mask, FP8: tl.constexpr):
+    x = tl.load(cache_row(half, block, slot, head)[:, None] + d[None, :], mask=mask, other=0.0)
+    if FP8:
+        x = x.to(tl.float32) * tl.load(half[4])  # stored * scale: vLLM's per-tensor scale
+    return x
+
+
+@triton.jit
+def load_kv_tile(cache, bt_row, head, pos, pos_ok, d, d_ok, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr):
+    """Keys and values [TILE_N, HEAD_PAD] of positions ``pos`` of one request (``bt_row``: its
+    block-table row) and pool head; masked-off positions are neither looked up in the block table nor
+    read (they may be freed blocks). An fp8 cache (``FP8``) comes back dequantized in fp32."""
+    block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
     slot = (pos % BLOCK_SIZE).to(tl.int64)
     mask = pos_ok[:, None] & d_ok[None, :]
-    k_rows = k_head_ptr + (block * stride_k_block + slot * stride_k_slot)[:, None]
-    v_rows = v_head_ptr + (block * stride_v_block + slot * stride_v_slot)[:, None]
-    k = tl.load(k_rows + d[None, :], mask=mask, other=0.0)
-    v = tl.load(v_rows + d[None, :], mask=mask, other=0.0)
-    if FP8:
-        k = k.to(tl.float32) * tl.load(k_scale_ptr)
-        v = v.to(tl.float32) * tl.load(v_scale_ptr)
-    return k, v
+    k_half, v_half = cache
+    return _load_rows(k_half, block, slot, head, d, mask, FP8), _load_rows(v_half, block, slot, head, d, mask, FP8)
+
+
+@triton.jit
+def _tail_row(tails, bt_row, b, head):
+    ptr, stride_block, stride_head, stride_kv = tails
+    return ptr + tl.load(bt_row + b).to(tl.int64) * stride_block + head * stride_head, stride_kv
+
+
+@triton.jit
+def add_tail(key_sum, value_sum, tails, bt_row, b, head, d, d_ok):
+    """The sums plus tail(b) (``tails``: (pointer, stride of a block, of a head, of K/V), the page
+    tails of ``local_pool_args``) of block b of one request and pool head."""
+    row, stride_kv = _tail_row(tails, bt_row, b, head)
+    key_sum += tl.load(row + d, mask=d_ok, other=0.0)
+    value_sum += tl.load(row + stride_kv + d, mask=d_ok, other=0.0)
+    return key_sum, value_sum
+
+
+@triton.jit
+def store_tail(tails, bt_row, b, head, d, d_ok, key_sum, value_sum):
+    """Write the sums as tail(b) of one request and pool head."""
+    row, stride_kv = _tail_row(tails, bt_row, b, head)
+    tl.store(row + d, key_sum, mask=d_ok)
+    tl.store(row + stride_kv + d, value_sum, mask=d_ok)

@@ -18,29 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FP8_DTYPES, Launch, check_cache_pair, check_scales, head_pad
+from ._common import FP8_DTYPES, Launch, cache_arg, cache_row, check_cache_pair, check_scales, head_pad
 
 
 @triton.jit(do_not_specialize=["head_offset"])
 def _store_kv_kernel(
-    k_cache_ptr,
-    v_cache_ptr,
+    cache,  # the paged K/V (_common.cache_arg)
     key_ptr,
     value_ptr,
     slot_mapping_ptr,
-    k_scale_ptr,
-    v_scale_ptr,
     head_offset,
     stride_key_tok,
     stride_key_head,
     stride_value_tok,
     stride_value_head,
-    stride_k_block,
-    stride_k_head,
-    stride_k_slot,
-    stride_v_block,
-    stride_v_head,
-    stride_v_slot,
     NUM_HEADS: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -61,13 +52,14 @@ def _store_kv_kernel(
     pool_head = (head_offset + h).to(tl.int64)
     k = tl.load(key_ptr + tok * stride_key_tok + h[:, None] * stride_key_head + d[None, :], mask=mask)
     v = tl.load(value_ptr + tok * stride_value_tok + h[:, None] * stride_value_head + d[None, :], mask=mask)
-    k_dst = k_cache_ptr + block * stride_k_block + offset * stride_k_slot + pool_head[:, None] * stride_k_head
-    v_dst = v_cache_ptr + block * stride_v_block + offset * stride_v_slot + pool_head[:, None] * stride_v_head
+    k_half, v_half = cache
+    k_dst = cache_row(k_half, block, offset, pool_head[:, None]) + d[None, :]
+    v_dst = cache_row(v_half, block, offset, pool_head[:, None]) + d[None, :]
     if FP8:
-        k = tl.clamp(k.to(tl.float32) / tl.load(k_scale_ptr), -FP8_MAX, FP8_MAX)
-        v = tl.clamp(v.to(tl.float32) / tl.load(v_scale_ptr), -FP8_MAX, FP8_MAX)
-    tl.store(k_dst + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        k = tl.clamp(k.to(tl.float32) / tl.load(k_half[4]), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32) / tl.load(v_half[4]), -FP8_MAX, FP8_MAX)
+    tl.store(k_dst, k.to(k_dst.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(v_dst.dtype.element_ty), mask=mask)
 
 
 def plan(
@@ -104,24 +96,15 @@ def plan(
         kernel=_store_kv_kernel,
         grid=(key.shape[0],),
         args=dict(
-            k_cache_ptr=key_cache,
-            v_cache_ptr=value_cache,
+            cache=cache_arg(key_cache, value_cache, k_scale, v_scale),
             key_ptr=key,
             value_ptr=value,
             slot_mapping_ptr=slot_mapping,
-            k_scale_ptr=k_scale if fp8 else slot_mapping,
-            v_scale_ptr=v_scale if fp8 else slot_mapping,
             head_offset=head_offset,
             stride_key_tok=key.stride(0),
             stride_key_head=key.stride(1),
             stride_value_tok=value.stride(0),
             stride_value_head=value.stride(1),
-            stride_k_block=key_cache.stride(0),
-            stride_k_head=key_cache.stride(1),
-            stride_k_slot=key_cache.stride(2),
-            stride_v_block=value_cache.stride(0),
-            stride_v_head=value_cache.stride(1),
-            stride_v_slot=value_cache.stride(2),
         ),
         constexprs=dict(
             NUM_HEADS=num_heads,

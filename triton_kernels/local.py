@@ -38,6 +38,7 @@ import triton.language as tl
 from ._common import (
     FP8_DTYPES,
     Launch,
+    add_tail,
     check_output,
     check_query,
     find_request,
@@ -67,9 +68,8 @@ def _softmax_step(m_i, l_i, acc, s, visible, v):
 def _local_attention_kernel(
     out_ptr,
     q_ptr,
-    k_ptr,
-    v_ptr,
-    tails_ptr,
+    cache,  # the paged K/V (_common.cache_arg)
+    tails,  # the page tails (_common.local_pool_args)
     block_table_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
@@ -84,18 +84,7 @@ def _local_attention_kernel(
     stride_q_head,
     stride_o_tok,
     stride_o_head,
-    stride_k_block,
-    stride_k_head,
-    stride_k_slot,
-    stride_v_block,
-    stride_v_head,
-    stride_v_slot,
-    stride_t_block,
-    stride_t_head,
-    stride_t_kv,
     stride_bt,
-    k_scale_ptr,  # fp8 caches: vLLM's per-tensor scales (1-element fp32), else never read
-    v_scale_ptr,
     BLOCK_SIZE: tl.constexpr,
     G: tl.constexpr,  # query heads per KV head
     HEAD_SIZE: tl.constexpr,
@@ -140,8 +129,6 @@ def _local_attention_kernel(
     )
 
     pool_head = (head_offset + kv).to(tl.int64)
-    k_head = k_ptr + pool_head * stride_k_head
-    v_head = v_ptr + pool_head * stride_v_head
     bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
     n = tl.arange(0, TILE_N)
 
@@ -154,23 +141,7 @@ def _local_attention_kernel(
     for n0 in range(0, sink_end, TILE_N):
         pos = n0 + n
         pos_ok = pos < sink_end
-        k, v = load_kv_tile(
-            k_head,
-            v_head,
-            bt_row,
-            pos,
-            pos_ok,
-            d,
-            d_ok,
-            stride_k_block,
-            stride_k_slot,
-            stride_v_block,
-            stride_v_slot,
-            k_scale_ptr,
-            v_scale_ptr,
-            BLOCK_SIZE,
-            FP8,
-        )
+        k, v = load_kv_tile(cache, bt_row, pool_head, pos, pos_ok, d, d_ok, BLOCK_SIZE, FP8)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
         visible = pos_ok[None, :] & (pos[None, :] <= t[:, None])
         m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, visible, v.to(q.dtype))
@@ -189,9 +160,7 @@ def _local_attention_kernel(
     key_sum = tl.zeros([HEAD_PAD], tl.float32)
     value_sum = tl.zeros([HEAD_PAD], tl.float32)
     if has_comp & (c_a * BLOCK_SIZE > sink):  # tail(c_a) is not the empty sum
-        tail = tails_ptr + tl.load(bt_row + c_a).to(tl.int64) * stride_t_block + pool_head * stride_t_head
-        key_sum += tl.load(tail + d, mask=d_ok, other=0.0)
-        value_sum += tl.load(tail + stride_t_kv + d, mask=d_ok, other=0.0)
+        key_sum, value_sum = add_tail(key_sum, value_sum, tails, bt_row, c_a, pool_head, d, d_ok)
 
     # 2. keys before every compressed row's window: prompt rows attend to them, compensated rows sum them
     lo = tl.minimum(r0, window_start)
@@ -200,23 +169,7 @@ def _local_attention_kernel(
     for n0 in range(lo, window_start, TILE_N):
         pos = n0 + n
         pos_ok = pos < window_start
-        k, v = load_kv_tile(
-            k_head,
-            v_head,
-            bt_row,
-            pos,
-            pos_ok,
-            d,
-            d_ok,
-            stride_k_block,
-            stride_k_slot,
-            stride_v_block,
-            stride_v_slot,
-            k_scale_ptr,
-            v_scale_ptr,
-            BLOCK_SIZE,
-            FP8,
-        )
+        k, v = load_kv_tile(cache, bt_row, pool_head, pos, pos_ok, d, d_ok, BLOCK_SIZE, FP8)
         if prompt_end > ta:
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
             visible = pos_ok[None, :] & (pos[None, :] <= t[:, None]) & is_prompt[:, None]
@@ -241,23 +194,7 @@ def _local_attention_kernel(
             for n0 in range(window_start, split, TILE_N):
                 pos = n0 + n
                 pos_ok = pos < split
-                k, v = load_kv_tile(
-                    k_head,
-                    v_head,
-                    bt_row,
-                    pos,
-                    pos_ok,
-                    d,
-                    d_ok,
-                    stride_k_block,
-                    stride_k_slot,
-                    stride_v_block,
-                    stride_v_slot,
-                    k_scale_ptr,
-                    v_scale_ptr,
-                    BLOCK_SIZE,
-                    FP8,
-                )
+                k, v = load_kv_tile(cache, bt_row, pool_head, pos, pos_ok, d, d_ok, BLOCK_SIZE, FP8)
                 qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
                 seen = (pos[None, :] > t[:, None] - window) | is_prompt[:, None]
                 visible = pos_ok[None, :] & seen & (pos[None, :] <= t[:, None])
@@ -282,23 +219,7 @@ def _local_attention_kernel(
     for n0 in range(split, tb + 1, TILE_N):
         pos = n0 + n
         pos_ok = pos <= tb
-        k, v = load_kv_tile(
-            k_head,
-            v_head,
-            bt_row,
-            pos,
-            pos_ok,
-            d,
-            d_ok,
-            stride_k_block,
-            stride_k_slot,
-            stride_v_block,
-            stride_v_slot,
-            k_scale_ptr,
-            v_scale_ptr,
-            BLOCK_SIZE,
-            FP8,
-        )
+        k, v = load_kv_tile(cache, bt_row, pool_head, pos, pos_ok, d, d_ok, BLOCK_SIZE, FP8)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
         seen = (pos[None, :] > t[:, None] - window) | is_prompt[:, None]
         visible = pos_ok[None, :] & seen & (pos[None, :] <= t[:, None])

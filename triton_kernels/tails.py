@@ -17,33 +17,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FP8_DTYPES, Launch, head_pad, load_kv_tile, local_pool_args
+from ._common import FP8_DTYPES, Launch, add_tail, head_pad, load_kv_tile, local_pool_args, store_tail
 
 TILE_N = 32
 
 
 @triton.jit(do_not_specialize=["head_offset", "sink"])
 def _write_block_tails_kernel(
-    k_ptr,
-    v_ptr,
-    tails_ptr,
+    cache,  # the paged K/V (_common.cache_arg)
+    tails,  # the page tails (_common.local_pool_args)
     block_table_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
     head_offset,
     sink,
-    stride_k_block,
-    stride_k_head,
-    stride_k_slot,
-    stride_v_block,
-    stride_v_head,
-    stride_v_slot,
-    stride_t_block,
-    stride_t_head,
-    stride_t_kv,
     stride_bt,
-    k_scale_ptr,  # fp8 caches: vLLM's per-tensor scales (1-element fp32), else never read
-    v_scale_ptr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -61,8 +49,6 @@ def _write_block_tails_kernel(
     last = (seq_len - 1) // BLOCK_SIZE
 
     pool_head = (head_offset + kv).to(tl.int64)
-    k_head = k_ptr + pool_head * stride_k_head
-    v_head = v_ptr + pool_head * stride_v_head
     bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
     d = tl.arange(0, HEAD_PAD)
     d_ok = d < HEAD_SIZE
@@ -71,36 +57,16 @@ def _write_block_tails_kernel(
     key_sum = tl.zeros([HEAD_PAD], tl.float32)
     value_sum = tl.zeros([HEAD_PAD], tl.float32)
     if (first <= last) & ((first - 1) * BLOCK_SIZE > sink):  # tail(first - 1) is not the empty sum
-        prev = tails_ptr + tl.load(bt_row + first - 1).to(tl.int64) * stride_t_block + pool_head * stride_t_head
-        key_sum += tl.load(prev + d, mask=d_ok, other=0.0)
-        value_sum += tl.load(prev + stride_t_kv + d, mask=d_ok, other=0.0)
+        key_sum, value_sum = add_tail(key_sum, value_sum, tails, bt_row, first - 1, pool_head, d, d_ok)
     for b in range(first, last + 1):
         hi = b * BLOCK_SIZE
         for n0 in range(tl.maximum(sink, hi - BLOCK_SIZE), hi, TILE_N):  # empty when b*B <= S
             pos = n0 + n
             pos_ok = pos < hi
-            k, v = load_kv_tile(
-                k_head,
-                v_head,
-                bt_row,
-                pos,
-                pos_ok,
-                d,
-                d_ok,
-                stride_k_block,
-                stride_k_slot,
-                stride_v_block,
-                stride_v_slot,
-                k_scale_ptr,
-                v_scale_ptr,
-                BLOCK_SIZE,
-                FP8,
-            )
+            k, v = load_kv_tile(cache, bt_row, pool_head, pos, pos_ok, d, d_ok, BLOCK_SIZE, FP8)
             key_sum += tl.sum(k.to(tl.float32), 0)
             value_sum += tl.sum(v.to(tl.float32), 0)
-        tail = tails_ptr + tl.load(bt_row + b).to(tl.int64) * stride_t_block + pool_head * stride_t_head
-        tl.store(tail + d, key_sum, mask=d_ok)
-        tl.store(tail + stride_t_kv + d, value_sum, mask=d_ok)
+        store_tail(tails, bt_row, b, pool_head, d, d_ok, key_sum, value_sum)
 
 
 def plan(
