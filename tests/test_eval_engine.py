@@ -98,6 +98,8 @@ def eval_slice(tmp_path_factory):
             "16",
             "--kv-gib",
             "0.5",
+            "--jobs",
+            "2",
             "--format",
             "plain",
             "--out",
@@ -135,3 +137,7 @@ def test_eval_slice_scores_razor_against_full(eval_slice):
     assert fid["razor"]["kl"] < fid["streaming"]["kl"]
     assert fid["razor"]["top1"] >= fid["streaming"]["top1"]
     assert (plot_dir / "heatmap.png").stat().st_size > 1000 and (plot_dir / "budget.png").stat().st_size > 1000
+    # Engines ran two at a time (--jobs 2) with prefix caching: each found the text slice's prefix (shared by
+    # its teacher-forced and greedy requests) and the prompts' shared haystack in its cache.
+    for variant, engine in results["settings"]["engines"].items():
+        assert 0 < engine["cached_prompt_tokens"] < engine["prompt_tokens"], (variant, engine)

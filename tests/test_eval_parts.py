@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from razor_vllm.eval.command import PROG
 from razor_vllm.eval.tasks import TASKS
 from razor_vllm.eval.variants import (
     base_variants,
+    grid_variants,
     random_profile,
     share_profile,
     sweep_variants,
@@ -78,6 +80,30 @@ def test_sweeps_make_labelled_variants(profile):
         sweep_variants("heads", ["1"], profile)
     with pytest.raises(ValueError, match="on/off"):
         sweep_variants("compensation", ["maybe"], profile)
+
+
+def test_two_sweeps_make_the_grid_of_every_combination(profile):
+    grid = grid_variants([("retrieval_share", ["15%", "40%"]), ("window", ["128", "512"])], profile)
+    small, large = share_profile(profile, 0.15).num_retrieval_heads, share_profile(profile, 0.40).num_retrieval_heads
+    assert [(v.num_retrieval_heads, v.window) for v in grid] == [(small, 128), (small, 512), (large, 128), (large, 512)]
+    assert len({v.label for v in grid}) == 4 and all(v.mode == "razor" for v in grid)
+    assert grid[1].label == f"razor share={small}/{profile.total_kv_heads} W=512"
+    # More heads or a longer window keeps more of the cache.
+    budgets = [v.kv_budget(4096) for v in grid]
+    assert budgets[0] < budgets[1] < budgets[3] and budgets[0] < budgets[2] < budgets[3]
+    with pytest.raises(ValueError, match="swept once"):
+        grid_variants([("window", ["64"]), ("window", ["128"])], profile)
+
+
+def test_cpu_groups_split_the_cores_between_engines():
+    from razor_vllm.eval.evaluation import cpu_groups
+
+    assert cpu_groups(2, [0, 1]) == ["0", "1"]
+    assert cpu_groups(2, [4, 5, 6, 7, 8]) == ["4,5", "6,7"]
+    assert cpu_groups(1, [3, 1]) == ["1,3"]
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="--jobs"):
+            cpu_groups(bad, [0, 1])
 
 
 def test_kl_top1_nll_against_a_plain_float64_computation():
@@ -149,6 +175,9 @@ def test_tables_and_plots(profile, tmp_path):
     assert accuracy.columns[2:] == ["full", "razor"]
     # Two prompts per cell: Wilson 95% intervals, wide as two prompts deserve.
     assert accuracy.rows[0] == ["passkey", "1k", "100 [34-100]", "50 [9-91]"]
+    front = tabs["Accuracy against the KV budget"]
+    assert [row[0] for row in front.rows] == ["razor", "full"]  # sorted by budget
+    assert front.rows[0][3:] == ["50 [9-91]", "-50.0"] and front.note == "no variant is within 2 points of full"
     fid = tabs["Fidelity to the full cache on Moby-Dick"]
     assert fid.rows == [["razor", "1k", "0.0500", "90.0", "+0.1000", "5.0", "50.0"]]
     heat = report.heatmap_data(results)
@@ -156,6 +185,44 @@ def test_tables_and_plots(profile, tmp_path):
     written = report.plots(results, tmp_path)
     assert {p.name for p in written} == {"heatmap.png", "budget.png", "pareto.png"}
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_smallest_budget_within_two_points_of_full(profile):
+    """The verdict the evaluation reports: the cheapest variant whose accuracy over all prompts is at most 2
+    points below full's; a variant 2.5 points below does not count, one above full does."""
+    full, razor = base_variants(["full", "razor"], profile)
+    wide = replace(razor, label="razor W=1024", window=1024)
+    narrow = replace(razor, label="razor W=64", window=64)
+    variants = [full, razor, wide, narrow]
+    accuracy = {"full": 0.800, "razor": 0.775, "razor W=1024": 0.825, "razor W=64": 0.100}
+    tasks = [
+        dict(
+            variant=v.label,
+            mode=v.mode,
+            task="passkey",
+            context=4096,
+            depth=0.5,
+            score=float(i < 1000 * accuracy[v.label]),
+        )
+        for v in variants
+        for i in range(1000)
+    ]
+    results = dict(
+        meta=dict(variants=[v.describe() for v in variants]),
+        budgets={v.label: {"4096": v.kv_budget(4096)} for v in variants},
+        tasks=tasks,
+        fidelity=[],
+    )
+    assert report.smallest_matching(results)["label"] == "razor W=1024"
+    accuracy["razor"] = 0.785  # 1.5 points below full: now the default window matches
+    for row in tasks:
+        if row["variant"] == "razor":
+            row["score"] = 0.0
+    for row in [r for r in tasks if r["variant"] == "razor"][:785]:
+        row["score"] = 1.0
+    best = report.smallest_matching(results)
+    assert best["label"] == "razor" and best["gap"] == pytest.approx(-1.5)
+    assert "smallest KV budget within 2 points of full: razor at" in report.budget_table(results).note
 
 
 def test_cli_refuses_bad_arguments(tmp_path, capsys):

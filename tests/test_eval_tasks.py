@@ -287,3 +287,19 @@ def test_calibration_split_has_other_seeds_and_wording(tokenizer, task):
             assert "pass key" not in sample.prompt and "special magic" not in sample.prompt
     with pytest.raises(ValueError, match="split must be one of"):
         make_samples("passkey", tokenizer, 512, 1, seed=0, split="train")
+
+
+@needs_model
+@pytest.mark.parametrize("split", ["evaluation", "calibration"])
+@pytest.mark.parametrize("task", ["passkey", "niah_number"])
+def test_prompts_of_one_depth_share_their_tokens_up_to_the_needle(tokenizer, task, split):
+    """The noise haystack runs forward from its first sentence, so an engine with prefix caching computes the
+    part before the needle once per task and depth: the prompts' common token prefix reaches the needle."""
+    for length, depth in ((1024, 0.25), (4096, 0.75)):
+        samples = make_samples(task, tokenizer, length, 6, seed=3, depth=depth, split=split)
+        ids = [tokenizer.encode(s.prompt) for s in samples]
+        common = min(next(i for i, (a, b) in enumerate(zip(ids[0], other)) if a != b) for other in ids[1:])
+        assert common >= depth * length - 64, (common, depth * length)
+        # ... and no further: the needles themselves differ.
+        first_needle = min(len(tokenizer.encode(s.prompt[: s.prompt.index(s.answers[0])])) for s in samples)
+        assert common <= first_needle, (common, first_needle)

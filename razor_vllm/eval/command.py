@@ -98,9 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--sweep",
         type=_sweep,
+        action="append",
         metavar="NAME=V,V,...",
         help="razor variants along one setting: retrieval_share (e.g. 5%%,10%%,15%%,25%%), window, "
-        "sink, compensation (on,off)",
+        "sink, compensation (on,off), prefill; given twice (e.g. retrieval_share and window), every "
+        "combination (the grid of the accuracy-vs-budget front)",
     )
 
     grid = parser.add_argument_group("task grid")
@@ -165,6 +167,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--kv-gib", type=float, default=2.0, metavar="G", help="KV cache of every engine (default 2)")
     model.add_argument("--chunk", type=int, default=2048, metavar="T", help="max_num_batched_tokens (default 2048)")
     model.add_argument("--max-num-seqs", type=int, default=16, metavar="N", help="requests batched (default 16)")
+    model.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="engines without prefix caching (default: on, as vLLM serves; prompts of one task and depth share "
+        "their text up to the needle, so each engine computes that part once)",
+    )
+    model.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="engines run at once, each in its own process (on a CPU: on its own cores; vLLM's CPU worker "
+        "uses all but one core, so --jobs 2 on 2 cores uses both)",
+    )
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=DEFAULT_OUT, metavar="JSON", help=f"results file (default: {DEFAULT_OUT})")
@@ -216,6 +232,8 @@ def _run(args: argparse.Namespace) -> int:
         kv_bytes=int(args.kv_gib * (1 << 30)),
         chunk=args.chunk,
         max_num_seqs=args.max_num_seqs,
+        prefix_caching=not args.no_prefix_caching,
+        jobs=args.jobs,
     )
     meta = _meta(args, profile, model_dir, evaluation)
     try:
@@ -248,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _variants(args: argparse.Namespace, profile) -> list:
-    from razor_vllm.eval.variants import base_variants, sweep_variants, with_prefill_modes
+    from razor_vllm.eval.variants import base_variants, grid_variants, with_prefill_modes
 
     if (args.window is not None and args.window < 1) or (args.sink is not None and args.sink < 0):
         raise ValueError("need --window >= 1 and --sink >= 0")
@@ -261,9 +279,9 @@ def _variants(args: argparse.Namespace, profile) -> list:
         base_variants(modes, profile, args.sink, args.window, compensation, seed=args.seed), args.prefill
     )
     if args.sweep:
-        name, values = args.sweep
-        swept = sweep_variants(name, values, profile, args.sink, args.window, compensation)
-        variants += swept if name == "prefill" else with_prefill_modes(swept, args.prefill)
+        swept = grid_variants(args.sweep, profile, args.sink, args.window, compensation)
+        prefill_swept = any(name == "prefill" for name, _ in args.sweep)
+        variants += swept if prefill_swept else with_prefill_modes(swept, args.prefill)
     labels = [v.label for v in variants]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two variants share a label: {labels}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from razor_vllm.eval import metrics
 from razor_vllm.eval.runner import EngineSettings, TextItem, VariantOutputs, run_variant
@@ -64,7 +67,9 @@ class Evaluation:
     kv_bytes: int = 2 << 30
     chunk: int = 2048
     max_num_seqs: int = 16
+    prefix_caching: bool = True
     progress: bool = True
+    jobs: int = 1  # engines run at once (each in its own process, on its own CPU cores when on a CPU)
 
     def samples(self, tokenizer) -> list[Sample]:
         made = []
@@ -138,6 +143,7 @@ class Evaluation:
             kv_cache_bytes=self.kv_bytes,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.chunk,
+            prefix_caching=self.prefix_caching,
         )
         task_rows: list[dict[str, Any]] = []
         fidelity_rows: list[dict[str, Any]] = []
@@ -145,13 +151,20 @@ class Evaluation:
         full: Optional[VariantOutputs] = None
         logprob_dir = self.work_dir / "logprobs"
         ordered = sorted(self.variants, key=lambda v: v.mode != "full")  # the reference first
-        for number, variant in enumerate(ordered, 1):
-            label = f"[{number}/{len(ordered)}] {variant.label}" if self.progress else None
-            if self.progress:
-                print(f"eval {label}: {len(samples)} task prompts, {len(texts)} text slices", file=sys.stderr)
-            outputs = run_variant(
-                variant, settings, samples, texts, self.grid.greedy_tokens, logprob_dir, progress=label
+        if self.progress:
+            print(
+                f"eval: {len(ordered)} engines, {len(samples)} task prompts and {len(texts)} text slices each",
+                file=sys.stderr,
             )
+        run = functools.partial(
+            run_variant,
+            settings=settings,
+            samples=samples,
+            texts=texts,
+            greedy_tokens=self.grid.greedy_tokens,
+            work_dir=logprob_dir,
+        )
+        for variant, outputs in zip(ordered, _run_all(ordered, run, self.jobs, self.progress)):
             engines[variant.label] = dict(outputs.engine, seconds=round(outputs.seconds, 1))
             for sample, text in zip(samples, outputs.task_texts):
                 task_rows.append(
@@ -202,6 +215,72 @@ class Evaluation:
     def _budgets(self, texts: list[TextItem]) -> dict[str, dict[str, float]]:
         contexts = sorted(set(self.grid.contexts) | {t.context for t in texts})
         return {v.label: {str(c): v.kv_budget(c) for c in contexts} for v in self.variants}
+
+
+def cpu_groups(jobs: int, cpus: Optional[list[int]] = None) -> list[str]:
+    """``jobs`` disjoint CPU lists (vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` syntax), one per engine run at once.
+
+    vLLM's CPU worker binds its OpenMP threads to the NUMA node's cores minus one reserved for the scheduler;
+    two engines started side by side would bind the same cores. Each gets its own share instead.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    if not 1 <= jobs <= len(cpus):
+        raise ValueError(f"--jobs must be between 1 and the {len(cpus)} CPUs this process may use, got {jobs}")
+    share = len(cpus) // jobs
+    return [",".join(map(str, cpus[i * share : (i + 1) * share])) for i in range(jobs)]
+
+
+def _run_in_worker(run: Callable[..., VariantOutputs], variant: Variant, cpus: Optional[str]) -> VariantOutputs:
+    if cpus is not None:  # inherited by the engine process this worker starts
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+    return run(variant, progress=None)
+
+
+def _run_all(
+    variants: list[Variant], run: Callable[..., VariantOutputs], jobs: int, progress: bool
+) -> list[VariantOutputs]:
+    """Every variant's outputs, in order: one after the other in this process (``jobs`` 1, with vLLM's
+    progress bars), or ``jobs`` at a time in spawned worker processes, each engine on its own CPU cores."""
+    total = len(variants)
+    if jobs <= 1:
+        outputs = []
+        for number, variant in enumerate(variants, 1):
+            label = f"[{number}/{total}] {variant.label}" if progress else None
+            outputs.append(run(variant, progress=label))
+        return outputs
+
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from vllm.platforms import current_platform
+
+    own_binding = not current_platform.is_cpu() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ
+    free = [None] * jobs if own_binding else cpu_groups(jobs)
+    results: dict[int, VariantOutputs] = {}
+    pending: dict[Any, tuple[int, Optional[str]]] = {}
+    queue = list(enumerate(variants))
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while queue or pending:
+            while queue and free:
+                index, variant = queue.pop(0)
+                cpus = free.pop(0)
+                pending[pool.submit(_run_in_worker, run, variant, cpus)] = (index, cpus)
+                if progress:
+                    where = f" on CPUs {cpus}" if cpus else ""
+                    print(f"eval [{index + 1}/{total}] {variant.label}: started{where}", file=sys.stderr)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                index, cpus = pending.pop(future)
+                results[index] = future.result()
+                free.append(cpus)
+                if progress:
+                    print(
+                        f"eval [{index + 1}/{total}] {variants[index].label}: done in {results[index].seconds:.0f} s "
+                        f"({time.perf_counter() - started:.0f} s since the start)",
+                        file=sys.stderr,
+                    )
+    return [results[i] for i in range(total)]
 
 
 def _bucket(sample: Sample, contexts: list[int]) -> int:

@@ -63,6 +63,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
                 note=f"at least {per_cell} prompts per cell, greedy; score = share of answers found",
             )
         )
+        out.append(budget_table(results))
         if all("output" in r for r in rows):
             # Older result files have no stored partial credit; it follows from the stored output.
             rows = [r if "partial" in r else dict(r, partial=prefix_credit(r["answers"], r["output"])) for r in rows]
@@ -115,6 +116,67 @@ def tables(results: dict[str, Any]) -> list[Table]:
             )
         )
     return out
+
+
+MATCH_POINTS = 2.0  # "razor matches full": within this many accuracy points over all task prompts
+
+
+def budget_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every variant's KV budget at the longest task context and its accuracy over all task prompts (Wilson
+    interval), with the gap to full in points; sorted by budget."""
+    rows = results["tasks"]
+    longest = max(r["context"] for r in rows)
+    acc = interval_by(rows, ("variant",), "score")
+    full = acc.get(("full",))
+    made = []
+    for v in results["meta"]["variants"]:
+        cell = acc.get((v["label"],))
+        if cell is None:
+            continue
+        gap = None if full is None else 100 * (cell[0] - full[0])
+        made.append(
+            dict(
+                label=v["label"],
+                prefill="-" if v["mode"] == "full" else v.get("prefill", "exact"),
+                budget=results["budgets"][v["label"]][str(longest)],
+                accuracy=cell,
+                gap=gap,
+                matches=gap is not None and gap >= -MATCH_POINTS,
+            )
+        )
+    return sorted(made, key=lambda r: (r["budget"], r["label"]))
+
+
+def smallest_matching(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The variant with the smallest KV budget whose accuracy is within ``MATCH_POINTS`` of full's (None:
+    no variant but full is)."""
+    return next((r for r in budget_rows(results) if r["matches"] and r["label"] != "full"), None)
+
+
+def budget_table(results: dict[str, Any]) -> Table:
+    rows = budget_rows(results)
+    longest = max(r["context"] for r in results["tasks"])
+    best = smallest_matching(results)
+    verdict = (
+        f"smallest KV budget within {MATCH_POINTS:g} points of full: {best['label']} at {_pct(best['budget'])}%"
+        if best
+        else f"no variant is within {MATCH_POINTS:g} points of full"
+    )
+    return Table(
+        f"Accuracy against the KV budget (all task prompts; budget at {_ctx(longest)})",
+        ["variant", "prefill", "KV budget", "accuracy % [95%]", "vs full (points)"],
+        [
+            [
+                r["label"],
+                r["prefill"],
+                _pct(r["budget"]) + "%",
+                _ci(r["accuracy"]),
+                "-" if r["gap"] is None or r["label"] == "full" else f"{r['gap']:+.1f}",
+            ]
+            for r in rows
+        ],
+        note=verdict,
+    )
 
 
 def heatmap_data(results: dict[str, Any]) -> dict[str, dict[tuple[float, int], float]]:

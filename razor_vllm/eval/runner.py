@@ -39,6 +39,9 @@ class EngineSettings:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 2048
     seed: int = 0
+    # vLLM's default. Prompts of one task and depth share their text up to the needle (eval/tasks.py), so each
+    # engine computes that part once; a hit's output equals a recompute (tests/test_engine_prefix_cache.py).
+    prefix_caching: bool = True
 
     def kwargs(self, variant: Variant, profile_path: Optional[Path]) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
@@ -50,7 +53,7 @@ class EngineSettings:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             seed=self.seed,
-            enable_prefix_caching=False,  # every mode computes every prompt (timings and teacher forcing)
+            enable_prefix_caching=self.prefix_caching,
             logits_processors=[PROCESSOR],
         )
         if variant.mode != "full":
@@ -124,6 +127,11 @@ def run_variant(
         del llm
         gc.collect()
 
+    # What prefix caching saved: prompt tokens the engine found cached instead of computing.
+    info.update(
+        prompt_tokens=sum(len(o.prompt_token_ids or ()) for o in outputs),
+        cached_prompt_tokens=sum(o.num_cached_tokens or 0 for o in outputs),
+    )
     n_tasks, n_texts = len(samples), len(texts)
     task_texts = [o.outputs[0].text for o in outputs[:n_tasks]]
     forced = outputs[n_tasks : n_tasks + n_texts]

@@ -270,8 +270,11 @@ class _Haystack:
 
     def __init__(self, kind: str, rng: random.Random, tokenizer, split: str = "evaluation"):
         if kind == "noise":
+            # Every excerpt starts at the first filler sentence and runs forward, so prompts of one task and
+            # depth share their text (and tokens) up to the needle: with prefix caching (vLLM's default) an
+            # engine computes that shared part once, which is what makes 20 prompts per cell affordable here.
             self.sentences: tuple[str, ...] = _TEMPLATES[split]["filler"]
-            self.end = 0  # every excerpt ends with "There and back again."
+            self.end = None
         elif kind == "text":
             from razor_vllm.eval import corpus
 
@@ -289,9 +292,19 @@ class _Haystack:
         return self._tokens[piece]
 
     def excerpt(self, words: int) -> list[str]:
-        """Pieces: perhaps the tail of a sentence (an excerpt may start mid-sentence), then whole sentences;
-        ``words`` words in all."""
+        """Pieces: ``words`` words in all. Noise: whole sentences from the first one on, perhaps ending with
+        the head of a sentence. Text: perhaps the tail of a sentence (an excerpt may start mid-sentence), then
+        whole sentences up to a random place in the book."""
         pieces: list[str] = []
+        if self.end is None:
+            i = 0
+            while words > 0:
+                sentence_words = self.sentences[i % len(self.sentences)].split(" ")
+                taken = sentence_words[:words]
+                pieces.append(" ".join(taken))
+                words -= len(taken)
+                i += 1
+            return pieces
         i = self.end
         while words > 0:
             i -= 1

@@ -150,8 +150,24 @@ def sweep_variants(
     compensation: bool = True,
 ) -> list[Variant]:
     """``razor`` variants along one setting (values as given on the command line)."""
-    if name not in SWEEPS:
-        raise ValueError(f"unknown sweep {name!r}; choose from {', '.join(SWEEPS)}")
+    return grid_variants([(name, values)], profile, sink, window, compensation)
+
+
+def grid_variants(
+    sweeps: list[tuple[str, list[str]]],
+    profile: RazorProfile,
+    sink: Optional[int] = None,
+    window: Optional[int] = None,
+    compensation: bool = True,
+) -> list[Variant]:
+    """``razor`` variants at every combination of the sweeps' values (one sweep: a series; two, e.g.
+    retrieval share and window: the grid an accuracy-vs-KV-budget front is read from)."""
+    for name, _ in sweeps:
+        if name not in SWEEPS:
+            raise ValueError(f"unknown sweep {name!r}; choose from {', '.join(SWEEPS)}")
+    names = [name for name, _ in sweeps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each setting can be swept once, got {', '.join(names)}")
     base = Variant(
         "razor",
         "razor",
@@ -160,22 +176,27 @@ def sweep_variants(
         profile.window if window is None else window,
         compensation,
     )
-    made = []
-    for raw in values:
-        if name == "retrieval_share":
-            share = float(raw.rstrip("%")) / (100 if raw.endswith("%") else 1)
-            p = share_profile(profile, share)
-            made.append(replace(base, label=f"razor share={p.num_retrieval_heads}/{p.total_kv_heads}", profile=p))
-        elif name == "window":
-            made.append(replace(base, label=f"razor W={int(raw)}", window=int(raw)))
-        elif name == "sink":
-            made.append(replace(base, label=f"razor S={int(raw)}", sink=int(raw)))
-        elif name == "prefill":
-            made.append(replace(base, label=f"razor prefill={_prefill_mode(raw)}", prefill=_prefill_mode(raw)))
-        else:
-            on = _parse_bool(raw)
-            made.append(replace(base, label=f"razor comp={'on' if on else 'off'}", compensation=on))
+    made = [base]
+    for name, values in sweeps:
+        made = [_with_setting(v, name, raw, profile) for v in made for raw in values]
     return made
+
+
+def _with_setting(variant: Variant, name: str, raw: str, profile: RazorProfile) -> Variant:
+    """``variant`` with one setting changed and the change appended to its label."""
+    if name == "retrieval_share":
+        share = float(raw.rstrip("%")) / (100 if raw.endswith("%") else 1)
+        p = share_profile(profile, share)
+        return replace(variant, label=f"{variant.label} share={p.num_retrieval_heads}/{p.total_kv_heads}", profile=p)
+    if name == "window":
+        return replace(variant, label=f"{variant.label} W={int(raw)}", window=int(raw))
+    if name == "sink":
+        return replace(variant, label=f"{variant.label} S={int(raw)}", sink=int(raw))
+    if name == "prefill":
+        mode = _prefill_mode(raw)
+        return replace(variant, label=f"{variant.label} prefill={mode}", prefill=mode)
+    on = _parse_bool(raw)
+    return replace(variant, label=f"{variant.label} comp={'on' if on else 'off'}", compensation=on)
 
 
 def with_prefill_modes(variants: list[Variant], modes: list[str]) -> list[Variant]:
