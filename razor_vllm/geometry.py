@@ -229,6 +229,11 @@ class PoolGeometry:
         """Pages admission reserves for a request of ``tokens`` prompt tokens: its peak."""
         return self.retrieval_pages(tokens) + self.local_admission_blocks(tokens, in_flight, max_model_len)
 
+    def batch_pages(self, batch: int, tokens: int, in_flight: int) -> int:
+        """Pages ``batch`` requests of ``tokens`` tokens hold while one of them is admitted (its peak)
+        and the others decode: the inequality behind ``max_concurrency``."""
+        return (batch - 1) * self.steady_pages(tokens) + self.admission_pages(tokens, in_flight)
+
     def num_blocks(self, kv_bytes: int) -> int:
         """Block ids (pages) a worker's ``kv_bytes`` hold."""
         return kv_bytes // self.page_bytes

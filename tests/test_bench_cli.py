@@ -207,3 +207,16 @@ def test_commands_put_the_logging_level_back(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     assert main(["bench", "--skip-engine", "--out", str(tmp_path / "b.json"), "--format", "plain"]) == 0
     assert seen[-1] == "DEBUG" and os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
+
+
+def test_analytic_counts_stock_over_the_same_ranks_as_razor():
+    """Tensor parallelism in the bench: stock's cache and razor's pools over the same ranks; with more
+    ranks than KV heads (SmolLM2: 3) vLLM gives every rank a copy of one head, as /razor/status counts."""
+    profile = resolve_profile("smollm2-135m-instruct")
+    head_token = 2 * 64 * 2  # bfloat16
+    for tp, heads in ((1, 3), (3, 3), (6, 6)):
+        geo = analytic.geometry(profile, "bfloat16", tp_size=tp)
+        a = analytic.analytic_report(geo, [2048], 512, {2048: 1 << 30})
+        assert a["retrieval_heads"] + a["local_heads"] == 30 * heads  # every head every rank holds
+        assert a["bytes_per_token"]["stock"] == 30 * heads * head_token
+        assert a["requests"][0]["stock_bytes"] == 2048 * 30 * heads * head_token

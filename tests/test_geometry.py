@@ -202,6 +202,8 @@ def test_pool_bytes_by_counting_slots(layout, dtype_bytes):
         local_peak = len(blocks_of(range(tokens), layout.local_block_size)) if layout.has_local_pool else 0
         assert pool.steady_pages(tokens) == retrieval + local_steady
         assert pool.admission_pages(tokens, 512) == retrieval + local_peak
+        # Three requests decoding and a fourth admitted: its prompt's pages on top of their steady ones.
+        assert pool.batch_pages(4, tokens, 512) == 3 * (retrieval + local_steady) + retrieval + local_peak
     assert pool.num_blocks(10 * pool.page_bytes + 1) == 10
 
 

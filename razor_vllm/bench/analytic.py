@@ -77,7 +77,10 @@ class KVGeometry:
 
     @property
     def stock(self) -> StockGeometry:
-        return StockGeometry.of(self.num_layers, self.num_kv_heads, self.head_token_bytes, self.stock_block_size)
+        """Stock vLLM over the same ranks: with more ranks than KV heads each rank holds a copy of one."""
+        return StockGeometry.of(
+            self.num_layers, self.num_kv_heads, self.head_token_bytes, self.stock_block_size, self.tp_size
+        )
 
     @property
     def local(self) -> LocalGeometry:

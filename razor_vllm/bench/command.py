@@ -453,7 +453,7 @@ def _fits(geo: analytic.KVGeometry, backend: str, chunk: int, vllm_block_size: O
             engine = geo.with_stock_block_size(vllm_block_size or geo.stock_block_size)
             if engine.reported_block_size != info["block_size"]:
                 return None  # not the layout this engine planned: run the point rather than guess
-            need = (batch - 1) * engine.razor_steady_pages(tokens) + engine.razor_admission_pages(tokens, chunk)
+            need = engine.pool.batch_pages(batch, tokens, chunk)
         have = info["num_gpu_blocks"]
         return f"needs {need} blocks, the KV cache has {have}" if need > have else None
 

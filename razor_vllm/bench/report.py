@@ -46,7 +46,8 @@ def tables(results: dict[str, Any]) -> list[Table]:
             [
                 [
                     "stock",
-                    f"{a['num_layers'] * a['num_kv_heads']}",
+                    # every KV head every rank holds (replicas when ranks outnumber KV heads)
+                    f"{a['retrieval_heads'] + a['local_heads']}",
                     str(a["stock_block_size"]),
                     number(bpt["stock"]),
                     "all",
