@@ -42,7 +42,7 @@ from razor_vllm.serve import harness as srv
 PROG = "python -m loadtest"
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 BACKENDS = ("razor", "stock")
-DEFAULT_WINDOW = 256  # the bundled profile's window; only used to size the passkey prompts
+DEFAULT_WINDOW = 128  # the bundled default profile's window; only used to size the passkey prompts
 
 
 def parse_duration(text: str) -> int:
@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16", "auto"],
         help="default: float32 (bf16 is several times slower on CPUs without bf16 instructions)",
     )
-    engine.add_argument("--window", type=_positive, help="razor window W (default: the profile's, 256)")
+    engine.add_argument("--window", type=_positive, help="razor window W (default: the profile's, 128)")
     engine.add_argument("--sink", type=int, help="razor sink tokens (default: the profile's)")
     engine.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for /health")
 

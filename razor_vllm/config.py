@@ -205,6 +205,9 @@ class Provenance(_Strict):
     repository: Optional[str] = None
     commit: Optional[str] = None
     license: Optional[str] = None
+    # Why the profile is what it is when its command alone does not say (e.g. the calibration run that
+    # chose its ratios and window). Not carried over by a re-selection: that is a new decision.
+    note: Optional[str] = None
 
     @field_validator("probe_vocab_range")
     @classmethod
@@ -283,7 +286,10 @@ class RazorProfile(_Strict):
     # -- I/O -------------------------------------------------------------------------------
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.model_dump(mode="json"), Dumper=_ProfileDumper, sort_keys=False, width=120)
+        data = self.model_dump(mode="json")
+        if data["provenance"]["note"] is None:  # files written before the field existed stay as they are
+            del data["provenance"]["note"]
+        return yaml.dump(data, Dumper=_ProfileDumper, sort_keys=False, width=120)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -13,8 +13,8 @@ padding heads (never read) make the equation solvable.
 With prefix caching on, vLLM hashes prompts in units of the GCD of the groups' block sizes and
 lands cache hits on their LCM (``kv_cache_utils.resolve_kv_cache_block_sizes``; fine-grained hits
 exist only for Mamba groups). The first solver's blocks (187 retrieval, 32 local on the default
-model) give a 1-token hash unit and a 5,984-token hit granularity, so with caching on the
-retrieval block is a multiple of the local block instead (or divides it): the hash unit is the
+model's earlier 14-head profile) give a 1-token hash unit and a 5,984-token hit granularity, so with
+caching on the retrieval block is a multiple of the local block instead (or divides it): the hash unit is the
 smaller block, hits land on the larger one, and the local page is padded up to the retrieval page.
 """
 

@@ -15,7 +15,7 @@ from razor_vllm.serve.harness import cli_args
 
 MODEL = "smollm2-135m-instruct"  # the served name
 MAX_MODEL_LEN = 2048
-WINDOW = 128  # overrides the bundled profile's 256
+WINDOW = 96  # overrides the bundled profile's 128 (the status must show it); short chats stay inside it
 KV_BYTES = 256 << 20
 
 OPTIONS = {

@@ -45,12 +45,14 @@ EQUAL_ATTENTION_TOL = 5e-5
 
 
 def small_kv_bytes() -> int:
-    """A KV cache of 82 pages (fp32, W=128): one 2048-token request at its exact-prefill peak (75
-    pages) fits, two prompts being prefilled at once do not; decoding requests hold 12-16 pages."""
+    """A KV cache of 7 pages more than one 2048-token request's exact-prefill peak (fp32, W=128): that
+    request fits, two prompts being prefilled at once do not. With the shipped 35/90 profile: 103
+    pages, the peak 96, decoding requests 22-36 pages (with the earlier 14/90 profile: 82, 75, 12-16)."""
     from razor_vllm.bench import analytic
     from razor_vllm.config import resolve_profile
 
-    return 82 * analytic.geometry(resolve_profile("smollm2-135m-instruct"), "float32", window=WINDOW).page_bytes
+    geo = analytic.geometry(resolve_profile("smollm2-135m-instruct"), "float32", window=WINDOW)
+    return (geo.razor_admission_pages(2048, 256) + 7) * geo.page_bytes
 
 
 @functools.cache

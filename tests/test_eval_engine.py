@@ -65,9 +65,9 @@ def test_teacher_forcing_records_the_engine_distribution(default_model_dir, tmp_
 
 @pytest.fixture(scope="module")
 def eval_slice(tmp_path_factory):
-    """The real command on a small slice: needles at 1k tokens (4x the window), two depths, one text slice.
+    """The real command on a small slice: needles at 1k tokens (8x the window), two depths, one text slice.
 
-    Variants: full, razor (the shipped profile, W=256), streaming (every head local), and razor with a
+    Variants: full, razor (the shipped profile: 35/90 heads, W=128), streaming (every head local), and razor with a
     window longer than every prompt (nothing dropped: must equal full).
     """
     from razor_vllm.cli import main
@@ -129,10 +129,10 @@ def test_eval_slice_scores_razor_against_full(eval_slice):
     assert [r["output"] for r in rows if r["variant"] == wide] == [r["output"] for r in rows if r["variant"] == "full"]
     fid = {r["variant"]: r for r in results["fidelity"]}
     assert fid[wide]["kl"] < 1e-3 and fid[wide]["top1"] == 1.0 and fid[wide]["greedy_match"] == 1.0
-    # At a quarter of the window's budget razor keeps most of each needle (the retrieval heads copy
-    # it); StreamingLLM at the same window keeps next to nothing. See docs/evaluation.md for exact
-    # match on this 135M model.
-    assert results["budgets"]["razor"]["1024"] < 0.40
+    # At under half the full cache razor keeps most of each needle (the retrieval heads copy it);
+    # StreamingLLM at the same window keeps next to nothing. See docs/evaluation.md for exact match on
+    # this 135M model. The shipped profile's budget at 1k: (35 * 1024 + 55 * (4 + 128 + 1)) / (90 * 1024).
+    assert 0.46 < results["budgets"]["razor"]["1024"] < 0.47
     assert partial["razor"] >= 0.5 and partial["streaming"] <= 0.25
     assert fid["razor"]["kl"] < fid["streaming"]["kl"]
     assert fid["razor"]["top1"] >= fid["streaming"]["top1"]

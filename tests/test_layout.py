@@ -124,6 +124,32 @@ def _default_profile_heads():
 def test_default_profile_hash_aligned_for_prefix_caching(dtype_size):
     heads = _default_profile_heads()
     unaligned = plan_layout(heads, 3, 32, dtype_size)
+    # The first solver's blocks: a hash unit of gcd(68, 32) = 4 / gcd(66, 32) = 2 tokens, hits only
+    # every lcm = 544 / 1,056 tokens.
+    assert unaligned.retrieval_block_size == {2: 68, 4: 66}[dtype_size]
+    layout = plan_layout(heads, 3, 32, dtype_size, hash_aligned=True)
+    # The shipped profile (35/90 heads): 35 retrieval heads unpadded; 55 local heads, page padded from
+    # 55 * (32 + tail) up to 35 * 64.
+    assert (layout.retrieval_pool_heads, layout.local_pool_heads) == (35, 55)
+    assert layout.retrieval_block_size == 64
+    assert layout.page_slots() == 35 * 64 == 55 * (32 + layout.tail_slots) + layout.page_padding_slots
+    assert layout.page_padding_slots < 35 * 32  # less than one more retrieval block step
+    scheduler_block, hash_block = _vllm_block_sizes(layout)
+    assert (scheduler_block, hash_block) == (64, 32) == (layout.cache_hit_granularity, layout.hash_block_size)
+
+
+@pytest.mark.parametrize("dtype_size", [2, 4])
+def test_paper_share_of_the_default_profile_hash_aligned(dtype_size):
+    """The 14-head selection shipped before the calibrated profile (the paper's 15% share of the same
+    scores), kept as a case with far more local than retrieval heads: blocks 192 and 32."""
+    from pathlib import Path
+
+    from razor_vllm.config import RazorProfile
+    from razor_vllm.eval.variants import share_profile
+
+    shipped = RazorProfile.load(Path(__file__).parent.parent / "configs" / "smollm2-135m-instruct.yaml")
+    heads = share_profile(shipped, 0.15).retrieval_heads
+    unaligned = plan_layout(heads, 3, 32, dtype_size)
     # The first solver's blocks: vLLM would hash every token and land hits only every 5,984 / 3,168 tokens.
     assert unaligned.retrieval_block_size in (187, 198)
     layout = plan_layout(heads, 3, 32, dtype_size, hash_aligned=True)

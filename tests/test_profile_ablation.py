@@ -1,8 +1,9 @@
-"""Evidence that the shipped profile names the heads that matter (the paper's Table 1 ablation, in small).
+"""Evidence that the shipped profile's scores name the heads that matter (the paper's Table 1 ablation, in small).
 
 On the real default model, a copy task (BOS + random tokens, the same tokens again; teacher-forced
 next-token accuracy on the second copy) needs attention to the first copy, 200+ tokens back. Restricting
-the profile's retrieval heads to sink 4 + window 16 should break it; restricting as many randomly chosen
+the top-scoring heads (the paper's 15% share of the shipped profile's scores, 14 heads; all of them among
+the shipped profile's 35) to sink 4 + window 16 should break it; restricting as many randomly chosen
 other heads should hurt far less.
 """
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from razor_vllm.config import RazorProfile, bundled_profiles_dir
+from razor_vllm.eval.variants import share_profile
 from razor_vllm.model import DEFAULT_PROFILE_NAME
 
 ATTN = "razor_test_local_heads"
@@ -70,10 +72,16 @@ def copy_accuracy(model, ids, heads):
 
 @pytest.mark.default_model
 def test_restricting_retrieval_heads_breaks_copying_random_heads_do_not(model):
-    profile = RazorProfile.load(bundled_profiles_dir() / f"{DEFAULT_PROFILE_NAME}.yaml")
+    shipped = RazorProfile.load(bundled_profiles_dir() / f"{DEFAULT_PROFILE_NAME}.yaml")
+    # Pinned to the paper's share (14% induction + 1% echo) re-selected from the shipped profile's scores:
+    # its 14 top-scoring heads. The shipped profile keeps 35 of 90 heads whole (its share was calibrated
+    # for accuracy, see its provenance); 35 random heads would be most of the 55 others, so the ablation
+    # needs the small selection. The shipped heads contain it (selection by score is nested).
+    profile = share_profile(shipped, 0.15)
     n_layers, n_kv = profile.model.num_layers, profile.model.num_kv_heads
     count = profile.num_retrieval_heads
-    assert 10 <= count <= 20  # about 14% + 1% of 90 KV heads
+    assert count == 14
+    assert all(set(small) <= set(big) for small, big in zip(profile.retrieval_heads, shipped.retrieval_heads))
 
     # tokens from a wider range than the probe's [10000, 12500): the heads must generalise
     gen = torch.Generator().manual_seed(1234)

@@ -392,6 +392,30 @@ def test_cli_from_scores_reselects(tiny_profile, tmp_path, capsys):
     assert "4/8 KV heads retrieval" in capsys.readouterr().err
 
 
+def test_cli_from_scores_can_overwrite_its_input_and_keeps_what_it_does_not_reselect(tiny_profile, tmp_path):
+    """How the bundled default profile is regenerated: in place, new ratios and window, a note saying why."""
+    stored = tiny_profile.model_copy(update=dict(model_names=["example/Tiny"], compensation=False, sink=2, window=48))
+    path = stored.save(tmp_path / "p.yaml")
+    note = "chosen on a calibration split: razor-vllm eval --split calibration ..."
+    argv = ["--from-scores", str(path), "--induction-ratio", "0.5", "--echo-ratio", "0", "--window", "24"]
+    argv += ["--note", note, "--out", str(path)]
+    assert run_cli(argv) == 0
+    profile = RazorProfile.load(path)
+    assert profile.retrieval_heads == select_union(tiny_profile.scores, {"induction": 0.5})
+    assert profile.scores == tiny_profile.scores
+    assert (profile.sink, profile.window) == (2, 24)  # the stored sink (no --sink given), the new window
+    assert profile.model_names == ["example/Tiny"] and profile.compensation is False
+    assert profile.provenance.note == note
+    # the note is stored once; the command names it
+    shown = [command.NOTE_PLACEHOLDER if a == note else a for a in argv]
+    assert profile.provenance.command == "razor-vllm profile " + shlex.join(shown)
+    assert (profile.provenance.induction_ratio, profile.provenance.seed) == (0.5, 7)
+    # a later re-selection is a new decision: the note is not carried over
+    again = tmp_path / "again.yaml"
+    assert run_cli(["--from-scores", str(path), "--induction-ratio", "0.25", "--out", str(again), "--quiet"]) == 0
+    assert RazorProfile.load(again).provenance.note is None
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

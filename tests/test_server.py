@@ -1,7 +1,7 @@
 """`vllm serve DEFAULT_MODEL --attention-backend razor`: the OpenAI-compatible server end to end.
 
 One real server, shared with tests/test_server_status.py (the ``razor_server`` fixture of conftest.py,
-settings in tests/serving.py: fp32, so greedy answers are deterministic, window 128). Checks:
+settings in tests/serving.py: fp32, so greedy answers are deterministic, window 96). Checks:
 correct answers through the openai client and raw HTTP, streaming and not; bad requests get a 4xx
 with a message and the engine keeps serving; a client that drops mid-stream is aborted and frees
 its KV; a bounded concurrent mini-soak with cancellations; the KV usage gauge and razor's blocks in
@@ -268,7 +268,7 @@ def test_client_disconnect_mid_stream_aborts_request(server):
     generated_before = metric(url, "vllm:generation_tokens_total")
     max_tokens = 1400  # with ignore_eos this would run for a long time if the abort were lost
 
-    # One completion, one chat; the prompt is long enough that razor's window (128) drops tokens.
+    # One completion, one chat; the prompt is long enough that razor's window (96) drops tokens.
     prompt = "Once upon a time, " * 100  # 501 tokens
     _open_stream_and_drop(
         server.port, "/v1/completions", completion_body(prompt, max_tokens=max_tokens, ignore_eos=True, stream=True)

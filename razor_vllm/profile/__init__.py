@@ -126,15 +126,22 @@ def reselect(
     sink: Optional[int] = None,
     window: Optional[int] = None,
     command: Optional[str] = None,
+    note: Optional[str] = None,
 ) -> RazorProfile:
-    """The same profile with its retrieval heads re-chosen from its stored echo/induction scores."""
+    """The same profile with its retrieval heads re-chosen from its stored echo/induction scores.
+
+    Everything but the heads, sink/window (when given), and the provenance's command, date and note is
+    kept: the model names a bundled profile is matched by, the compensation switch, the probe settings.
+    """
     selection = EchoInductionSelector(induction_ratio=induction_ratio, echo_ratio=echo_ratio).select(profile)
     if command is None:
         command = (
             f"reselect(induction_ratio={induction_ratio}, echo_ratio={echo_ratio}) of: {profile.provenance.command}"
         )
-    return selection.to_profile(
+    reselected = selection.to_profile(
         sink=profile.sink if sink is None else sink,
         window=profile.window if window is None else window,
         command=command,
+        note=note,
     )
+    return reselected.model_copy(update=dict(model_names=list(profile.model_names), compensation=profile.compensation))

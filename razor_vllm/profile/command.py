@@ -1,15 +1,17 @@
 """``razor-vllm profile``: find a model's retrieval heads and write its head profile (YAML).
 
     razor-vllm profile --model DIR [--out configs/NAME.yaml]          probe (or Theorem 1 for ALiBi)
-    razor-vllm profile --from-scores PROFILE.yaml --induction-ratio R  re-select, no probe
+    razor-vllm profile --from-scores PROFILE.yaml --induction-ratio R [--window W] [--note TEXT]
+                                                                       re-select, no probe
     razor-vllm profile --model DIR --import-duo full_attention_heads.tsv [--threshold T | --ratio R]
     razor-vllm profile --model DIR --import-retrieval-head head_score.json [--threshold T | --ratio R]
     razor-vllm profile --model DIR --import-kvzip head_score/M-*.pt (--threshold T | --ratio R)
     razor-vllm profile list                                            the bundled profiles
 
 ``razor_vllm.cli`` calls :func:`add_arguments` and :func:`run`. The exact command line is recorded in
-the profile's provenance: set ``args.argv`` to the arguments after ``profile`` to record them; without
-it they are taken from ``sys.argv``.
+the profile's provenance (a ``--note`` text, stored in ``provenance.note``, as ``<provenance.note>``):
+set ``args.argv`` to the arguments after ``profile`` to record them; without it they are taken from
+``sys.argv``. ``--out`` may name the ``--from-scores`` file itself: it is read before anything is written.
 """
 
 from __future__ import annotations
@@ -130,12 +132,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     prof = parser.add_argument_group("profile defaults")
     prof.add_argument(
-        "--sink", type=int, default=DEFAULT_SINK, help=f"sink tokens of local heads (default: {DEFAULT_SINK})"
+        "--sink",
+        type=int,
+        help=f"sink tokens of local heads (default: {DEFAULT_SINK}; --from-scores: the stored profile's)",
     )
     prof.add_argument(
         "--window",
         type=int,
-        help=f"recent-token window of local heads (default: {DEFAULT_WINDOW}; ALiBi: the longest local range)",
+        help=f"recent-token window of local heads (default: {DEFAULT_WINDOW}; ALiBi: the longest local range; "
+        "--from-scores: the stored profile's)",
+    )
+    prof.add_argument(
+        "--note",
+        metavar="TEXT",
+        help="why this profile is what it is (e.g. the calibration run that chose the ratios), kept in its provenance",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary on stderr")
 
@@ -189,13 +199,26 @@ def list_bundled(search_dir: Optional[Path] = None) -> str:
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n" for r in rows)
 
 
+NOTE_PLACEHOLDER = "<provenance.note>"
+
+
 def command_line(args: argparse.Namespace) -> str:
+    """The command as typed; a ``--note`` text is stored once, in ``provenance.note``, and named here."""
     argv: Optional[Sequence[str]] = getattr(args, "argv", None)
     if argv is None:
         argv = sys.argv[1:]
         if "profile" in argv:
             argv = argv[argv.index("profile") + 1 :]
-    return "razor-vllm profile " + shlex.join(argv)
+    shown, after_note = [], False
+    for arg in argv:
+        if after_note:
+            shown.append(NOTE_PLACEHOLDER)
+        elif arg.startswith("--note="):
+            shown.append("--note=" + NOTE_PLACEHOLDER)
+        else:
+            shown.append(arg)
+        after_note = arg == "--note" and not after_note
+    return "razor-vllm profile " + shlex.join(shown)
 
 
 def _model_dir(args: argparse.Namespace) -> Optional[Path]:
@@ -218,7 +241,13 @@ def _build(args: argparse.Namespace, command: str) -> tuple[RazorProfile, dict]:
         if model_dir is not None:
             check_profile_matches(stored, fingerprint_of(model_dir), source=args.from_scores)
         profile = reselect(
-            stored, args.induction_ratio, args.echo_ratio, sink=args.sink, window=args.window, command=command
+            stored,
+            args.induction_ratio,
+            args.echo_ratio,
+            sink=args.sink,
+            window=args.window,
+            command=command,
+            note=args.note,
         )
         return profile, {}
     if model_dir is None:
@@ -256,7 +285,8 @@ def _build(args: argparse.Namespace, command: str) -> tuple[RazorProfile, dict]:
             show_estimate=not args.quiet,
         )
     selection = selector.select(model_dir)
-    profile = selection.to_profile(sink=args.sink, window=args.window, command=command)
+    sink = DEFAULT_SINK if args.sink is None else args.sink
+    profile = selection.to_profile(sink=sink, window=args.window, command=command, note=args.note)
     return profile, selection.stats
 
 

@@ -50,11 +50,18 @@ class HeadSelection:
     suggested_window: Optional[int] = None  # e.g. ALiBi: the longest range among local heads
     stats: dict[str, Any] = field(default_factory=dict)  # run statistics for the report (not stored)
 
-    def to_profile(self, *, sink: int = DEFAULT_SINK, window: Optional[int] = None, command: str = "") -> RazorProfile:
+    def to_profile(
+        self,
+        *,
+        sink: int = DEFAULT_SINK,
+        window: Optional[int] = None,
+        command: str = "",
+        note: Optional[str] = None,
+    ) -> RazorProfile:
         """The profile; ``window=None`` takes the selector's suggestion, else :data:`DEFAULT_WINDOW`."""
         window = window if window is not None else (self.suggested_window or DEFAULT_WINDOW)
         provenance = Provenance(
-            command=command, tool_version=razor_vllm.__version__, created=utc_now(), **self.provenance
+            command=command, tool_version=razor_vllm.__version__, created=utc_now(), note=note, **self.provenance
         )
         return RazorProfile(
             model=self.model,
@@ -216,7 +223,7 @@ class EchoInductionSelector(HeadSelector):
                 "to re-select from"
             )
         heads = self.select_from_scores(profile.scores)
-        keep = profile.provenance.model_dump(exclude={"command", "tool_version", "created"})
+        keep = profile.provenance.model_dump(exclude={"command", "tool_version", "created", "note"})
         keep.update(induction_ratio=self.induction_ratio, echo_ratio=self.echo_ratio)
         return HeadSelection(profile.model, heads, dict(profile.scores), keep)
 
