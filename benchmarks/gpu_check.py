@@ -127,7 +127,8 @@ DRY_CHECKS = {"paged_float8_e4m3fn_2d", "store_kv_matches_write_kv", "one_step_a
 def model_shapes(device: str, dry: bool) -> dict:
     import test_triton_kernels as ttk
     import torch
-    from test_kernels import Case
+
+    from kernel_sim import Case
 
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
     # Lengths cross block boundaries, S + W and several windows (blocks are freed behind the window);

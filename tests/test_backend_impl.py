@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_kernels import make_schedule, relative_error
 from vllm.forward_context import ForwardContext, override_forward_context
 from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
 
@@ -27,6 +26,8 @@ from razor_vllm.install import HeadSelection, LayerRazorState
 from razor_vllm.layout import plan_layout
 from razor_vllm.ops.dense import dense_block_tail, dense_razor_attention
 from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, build_specs
+
+from kernel_sim import make_schedule, relative_error
 
 NUM_KV_HEADS, G, HEAD_SIZE, SINK, WINDOW, LOCAL_BLOCK = 3, 3, 32, 4, 24, 16
 # Layer 0 keeps KV head 1 in full, layer 1 heads 0 and 2: both leave a non-contiguous set somewhere.

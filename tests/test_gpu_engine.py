@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_runs import engine_kwargs, run_engine
-from test_engine_razor import GENERAL_PROMPTS, PASSKEY_PROMPTS, PASSKEYS
+from engine_runs import GENERAL_PROMPTS, PASSKEY_PROMPTS, PASSKEYS, engine_kwargs, run_engine
 
 pytestmark = [
     pytest.mark.engine,
