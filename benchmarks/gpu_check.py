@@ -301,7 +301,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.dry:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is decorated
-    sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+    sys.path[:0] = [str(ROOT / "tests" / "kernels"), str(ROOT / "tests"), str(ROOT)]
     import torch
 
     if args.dry:

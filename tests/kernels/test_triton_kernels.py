@@ -48,7 +48,7 @@ from kernel_sim import (
     tail_started_in_chunk,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAD_REQUESTS, PAD_TOKENS = 2, 3  # batch padding added to every step, as vLLM's CUDA-graph padding
 INTERPRETER_TIMEOUT_S = 900
 TF32_TOLERANCE = 5e-3
@@ -889,7 +889,9 @@ def interpreted(tmp_path_factory) -> dict:
     so a crash leaves the results so far and the crash is reported for the rest)."""
     pytest.importorskip("triton")
     results = tmp_path_factory.mktemp("triton") / "results.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # tests/ on the path for kernel_sim (pytest puts it there from pyproject.toml, a script run does not)
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, __file__, "--json", str(results)],
         env=env,

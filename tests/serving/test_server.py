@@ -22,7 +22,7 @@ import pytest
 
 from razor_vllm.serve import harness
 
-from serving import MAX_MODEL_LEN, MODEL
+from shared_server import MAX_MODEL_LEN, MODEL
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 

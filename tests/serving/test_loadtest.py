@@ -23,7 +23,7 @@ import pytest
 from loadtest import run, soak, summary
 from loadtest.workload import answer_digits, default_ranges, parse_token_range, passkey_prompt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CHAT_MAX_TOKENS = 8
 PASSKEY_MAX_TOKENS = 10

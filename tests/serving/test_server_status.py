@@ -23,7 +23,7 @@ import pytest
 
 from razor_vllm.serve import harness
 
-from serving import MAX_MODEL_LEN, MODEL, WINDOW
+from shared_server import MAX_MODEL_LEN, MODEL, WINDOW
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 

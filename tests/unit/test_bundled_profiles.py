@@ -263,7 +263,7 @@ MIRRORS = {
 def test_bundled_profiles_rebuild_byte_for_byte(tmp_path):
     import importlib.util
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "build_bundled_profiles.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "build_bundled_profiles.py"
     spec = importlib.util.spec_from_file_location("build_bundled_profiles", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
