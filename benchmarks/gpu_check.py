@@ -7,7 +7,7 @@ vLLM's Triton attention files under an import shim; see scripts/gpu_kit.py). Sec
 reported on its own (a failure is recorded and the next section runs):
 
 - ``environment``: device, versions, and that ``vllm`` is the kit's shim (not an installed vLLM).
-- ``kernel_checks``: every check of tests/test_triton_kernels.py (store, local attention in both prefill
+- ``kernel_checks``: every check of tests/kernels/test_triton_kernels.py (store, local attention in both prefill
   modes with per-request windows, block tails, retrieval through vLLM's ``unified_attention`` 2D and
   split-key paths, fp8) against the float64 oracle, on the device.
 - ``model_shapes``: retrieval and local kernels against the oracle at the per-rank head shapes of the
@@ -22,7 +22,7 @@ reported on its own (a failure is recorded and the next section runs):
   layout, and torch's flash SDPA); medians of ``triton.testing.do_bench``, and razor/stock ratios.
 
 ``--dry``: the same code on CPU in Triton's interpreter at small shapes and contexts (no timings are
-meaningful there), so CI proves the kit and this script work (tests/test_gpu_kit.py).
+meaningful there), so CI proves the kit and this script work (tests/kernels/test_gpu_kit.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import gc
 from dataclasses import dataclass
 from typing import Any, Optional
 
-# -- the prompts of the engine tests (tests/engine/test_engine_razor.py, test_gpu_engine.py) ------------
+# -- the prompts of tests/engine/test_engine_razor.py and test_gpu_engine.py -------------------------------
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEYS = ["7481923", "3318842", "9051176", "2604417"]
