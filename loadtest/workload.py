@@ -2,7 +2,7 @@
 
 Plain Python (no locust, no vLLM), so the locustfile, the soak and the tests build the same prompts.
 A passkey prompt hides "The pass key is NNNNNNN." at a random depth in repeated filler and ends with
-"The pass key is" (completion style, as tests/test_engine_razor.py); the answer is checkable: the
+"The pass key is" (completion style, as tests/engine/test_engine_razor.py); the answer is checkable: the
 first run of digits in the completion must be the key. Lengths are in tokens of the default model's
 tokenizer, approximated from the filler (24 tokens per repeat); the server reports the exact count
 in ``usage.prompt_tokens``.

@@ -392,7 +392,7 @@ def find_profile_for(
     (context length, RoPE scaling), so Llama-3.1-8B-Instruct's profile is not applied to Llama-3-8B-
     Instruct or to Gradient's 1M-context Llama-3. Among several fits: the one whose ``model_names``
     match ``name_hint`` (the served model's id or path), then the most specific fingerprint, then
-    the file name. The bundled set holds one profile per fingerprint (tests/test_bundled_profiles.py).
+    the file name. The bundled set holds one profile per fingerprint (tests/unit/test_bundled_profiles.py).
     """
     search_dir = Path(search_dir or bundled_profiles_dir())
     fits: list[tuple[tuple[int, int, str], RazorProfile]] = []

@@ -17,7 +17,7 @@ start-up check in model_support refuses anything else, naming the option and wha
   to fp32, stored * scale; the tails sum those, the dots take them in the query's dtype as vLLM's
   kernel does). The impl views the uint8 caches with ``fp8_view`` and passes the layer's
   ``_k_scale``/``_v_scale``. Checked against the float64 oracle in Triton's interpreter and compiled
-  for sm_80/sm_90 (tests/test_triton_kernels.py); not yet run on a GPU or in an engine on one (the GPU
+  for sm_80/sm_90 (tests/kernels/test_triton_kernels.py); not yet run on a GPU or in an engine on one (the GPU
   check runs the same fp8 checks on the device).
 """
 

@@ -1,6 +1,6 @@
 """Every place razor hooks into vLLM internals (pinned: vLLM 0.32.x). One function per hook.
 
-Each hook names the vLLM code it depends on; tests/test_vllm_compat.py exercises each one so
+Each hook names the vLLM code it depends on; tests/unit/test_vllm_compat.py exercises each one so
 that a vLLM upgrade that moves any of them fails loudly instead of silently serving stock attention.
 """
 

@@ -16,7 +16,7 @@ Layout of the kit (an ignored folder; carry it with the device tool's ``carry``)
 
 The shim is checked here: every ``from vllm... import name`` at module level of the copied files must
 resolve to a shim module that defines ``name`` (an AST walk), and the copied kernel must import
-from the kit alone in a fresh interpreter (tests/test_gpu_kit.py).
+from the kit alone in a fresh interpreter (tests/kernels/test_gpu_kit.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import pytest
 from razor_vllm.model import prepare_default_model
 from razor_vllm.serve import harness
 
-import serving
+import shared_server
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ _shared = {"stack": None, "users": 0}
 
 @pytest.fixture(scope="session")
 def razor_server(default_model_dir, tmp_path_factory):
-    """One ``vllm serve`` with razor (settings: tests/serving.py) for every serving test of the session.
+    """One ``vllm serve`` with razor (settings: shared_server.py) for every serving test of the session.
 
     Stopped after the last test that uses it (not at the end of the session: later engine tests get the
     memory and cores back), and each of those tests fails if the server died during it.
@@ -45,7 +45,9 @@ def razor_server(default_model_dir, tmp_path_factory):
     _shared["stack"] = stack
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     server = stack.enter_context(
-        harness.vllm_server(default_model_dir, serving.SERVER_ARGS, log_path=log_path, env=serving.SERVER_ENV)
+        harness.vllm_server(
+            default_model_dir, shared_server.SERVER_ARGS, log_path=log_path, env=shared_server.SERVER_ENV
+        )
     )
     yield server
     stack.close()

@@ -10,6 +10,30 @@ import gc
 from dataclasses import dataclass
 from typing import Any, Optional
 
+# -- the prompts of tests/engine/test_engine_razor.py and test_gpu_engine.py -------------------------------
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEYS = ["7481923", "3318842", "9051176", "2604417"]
+
+
+def passkey_prompt(key: str, repeats: int) -> str:
+    half = FILLER * (repeats // 2)
+    return f"{half}The pass key is {key}. Remember it. {half}The pass key is"
+
+
+# Needles far outside a 128-token window: prompts of ~1000-1900 tokens (8x-15x the window).
+PASSKEY_PROMPTS = [passkey_prompt(key, n) for key, n in zip(PASSKEYS, (40, 52, 60, 76))]
+GENERAL_PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time, in a land far away,",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "Write a short poem about the sea.\n",
+    FILLER * 30 + "Summarise the text above in one sentence:",
+]
+
+
+# -- running an engine ------------------------------------------------------------------------------------
+
 # A fixed KV size: vLLM's default sizing on CPU depends on one NUMA node's free memory.
 KV_BYTES = 256 << 20
 

@@ -107,7 +107,7 @@ def build_tiny_bloom(
     return path
 
 
-# -- models razor refuses (tests/test_startup_errors.py) ---------------------------------------------
+# -- models razor refuses (tests/unit/test_startup_errors.py) ---------------------------------------------
 # Small enough to build in a second or two; each is a model stock vLLM accepts.
 
 

@@ -1,6 +1,6 @@
 """Derive deploy/schemas/leaderworkerset-v1.json from LeaderWorkerSet's published CRD.
 
-No cluster runs in CI, so tests/test_deploy.py validates deploy/k8s/multi-node/ against this schema:
+No cluster runs in CI, so tests/tools/test_deploy.py validates deploy/k8s/multi-node/ against this schema:
 the CRD's own ``openAPIV3Schema`` with
 
 - the embedded Kubernetes types (the leader/worker pod templates, the volume claim templates and

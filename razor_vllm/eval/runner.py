@@ -40,7 +40,7 @@ class EngineSettings:
     max_num_batched_tokens: int = 2048
     seed: int = 0
     # vLLM's default. Prompts of one task and depth share their text up to the needle (eval/tasks.py), so each
-    # engine computes that part once; a hit's output equals a recompute (tests/test_engine_prefix_cache.py).
+    # engine computes that part once; a hit's output equals a recompute (tests/engine/test_engine_prefix_cache.py).
     prefix_caching: bool = True
 
     def kwargs(self, variant: Variant, profile_path: Optional[Path]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ shard (KV head 0) and 1 on rank 1's (KV head 1), and 3 on pipeline stage 0's lay
   profile alone (so the comparison can tell which heads a rank serves).
 - PP=2 (each stage its own pools, global layer indices) must equal TP=1 likewise.
 
-Tolerance as tests/test_tensor_parallel.py: tokens equal, log-probabilities within 1e-5 (the
+Tolerance as tests/engine/test_tensor_parallel.py: tokens equal, log-probabilities within 1e-5 (the
 all-reduce's rounding); razor's own effect at window 16 is ~1e-3.
 """
 

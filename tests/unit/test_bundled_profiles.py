@@ -5,7 +5,8 @@ the model's KV heads allow, so a bundled profile cannot fail at start-up.
 
 The 7-8B models do not fit this shared 24 GiB machine even with dummy weights, so their check is the
 analytic path (`razor-vllm bench --model synthetic:<name> --skip-engine`) and the layout planner
-that the engine runs (razor_vllm.layout.plan_layout, per rank as install.py calls it).
+that the engine runs (razor_vllm.layout.plan_layout, per rank as install.py calls it); two of their real layers
+run in an engine with dummy weights in tests/engine/test_bundled_profiles_engine.py.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ MIRRORS = {
 def test_bundled_profiles_rebuild_byte_for_byte(tmp_path):
     import importlib.util
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "build_bundled_profiles.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "build_bundled_profiles.py"
     spec = importlib.util.spec_from_file_location("build_bundled_profiles", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -301,49 +302,6 @@ def test_vllm_config_of_the_real_model_resolves_to_its_bundled_profile(name, tmp
     resolved = resolve_for_vllm_config(vllm_config)
     assert resolved.profile == resolve_profile(name)
     assert resolved.retrieval_heads == resolve_profile(name).retrieval_heads
-
-
-@pytest.mark.engine
-@pytest.mark.parametrize("name", ["llama-3.1-8b-instruct", "mistral-7b-instruct-v0.3"])
-def test_engine_runs_the_real_layer_shapes_with_dummy_weights(name, tmp_path, default_model_dir):
-    """A real engine (CPU, bf16, dummy weights) at the model's real configuration cut to two of its
-    layers (all 32 need ~16 GB): real head size, GQA group, vocabulary and RoPE scaling, and those two
-    layers' retrieval heads from the bundled profile, through razor's pools and kernels."""
-    from razor_vllm.bench import synthetic
-    from razor_vllm.config import Provenance, utc_now
-
-    from engine_runs import engine_kwargs, run_engine
-
-    model_dir = synthetic.make_checkpoint(name, tmp_path, default_model_dir)
-    bundled = resolve_profile(name)
-    layers = [i for i, heads in enumerate(bundled.retrieval_heads) if heads][:2]
-    served = fingerprint_of(model_dir).model_copy(update={"num_layers": 2})
-    profile = RazorProfile(
-        model=served,
-        sink=bundled.sink,
-        window=bundled.window,
-        retrieval_heads=[bundled.retrieval_heads[i] for i in layers],
-        provenance=Provenance(
-            method="manual", command=f"layers {layers} of {name}", tool_version="0", created=utc_now()
-        ),
-    )
-    path = profile.save(tmp_path / "two-layers.yaml")
-    kwargs = engine_kwargs(
-        model_dir,
-        "razor",
-        {"profile": str(path)},
-        load_format="dummy",
-        dtype="bfloat16",
-        hf_overrides={"num_hidden_layers": 2},
-        max_model_len=1024,
-        kv_cache_memory_bytes=64 << 20,
-        max_num_batched_tokens=256,
-        max_num_seqs=4,
-    )
-    prompts = [{"prompt_token_ids": [(7 * i) % 40000 + 100 for i in range(n)]} for n in (40, 600)]  # past sink + window
-    run = run_engine(kwargs, prompts, max_tokens=4)
-    assert [len(t) for t in run.token_ids] == [4, 4]
-    assert all(0 <= t < served.vocab_size for tokens in run.token_ids for t in tokens)
 
 
 def test_qwen_1m_models_with_dual_chunk_attention_are_refused_by_name(tmp_path, default_model_dir):

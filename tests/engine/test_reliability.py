@@ -7,7 +7,7 @@ so the engine survives and, as with CUDA's rewind, the tokens do not depend on h
 chunked. Scheduling in an offline ``LLM.generate`` call is deterministic (first come, first served
 within a fixed token budget), which lets one engine run the same seeded request both ways.
 The live-server side (seeded long prompt, then the server still answers) is in
-tests/test_server_status.py.
+tests/serving/test_server_status.py.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def _default_profile_heads():
 
     from razor_vllm.config import RazorProfile
 
-    return RazorProfile.load(Path(__file__).parent.parent / "configs" / "smollm2-135m-instruct.yaml").retrieval_heads
+    return RazorProfile.load(Path(__file__).parents[2] / "configs" / "smollm2-135m-instruct.yaml").retrieval_heads
 
 
 @pytest.mark.parametrize("dtype_size", [2, 4])

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUPPRESSION = re.compile("#" + r" fmt: (skip|off)\b")  # split so that this file does not match itself
 
 

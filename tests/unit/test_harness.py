@@ -180,7 +180,7 @@ FAKE_ENGINE = textwrap.dedent(
 def test_conftest_fails_a_test_that_starts_an_engine_without_the_marker(pytester, request, unwatched_engine_titles):
     tests = request.config.rootpath / "tests"
     pytester.makeconftest((tests / "conftest.py").read_text())
-    pytester.makepyfile(serving=(tests / "serving.py").read_text())
+    pytester.makepyfile(shared_server=(tests / "shared_server.py").read_text())
     pytester.makeini("[pytest]\nmarkers =\n    engine: starts an engine\n")
     pytester.makepyfile(test_fake=FAKE_ENGINE)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")

@@ -1,5 +1,6 @@
 """``razor-vllm bench --model synthetic:NAME``: model shapes with random weights and a drawn profile,
-and the throughput part's "does this batch fit" rule, down to one real engine pair on CPU."""
+and the throughput part's "does this batch fit" rule (measured through real engines in
+tests/engine/test_bench_synthetic_engine.py)."""
 
 from __future__ import annotations
 
@@ -87,49 +88,3 @@ def test_fit_rule(tmp_path, default_model_dir):
     assert _fits(compressed, "razor", chunk, vllm_block_size=16)(32768, 8, 100, razor_engine) is None
     # An engine laid out from another vLLM block size: no guess, the point runs.
     assert razor(32768, 64, 100, dict(razor_engine, block_size=razor_engine["block_size"] + 1)) is None
-
-
-@pytest.mark.engine
-def test_tiny_synthetic_engines_measure_what_fits(tmp_path):
-    """Real engines with dummy weights: a batch that stock's KV cache cannot hold at once is listed
-    as skipped for stock and measured for razor, in the same KV bytes."""
-    rc, data = run_bench(
-        tmp_path,
-        "--model",
-        "synthetic:tiny",
-        "--retrieval-share",
-        "0.25",
-        "--window",
-        "64",
-        "--dtype",
-        "float32",
-        "--skip-capacity",
-        "--throughput-contexts",
-        "512",
-        "--batches",
-        "1,6",
-        "--decode-tokens",
-        "4",
-        "--chunk",
-        "128",
-        "--kv-bytes",
-        str(4 << 20),
-    )
-    assert rc == 0, data
-    rows = {r["batch"]: r for r in data["throughput"]}
-    assert rows[1]["stock"]["decode_tok_s"] > 0 and rows[1]["razor"]["decode_tok_s"] > 0
-    assert rows[1]["ratio_decode"] > 0
-    assert rows[6]["stock"] is None and rows[6]["ratio_decode"] is None
-    assert rows[6]["razor"]["decode_tokens"] >= 6 * 4  # all six decoded together
-    skipped = data["throughput_engines"]["stock"]["skipped"]
-    assert [(s["context"], s["batch"]) for s in skipped] == [(512, 6)]
-    assert data["throughput_engines"]["razor"]["skipped"] == []
-    assert data["meta"]["cuda_graphs"] is False  # CPU: always eager
-    engines = data["throughput_engines"]
-    razor_geo = analytic.geometry(
-        RazorProfile.load(data["meta"]["profile"]),
-        "float32",
-        window=64,
-        stock_block_size=engines["stock"]["block_size"],
-    )
-    assert engines["razor"]["block_size"] == razor_geo.reported_block_size  # the razor check ran

@@ -1,6 +1,6 @@
 """The backend on a CUDA GPU through the real engine: Triton kernels and full CUDA graphs.
 
-CI has no GPU, so everything here skips there; on a lent GPU run ``pytest -v tests/test_gpu_engine.py``.
+CI has no GPU, so everything here skips there; on a lent GPU run ``pytest -v tests/engine/test_gpu_engine.py``.
 Compiled engines with vLLM's default ``FULL_AND_PIECEWISE`` mode replay decode batches from full
 CUDA graphs (attention included); ``PIECEWISE`` runs attention eagerly between graph pieces. Same
 kernels, same padding, so the greedy tokens must be identical: a capture that baked in a stale
@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_runs import engine_kwargs, run_engine
-from test_engine_razor import GENERAL_PROMPTS, PASSKEY_PROMPTS, PASSKEYS
+from engine_runs import GENERAL_PROMPTS, PASSKEY_PROMPTS, PASSKEYS, engine_kwargs, run_engine
 
 pytestmark = [
     pytest.mark.engine,

@@ -2,7 +2,7 @@
 capability) and the reference kernels' device-independence.
 
 The fp8 kernels themselves (store and retrieval against the float64 oracle) are interpreter checks
-in test_triton_kernels.py (``paged_float8_*``).
+in tests/kernels/test_triton_kernels.py (``paged_float8_*``).
 """
 
 from __future__ import annotations

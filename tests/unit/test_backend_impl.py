@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_kernels import make_schedule, relative_error
 from vllm.forward_context import ForwardContext, override_forward_context
 from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
 
@@ -33,6 +32,8 @@ from razor_vllm.layout import plan_layout
 from razor_vllm.ops.api import LocalRule
 from razor_vllm.ops.dense import dense_block_tail, dense_razor_attention
 from razor_vllm.pools import LOCAL_POOL_NAME, RETRIEVAL_POOL_NAME, RazorPoolLayer, build_specs
+
+from kernel_sim import make_schedule, relative_error
 
 NUM_KV_HEADS, G, HEAD_SIZE, SINK, WINDOW, LOCAL_BLOCK = 3, 3, 32, 4, 24, 16
 # Layer 0 keeps KV head 1 in full, layer 1 heads 0 and 2: both leave a non-contiguous set somewhere
@@ -295,7 +296,7 @@ def test_impl_hands_fp8_views_and_the_layers_scales_to_the_kernels(monkeypatch):
     """An fp8 cache (vLLM stores it as uint8): the impl hands every kernel float8 views of the pool's
     pages, the fp32 tails, the layer's ``_k_scale``/``_v_scale`` and the step's batch (whose
     max_query_len selects the retrieval kernel's split-key path). The kernels are recorded here (their
-    fp8 reads are checked against the oracle in tests/test_triton_kernels.py); on CPU the impl refuses."""
+    fp8 reads are checked against the oracle in tests/kernels/test_triton_kernels.py); on CPU the impl refuses."""
     from razor_vllm import backend
 
     states, retrieval_spec, local_spec = build_layer_states(dtype=torch.uint8, kv_cache_dtype="fp8_e5m2")

@@ -4,7 +4,7 @@ published (exact mode: generated positions); freed and evicted blocks; and that 
 (K/V and block tails) only blocks it started itself, never a block another request can read.
 
 The engine-level exactness (outputs with a hit == outputs without caching) is in
-tests/test_engine_prefix_cache.py.
+tests/engine/test_engine_prefix_cache.py.
 """
 
 from __future__ import annotations

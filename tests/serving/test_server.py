@@ -1,7 +1,7 @@
 """`vllm serve DEFAULT_MODEL --attention-backend razor`: the OpenAI-compatible server end to end.
 
-One real server, shared with tests/test_server_status.py (the ``razor_server`` fixture of conftest.py,
-settings in tests/serving.py: fp32, so greedy answers are deterministic, window 96). Checks:
+One real server, shared with tests/serving/test_server_status.py (the ``razor_server`` fixture of conftest.py,
+settings in tests/shared_server.py: fp32, so greedy answers are deterministic, window 96). Checks:
 correct answers through the openai client and raw HTTP, streaming and not; bad requests get a 4xx
 with a message and the engine keeps serving; a client that drops mid-stream is aborted and frees
 its KV; a bounded concurrent mini-soak with cancellations; the KV usage gauge and razor's blocks in
@@ -22,7 +22,7 @@ import pytest
 
 from razor_vllm.serve import harness
 
-from serving import MAX_MODEL_LEN, MODEL
+from shared_server import MAX_MODEL_LEN, MODEL
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 

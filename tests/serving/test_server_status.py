@@ -1,7 +1,7 @@
 """`GET /razor/status` and razor's Prometheus gauges on a real `vllm serve` (one server, ~30 s).
 
-The server (shared with tests/test_server.py: the ``razor_server`` fixture, settings in
-tests/serving.py) runs with ``VLLM_PLUGINS=razor,razor_status`` (endpoint plugins load only when
+The server (shared with tests/serving/test_server.py: the ``razor_server`` fixture, settings in
+tests/shared_server.py) runs with ``VLLM_PLUGINS=razor,razor_status`` (endpoint plugins load only when
 allowlisted, and the allowlist then filters the general plugins too) and a window override, and
 the status is checked against the bundled profile, against the worker's "RAZOR: ..." start-up log
 line (the same layout computed in another process), and against /metrics. Blocks in use per pool,
@@ -23,7 +23,7 @@ import pytest
 
 from razor_vllm.serve import harness
 
-from serving import MAX_MODEL_LEN, MODEL, WINDOW
+from shared_server import MAX_MODEL_LEN, MODEL, WINDOW
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 
@@ -233,7 +233,7 @@ def test_seeded_request_with_a_chunked_prompt_is_answered_and_the_server_keeps_s
     assert "Paris" in text, text
     code, again = harness.post_json(server.url + "/v1/completions", body, timeout=300)
     assert code == 200 and again["choices"][0]["text"] == text  # the seed decides (chunking does not:
-    # tests/test_reliability.py)
+    # tests/engine/test_reliability.py)
 
     code, plain = harness.post_json(
         server.url + "/v1/completions",

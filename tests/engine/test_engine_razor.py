@@ -9,29 +9,11 @@ import functools
 
 import pytest
 
-from engine_runs import engine_kwargs, run_engine
+from engine_runs import GENERAL_PROMPTS, PASSKEY_PROMPTS, PASSKEYS, engine_kwargs, run_engine
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 
 WINDOW = 128
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-PASSKEYS = ["7481923", "3318842", "9051176", "2604417"]
-
-
-def passkey_prompt(key: str, repeats: int) -> str:
-    half = FILLER * (repeats // 2)
-    return f"{half}The pass key is {key}. Remember it. {half}The pass key is"
-
-
-# Needles far outside a 128-token window: prompts of ~1000-1900 tokens (8x-15x the window).
-PASSKEY_PROMPTS = [passkey_prompt(key, n) for key, n in zip(PASSKEYS, (40, 52, 60, 76))]
-GENERAL_PROMPTS = [
-    "The quick brown fox",
-    "Once upon a time, in a land far away,",
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-    "Write a short poem about the sea.\n",
-    FILLER * 30 + "Summarise the text above in one sentence:",
-]
 
 
 # Logprobs of the same attention through the same kernels in fp32 (the TP and all-retrieval checks).

@@ -8,7 +8,7 @@ capture/replay of decode steps. Ahead-of-time compilation for sm_80/sm_90 (no GP
 what the interpreter does not check: that the kernels lower for a real GPU (tl.dot shapes, loop
 types, shared memory).
 
-The engine simulation is test_kernels.PagedPool on the device, written by the kernel under test
+The engine simulation is kernel_sim.PagedPool on the device, written by the kernel under test
 (``store_kv``) and, as vLLM's CUDA-graph padding does, with padding requests (no queries, seq_len 0,
 garbage block-table rows) and padding token rows (NaN queries, slot -1). Output buffers start as NaN:
 every request row must be written, padding rows left alone.
@@ -30,24 +30,25 @@ from typing import Callable
 
 import pytest
 import torch
-from test_kernels import (
+
+from razor_vllm.ops import LocalRule, PagedBatch, PoolHeads, reference
+from razor_vllm.ops.cache import SlotIndex, write_kv
+
+from kernel_sim import (
     POISON,
     TOLERANCE,
     Case,
     PagedPool,
     TailChecker,
-    _tail_started_in_chunk,
     causal_oracle,
     local_oracle,
     make_data,
     make_schedule,
     relative_error,
+    tail_started_in_chunk,
 )
 
-from razor_vllm.ops import LocalRule, PagedBatch, PoolHeads, reference
-from razor_vllm.ops.cache import SlotIndex, write_kv
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAD_REQUESTS, PAD_TOKENS = 2, 3  # batch padding added to every step, as vLLM's CUDA-graph padding
 INTERPRETER_TIMEOUT_S = 900
 TF32_TOLERANCE = 5e-3
@@ -65,7 +66,7 @@ def triton_kernels():
 
 
 class DevicePool(PagedPool):
-    """test_kernels.PagedPool with its caches on ``device``; K/V are written by ``store_kv``."""
+    """kernel_sim.PagedPool with its caches on ``device``; K/V are written by ``store_kv``."""
 
     def __init__(self, case: Case, dtype: torch.dtype, lengths: list[int], sliding: bool, rng, device: str):
         super().__init__(case, dtype, lengths, sliding, rng)
@@ -273,7 +274,7 @@ def local_run(
         )
     exact = mode == "exact"
     if min_chunk > 1:  # the point of long chunks: a row reads the tail of a block its own chunk started
-        assert _tail_started_in_chunk(schedule, case, windows, schedule.prompts if exact else None)
+        assert tail_started_in_chunk(schedule, case, windows, schedule.prompts if exact else None)
     outputs, pool = run_pool(case, dtype, data, schedule, True, seed, device, compensation, exact, windows)
     if style == "mixed":
         assert any(len({hi - lo == 1 for _, lo, hi in batch}) == 2 for batch in schedule), "no prefill+decode step"
@@ -863,7 +864,9 @@ def interpreted(tmp_path_factory) -> dict:
     so a crash leaves the results so far and the crash is reported for the rest)."""
     pytest.importorskip("triton")
     results = tmp_path_factory.mktemp("triton") / "results.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # tests/ on the path for kernel_sim (pytest puts it there from pyproject.toml, a script run does not)
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, __file__, "--json", str(results)],
         env=env,

@@ -40,7 +40,7 @@ from kubernetes_validate.utils import schema_contents
 from packaging.version import Version
 from referencing import Registry, Resource
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yaml"

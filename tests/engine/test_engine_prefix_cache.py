@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 RAZOR = {"window": 64, "sink": 4, "local_block_size": 16}
 HIT_UNIT = 96  # the hash-aligned retrieval block (fp32, the pinned 14-head profile below, local block 16)
 # Equal attention batched or chunked differently (fp32 sums in another order through 30 layers); the
-# same bound as tests/test_engine_razor.py's EQUAL_ATTENTION_TOL.
+# same bound as tests/engine/test_engine_razor.py's EQUAL_ATTENTION_TOL.
 LOGPROB_TOL = 5e-5
 MAX_TOKENS = 8
 PAGE_BYTES = 14 * HIT_UNIT * 2 * 64 * 4  # 14 retrieval heads x 96 tokens x K,V x 64 x fp32
@@ -165,7 +165,7 @@ def test_cache_hits_give_the_outputs_of_no_caching(mode):
         # Compressed: only sinks + the window blocks before each 96-token boundary are published
         # (vLLM's sliding-window policy), and the document's early window blocks, freed first while
         # it was prefilled, are the first the 80-page cache reuses: the engine run found no hit at
-        # 288 (0; tests/test_prefix_cache.py shows 288 on a cache that does not evict).
+        # 288 (0; tests/unit/test_prefix_cache.py shows 288 on a cache that does not evict).
         assert cached_tokens[2] in (0, 3 * HIT_UNIT) and cached_tokens[3] in (0, 3 * HIT_UNIT)
     assert all(c % HIT_UNIT == 0 for c in cached_tokens)
     assert metrics["vllm:prefix_cache_hits"] >= sum(cached_tokens)
@@ -193,7 +193,7 @@ def test_outputs_through_evictions(mode):
     39 pages at its peak and every freed prompt block is published, so serving them reuses (evicts)
     cached blocks; the outputs still equal those without caching. (This configuration did not make
     vLLM preempt: 0 preemptions in the exact-mode run; preemption with caching is exercised by
-    tests/test_engine_razor.py's small-cache run, which now runs with vLLM's default caching.)"""
+    tests/engine/test_engine_razor.py's small-cache run, which now runs with vLLM's default caching.)"""
     reference, _ = run(mode, False)
     cached, _ = run(mode, True)
     assert_same_outputs([cached[3]], [reference[3]])
