@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "razor_vllm"
 # setup.py's package_dir: razor_vllm.triton_kernels is the top-level folder triton_kernels/.
 FOLDERS = {PACKAGE: ROOT / "razor_vllm", f"{PACKAGE}.triton_kernels": ROOT / "triton_kernels"}

@@ -147,7 +147,7 @@ def test_paper_share_of_the_default_profile_hash_aligned(dtype_size):
     from razor_vllm.config import RazorProfile
     from razor_vllm.eval.variants import share_profile
 
-    shipped = RazorProfile.load(Path(__file__).parent.parent / "configs" / "smollm2-135m-instruct.yaml")
+    shipped = RazorProfile.load(Path(__file__).parents[2] / "configs" / "smollm2-135m-instruct.yaml")
     heads = share_profile(shipped, 0.15).retrieval_heads
     unaligned = plan_layout(heads, 3, 32, dtype_size)
     # The first solver's blocks: vLLM would hash every token and land hits only every 5,984 / 3,168 tokens.
