@@ -61,6 +61,7 @@ setup(
         "gpu": [f"vllm=={VLLM_VERSION}"],
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # make test: two workers
             # tests/tools/test_lint.py: lint and format (pyproject.toml); pinned, formats differ by version
             "ruff==0.17.6",
             "openai",

@@ -193,6 +193,11 @@ class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
         self.geometry = kv_cache_spec.geometry
         self.sink_blocks = self.geometry.sink_blocks
         self.exact_prefill = self.geometry.exact_prefill
+        # Hashes of the blocks cached in this scheduler step (get_num_blocks_to_allocate).
+        self.cached_blocks_this_step: set = set()
+
+    def new_step_starts(self) -> None:
+        self.cached_blocks_this_step.clear()
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         # Without the prompt length: exact mode skips nothing (a new request still prefills), the
@@ -314,6 +319,13 @@ class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
     def get_num_blocks_to_allocate(
         self, request_id: str, num_tokens: int, new_computed_blocks, total_computed_tokens: int, *args, **kwargs
     ) -> int:
+        if any(not b.is_null and b.block_hash in self.cached_blocks_this_step for b in new_computed_blocks):
+            # vLLM hashes a block when it allocates it, before the step computes it. Stock attention
+            # may hit such a block in the same step (every layer stores its K/V before attending),
+            # but a local block's tail is written by the request that computes it, in the same kernel
+            # call that would start the hitting request's tails from it. As vLLM does for Mamba
+            # states: report too many blocks, so the request waits one step and then takes the hit.
+            return self.block_pool.num_gpu_blocks + 1
         num = self._num_blocks_to_allocate(
             request_id, num_tokens, new_computed_blocks, total_computed_tokens, *args, **kwargs
         )
@@ -357,7 +369,12 @@ class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
 
     def cache_blocks(self, request: Request, num_tokens: int, *args, **kwargs) -> None:
         num_tokens = _prefix_cacheable_tokens(request, num_tokens, self.exact_prefill)
+        before = self.num_cached_block.get(request.request_id, 0)
         super().cache_blocks(request, num_tokens, *args, **kwargs)
+        blocks = self.req_to_blocks[request.request_id]
+        for block in blocks[before : self.num_cached_block.get(request.request_id, 0)]:
+            if not block.is_null and block.block_hash is not None:
+                self.cached_blocks_this_step.add(block.block_hash)
 
 
 @dataclass(frozen=True)

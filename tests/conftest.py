@@ -12,6 +12,7 @@ fixture without the marker is refused at collection. Not seen: an engine run ins
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import pytest
@@ -108,6 +109,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVER_FIXTURE in getattr(item, "fixturenames", ()) and item.get_closest_marker("engine") is None:
             raise pytest.UsageError(f"{item.nodeid} uses the {SERVER_FIXTURE} fixture without @pytest.mark.engine")
+    _group_for_workers(items)
+
+
+# -- two workers (pytest-xdist: ``-n 2 --dist loadgroup``, as ``make test`` runs) ------------------------
+
+
+def pytest_configure(config):
+    """Each worker's engines and servers on a core of their own: vLLM's CPU worker otherwise binds
+    every engine of the machine to the same cores. A test that sets the binding itself (TP, DP) wins."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    if worker.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[int(worker[2:]) % len(cpus)])
+
+
+def _group_for_workers(items) -> None:
+    """One worker per test module (its module-scoped engine runs and fixtures are made once), and one
+    for every module that uses the shared server (started once). Without xdist the marks do nothing."""
+    server_modules = {item.module.__name__ for item in items if SERVER_FIXTURE in getattr(item, "fixturenames", ())}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(SERVER_FIXTURE if module in server_modules else module))
 
 
 @pytest.hookimpl(trylast=True)

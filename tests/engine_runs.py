@@ -2,13 +2,28 @@
 
 Each run starts an LLM, generates, reads vLLM's own metrics, and shuts the engine down before the
 next one starts, so only one engine holds memory at a time.
+
+Where the engines run: in one process kept for the whole test session (``in_engine_process``), which
+imports vLLM once and runs each engine in-process, one after another. A vLLM engine on CPU otherwise
+starts two processes (the engine core, then its worker: the CPU platform turns the "uni" executor
+into "mp"), each importing torch and vLLM again: about 25 of an engine's 30-35 seconds of start-up
+here. In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) vLLM runs the same scheduler, KV cache
+manager, model runner and our backend through its ``InprocClient`` and ``UniProcExecutor`` (TP/PP
+engines still start their workers through the "mp" executor); what is left out is the process
+boundary between front end and engine core, which the serving tests cover (``vllm serve``). Not in
+the test process itself: vLLM's CPU worker binds the process's threads to cores and replaces
+``torch.set_num_threads`` process-wide.
 """
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import gc
+import multiprocessing
+import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 # -- the prompts of tests/engine/test_engine_razor.py and test_gpu_engine.py -------------------------------
 
@@ -74,6 +89,18 @@ def run_engine(
     logprobs: bool = False,
     top_logprobs: int = 0,
 ) -> EngineRun:
+    """Start an engine with ``kwargs`` (in the engine process), generate greedily, shut it down."""
+    return in_engine_process(_run_engine_here, kwargs, prompts, max_tokens, chats, logprobs, top_logprobs)
+
+
+def _run_engine_here(
+    kwargs: dict[str, Any],
+    prompts: list,
+    max_tokens: int = 16,
+    chats: Optional[list] = None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+) -> EngineRun:
     from vllm import LLM, SamplingParams
 
     llm = LLM(**kwargs)
@@ -107,3 +134,79 @@ def run_engine(
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def cli(argv: list[str]) -> tuple[int, str]:
+    """``razor-vllm ARGV`` (``razor_vllm.cli.main``) in the engine process: its exit code and what it printed."""
+    return in_engine_process(_cli_here, argv)
+
+
+def _cli_here(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from razor_vllm.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(argv)
+    return code, printed.getvalue()
+
+
+# -- the engine process -------------------------------------------------------------------------------------
+
+# While it runs an engine, the process carries this title: the engine marker's check (conftest.py)
+# looks for vLLM's process titles among the test process's descendants.
+ENGINE_PROCESS_TITLE = "VLLM::TestEngineProcess"
+# The test's environment that reaches the engine (a test may set e.g. VLLM_CPU_OMP_THREADS_BIND).
+FORWARDED_ENV_PREFIXES = ("VLLM_", "RAZOR_")
+_pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
+
+
+def in_engine_process(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in the session's engine process; returns its result or raises its error.
+
+    ``fn`` and its arguments travel by pickle: a module-level function of an importable module (this
+    one, or a test module: the process starts with the test session's ``sys.path``). The test's
+    ``VLLM_*``/``RAZOR_*`` environment applies for the call. A call that kills the process (a crash in
+    native code) fails that test; the next call starts a fresh process.
+    """
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    try:
+        return _pool.submit(_call_in_engine_process, fn, env, args, kwargs).result()
+    except concurrent.futures.process.BrokenProcessPool:
+        _pool = None
+        raise
+
+
+def shutdown_engine_process() -> None:
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=True, cancel_futures=True)
+        _pool = None
+
+
+atexit.register(shutdown_engine_process)
+
+
+def _call_in_engine_process(fn: Callable, env: dict[str, str], args: tuple, kwargs: dict):
+    import setproctitle
+
+    for key in [k for k in os.environ if k.startswith(FORWARDED_ENV_PREFIXES)]:
+        del os.environ[key]
+    os.environ.update(env)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+    setproctitle.setproctitle(f"{ENGINE_PROCESS_TITLE} {fn.__module__}.{fn.__qualname__}")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        setproctitle.setproctitle("razor-vllm test engine process (idle)")
+        # What vLLM's own tests call between engines in one process: model-parallel groups and the
+        # distributed environment torn down, the environment cache (frozen at engine start) dropped,
+        # the heap the engine core froze for the garbage collector unfrozen and collected.
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()

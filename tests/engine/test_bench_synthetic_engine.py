@@ -9,13 +9,14 @@ import json
 import pytest
 
 from razor_vllm.bench import analytic
-from razor_vllm.cli import main
 from razor_vllm.config import RazorProfile
+
+from engine_runs import cli
 
 
 def run_bench(tmp_path, *args: str) -> tuple[int, dict]:
     out = tmp_path / "bench.json"
-    rc = main(["bench", *args, "--out", str(out), "--format", "plain"])
+    rc, _ = cli(["bench", *args, "--out", str(out), "--format", "plain"])
     return rc, json.loads(out.read_text()) if out.exists() else {}
 
 

@@ -11,6 +11,8 @@ from razor_vllm.config import resolve_profile
 from razor_vllm.eval.variants import share_profile
 from razor_vllm.model import prepare_default_model
 
+from engine_runs import in_engine_process
+
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 
 PROMPT_TOKENS, MAX_TOKENS, MAX_MODEL_LEN = 3000, 64, 4096
@@ -45,9 +47,9 @@ def test_razor_holds_3x_more_long_requests(tmp_path):
         seed=0,
     )
     num_requests = 12
-    stock = measure_capacity(base, num_requests, PROMPT_TOKENS, MAX_TOKENS, "stock")
+    stock = in_engine_process(measure_capacity, base, num_requests, PROMPT_TOKENS, MAX_TOKENS, "stock")
     razor_kwargs = {**base, "attention_backend": "razor", "additional_config": {"razor": {"profile": str(path)}}}
-    razor = measure_capacity(razor_kwargs, num_requests, PROMPT_TOKENS, MAX_TOKENS, "razor")
+    razor = in_engine_process(measure_capacity, razor_kwargs, num_requests, PROMPT_TOKENS, MAX_TOKENS, "razor")
     measured = razor.peak_running / stock.peak_running
     theory = theoretical_ratio(profile, profile.window)
     print(

@@ -23,7 +23,7 @@ import functools
 
 import pytest
 
-from engine_runs import engine_kwargs
+from engine_runs import engine_kwargs, in_engine_process
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 
@@ -81,16 +81,21 @@ def paper_share_profile() -> str:
 @functools.cache
 def run(mode: str, caching: bool):
     """Outputs of every phase (the multi-turn phase built from this engine's own first answer)."""
+    # Turn 2 of the multi-turn phase is built from the caching-off engine's answer to turn 1, so both
+    # engines see the same tokens; that engine runs (and shuts down) first.
+    answer = None if not caching else run_answer(mode)
+    return in_engine_process(run_phases, mode, caching, answer, paper_share_profile())
+
+
+def run_phases(mode: str, caching: bool, answer: list[int] | None, profile: str):
+    """One engine (in the engine process): every phase's outputs and vLLM's metrics."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from razor_vllm.model import prepare_default_model
 
     model = prepare_default_model(progress=False)
-    # Turn 2 of the multi-turn phase is built from the caching-off engine's answer to turn 1, so both
-    # engines see the same tokens; that engine runs (and shuts down) first.
-    answer = None if not caching else run_answer(mode)
-    razor = {**RAZOR, "prefill": mode, "profile": paper_share_profile()}
+    razor = {**RAZOR, "prefill": mode, "profile": profile}
     if caching:
         kwargs = engine_kwargs(
             model,

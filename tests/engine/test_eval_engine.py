@@ -9,26 +9,20 @@ import json
 import numpy as np
 import pytest
 
-from engine_runs import engine_kwargs
+from engine_runs import engine_kwargs, in_engine_process
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 
 
-def test_teacher_forcing_records_the_engine_distribution(default_model_dir, tmp_path):
-    """The probe's recorded log-probs of the forced tokens equal vLLM's own prompt log-probs of the same
-    text, every forced token is emitted, and a request without the probe decodes normally."""
-    from transformers import AutoTokenizer
+def teacher_forcing_run(model_dir, prefix: list[int], continuation: list[int], out) -> dict:
+    """One engine (in the engine process): the forced request, the same text scored with prompt
+    log-probs, and the prefix decoded freely."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from razor_vllm.eval.corpus import natural_text
     from razor_vllm.eval.teacher import PROCESSOR, teacher_args
 
-    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
-    ids = tokenizer(natural_text(tokenizer, 400, start_chapter=40), add_special_tokens=False).input_ids
-    prefix, continuation = ids[:300], ids[300:324]
-    out = tmp_path / "forced.npy"
-    llm = LLM(**engine_kwargs(default_model_dir, logits_processors=[PROCESSOR], max_model_len=1024))
+    llm = LLM(**engine_kwargs(model_dir, logits_processors=[PROCESSOR], max_model_len=1024))
     try:
         forced, scored, free = llm.generate(
             [
@@ -48,19 +42,38 @@ def test_teacher_forcing_records_the_engine_distribution(default_model_dir, tmp_
             ],
             use_tqdm=False,
         )
+        return dict(
+            forced=list(forced.outputs[0].token_ids),
+            scored=[scored.prompt_logprobs[len(prefix) + i][t].logprob for i, t in enumerate(continuation)],
+            free_first=free.outputs[0].token_ids[0],
+        )
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-    assert list(forced.outputs[0].token_ids) == continuation
+
+
+def test_teacher_forcing_records_the_engine_distribution(default_model_dir, tmp_path):
+    """The probe's recorded log-probs of the forced tokens equal vLLM's own prompt log-probs of the same
+    text, every forced token is emitted, and a request without the probe decodes normally."""
+    from transformers import AutoTokenizer
+
+    from razor_vllm.eval.corpus import natural_text
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
+    ids = tokenizer(natural_text(tokenizer, 400, start_chapter=40), add_special_tokens=False).input_ids
+    prefix, continuation = ids[:300], ids[300:324]
+    out = tmp_path / "forced.npy"
+    run = in_engine_process(teacher_forcing_run, default_model_dir, prefix, continuation, out)
+    assert run["forced"] == continuation
     rows = np.load(out)
     assert rows.shape == (len(continuation), tokenizer.vocab_size)
     assert np.allclose(np.exp(rows).sum(-1), 1.0, atol=1e-4)
     recorded = [float(rows[i, t]) for i, t in enumerate(continuation)]
-    engine = [scored.prompt_logprobs[len(prefix) + i][t].logprob for i, t in enumerate(continuation)]
+    engine = run["scored"]
     assert np.allclose(recorded, engine, atol=2e-3), (recorded, engine)
     # The unforced request is the model's own greedy choice: the argmax of the first recorded row.
-    assert free.outputs[0].token_ids[0] == int(np.argmax(rows[0]))
+    assert run["free_first"] == int(np.argmax(rows[0]))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Seeded sampling while a prompt is prefilled in chunks, with razor on CPU (one offline engine, ~40 s).
+"""Seeded sampling while a prompt is prefilled in chunks, with razor on CPU (one offline engine).
 
 Stock vLLM 0.32's CPU runner kills the engine core on the first seeded request whose prompt is split
 over several steps (it rewinds a CPU ``torch.Generator`` with ``set_offset``; see
@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from engine_runs import engine_kwargs
+from engine_runs import engine_kwargs, in_engine_process
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 
@@ -33,29 +33,37 @@ def token_prompts() -> tuple[dict, dict]:
     return {"prompt_token_ids": ids[:SHORT]}, {"prompt_token_ids": ids[SHORT:]}
 
 
-def test_seeded_sampling_does_not_depend_on_prompt_chunking(default_model_dir):
+def seeded_runs(model_dir) -> dict[str, list[int]]:
+    """Tokens of SHORT sampled with seed 1234 alone, behind LONG (chunked), alone again, and with seed 99."""
     from vllm import LLM, SamplingParams
 
-    # "uni": the worker runs inside the engine-core process (one process fewer to start).
-    kwargs = engine_kwargs(default_model_dir, "razor", max_num_batched_tokens=BUDGET, max_model_len=512)
-    llm = LLM(**kwargs, distributed_executor_backend="uni")
+    kwargs = engine_kwargs(model_dir, "razor", max_num_batched_tokens=BUDGET, max_model_len=512)
+    llm = LLM(**kwargs)
     try:
         short, long = token_prompts()
         seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16)
         greedy = SamplingParams(temperature=0, max_tokens=4)
+        other = SamplingParams(temperature=1.0, seed=99, max_tokens=16)
 
-        alone = llm.generate([short], seeded, use_tqdm=False)[0]
+        def tokens(output) -> list[int]:
+            return list(output.outputs[0].token_ids)
+
+        alone = tokens(llm.generate([short], seeded, use_tqdm=False)[0])
         # LONG takes step 1 whole; step 2 gives SHORT its first 28 tokens (a discarded sample), step 3 the rest.
-        behind = llm.generate([long, short], [greedy, seeded], use_tqdm=False)[1]
-        again = llm.generate([short], seeded, use_tqdm=False)[0]
-
-        tokens = list(alone.outputs[0].token_ids)
-        assert len(tokens) == 16
-        assert list(behind.outputs[0].token_ids) == tokens, (behind.outputs[0].text, alone.outputs[0].text)
-        assert list(again.outputs[0].token_ids) == tokens  # the seed, not the engine's state, decides
-        other_seed = llm.generate([short], SamplingParams(temperature=1.0, seed=99, max_tokens=16), use_tqdm=False)
-        assert list(other_seed[0].outputs[0].token_ids) != tokens  # the seed does matter at temperature 1
+        behind = tokens(llm.generate([long, short], [greedy, seeded], use_tqdm=False)[1])
+        again = tokens(llm.generate([short], seeded, use_tqdm=False)[0])
+        other_seed = tokens(llm.generate([short], other, use_tqdm=False)[0])
+        return dict(alone=alone, behind=behind, again=again, other_seed=other_seed)
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def test_seeded_sampling_does_not_depend_on_prompt_chunking(default_model_dir):
+    runs = in_engine_process(seeded_runs, default_model_dir)
+    tokens = runs["alone"]
+    assert len(tokens) == 16
+    assert runs["behind"] == tokens
+    assert runs["again"] == tokens  # the seed, not the engine's state, decides
+    assert runs["other_seed"] != tokens  # the seed does matter at temperature 1

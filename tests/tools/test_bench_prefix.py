@@ -8,18 +8,19 @@ import json
 
 import pytest
 
-from razor_vllm.cli import main
+from engine_runs import cli
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 
 
-def test_prefix_workload_small(tmp_path, capsys, default_model_dir):
+def test_prefix_workload_small(tmp_path, default_model_dir):
     out = tmp_path / "prefix.json"
     doc, questions, q_tokens = 400, 3, 8
     argv = ["bench", "--prefix-workload", "--dtype", "float32", "--window", "64", "--chunk", "256"]
     argv += ["--doc-tokens", str(doc), "--questions", str(questions), "--question-tokens", str(q_tokens)]
     argv += ["--answer-tokens", "4", "--out", str(out), "--format", "plain"]
-    assert main(argv) == 0
+    code, table = cli(argv)
+    assert code == 0
     data = json.loads(out.read_text())
     pw = data["prefix_workload"]
     assert set(pw["phases"]) == {"stock", "razor"} and not any("error" in e for e in pw["engines"].values())
@@ -37,5 +38,4 @@ def test_prefix_workload_small(tmp_path, capsys, default_model_dir):
         assert turns["cached_tokens"] >= questions * (doc - 256), (backend, turns)
         assert turns["prefill_tokens"] < turns["prompt_tokens"] / 2
     assert [r["phase"] for r in pw["rows"]] == ["concurrent", "turns"]
-    table = capsys.readouterr().out
     assert "Prefix-cache workload" in table and "razor/stock" in table

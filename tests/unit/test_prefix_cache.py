@@ -79,7 +79,10 @@ class Driver:
     hits: dict[str, int] = field(default_factory=dict)
     hit_blocks: dict[str, set[int]] = field(default_factory=dict)
 
-    def admit(self, req: Request, chunk: int = 10_000) -> int:
+    def admit(self, req: Request, chunk: int = 10_000, same_step: bool = False) -> int:
+        """A scheduler step that admits ``req``; ``same_step``: in the step of the previous call."""
+        if not same_step:
+            self.manager.new_step_starts()
         blocks, n_hit, _ = self.manager.get_computed_blocks(req)
         self.manager.record_prefix_cache_stats(req, n_hit)  # as the scheduler does on admission
         self.hits[req.request_id] = n_hit
@@ -96,6 +99,7 @@ class Driver:
         if req.num_computed_tokens >= req.num_tokens:
             req.append_output_token_ids(random.Random(req.num_tokens).randrange(1000, 2000))
         new = min(chunk, req.num_tokens - req.num_computed_tokens)
+        self.manager.new_step_starts()
         assert self.manager.allocate_slots(req, new) is not None
         self.check_writes(req, new)
         req.num_computed_tokens += new
@@ -295,3 +299,24 @@ def test_many_requests_share_and_diverge(exact):
     assert hits["retrieval"]["blocks"] == hits["retrieval"]["tokens"] // 64
     # Local: exact mode hands over every block of the hit, compressed only sinks + window.
     assert (hits["local"]["blocks"] == hits["local"]["tokens"] // 16) == exact
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_no_hit_on_blocks_computed_in_the_same_step(exact):
+    """vLLM hashes a block when it allocates it, before the step computes it. A request admitted in the
+    same step as the one computing its prefix would start its local blocks' tails from a tail the
+    other request writes in the same kernel call: razor's local pool defers it one step (as vLLM does
+    for Mamba states); in the next step it takes the hit, computed by then."""
+    manager = make_manager(exact=exact)
+    drive = Driver(manager)
+    doc = tokens(11, 130)
+    first, second = request("a", doc + tokens(200, 20)), request("b", doc + tokens(201, 20))
+    drive.admit(first)  # computes the document in this step: its blocks are hashed already
+    blocks, n_hit, _ = manager.get_computed_blocks(second)
+    assert n_hit == 128  # the lookup finds them...
+    assert manager.allocate_slots(second, second.num_tokens - n_hit, n_hit, blocks) is None  # ...but waits
+    assert drive.admit(second) == 128  # the next step: the hit, and only the request's own blocks written
+    drive.run(second, second.num_prompt_tokens + 2)
+    for req in (first, second):
+        manager.free(req)
+    assert manager.block_pool.get_num_free_blocks() == 256 - 1
