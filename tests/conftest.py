@@ -69,26 +69,35 @@ _WATCH = pytest.StashKey["EngineWatch"]()
 
 
 class EngineWatch(threading.Thread):
-    """Polls this process's descendants; remembers the first that is a vLLM engine or server."""
+    """Polls this process's descendants; remembers the first that is a vLLM engine or server and was
+    not one when the test started (the shared server a marked test started earlier may still run
+    while another module's tests run on the same worker: its processes are not this test's)."""
 
     def __init__(self, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.interval = interval
         self.seen: str | None = None
         self._done = threading.Event()
+        self._before = {pid for pid, _ in self._engines()}
 
-    def run(self) -> None:
+    @staticmethod
+    def _engines():
+        """(pid, command line) of every descendant that is a vLLM engine or server now."""
         import psutil
 
-        me = psutil.Process()
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    cmdline = " ".join(child.cmdline()).strip()
+                    if cmdline.startswith(ENGINE_TITLES) or ("vllm" in cmdline and " serve " in cmdline):
+                        yield child.pid, cmdline
+
+    def run(self) -> None:
         while self.seen is None and not self._done.wait(self.interval):
-            with contextlib.suppress(psutil.Error):
-                for child in me.children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        cmdline = " ".join(child.cmdline()).strip()
-                        if cmdline.startswith(ENGINE_TITLES) or ("vllm" in cmdline and " serve " in cmdline):
-                            self.seen = f"pid {child.pid}: {cmdline[:200]}"
-                            break
+            for pid, cmdline in self._engines():
+                if pid not in self._before:
+                    self.seen = f"pid {pid}: {cmdline[:200]}"
+                    break
 
     def stop(self) -> str | None:
         self._done.set()

@@ -171,6 +171,19 @@ FAKE_ENGINE = textwrap.dedent(
     def test_marked():
         subprocess.run([sys.executable, "-c", CHILD], check=True)
 
+    # An engine a marked test's fixture started and keeps (the shared server) is not the next test's.
+    @pytest.fixture(scope="module")
+    def kept_engine():
+        child = subprocess.Popen([sys.executable, "-c", CHILD.replace("sleep(3)", "sleep(30)")])
+        yield child
+        child.kill()
+
+    @pytest.mark.engine
+    def test_marked_keeps_an_engine(kept_engine):
+        import time
+
+        time.sleep(1)  # titled by now
+
     def test_no_engine():
         subprocess.run([sys.executable, "-c", "import time; time.sleep(1)"], check=True)
     """
@@ -184,9 +197,9 @@ def test_conftest_fails_a_test_that_starts_an_engine_without_the_marker(pytester
     pytester.makeini("[pytest]\nmarkers =\n    engine: starts an engine\n")
     pytester.makepyfile(test_fake=FAKE_ENGINE)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["FAILED test_fake.py::test_unmarked - Failed: this test started a vLLM engine*"])
 
     # make test-fast (-m "not engine") deselects the marked one and still catches the unmarked one
     fast = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "not engine")
-    fast.assert_outcomes(passed=1, failed=1, deselected=1)
+    fast.assert_outcomes(passed=1, failed=1, deselected=2)
