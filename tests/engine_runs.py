@@ -88,9 +88,44 @@ def run_engine(
     chats: Optional[list] = None,
     logprobs: bool = False,
     top_logprobs: int = 0,
+    env: Optional[dict[str, str]] = None,
 ) -> EngineRun:
-    """Start an engine with ``kwargs`` (in the engine process), generate greedily, shut it down."""
-    return in_engine_process(_run_engine_here, kwargs, prompts, max_tokens, chats, logprobs, top_logprobs)
+    """Start an engine with ``kwargs`` (in the engine process, with ``env`` over the test's environment),
+    generate greedily, shut it down."""
+    return in_engine_process(
+        _run_engine_here, kwargs, prompts, max_tokens, chats, logprobs, top_logprobs, engine_env=env
+    )
+
+
+def max_logprob_gap(a: EngineRun, b: EngineRun) -> float:
+    """Largest difference between two runs' log-probs of their generated tokens, position by position."""
+    assert [len(x) for x in a.logprobs] == [len(x) for x in b.logprobs]
+    return max(abs(x - y) for la, lb in zip(a.logprobs, b.logprobs) for x, y in zip(la, lb))
+
+
+def tiny_model_run(model, razor: Optional[dict], tp: int = 1, pp: int = 1, **overrides) -> EngineRun:
+    """The scale-out tests' run on a tiny model (tests/tiny_models.py): stock (``razor=None``) or razor
+    with ``razor`` options, TP x PP workers, greedy tokens and their log-probabilities for three prompts
+    (40, 150 and 300 random tokens). Several workers: one core each (vLLM's CPU workers bind to a NUMA
+    node unless told the cores; this machine has one node)."""
+    import random
+
+    workers = tp * pp
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i % 2) for i in range(workers))} if workers > 1 else None
+    kwargs = engine_kwargs(
+        model,
+        "stock" if razor is None else "razor",
+        razor,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        max_model_len=512,
+        kv_cache_memory_bytes=32 << 20,
+        max_num_batched_tokens=64,
+        **overrides,
+    )
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(4, 500) for _ in range(n)]} for n in (40, 150, 300)]
+    return run_engine(kwargs, prompts, max_tokens=16, logprobs=True, env=env)
 
 
 def _run_engine_here(
@@ -163,18 +198,19 @@ FORWARDED_ENV_PREFIXES = ("VLLM_", "RAZOR_")
 _pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
 
 
-def in_engine_process(fn: Callable, *args, **kwargs):
+def in_engine_process(fn: Callable, *args, engine_env: Optional[dict[str, str]] = None, **kwargs):
     """``fn(*args, **kwargs)`` in the session's engine process; returns its result or raises its error.
 
     ``fn`` and its arguments travel by pickle: a module-level function of an importable module (this
     one, or a test module: the process starts with the test session's ``sys.path``). The test's
-    ``VLLM_*``/``RAZOR_*`` environment applies for the call. A call that kills the process (a crash in
-    native code) fails that test; the next call starts a fresh process.
+    ``VLLM_*``/``RAZOR_*`` environment, updated with ``engine_env``, applies for the call. A call that
+    kills the process (a crash in native code) fails that test; the next call starts a fresh process.
     """
     global _pool
     if _pool is None:
         _pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env.update(engine_env or {})
     try:
         return _pool.submit(_call_in_engine_process, fn, env, args, kwargs).result()
     except concurrent.futures.process.BrokenProcessPool:

@@ -9,7 +9,7 @@ import functools
 
 import pytest
 
-from engine_runs import GENERAL_PROMPTS, PASSKEY_PROMPTS, PASSKEYS, engine_kwargs, run_engine
+from engine_runs import GENERAL_PROMPTS, PASSKEY_PROMPTS, PASSKEYS, engine_kwargs, max_logprob_gap, run_engine
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_model]
 
@@ -77,17 +77,17 @@ def run(name: str):
     return run_engine(kwargs, prompts, max_tokens=40 if name == "razor_small_kv" else 12, logprobs=True, top_logprobs=5)
 
 
-def max_logprob_gap(a, b) -> float:
-    """Largest difference of the generated tokens' log-probs (the token ids must be equal)."""
+def same_tokens_logprob_gap(a, b) -> float:
+    """Largest difference of the generated tokens' log-probs; the token ids must be equal."""
     assert a.token_ids == b.token_ids
-    return max(abs(x - y) for la, lb in zip(a.logprobs, b.logprobs) for x, y in zip(la, lb))
+    return max_logprob_gap(a, b)
 
 
 def test_all_retrieval_equals_stock_token_for_token():
     stock, razor = run("stock"), run("all_retrieval")
     for i, (want, got) in enumerate(zip(stock.token_ids, razor.token_ids)):
         assert got == want, f"prompt {i}: stock {stock.texts[i]!r} vs razor {razor.texts[i]!r}"
-    assert max_logprob_gap(stock, razor) < EQUAL_ATTENTION_TOL  # our paged kernel vs CPU_ATTN
+    assert same_tokens_logprob_gap(stock, razor) < EQUAL_ATTENTION_TOL  # our paged kernel vs CPU_ATTN
 
 
 def test_stock_answers_the_passkeys():
@@ -163,7 +163,7 @@ def test_engine_matches_hf_reference():
 @pytest.mark.parametrize("mode", ["razor", "razor_compressed"])
 def test_chunked_prefill_gives_the_same_tokens(mode):
     """64-token chunks vs one 2048-token step: the same tokens and log-probs, in both modes."""
-    assert max_logprob_gap(run(f"{mode}_chunked"), run(mode)) < EQUAL_ATTENTION_TOL
+    assert same_tokens_logprob_gap(run(f"{mode}_chunked"), run(mode)) < EQUAL_ATTENTION_TOL
 
 
 def test_preemption_gives_the_same_tokens():

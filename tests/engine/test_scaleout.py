@@ -25,7 +25,7 @@ from razor_vllm.balance import plan_scaleout, promotion_priority
 from razor_vllm.config import Provenance, RazorProfile, utc_now
 from razor_vllm.profile.selectors import fingerprint_of
 
-from engine_runs import EngineRun, engine_kwargs, run_engine
+from engine_runs import max_logprob_gap, tiny_model_run
 from tiny_models import build_tiny_llama
 
 pytestmark = [
@@ -55,34 +55,6 @@ def tiny_model(tmp_path_factory):
     return path, _profile(path, HEADS, SCORES).save(path / "razor-profile.yaml")
 
 
-def generate(model, razor: dict, monkeypatch, tp: int = 1, pp: int = 1, **extra) -> EngineRun:
-    """Greedy tokens and their log-probabilities for three prompts (40, 150 and 300 tokens)."""
-    workers = tp * pp
-    if workers > 1:  # vLLM's CPU workers bind each to a NUMA node unless told the cores; one node here
-        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % 2) for i in range(workers)))
-    else:
-        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    kwargs = engine_kwargs(
-        model,
-        "razor",
-        razor,
-        tensor_parallel_size=tp,
-        pipeline_parallel_size=pp,
-        max_model_len=512,
-        kv_cache_memory_bytes=32 << 20,
-        max_num_batched_tokens=64,
-        **extra,
-    )
-    rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(4, 500) for _ in range(n)]} for n in (40, 150, 300)]
-    return run_engine(kwargs, prompts, max_tokens=16, logprobs=True)
-
-
-def gap(a: EngineRun, b: EngineRun) -> float:
-    assert [len(x) for x in a.logprobs] == [len(x) for x in b.logprobs]
-    return max(abs(x - y) for la, lb in zip(a.logprobs, b.logprobs) for x, y in zip(la, lb))
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
     """TP=1 runs: the profile, and the superset that TP=2 promotion serves."""
@@ -91,35 +63,36 @@ def reference(tiny_model, tmp_path_factory):
     served = promoted.served_global_heads()
     assert served == [[0, 1], [0], [1], [0], [1], [0, 1]]  # rank 1 gains layers 0, 4, 5
     superset = _profile(model, served).save(tmp_path_factory.mktemp("promoted") / "promoted.yaml")
-    with pytest.MonkeyPatch.context() as mp:
-        return {
-            "profile": generate(model, {"profile": str(profile)}, mp),
-            "promoted": generate(model, {"profile": str(superset)}, mp),
-        }
+    return {
+        "profile": tiny_model_run(model, {"profile": str(profile)}),
+        "promoted": tiny_model_run(model, {"profile": str(superset)}),
+    }
 
 
-def test_tp2_unbalanced_profile_pad_equals_tp1(tiny_model, reference, monkeypatch):
+def test_tp2_unbalanced_profile_pad_equals_tp1(tiny_model, reference):
     model, profile = tiny_model
-    run = generate(model, {"profile": str(profile), "tp_balance": "pad"}, monkeypatch, tp=2)
+    run = tiny_model_run(model, {"profile": str(profile), "tp_balance": "pad"}, tp=2)
     assert run.token_ids == reference["profile"].token_ids
-    assert gap(run, reference["profile"]) < TOLERANCE
+    assert max_logprob_gap(run, reference["profile"]) < TOLERANCE
 
 
-def test_tp2_unbalanced_profile_promote_equals_tp1_with_promoted_heads(tiny_model, reference, monkeypatch):
+def test_tp2_unbalanced_profile_promote_equals_tp1_with_promoted_heads(tiny_model, reference):
     model, profile = tiny_model
-    run = generate(model, {"profile": str(profile)}, monkeypatch, tp=2)  # promote: the profile has scores
+    run = tiny_model_run(model, {"profile": str(profile)}, tp=2)  # promote: the profile has scores
     assert run.token_ids == reference["promoted"].token_ids
-    assert gap(run, reference["promoted"]) < TOLERANCE
-    assert gap(reference["promoted"], reference["profile"]) > 1e-4  # the promoted heads do change the numbers
+    assert max_logprob_gap(run, reference["promoted"]) < TOLERANCE
+    assert (
+        max_logprob_gap(reference["promoted"], reference["profile"]) > 1e-4
+    )  # the promoted heads do change the numbers
 
 
-def test_pp2_stages_serve_their_own_layers(tiny_model, reference, monkeypatch):
+def test_pp2_stages_serve_their_own_layers(tiny_model, reference):
     model, profile = tiny_model
     # vLLM 0.32's CPU worker allocates a later stage's intermediate-tensor buffer only in its warm-up
     # run, which it skips in eager mode (CPUModelRunner.warming_up_model), so PP on CPU needs compilation.
-    run = generate(model, {"profile": str(profile), "tp_balance": "pad"}, monkeypatch, pp=2, enforce_eager=False)
+    run = tiny_model_run(model, {"profile": str(profile), "tp_balance": "pad"}, pp=2, enforce_eager=False)
     assert run.token_ids == reference["profile"].token_ids
-    assert gap(run, reference["profile"]) < TOLERANCE
+    assert max_logprob_gap(run, reference["profile"]) < TOLERANCE
 
 
 def test_dp2_two_engine_cores_serve_and_report_their_own_pools(tiny_model, reference, tmp_path):
@@ -154,7 +127,7 @@ def test_dp2_two_engine_cores_serve_and_report_their_own_pools(tiny_model, refer
     env = {"VLLM_PLUGINS": "razor,razor_status", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per engine
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     rng = random.Random(0)
-    prompts = [[rng.randrange(4, 500) for _ in range(n)] for n in (40, 150, 300)]  # as generate()
+    prompts = [[rng.randrange(4, 500) for _ in range(n)] for n in (40, 150, 300)]  # as tiny_model_run
 
     with vllm_server(model, args, log_path=tmp_path / "server.log", timeout=900, env=env) as srv:
 
