@@ -1,16 +1,31 @@
 """Tiny random models saved as loadable Hugging Face checkpoints (config + safetensors + tokenizer).
 
-Seconds to build; deterministic for a given seed. Shared by the profiler tests and, later, the vLLM tests.
+Seconds to build; deterministic for a given seed. Each model is a config.json in ``model_configs/``
+(``tiny-<kind>.json``); ``build_tiny`` gives it random weights and a word tokenizer. Used by the profiler,
+scale-out and refusal tests (the refused kinds: MLA, encoder-only, encoder-decoder, state-space, hybrid,
+a sliding window of its own, ALiBi; each a model stock vLLM accepts).
+
+The bench's ``synthetic:tiny`` shape (razor_vllm/bench/synthetic.py) is not used here: it writes a
+config without weights over the default model's 49k vocabulary for vLLM's dummy loader, while these
+tests run the models' forward passes in Hugging Face transformers and need real weights and a small
+vocabulary.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+CONFIGS = Path(__file__).parent / "model_configs"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
+
+
+def model_config(name: str) -> dict:
+    """The config.json values in ``model_configs/<name>.json`` (tiny random models and public models' configs)."""
+    return json.loads((CONFIGS / f"{name}.json").read_text())
 
 
 def save_word_tokenizer(path: str | Path, vocab_size: int) -> None:
@@ -29,227 +44,61 @@ def save_word_tokenizer(path: str | Path, vocab_size: int) -> None:
     fast.save_pretrained(str(path))
 
 
-def build_tiny_llama(
-    path: str | Path,
-    *,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    head_dim: int = 32,
-    hidden_size: int = 128,
-    intermediate_size: int = 256,
-    vocab_size: int = 512,
-    max_position_embeddings: int = 4096,
-    initializer_range: float = 0.02,
-    seed: int = 0,
-    with_tokenizer: bool = True,
-) -> Path:
-    """A random ``LlamaForCausalLM`` (GQA: ``num_heads`` query heads over ``num_kv_heads`` KV heads) in ``path``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_tiny(kind: str, path: str | Path, *, seed: int = 0, with_tokenizer: bool = True, **config) -> Path:
+    """A random float32 ``model_configs/tiny-<kind>.json`` model (``config`` overrides its values) in ``path``."""
+    import transformers
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
-        initializer_range=initializer_range,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"],
-    )
+    values = model_config(f"tiny-{kind}")
+    values.update(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    values.update(config)
+    hf_config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+    model_cls = getattr(transformers, hf_config.architectures[0])
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = model_cls(hf_config).to(torch.float32).eval()
     path = Path(path)
     model.save_pretrained(str(path), safe_serialization=True)
     if with_tokenizer:
-        save_word_tokenizer(path, vocab_size)
+        save_word_tokenizer(path, hf_config.vocab_size)
     return path
 
 
-def build_tiny_bloom(
-    path: str | Path,
-    *,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    hidden_size: int = 64,
-    vocab_size: int = 512,
-    initializer_range: float = 0.02,
-    seed: int = 0,
-    with_tokenizer: bool = False,
-) -> Path:
-    """A random ``BloomForCausalLM`` (ALiBi, LayerNorm with gamma = 1, b = 0 as initialised) in ``path``."""
-    from transformers import BloomConfig, BloomForCausalLM
+def build_tiny_llama(path: str | Path, *, num_layers: int = 4, num_kv_heads: int = 2, **kwargs) -> Path:
+    """A random ``LlamaForCausalLM``: 4 query heads over ``num_kv_heads`` KV heads (GQA) of 32 dims."""
+    return build_tiny("llama", path, num_hidden_layers=num_layers, num_key_value_heads=num_kv_heads, **kwargs)
 
-    config = BloomConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        n_layer=num_layers,
-        n_head=num_heads,
-        initializer_range=initializer_range,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        architectures=["BloomForCausalLM"],
+
+# -- the unbalanced scale-out case (unit/test_balance.py, engine/test_ray.py) -------------------------------
+# 6 layers x 2 KV heads; at TP=2 rank 0 holds head 0, rank 1 head 1. The profile puts 4 retrieval heads on
+# rank 0 and 1 on rank 1 (a global top-5 rarely splits evenly).
+UNBALANCED_HEADS = [[0], [0], [1], [0], [], [0]]
+# One score (induction-like); rank 1's best remaining heads are layer 4, then 0, then 5.
+UNBALANCED_SCORES = {"induction": [[0.9, 0.30], [0.8, 0.01], [0.1, 0.7], [0.6, 0.02], [0.05, 0.50], [0.5, 0.20]]}
+
+
+def unbalanced_tp2_config(path: str | Path, **razor):
+    """vLLM's config (no engine) at TP=2 of a 6-layer tiny Llama with the unbalanced heads and scores in a
+    manual profile (sink 4, window 16; ``razor`` adds options)."""
+    from vllm import EngineArgs
+
+    from razor_vllm.config import Provenance, RazorProfile, utc_now
+    from razor_vllm.profile.selectors import fingerprint_of
+
+    path = build_tiny_llama(path, num_layers=6)
+    profile = RazorProfile(
+        model=fingerprint_of(path),
+        sink=4,
+        window=16,
+        retrieval_heads=UNBALANCED_HEADS,
+        scores=UNBALANCED_SCORES,
+        provenance=Provenance(method="manual", command="t", tool_version="0", created=utc_now()),
     )
-    torch.manual_seed(seed)
-    model = BloomForCausalLM(config).to(torch.float32).eval()
-    path = Path(path)
-    model.save_pretrained(str(path), safe_serialization=True)
-    if with_tokenizer:
-        save_word_tokenizer(path, vocab_size)
-    return path
-
-
-# -- models razor refuses (tests/unit/test_startup_errors.py) ---------------------------------------------
-# Small enough to build in a second or two; each is a model stock vLLM accepts.
-
-
-def _save_random(path: str | Path, model_cls, config, seed: int, with_tokenizer: bool) -> Path:
-    torch.manual_seed(seed)
-    model = model_cls(config).to(torch.float32).eval()
-    path = Path(path)
-    model.save_pretrained(str(path), safe_serialization=True)
-    if with_tokenizer:
-        save_word_tokenizer(path, config.vocab_size)
-    return path
-
-
-_SMALL = dict(vocab_size=512, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-
-
-def build_tiny_deepseek_v2(path: str | Path, *, seed: int = 0, with_tokenizer: bool = True) -> Path:
-    """A random ``DeepseekV2ForCausalLM``: multi-head latent attention (MLA), one dense layer, one MoE layer."""
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
-
-    config = DeepseekV2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_rope_head_dim=16,
-        qk_nope_head_dim=16,
-        v_head_dim=32,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
-        max_position_embeddings=2048,
-        architectures=["DeepseekV2ForCausalLM"],
-        **_SMALL,
-    )
-    return _save_random(path, DeepseekV2ForCausalLM, config, seed, with_tokenizer)
-
-
-def build_tiny_bert(path: str | Path, *, seed: int = 0, with_tokenizer: bool = True) -> Path:
-    """A random ``BertModel``: encoder-only (bidirectional) attention; vLLM serves it as an embedding model."""
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        architectures=["BertModel"],
-        **_SMALL,
-    )
-    return _save_random(path, BertModel, config, seed, with_tokenizer)
-
-
-def build_tiny_mistral(
-    path: str | Path, *, sliding_window: int = 64, seed: int = 0, with_tokenizer: bool = True
-) -> Path:
-    """A random ``MistralForCausalLM`` whose layers attend over a ``sliding_window`` of their own."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    config = MistralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=sliding_window,
-        max_position_embeddings=2048,
-        architectures=["MistralForCausalLM"],
-        **_SMALL,
-    )
-    return _save_random(path, MistralForCausalLM, config, seed, with_tokenizer)
-
-
-def build_tiny_mamba(path: str | Path, *, seed: int = 0, with_tokenizer: bool = True) -> Path:
-    """A random ``MambaForCausalLM``: state-space layers, no attention at all."""
-    from transformers import MambaConfig, MambaForCausalLM
-
-    config = MambaConfig(
-        hidden_size=64,
-        state_size=8,
-        num_hidden_layers=2,
-        expand=2,
-        conv_kernel=4,
-        architectures=["MambaForCausalLM"],
-        **_SMALL,
-    )
-    return _save_random(path, MambaForCausalLM, config, seed, with_tokenizer)
-
-
-def build_tiny_whisper(path: str | Path, *, seed: int = 0, with_tokenizer: bool = True) -> Path:
-    """A random ``WhisperForConditionalGeneration``: an encoder-decoder whose decoder cross-attends to the encoder."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    config = WhisperConfig(
-        d_model=64,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        num_mel_bins=80,
-        max_source_positions=1500,
-        max_target_positions=448,
-        decoder_start_token_id=BOS_ID,
-        architectures=["WhisperForConditionalGeneration"],
-        **_SMALL,
-    )
-    return _save_random(path, WhisperForConditionalGeneration, config, seed, with_tokenizer)
-
-
-def build_tiny_jamba(path: str | Path, *, seed: int = 0, with_tokenizer: bool = True) -> Path:
-    """A random ``JambaForCausalLM``: a Mamba layer, then an attention layer with a mixture of experts."""
-    from transformers import JambaConfig, JambaForCausalLM
-
-    config = JambaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_layer_period=2,
-        attn_layer_offset=1,
-        expert_layer_period=2,
-        expert_layer_offset=1,
-        num_experts=2,
-        num_experts_per_tok=1,
-        mamba_d_state=8,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_dt_rank=8,
-        use_mamba_kernels=False,
-        architectures=["JambaForCausalLM"],
-        **_SMALL,
-    )
-    return _save_random(path, JambaForCausalLM, config, seed, with_tokenizer)
+    return EngineArgs(
+        model=str(path),
+        attention_backend="razor",
+        tensor_parallel_size=2,
+        max_model_len=512,
+        kv_cache_memory_bytes=32 << 20,
+        enforce_eager=True,
+        dtype="float32",
+        additional_config={"razor": {"profile": str(profile.save(path / "p.yaml")), **razor}},
+    ).create_engine_config()

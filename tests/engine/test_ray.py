@@ -21,9 +21,6 @@ ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.engine  # a Ray cluster and vLLM workers: slow
 
-HEADS = [[0], [0], [1], [0], [], [0]]
-SCORES = {"induction": [[0.9, 0.30], [0.8, 0.01], [0.1, 0.7], [0.6, 0.02], [0.05, 0.50], [0.5, 0.20]]}
-
 
 def _in_worker(worker) -> dict:
     """Runs inside the Ray actor, on vLLM's worker object (``run_method`` with a pickled function)."""
@@ -64,36 +61,15 @@ def ray_head():
 
 def test_razor_config_crosses_ray_into_vllms_worker_wrapper(ray_head, tmp_path):
     import cloudpickle
-    from vllm import EngineArgs
     from vllm.v1.executor.ray_utils import RayWorkerWrapper
 
     from razor_vllm.balance import plan_for_resolved
-    from razor_vllm.config import Provenance, RazorProfile, utc_now
     from razor_vllm.options import resolve_for_vllm_config
-    from razor_vllm.profile.selectors import fingerprint_of
 
-    from tiny_models import build_tiny_llama
+    from tiny_models import unbalanced_tp2_config
 
-    path = build_tiny_llama(tmp_path / "tiny", num_layers=6)
-    profile = RazorProfile(
-        model=fingerprint_of(path),
-        sink=4,
-        window=16,
-        retrieval_heads=HEADS,
-        scores=SCORES,
-        provenance=Provenance(method="manual", command="t", tool_version="0", created=utc_now()),
-    )
-    options = {"profile": str(profile.save(path / "p.yaml")), "window": 24, "tp_balance": "promote"}
-    config = EngineArgs(
-        model=str(path),
-        attention_backend="razor",
-        tensor_parallel_size=2,
-        max_model_len=512,
-        kv_cache_memory_bytes=32 << 20,
-        enforce_eager=True,
-        dtype="float32",
-        additional_config={"razor": options},
-    ).create_engine_config()
+    config = unbalanced_tp2_config(tmp_path / "tiny", window=24, tp_balance="promote")
+    options = {"profile": str(tmp_path / "tiny" / "p.yaml"), "window": 24, "tp_balance": "promote"}
     expected = [r.heads for r in plan_for_resolved(resolve_for_vllm_config(config), 2, 2).ranks]
 
     # As RayDistributedExecutor._init_workers_ray: an actor of vLLM's wrapper, then init_worker.

@@ -12,7 +12,7 @@ from razor_vllm.config import RazorProfile
 from razor_vllm.profile import AlibiRangeSelector, alibi_head_ranges, command, profile_model
 from razor_vllm.profile.alibi import alibi_slopes
 
-from tiny_models import build_tiny_bloom
+from tiny_models import build_tiny, model_config
 
 EPS = 1e-3
 NUM_HEADS = 4
@@ -21,7 +21,8 @@ NUM_HEADS = 4
 @pytest.fixture(scope="module")
 def tiny_bloom(tmp_path_factory):
     # init 0.04: the content term 2 ||M|| R^2 is a sizeable part of L_h (about 20 of 50 tokens for head 0)
-    return build_tiny_bloom(tmp_path_factory.mktemp("tiny_bloom"), initializer_range=0.04, num_heads=NUM_HEADS, seed=0)
+    path = tmp_path_factory.mktemp("tiny_bloom")
+    return build_tiny("bloom", path, initializer_range=0.04, n_head=NUM_HEADS, seed=0, with_tokenizer=False)
 
 
 def load(path, dtype=torch.float64):
@@ -151,34 +152,11 @@ def test_profile_model_and_cli_use_theorem_1_for_alibi(tiny_bloom, tmp_path):
 
 
 # -- classification by the config's position encoding --------------------------------------------------
-# config.json values of Baichuan2-7B-Chat and Baichuan2-13B-Chat (baichuan-inc on the Hugging Face hub;
+# config.json values of Baichuan2-7B-Chat and Baichuan2-13B-Chat (tests/model_configs; baichuan-inc on the hub;
 # the 13B's fields as in vLLM's former vllm/transformers_utils/configs/baichuan_13b.py: model_max_length,
 # no max_position_embeddings). Both are model_type "baichuan", architecture BaichuanForCausalLM.
-BAICHUAN2_7B = dict(
-    architectures=["BaichuanForCausalLM"],
-    model_type="baichuan",
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_attention_heads=32,
-    num_hidden_layers=32,
-    max_position_embeddings=4096,
-    model_max_length=4096,
-    vocab_size=125696,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
-BAICHUAN2_13B = dict(
-    architectures=["BaichuanForCausalLM"],
-    model_type="baichuan",
-    hidden_size=5120,
-    intermediate_size=13696,
-    num_attention_heads=40,
-    num_hidden_layers=40,
-    model_max_length=4096,
-    vocab_size=125696,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+BAICHUAN2_7B = model_config("baichuan2-7b-chat")
+BAICHUAN2_13B = model_config("baichuan2-13b-chat")
 
 
 def _config(values):

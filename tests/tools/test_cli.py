@@ -1,7 +1,9 @@
 """The razor-vllm command line as a user runs it."""
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +21,10 @@ def test_model_prepare_is_instant_when_prepared(default_model_dir, capsys):
 
 
 def test_console_script_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "razor_vllm.cli", "--help"], capture_output=True, text=True, check=True)
+    """The installed ``razor-vllm`` command (setup.py's console script, next to this interpreter), as a user runs it."""
+    script = shutil.which("razor-vllm", path=str(Path(sys.executable).parent))
+    assert script, "razor-vllm is not installed next to the interpreter (pip install -e .)"
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
     for name in ("model", "profile"):
         assert name in out.stdout
 

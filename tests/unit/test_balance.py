@@ -7,11 +7,9 @@ import pytest
 from razor_vllm.balance import plan_scaleout, promotion_priority, resolve_mode
 from razor_vllm.layout import plan_layout
 
-# 6 layers x 2 KV heads; at TP=2 rank 0 holds head 0, rank 1 head 1.
-# The profile puts 4 retrieval heads on rank 0 and 1 on rank 1 (a global top-5 rarely splits evenly).
-HEADS = [[0], [0], [1], [0], [], [0]]
-# One score (induction-like); rank 1's best remaining heads are layer 4, then 0, then 5.
-SCORES = {"induction": [[0.9, 0.30], [0.8, 0.01], [0.1, 0.7], [0.6, 0.02], [0.05, 0.50], [0.5, 0.20]]}
+# 6 layers x 2 KV heads, 4 retrieval heads on rank 0 and 1 on rank 1 at TP=2 (tiny_models.py says why)
+from tiny_models import UNBALANCED_HEADS as HEADS
+from tiny_models import UNBALANCED_SCORES as SCORES
 
 
 def test_promotion_fills_the_lighter_rank_with_its_next_best_heads():
@@ -99,34 +97,11 @@ def test_pool_usage_of_every_engine_core_is_kept():
 
 def test_status_reports_every_ranks_heads_and_the_balancing_cost(tmp_path):
     """/razor/status's document for TP=2 (computed from the engine config, as the route does)."""
-    from vllm import EngineArgs
-
-    from razor_vllm.config import Provenance, RazorProfile, utc_now
-    from razor_vllm.profile.selectors import fingerprint_of
     from razor_vllm.serve.status import compute_status
 
-    from tiny_models import build_tiny_llama
+    from tiny_models import unbalanced_tp2_config
 
-    path = build_tiny_llama(tmp_path / "tiny", num_layers=6)
-    profile = RazorProfile(
-        model=fingerprint_of(path),
-        sink=4,
-        window=16,
-        retrieval_heads=HEADS,
-        scores=SCORES,
-        provenance=Provenance(method="manual", command="t", tool_version="0", created=utc_now()),
-    )
-    args = EngineArgs(
-        model=str(path),
-        attention_backend="razor",
-        tensor_parallel_size=2,
-        max_model_len=512,
-        kv_cache_memory_bytes=32 << 20,
-        enforce_eager=True,
-        dtype="float32",
-        additional_config={"razor": {"profile": str(profile.save(path / "p.yaml"))}},
-    )
-    status = compute_status(args.create_engine_config())
+    status = compute_status(unbalanced_tp2_config(tmp_path / "tiny"))
     balance = status["balance"]
     assert balance["mode"] == "promote"
     assert [(r["rank"], r["profile"], r["promoted"]) for r in balance["per_rank"]] == [(0, 4, 0), (1, 1, 3)]

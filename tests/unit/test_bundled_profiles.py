@@ -35,6 +35,8 @@ from razor_vllm.layout import plan_layout, shard_kv_heads
 from razor_vllm.profile.importers import select_ratio_with_ties
 from razor_vllm.profile.selectors import fingerprint_of
 
+from tiny_models import model_config
+
 MODELS_DIR = bundled_profiles_dir() / "models"
 BUNDLED = sorted(p.stem for p in MODELS_DIR.glob("*.json"))
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -278,6 +280,19 @@ def test_bundled_profiles_rebuild_byte_for_byte(tmp_path):
         )
 
 
+def _config_args(model_dir) -> dict:
+    """EngineArgs of a checkpoint without weights on vLLM's config path (dummy weights; no engine starts)."""
+    return dict(
+        model=str(model_dir),
+        load_format="dummy",
+        attention_backend="razor",
+        max_model_len=4096,
+        dtype="bfloat16",
+        kv_cache_memory_bytes=1 << 30,
+        enforce_eager=True,
+    )
+
+
 @pytest.mark.parametrize("name", BUNDLED)
 def test_vllm_config_of_the_real_model_resolves_to_its_bundled_profile(name, tmp_path, default_model_dir):
     """vLLM's own config path (EngineArgs -> VllmConfig, as `vllm serve MODEL --attention-backend razor`
@@ -289,15 +304,7 @@ def test_vllm_config_of_the_real_model_resolves_to_its_bundled_profile(name, tmp
     from razor_vllm.options import resolve_for_vllm_config
 
     model_dir = synthetic.make_checkpoint(name, tmp_path, default_model_dir)
-    vllm_config = EngineArgs(
-        model=str(model_dir),
-        load_format="dummy",
-        attention_backend="razor",
-        max_model_len=4096,
-        dtype="bfloat16",
-        kv_cache_memory_bytes=1 << 30,
-        enforce_eager=True,
-    ).create_engine_config()
+    vllm_config = EngineArgs(**_config_args(model_dir)).create_engine_config()
     assert unsupported_reasons(vllm_config) == []
     resolved = resolve_for_vllm_config(vllm_config)
     assert resolved.profile == resolve_profile(name)
@@ -310,42 +317,13 @@ def test_qwen_1m_models_with_dual_chunk_attention_are_refused_by_name(tmp_path, 
     from vllm.engine.arg_utils import EngineArgs
 
     # Qwen/Qwen2.5-7B-Instruct-1M's config.json values (public fixtures quoting it), layers cut to 2
-    config = dict(
-        architectures=["Qwen2ForCausalLM"],
-        model_type="qwen2",
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_attention_heads=28,
-        num_hidden_layers=2,
-        num_key_value_heads=4,
-        max_position_embeddings=1010000,
-        rope_theta=10000000.0,
-        rms_norm_eps=1e-05,
-        sliding_window=32768,
-        use_sliding_window=False,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-        vocab_size=152064,
-        dual_chunk_attention_config={
-            "chunk_size": 262144,
-            "local_size": 8192,
-            "original_max_position_embeddings": 262144,
-        },
-    )
+    config = model_config("qwen2.5-7b-instruct-1m-2-layers")
     target = tmp_path / "qwen"
     target.mkdir()
     (target / "config.json").write_text(json.dumps(config))
     for file in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(default_model_dir / file, target / file)
-    args = dict(
-        model=str(target),
-        load_format="dummy",
-        attention_backend="razor",
-        max_model_len=4096,
-        dtype="bfloat16",
-        kv_cache_memory_bytes=1 << 30,
-        enforce_eager=True,
-    )
+    args = _config_args(target)
     # refused while vLLM builds its config (vllm_compat's hook), naming the model and the reason
     with pytest.raises(
         ValueError, match=r"RAZOR attention cannot serve .*qwen \(Qwen2ForCausalLM\): it uses dual chunk"

@@ -120,6 +120,20 @@ def _default_profile_heads():
     return RazorProfile.load(Path(__file__).parents[2] / "configs" / "smollm2-135m-instruct.yaml").retrieval_heads
 
 
+def _assert_hash_aligned(heads, dtype_size, *, retrieval_heads, local_heads, block):
+    """Sink 3, window 32, hash-aligned: retrieval heads unpadded in blocks of ``block`` tokens, the local
+    pool's page padded up to the retrieval page (less than one more retrieval block step), and vLLM
+    schedules ``block``-token blocks over 32-token hash blocks."""
+    layout = plan_layout(heads, 3, 32, dtype_size, hash_aligned=True)
+    assert (layout.retrieval_pool_heads, layout.local_pool_heads) == (retrieval_heads, local_heads)
+    assert layout.retrieval_block_size == block
+    page = retrieval_heads * block
+    assert layout.page_slots() == page == local_heads * (32 + layout.tail_slots) + layout.page_padding_slots
+    assert layout.page_padding_slots < retrieval_heads * 32
+    scheduler_block, hash_block = _vllm_block_sizes(layout)
+    assert (scheduler_block, hash_block) == (block, 32) == (layout.cache_hit_granularity, layout.hash_block_size)
+
+
 @pytest.mark.parametrize("dtype_size", [2, 4])
 def test_default_profile_hash_aligned_for_prefix_caching(dtype_size):
     heads = _default_profile_heads()
@@ -127,15 +141,9 @@ def test_default_profile_hash_aligned_for_prefix_caching(dtype_size):
     # The first solver's blocks: a hash unit of gcd(68, 32) = 4 / gcd(66, 32) = 2 tokens, hits only
     # every lcm = 544 / 1,056 tokens.
     assert unaligned.retrieval_block_size == {2: 68, 4: 66}[dtype_size]
-    layout = plan_layout(heads, 3, 32, dtype_size, hash_aligned=True)
     # The shipped profile (35/90 heads): 35 retrieval heads unpadded; 55 local heads, page padded from
     # 55 * (32 + tail) up to 35 * 64.
-    assert (layout.retrieval_pool_heads, layout.local_pool_heads) == (35, 55)
-    assert layout.retrieval_block_size == 64
-    assert layout.page_slots() == 35 * 64 == 55 * (32 + layout.tail_slots) + layout.page_padding_slots
-    assert layout.page_padding_slots < 35 * 32  # less than one more retrieval block step
-    scheduler_block, hash_block = _vllm_block_sizes(layout)
-    assert (scheduler_block, hash_block) == (64, 32) == (layout.cache_hit_granularity, layout.hash_block_size)
+    _assert_hash_aligned(heads, dtype_size, retrieval_heads=35, local_heads=55, block=64)
 
 
 @pytest.mark.parametrize("dtype_size", [2, 4])
@@ -152,14 +160,8 @@ def test_paper_share_of_the_default_profile_hash_aligned(dtype_size):
     unaligned = plan_layout(heads, 3, 32, dtype_size)
     # The first solver's blocks: vLLM would hash every token and land hits only every 5,984 / 3,168 tokens.
     assert unaligned.retrieval_block_size in (187, 198)
-    layout = plan_layout(heads, 3, 32, dtype_size, hash_aligned=True)
     # 14 retrieval heads unpadded; 76 local heads, page padded from 76 * (32 + tail) up to 14 * 192.
-    assert (layout.retrieval_pool_heads, layout.local_pool_heads) == (14, 76)
-    assert layout.retrieval_block_size == 192
-    assert layout.page_slots() == 14 * 192 == 76 * (32 + layout.tail_slots) + layout.page_padding_slots
-    assert layout.page_padding_slots < 14 * 32  # less than one more retrieval block step
-    scheduler_block, hash_block = _vllm_block_sizes(layout)
-    assert (scheduler_block, hash_block) == (192, 32) == (layout.cache_hit_granularity, layout.hash_block_size)
+    _assert_hash_aligned(heads, dtype_size, retrieval_heads=14, local_heads=76, block=192)
 
 
 @pytest.mark.parametrize("seed", range(8))

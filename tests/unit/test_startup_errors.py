@@ -80,7 +80,7 @@ def test_invalid_options_are_refused(default_model_dir, option, value):
 
 # -- models razor cannot serve: refused at config time, in the calling process ----------------------
 
-UNSERVABLE = {  # tiny_models builder -> what the message must name
+UNSERVABLE = {  # tests/model_configs/tiny-<kind>.json -> what the message must name
     "deepseek_v2": "it uses multi-head latent attention (MLA",
     "bert": "it uses encoder-only (bidirectional) attention",
     "whisper": "it is an encoder-decoder model",
@@ -93,10 +93,10 @@ UNSERVABLE = {  # tiny_models builder -> what the message must name
 
 @pytest.fixture(scope="module")
 def unservable_models(tmp_path_factory):
-    import tiny_models
+    from tiny_models import build_tiny
 
     root = tmp_path_factory.mktemp("unservable")
-    return {kind: getattr(tiny_models, f"build_tiny_{kind}")(root / kind) for kind in UNSERVABLE}
+    return {kind: build_tiny(kind, root / kind) for kind in UNSERVABLE}
 
 
 def _engine_args(model_dir, **kwargs):
