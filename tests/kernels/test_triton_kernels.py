@@ -2,11 +2,11 @@
 
 Without a GPU (CI) the kernels run for real on CPU tensors in Triton's interpreter. TRITON_INTERPRET
 has to be set before the kernels are decorated and must not leak into other test modules, so the
-checks run in one subprocess (this file run as a script) and each ``test_interpreted[...]`` reports
-one check's result. With a GPU the same checks run on CUDA (marked gpu), plus a CUDA-graph
-capture/replay of decode steps. Ahead-of-time compilation for sm_80/sm_90 (no GPU needed) covers
-what the interpreter does not check: that the kernels lower for a real GPU (tl.dot shapes, loop
-types, shared memory).
+checks run in subprocesses (this file run as a script; two at once, each taking every other check)
+and each ``test_interpreted[...]`` reports one check's result. With a GPU the same checks run on
+CUDA (marked gpu), plus a CUDA-graph capture/replay of decode steps. Ahead-of-time compilation for
+sm_80/sm_90 (no GPU needed) covers what the interpreter does not check: that the kernels lower for a
+real GPU (tl.dot shapes, loop types, shared memory).
 
 The engine simulation is kernel_sim.PagedPool on the device, written by the kernel under test
 (``store_kv``) and, as vLLM's CUDA-graph padding does, with padding requests (no queries, seq_len 0,
@@ -52,6 +52,7 @@ from kernel_sim import (
 ROOT = Path(__file__).resolve().parents[2]
 PAD_REQUESTS, PAD_TOKENS = 2, 3  # batch padding added to every step, as vLLM's CUDA-graph padding
 INTERPRETER_TIMEOUT_S = 900
+INTERPRETER_WORKERS = 2  # interpreter subprocesses at once (this machine has 2 cores)
 TF32_TOLERANCE = 5e-3
 
 
@@ -730,24 +731,34 @@ def cuda_graph_decode(device: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    """{check: error or None} from one interpreter subprocess (the file is rewritten after each check,
-    so a crash leaves the results so far and the crash is reported for the rest)."""
+    """{check: error or None} from the interpreter subprocesses: INTERPRETER_WORKERS of them at once,
+    each taking every n-th check (the interpreter is single-threaded). Each rewrites its results file
+    after every check, so a crash leaves the results so far and the crash is reported for the rest."""
     pytest.importorskip("triton")
-    results = tmp_path_factory.mktemp("triton") / "results.json"
+    folder = tmp_path_factory.mktemp("triton")
     # tests/ on the path for kernel_sim (pytest puts it there from pyproject.toml, a script run does not)
     path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--json", str(results)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=INTERPRETER_TIMEOUT_S,
-        cwd=ROOT,
-    )
-    done = json.loads(results.read_text()) if results.exists() else {}
-    crash = f"the interpreter run died (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return {name: done[name]["error"] if name in done else crash for name in CPU_CHECKS}
+    workers = max(1, min(INTERPRETER_WORKERS, os.cpu_count() or 1))
+    runs = []
+    for worker in range(workers):
+        results, log = folder / f"results{worker}.json", (folder / f"log{worker}.txt").open("w+")
+        command = [sys.executable, __file__, "--json", str(results), "--worker", f"{worker}/{workers}"]
+        runs.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), results, log))
+    outcome, deadline = {}, time.monotonic() + INTERPRETER_TIMEOUT_S
+    for worker, (proc, results, log) in enumerate(runs):
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        done = json.loads(results.read_text()) if results.exists() else {}
+        log.seek(0)
+        crash = f"the interpreter run died (exit {proc.returncode}):\n{log.read()[-9000:]}"
+        log.close()
+        for name in CPU_CHECKS[worker::workers]:
+            outcome[name] = done[name]["error"] if name in done else crash
+    return outcome
 
 
 @pytest.mark.parametrize("name", CPU_CHECKS)
@@ -1015,7 +1026,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="run the Triton kernel checks in Triton's interpreter")
     parser.add_argument("--json", type=Path, required=True, help="where to write {check: {error, seconds}}")
     parser.add_argument("--only", default="", help="substring filter on check names")
+    parser.add_argument("--worker", default="0/1", help="i/n: run every n-th check from the i-th")
     args = parser.parse_args()
+    worker, workers = map(int, args.worker.split("/"))
     if os.environ.get("TRITON_INTERPRET") != "1" or "razor_vllm.triton_kernels" in sys.modules:
         raise SystemExit("run with TRITON_INTERPRET=1 set before the kernels are imported")
     _let_vllm_use_triton_on_cpu()
@@ -1023,7 +1036,7 @@ def main() -> None:
     _interpret_helper_calls_without_repatching()
     torch.set_num_threads(1)
     results = {}
-    for name in CPU_CHECKS:
+    for name in CPU_CHECKS[worker::workers]:
         if args.only not in name:
             continue
         start = time.perf_counter()
