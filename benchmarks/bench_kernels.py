@@ -14,26 +14,16 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from shapes import Shape
 
 from razor_vllm import ops
 from razor_vllm.ops import LocalRule, PagedBatch, PoolHeads
 
 SINK, WINDOW, BLOCK_SIZE = 4, 252, 32
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    num_q_heads: int
-    num_kv_heads: int
-    head_size: int
-    batch: int  # requests
-    q_len: int  # queries per request this step
-    context: int  # seq_len including this step's queries
 
 
 SHAPES = [

@@ -20,27 +20,18 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from shapes import Shape
+
+from razor_vllm.ops import LocalRule, PagedBatch, PoolHeads
 
 SINK, WINDOW, LOCAL_BLOCK, RETRIEVAL_BLOCK = 4, 252, 32, 187
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    num_q_heads: int
-    num_kv_heads: int
-    head_size: int
-    batch: int  # requests
-    q_len: int  # queries per request this step
-    context: int  # seq_len including this step's queries
-
-    @property
-    def decode(self) -> bool:
-        return self.q_len == 1
+# Every query follows the compressed rule: a prefill chunk at long context in exact mode is plain
+# causal attention over the whole prompt, i.e. what the retrieval rows time.
+RULE = LocalRule(SINK, WINDOW, compensation=True, exact_prefill=False)
 
 
 SHAPES = [
@@ -97,57 +88,41 @@ def bench(shape: Shape, dtype: torch.dtype, gen: torch.Generator, cudagraph: boo
     seq_lens = torch.full((shape.batch,), shape.context, dtype=torch.int32, device="cuda")
     qsl = (torch.arange(shape.batch + 1, dtype=torch.int32) * shape.q_len).cuda()
     out = torch.empty_like(query)
+    heads = PoolHeads(n_kv, n_kv)  # this layer's heads sit after another layer's
+
+    def step(table):  # max_query_len 0 (unknown): the retrieval kernel's 2D path, as always timed here
+        return PagedBatch(table, seq_lens, qsl)
 
     local = local_pool(shape, dtype, gen)
-    local_meta = (local["block_table"], seq_lens, qsl, n_kv, n_kv)
+    local_step = step(local["block_table"])
     pos = torch.arange(shape.context - shape.q_len, shape.context, device="cuda")
     slots = (local["block_table"][:, pos // LOCAL_BLOCK].long() * LOCAL_BLOCK + pos % LOCAL_BLOCK).flatten()
 
     full_blocks = -(-shape.context // RETRIEVAL_BLOCK)
     full_key, full_value = paged_cache(shape.batch * full_blocks + 1, RETRIEVAL_BLOCK, shape, dtype, gen)
-    full_meta = (shuffled_table(shape.batch, full_blocks, gen), seq_lens, qsl, n_kv, n_kv)
+    full_step = step(shuffled_table(shape.batch, full_blocks, gen))
 
     # Stock vLLM: its own cache layout [num_blocks, 16, kv_heads, D] per K and V, block size 16, read by
     # the same unified_attention (given here as the [num_blocks, heads, 16, D] view our wrapper expects).
     stock_blocks = -(-shape.context // 16)
     stock = torch.randn(2, shape.batch * stock_blocks + 1, 16, n_kv, d, generator=gen).to(dtype).cuda()
-    stock_meta = (shuffled_table(shape.batch, stock_blocks, gen), seq_lens, qsl, 0, n_kv)
+    stock_step = step(shuffled_table(shape.batch, stock_blocks, gen))
     stock_key, stock_value = stock[0].permute(0, 2, 1, 3), stock[1].permute(0, 2, 1, 3)
 
     local_tokens = min(shape.context, SINK + WINDOW + shape.q_len)
+    caches, tails = (local["key_cache"], local["value_cache"]), local["tails"]
     ops = {
-        "local_attention": (
-            lambda: tk.local_attention(
-                query,
-                local["key_cache"],
-                local["value_cache"],
-                local["tails"],
-                *local_meta[:3],
-                None,
-                None,
-                *local_meta[3:],
-                SINK,
-                WINDOW,
-                True,
-                False,
-                scale,
-                out=out,
-            ),
-            local_tokens,
-        ),
+        "local_attention": (_local_call(tk, query, local, local_step, heads, scale, out), local_tokens),
         "paged_attention": (
-            lambda: tk.paged_attention(query, full_key, full_value, *full_meta, scale, out=out),
+            lambda: tk.paged_attention(query, full_key, full_value, full_step, heads, scale, out=out),
             shape.context,
         ),
         "stock_full_attention": (
-            lambda: tk.paged_attention(query, stock_key, stock_value, *stock_meta, scale, out=out),
+            lambda: tk.paged_attention(query, stock_key, stock_value, stock_step, PoolHeads(0, n_kv), scale, out=out),
             shape.context,
         ),
-        "write_block_tails": (
-            lambda: tk.write_block_tails(local["key_cache"], local["value_cache"], local["tails"], *local_meta, SINK),
-            shape.q_len,
-        ),
-        "store_kv": (lambda: tk.store_kv(local["key_cache"], local["value_cache"], key, key, slots, n_kv), 0),
+        "write_block_tails": (lambda: tk.write_block_tails(*caches, tails, local_step, heads, RULE), shape.q_len),
+        "store_kv": (lambda: tk.store_kv(*caches, key, key, slots, heads), 0),
     }
     rows = []
     for op, (fn, read_tokens) in ops.items():
@@ -184,29 +159,10 @@ def _timer(device: str):
     return wall
 
 
-def _local_call(tk, query, local: dict, seq_lens, qsl, n_kv: int, scale: float, out):
-    """The Triton local kernel (``razor_vllm.ops._unpack``'s positional API) with the compressed rule
-    for every query: a prefill chunk at 128k in exact mode is plain causal attention over the whole
-    prompt, i.e. what the retrieval rows time; the pool here keeps the sinks and the window only."""
-    return lambda: tk.local_attention(
-        query,
-        local["key_cache"],
-        local["value_cache"],
-        local["tails"],
-        local["block_table"],
-        seq_lens,
-        qsl,
-        None,
-        None,
-        0,
-        n_kv,
-        SINK,
-        WINDOW,
-        True,
-        False,
-        scale,
-        out=out,
-    )
+def _local_call(tk, query, local: dict, batch: PagedBatch, heads: PoolHeads, scale: float, out):
+    """The Triton local kernel on ``local_pool``'s pool (which keeps the sinks and the window only)."""
+    caches = (local["key_cache"], local["value_cache"])
+    return lambda: tk.local_attention(query, *caches, local["tails"], batch, heads, RULE, scale, out=out)
 
 
 def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device: str) -> list[dict]:
@@ -268,12 +224,9 @@ def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device
     stock = rand(2, batch * blocks + 1, 16, n_kv, d)
     stock_table = table(batch, blocks)
     sk, sv = stock[0].permute(0, 2, 1, 3), stock[1].permute(0, 2, 1, 3)
+    stock_step = PagedBatch(stock_table, seq_lens, qsl, max_query_len=q_len)
     record(
-        "stock_vllm",
-        lambda: tk.paged_attention(
-            query, sk, sv, stock_table, seq_lens, qsl, 0, n_kv, scale, out=out, max_query_len=q_len
-        ),
-        n_kv,
+        "stock_vllm", lambda: tk.paged_attention(query, sk, sv, stock_step, PoolHeads(0, n_kv), scale, out=out), n_kv
     )
     # Flash SDPA over contiguous K/V: [batch, heads, len, D], causal over the last q_len positions.
     q4 = query.view(batch, q_len, n_kv * g, d).transpose(1, 2)
@@ -292,42 +245,25 @@ def long_context(model, context: int, batch: int, q_len: int, dtype, gen, device
     rblocks = -(-context // RETRIEVAL_BLOCK)
     rkv = rand(batch * rblocks + 1, n_ret, RETRIEVAL_BLOCK, 2 * d)
     rtable = table(batch, rblocks)
-    record(
-        "razor_retrieval",
-        lambda: tk.paged_attention(
-            q_ret, rkv[..., :d], rkv[..., d:], rtable, seq_lens, qsl, 0, n_ret, scale, out=out_ret, max_query_len=q_len
-        ),
-        n_ret,
-    )
+    rstep, rheads = PagedBatch(rtable, seq_lens, qsl, max_query_len=q_len), PoolHeads(0, n_ret)
+
+    def retrieval(**split):
+        return lambda: tk.paged_attention(q_ret, rkv[..., :d], rkv[..., d:], rstep, rheads, scale, out=out_ret, **split)
+
+    record("razor_retrieval", retrieval(), n_ret)
     if q_len == 1 and device == "cuda":
-        record(
-            "razor_retrieval_2d_only",
-            lambda: tk.paged_attention(
-                q_ret,
-                rkv[..., :d],
-                rkv[..., d:],
-                rtable,
-                seq_lens,
-                qsl,
-                0,
-                n_ret,
-                scale,
-                out=out_ret,
-                max_query_len=q_len,
-                split_keys=False,
-            ),
-            n_ret,
-        )
+        record("razor_retrieval_2d_only", retrieval(split_keys=False), n_ret)
     # Local heads: this layer's others; a rank with one KV head (70B at TP=8) holds either kind in a
     # given layer, so there the local kernel is timed on that head and ratios() weighs the two kinds.
     heads = n_loc or n_kv
     shape = Shape("", heads * g, heads, d, batch, q_len, context)
     local = local_pool(shape, dtype, gen, device)
+    local_step = PagedBatch(local["block_table"], seq_lens, qsl, max_query_len=q_len)
     q_loc = query[:, n_ret * g :] if n_loc else query
     out_loc = torch.empty_like(q_loc)
     record(
         "razor_local" if n_loc else "razor_local_all_heads",
-        _local_call(tk, q_loc, local, seq_lens, qsl, heads, scale, out_loc),
+        _local_call(tk, q_loc, local, local_step, PoolHeads(0, heads), scale, out_loc),
         heads,
     )
     return rows

@@ -309,6 +309,7 @@ def main() -> None:
         import test_triton_kernels as ttk
 
         ttk._interpret_bf16_as_a_gpu_does()
+        ttk._interpret_helper_calls_without_repatching()
         device = "cpu"
     elif not torch.cuda.is_available():
         print("gpu_check needs a CUDA GPU (or --dry for the CPU interpreter run)", file=sys.stderr)

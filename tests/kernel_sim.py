@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,6 +51,13 @@ class Case:
             f"bs{self.block_size}-S{self.sink}-W{self.window}-kv{self.num_kv_heads}x{self.g}"
             f"-heads{self.head_offset}of{self.pool_heads}-D{self.head_size}"
         )
+
+    @classmethod
+    def parse(cls, text: str) -> "Case":
+        """The case ``str(case)`` names, e.g. "bs16-S4-W20-kv2x2-heads2of5-D32"."""
+        pattern = r"bs(\d+)-S(\d+)-W(\d+)-kv(\d+)x(\d+)-heads(\d+)of(\d+)-D(\d+)"
+        bs, sink, window, n_kv, g, offset, pool, d = map(int, re.fullmatch(pattern, text).groups())
+        return cls(bs, sink, window, n_kv, g, pool_heads=pool, head_offset=offset, head_size=d)
 
     @property
     def scale(self) -> float:

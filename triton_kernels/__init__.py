@@ -1,7 +1,10 @@
-"""Triton GPU kernels for both KV pools, with the positional signatures of ``razor_vllm.ops._unpack``.
+"""Triton GPU kernels for both KV pools, taking the kernel contract's objects (``razor_vllm.ops.api``).
 
 Installed as ``razor_vllm.triton_kernels`` (``package_dir`` in setup.py); the layout and the
-attention rule are documented in ``razor_vllm.ops``.
+attention rule are documented in ``razor_vllm.ops``. Each op has the contract's signature with the
+fp8 scales and an optional output buffer as keywords, e.g. ``local_attention(query, key_cache,
+value_cache, tails, batch, heads, rule, scale, *, k_scale=None, v_scale=None, out=None)``; each module's
+``plan`` (the same arguments) holds every check and returns the ``Launch`` the op runs.
 
 - ``local_attention``: local heads (exact prompt queries, or sinks + window + count-weighted
   compensation from the block tails), varlen and chunked, one program per (query tile of one

@@ -1,5 +1,8 @@
 """What every kernel wrapper shares: input checks, the launch plan, and small device helpers.
 
+The wrappers take the kernel contract's objects (``razor_vllm.ops.api``: ``LocalRule``, ``PoolHeads``,
+``PagedBatch``) as they are; the launch arguments are made from them here and in each ``plan``.
+
 Checks look only at shapes, dtypes, strides and devices (never at tensor contents), so they cost
 no host synchronisation and are safe inside CUDA-graph capture.
 """
@@ -13,24 +16,30 @@ import torch
 import triton
 import triton.language as tl
 
+from razor_vllm.ops.api import PagedBatch, PoolHeads
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # vLLM's fp8/fp8_e4m3 and fp8_e5m2 KV caches
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, *FP8_DTYPES)
 
 
 @dataclass
 class Launch:
-    """One kernel launch, computed without touching the device: the wrappers run it, and tests
-    compile exactly the same argument types ahead of time for a GPU this machine need not have."""
+    """One kernel launch, computed without touching the device (``plan`` in each module): calling it
+    launches and returns ``out`` (the output tensor of an attention kernel, None for a kernel that only
+    writes caches). Each public op is its plan, launched; tests compile exactly the same argument
+    types ahead of time for a GPU this machine need not have, and benchmarks time the launch alone."""
 
     kernel: Any  # a triton.jit function
     grid: tuple[int, ...]
     args: dict[str, Any]  # runtime arguments, by name (the launch passes them as keywords)
     constexprs: dict[str, Any]
     options: dict[str, int] = field(default_factory=dict)  # num_warps, num_stages
+    out: Optional[torch.Tensor] = None
 
-    def __call__(self) -> None:
+    def __call__(self) -> Optional[torch.Tensor]:
         if all(self.grid):
             self.kernel[self.grid](**self.args, **self.constexprs, **self.options)
+        return self.out
 
 
 def head_pad(head_size: int) -> int:
@@ -38,45 +47,32 @@ def head_pad(head_size: int) -> int:
     return max(16, triton.next_power_of_2(head_size))
 
 
-def check_cache_pair(
-    key_cache: torch.Tensor, value_cache: torch.Tensor, head_offset: int, num_kv_heads: int, allow_fp8: bool = False
+def check_pool(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    heads: PoolHeads,
+    k_scale: Optional[torch.Tensor],
+    v_scale: Optional[torch.Tensor],
 ) -> None:
-    """``allow_fp8``: the kernel reads float8 caches with vLLM's scales (store_kv, paged_attention)."""
+    """A pool's K/V views, the layer's heads in it and, for a float8 cache, vLLM's scales."""
     if key_cache.dim() != 4 or value_cache.dim() != 4:
         raise ValueError(f"caches must be [num_blocks, H_pool, block_size, D], got {tuple(key_cache.shape)}")
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
-    allowed = CACHE_DTYPES if allow_fp8 else tuple(d for d in CACHE_DTYPES if d not in FP8_DTYPES)
-    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in allowed:
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in CACHE_DTYPES:
         raise ValueError(
-            f"caches must both be float32, bfloat16, float16{' or float8 (e4m3fn/e5m2)' if allow_fp8 else ''}, "
+            "caches must both be float32, bfloat16, float16 or float8 (e4m3fn/e5m2), "
             f"got {key_cache.dtype}/{value_cache.dtype}"
         )
     if key_cache.device != value_cache.device:
         raise ValueError(f"key_cache is on {key_cache.device}, value_cache on {value_cache.device}")
     if key_cache.stride(3) != 1 or value_cache.stride(3) != 1:
         raise ValueError("cache rows (the last dimension) must be contiguous")
-    if num_kv_heads <= 0 or head_offset < 0 or head_offset + num_kv_heads > key_cache.shape[1]:
+    if heads.count <= 0 or heads.offset < 0 or heads.offset + heads.count > key_cache.shape[1]:
         raise ValueError(
-            f"heads [{head_offset}, {head_offset + num_kv_heads}) are outside the pool's {key_cache.shape[1]} heads"
+            f"heads [{heads.offset}, {heads.offset + heads.count}) are outside the pool's {key_cache.shape[1]} heads"
         )
-
-
-def check_query(query: torch.Tensor, key_cache: torch.Tensor, num_kv_heads: int) -> int:
-    """Returns g, the query heads per KV head."""
-    if query.dim() != 3:
-        raise ValueError(f"query must be [num_tokens, num_q_heads, head_size], got {tuple(query.shape)}")
-    if query.device != key_cache.device:
-        raise ValueError(f"query is on {query.device}, the cache on {key_cache.device}")
-    if query.shape[2] != key_cache.shape[3]:
-        raise ValueError(f"query head_size {query.shape[2]} != cache head_size {key_cache.shape[3]}")
-    if query.dtype != key_cache.dtype and key_cache.dtype not in FP8_DTYPES:
-        raise ValueError(f"query is {query.dtype}, the cache {key_cache.dtype}: the Triton kernels need them equal")
-    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"query must be float32, bfloat16 or float16, got {query.dtype}")
-    if query.shape[1] % num_kv_heads:
-        raise ValueError(f"num_q_heads={query.shape[1]} is not a multiple of num_kv_heads={num_kv_heads}")
-    return query.shape[1] // num_kv_heads
+    check_scales(key_cache, k_scale, v_scale)
 
 
 def check_scales(key_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> None:
@@ -94,6 +90,38 @@ def check_scales(key_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_sca
                 f"{name} must be a float32 tensor on {key_cache.device}, got {scale.dtype} "
                 f"{tuple(scale.shape)} on {scale.device}"
             )
+
+
+def attention_io(
+    query: torch.Tensor, key_cache: torch.Tensor, heads: PoolHeads, out: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(query with contiguous rows, the output buffer, g = query heads per KV head) of an attention
+    kernel. A new ``out`` is zeros (rows of no request stay zero); a given one is checked and its rows
+    of no request are left as they are."""
+    if query.dim() != 3:
+        raise ValueError(f"query must be [num_tokens, num_q_heads, head_size], got {tuple(query.shape)}")
+    if query.device != key_cache.device:
+        raise ValueError(f"query is on {query.device}, the cache on {key_cache.device}")
+    if query.shape[2] != key_cache.shape[3]:
+        raise ValueError(f"query head_size {query.shape[2]} != cache head_size {key_cache.shape[3]}")
+    if query.dtype != key_cache.dtype and key_cache.dtype not in FP8_DTYPES:
+        raise ValueError(f"query is {query.dtype}, the cache {key_cache.dtype}: the Triton kernels need them equal")
+    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"query must be float32, bfloat16 or float16, got {query.dtype}")
+    if query.shape[1] % heads.count:
+        raise ValueError(f"num_q_heads={query.shape[1]} is not a multiple of num_kv_heads={heads.count}")
+    if out is None:
+        out = torch.zeros_like(query, memory_format=torch.contiguous_format)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.device != query.device:
+        raise ValueError(
+            f"out must match query ({tuple(query.shape)} {query.dtype} on {query.device}), "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    elif out.stride(2) != 1:
+        raise ValueError("out rows (the last dimension) must be contiguous")
+    if query.stride(2) != 1:
+        query = query.contiguous()
+    return query, out, query.shape[1] // heads.count
 
 
 def check_tails(tails: torch.Tensor, key_cache: torch.Tensor) -> None:
@@ -117,25 +145,10 @@ def per_request(t, name: str, num_reqs: int, device: torch.device):
     return t.to(torch.int32)
 
 
-def check_rule(sink: int, window: int) -> None:
-    if sink < 0 or window < 1:
-        raise ValueError(f"need sink >= 0 and window >= 1, got sink={sink} window={window}")
-
-
-def check_output(out: torch.Tensor, query: torch.Tensor) -> None:
-    if out.shape != query.shape or out.dtype != query.dtype or out.device != query.device:
-        raise ValueError(
-            f"out must match query ({tuple(query.shape)} {query.dtype} on {query.device}), "
-            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
-    if out.stride(2) != 1:
-        raise ValueError("out rows (the last dimension) must be contiguous")
-
-
-def metadata(
-    block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three metadata tensors as int32 on ``device`` (no copy when they already are, as vLLM's are)."""
+def metadata(batch: PagedBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's block table, seq_lens and query_start_loc as int32 on ``device`` (no copy when they
+    already are, as vLLM's are)."""
+    block_table, seq_lens, query_start_loc = batch.block_table, batch.seq_lens, batch.query_start_loc
     if block_table.dim() != 2:
         raise ValueError(f"block_table must be [num_reqs, max_blocks], got {tuple(block_table.shape)}")
     num_reqs = seq_lens.shape[0]
@@ -159,34 +172,27 @@ def local_pool_args(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     tails: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    head_offset: int,
-    num_kv_heads: int,
+    batch: PagedBatch,
+    heads: PoolHeads,
     sink: int,
-    window: int,
-    k_scale: Optional[torch.Tensor] = None,
-    v_scale: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor],
+    v_scale: Optional[torch.Tensor],
 ) -> dict[str, Any]:
     """Checks and launch arguments that both local-pool kernels (attention and block tails) take:
     the cache as ``cache_arg`` packs it (an fp8 cache needs vLLM's scales) and the page tails as
     one argument too, (pointer, stride of a block, of a head, of K/V), read by ``add_tail`` and
-    written by ``store_tail``."""
-    check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads, allow_fp8=True)
-    check_scales(key_cache, k_scale, v_scale)
+    written by ``store_tail``. (The rule's values were checked when the ``LocalRule`` was made.)"""
+    check_pool(key_cache, value_cache, heads, k_scale, v_scale)
     check_tails(tails, key_cache)
-    check_rule(sink, window)
-    block_table, seq_lens, query_start_loc = metadata(block_table, seq_lens, query_start_loc, key_cache.device)
+    block_table, seq_lens, query_start_loc = metadata(batch, key_cache.device)
     return dict(
         cache=cache_arg(key_cache, value_cache, k_scale, v_scale),
         tails=(tails, tails.stride(0), tails.stride(1), tails.stride(2)),
         block_table_ptr=block_table,
         seq_lens_ptr=seq_lens,
         query_start_loc_ptr=query_start_loc,
-        head_offset=head_offset,
+        head_offset=heads.offset,
         sink=sink,
-        window=window,
         stride_bt=block_table.stride(0),
     )
 

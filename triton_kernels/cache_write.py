@@ -12,13 +12,13 @@ of producing inf/NaN for outliers).
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import FP8_DTYPES, Launch, cache_arg, cache_row, check_cache_pair, check_scales, head_pad
+from razor_vllm.ops.api import PoolHeads
+
+from ._common import FP8_DTYPES, Launch, cache_arg, cache_row, check_pool, head_pad
 
 
 @triton.jit(do_not_specialize=["head_offset"])
@@ -62,22 +62,16 @@ def _store_kv_kernel(
     tl.store(v_dst, v.to(v_dst.dtype.element_ty), mask=mask)
 
 
-def plan(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    head_offset: int,
-    k_scale: Optional[torch.Tensor] = None,
-    v_scale: Optional[torch.Tensor] = None,
-) -> Launch:
-    if key.dim() != 3 or key.shape != value.shape:
+def plan(key_cache, value_cache, key, value, slot_mapping, heads: PoolHeads, *, k_scale=None, v_scale=None) -> Launch:
+    """The launch of ``store_kv``: key/value [T, heads.count, D] to pool heads [heads.offset,
+    heads.offset + heads.count) of slots ``slot_mapping`` (block * block_size + offset in this pool;
+    negative = padding, skipped). fp8 caches need vLLM's scales."""
+    if key.dim() != 3 or key.shape != value.shape or key.shape[1] != heads.count:
         raise ValueError(
-            f"key and value must both be [num_tokens, heads, D], got {tuple(key.shape)} and {tuple(value.shape)}"
+            f"key and value must both be [num_tokens, heads.count={heads.count}, D], "
+            f"got {tuple(key.shape)} and {tuple(value.shape)}"
         )
-    check_cache_pair(key_cache, value_cache, head_offset, key.shape[1], allow_fp8=True)
-    check_scales(key_cache, k_scale, v_scale)
+    check_pool(key_cache, value_cache, heads, k_scale, v_scale)
     fp8 = key_cache.dtype in FP8_DTYPES
     if key.shape[2] != key_cache.shape[3]:
         raise ValueError(f"key head_size {key.shape[2]} != cache head_size {key_cache.shape[3]}")
@@ -100,7 +94,7 @@ def plan(
             key_ptr=key,
             value_ptr=value,
             slot_mapping_ptr=slot_mapping,
-            head_offset=head_offset,
+            head_offset=heads.offset,
             stride_key_tok=key.stride(0),
             stride_key_head=key.stride(1),
             stride_value_tok=value.stride(0),
@@ -119,20 +113,6 @@ def plan(
     )
 
 
-def store_kv(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    heads: Any,
-    k_scale: Optional[torch.Tensor] = None,
-    v_scale: Optional[torch.Tensor] = None,
-) -> None:
-    """Store key/value [T, n, D] at pool heads [offset, offset + n) of slots ``slot_mapping``
-    (block * block_size + offset in this pool; negative = padding, skipped).
-
-    ``heads``: the contract's ``PoolHeads`` or the first pool head (int). fp8 caches need the scales.
-    """
-    head_offset = heads if isinstance(heads, int) else heads.offset
-    plan(key_cache, value_cache, key, value, slot_mapping, head_offset, k_scale, v_scale)()
+def store_kv(*args, **kwargs) -> None:
+    """``plan(...)`` launched (the same arguments)."""
+    plan(*args, **kwargs)()

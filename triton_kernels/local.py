@@ -35,12 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
+from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
+
 from ._common import (
     FP8_DTYPES,
     Launch,
     add_tail,
-    check_output,
-    check_query,
+    attention_io,
     find_request,
     head_pad,
     load_kv_tile,
@@ -251,60 +252,42 @@ def tile_shape(num_tokens: int, num_reqs: int, g: int, head_pad: int, dtype: tor
 
 
 def plan(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    tails: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    prompt_lens: torch.Tensor | None,
-    windows: torch.Tensor | None,
-    head_offset: int,
-    num_kv_heads: int,
-    sink: int,
-    window: int,
-    compensation: bool,
-    exact_prefill: bool,
+    query,
+    key_cache,
+    value_cache,
+    tails,
+    batch: PagedBatch,
+    heads: PoolHeads,
+    rule: LocalRule,
     scale: float,
-    out: torch.Tensor,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
+    *,
+    k_scale=None,
+    v_scale=None,
+    out=None,
 ) -> Launch:
-    args = local_pool_args(
-        key_cache,
-        value_cache,
-        tails,
-        block_table,
-        seq_lens,
-        query_start_loc,
-        head_offset,
-        num_kv_heads,
-        sink,
-        window,
-        k_scale,
-        v_scale,
-    )
-    g = check_query(query, key_cache, num_kv_heads)
-    check_output(out, query)
-    num_reqs = seq_lens.shape[0]
-    if exact_prefill and prompt_lens is None:
-        raise ValueError("exact_prefill needs prompt_lens")
-    prompt_lens = per_request(prompt_lens, "prompt_lens", num_reqs, key_cache.device)
-    windows = per_request(windows, "windows", num_reqs, key_cache.device)
-    if query.stride(2) != 1:
-        query = query.contiguous()
+    """The launch of ``local_attention``: local-head attention under ``rule`` (exact prompt queries, or
+    sinks + window + compensation); the launch returns ``out``, [T, Hq, D] in query's dtype.
+    ``rule.compensation=False`` (an ablation) leaves out the compensation key: ``tails`` is not read.
+    Rows that belong to no request are zero, or left as they are when ``out`` is given. An fp8 cache
+    (float8 views) needs vLLM's ``k_scale``/``v_scale`` (1-element fp32 device tensors)."""
+    rule.check(batch)
+    args = local_pool_args(key_cache, value_cache, tails, batch, heads, rule.sink, k_scale, v_scale)
+    query, out, g = attention_io(query, key_cache, heads, out)
+    num_reqs = batch.num_reqs
+    prompt_lens = per_request(batch.prompt_lens, "prompt_lens", num_reqs, key_cache.device)
+    windows = per_request(batch.windows, "windows", num_reqs, key_cache.device)
     block_m, block_q, tile_n, num_warps = tile_shape(query.shape[0], num_reqs, g, head_pad(query.shape[2]), query.dtype)
     metadata = args["seq_lens_ptr"]  # stands in for an absent optional tensor (never read)
     return Launch(
         kernel=_local_attention_kernel,
-        grid=(query.shape[0] // block_q + num_reqs if num_reqs else 0, num_kv_heads),
+        grid=(query.shape[0] // block_q + num_reqs if num_reqs else 0, heads.count),
         args=dict(
             args,
             out_ptr=out,
             q_ptr=query,
             scale_log2=float(scale) * LOG2E,
             num_reqs=num_reqs,
+            window=rule.window,
             prompt_lens_ptr=metadata if prompt_lens is None else prompt_lens,
             windows_ptr=metadata if windows is None else windows,
             stride_q_tok=query.stride(0),
@@ -320,62 +303,16 @@ def plan(
             BLOCK_Q=block_q,
             BLOCK_M=block_m,
             TILE_N=tile_n,
-            COMPENSATION=bool(compensation),
-            EXACT=bool(exact_prefill),
+            COMPENSATION=bool(rule.compensation),
+            EXACT=bool(rule.exact_prefill),
             PER_REQUEST_WINDOW=windows is not None,
             FP8=key_cache.dtype in FP8_DTYPES,
         ),
         options=dict(num_warps=num_warps),
+        out=out,
     )
 
 
-def local_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    tails: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    prompt_lens: torch.Tensor | None,
-    windows: torch.Tensor | None,
-    head_offset: int,
-    num_kv_heads: int,
-    sink: int,
-    window: int,
-    compensation: bool,
-    exact_prefill: bool,
-    scale: float,
-    out: torch.Tensor | None = None,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Local-head attention (the arguments of ``razor_vllm.ops._unpack``); returns [T, Hq, D] in
-    query's dtype. ``compensation=False`` (an ablation) leaves out the compensation key: ``tails`` is
-    not read. Rows that belong to no request are zero, or left as they are when ``out`` is given.
-    An fp8 cache (float8 views) needs vLLM's ``k_scale``/``v_scale`` (1-element fp32 device tensors).
-    """
-    if out is None:
-        out = torch.zeros_like(query, memory_format=torch.contiguous_format)
-    plan(
-        query,
-        key_cache,
-        value_cache,
-        tails,
-        block_table,
-        seq_lens,
-        query_start_loc,
-        prompt_lens,
-        windows,
-        head_offset,
-        num_kv_heads,
-        sink,
-        window,
-        compensation,
-        exact_prefill,
-        scale,
-        out,
-        k_scale,
-        v_scale,
-    )()
-    return out
+def local_attention(*args, **kwargs) -> torch.Tensor:
+    """``plan(...)`` launched (the same arguments): local-head attention, [T, Hq, D] in query's dtype."""
+    return plan(*args, **kwargs)()

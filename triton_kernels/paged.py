@@ -38,7 +38,9 @@ from typing import Any, Optional
 import torch
 import triton
 
-from ._common import FP8_DTYPES, check_cache_pair, check_output, check_query, check_scales, metadata
+from razor_vllm.ops.api import PagedBatch, PoolHeads
+
+from ._common import FP8_DTYPES, attention_io, check_pool, metadata
 
 SPLIT_SEGMENTS = 16  # vLLM's NUM_PAR_SOFTMAX_SEGMENTS
 MIN_2D_PROGRAMS = 128  # vLLM's MIN_LAUNCH_GRID_SIZE_2D: below this many 2D programs, split the keys
@@ -65,9 +67,9 @@ def _fp8_per_tensor_mode():
     return KVQuantMode.FP8_PER_TENSOR
 
 
-def pool_view(cache: torch.Tensor, head_offset: int, num_kv_heads: int) -> torch.Tensor:
-    """[num_blocks, H_pool, block_size, D] -> vLLM's [num_blocks, block_size, num_kv_heads, D], no copy."""
-    return cache.permute(0, 2, 1, 3)[:, :, head_offset : head_offset + num_kv_heads]
+def pool_view(cache: torch.Tensor, heads: PoolHeads) -> torch.Tensor:
+    """[num_blocks, H_pool, block_size, D] -> vLLM's [num_blocks, block_size, heads.count, D], no copy."""
+    return cache.permute(0, 2, 1, 3)[:, :, heads.offset : heads.offset + heads.count]
 
 
 def use_split_keys(num_tokens: int, num_reqs: int, num_kv_heads: int, max_query_len: int) -> bool:
@@ -77,49 +79,33 @@ def use_split_keys(num_tokens: int, num_reqs: int, num_kv_heads: int, max_query_
 
 
 def paged_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    *args: Any,
-    out: Optional[torch.Tensor] = None,
-    max_query_len: int = 0,
-    k_scale: Optional[torch.Tensor] = None,
-    v_scale: Optional[torch.Tensor] = None,
+    query,
+    key_cache,
+    value_cache,
+    batch: PagedBatch,
+    heads: PoolHeads,
+    scale: float,
+    *,
+    k_scale=None,
+    v_scale=None,
+    out=None,
     split_keys: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Causal attention of retrieval heads over the paged cache; returns [T, Hq, D] in query's dtype.
-
-    Takes the kernel contract's ``(query, key_cache, value_cache, batch: PagedBatch, heads: PoolHeads,
-    scale)`` (``max_query_len`` then comes from ``batch``) or the older positional
-    ``(..., block_table, seq_lens, query_start_loc, head_offset, num_kv_heads, scale)``.
-    ``max_query_len``: the step's longest query (0 = unknown: no split). ``split_keys``: force a path
-    (tests). Rows that belong to no request are zero, or left as they are when ``out`` is given (2D
-    path; see the module docstring for the split path).
+    """Causal attention of retrieval heads over the paged cache; returns ``out``, [T, Hq, D] in query's
+    dtype. ``batch.max_query_len`` (the step's longest query; 0 = unknown: no split) picks the path;
+    ``split_keys`` forces one (tests). Rows that belong to no request are zero, or left as they are
+    when ``out`` is given (2D path; see the module docstring for the split path). An fp8 cache needs
+    vLLM's ``k_scale``/``v_scale``.
     """
-    if len(args) == 3 and hasattr(args[0], "block_table"):
-        batch, heads, scale = args
-        block_table, seq_lens, query_start_loc = batch.block_table, batch.seq_lens, batch.query_start_loc
-        head_offset, num_kv_heads = heads.offset, heads.count
-        max_query_len = max_query_len or batch.max_query_len
-    elif len(args) == 6:
-        block_table, seq_lens, query_start_loc, head_offset, num_kv_heads, scale = args
-    else:
-        raise TypeError("paged_attention takes (query, key_cache, value_cache, batch, heads, scale)")
-    check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads, allow_fp8=True)
-    check_query(query, key_cache, num_kv_heads)
+    check_pool(key_cache, value_cache, heads, k_scale, v_scale)
+    query, out, _ = attention_io(query, key_cache, heads, out)
+    block_table, seq_lens, query_start_loc = metadata(batch, key_cache.device)
     fp8 = key_cache.dtype in FP8_DTYPES
-    check_scales(key_cache, k_scale, v_scale)
-    block_table, seq_lens, query_start_loc = metadata(block_table, seq_lens, query_start_loc, key_cache.device)
-    if out is None:
-        out = torch.zeros_like(query, memory_format=torch.contiguous_format)
-    check_output(out, query)
-    if query.stride(2) != 1:
-        query = query.contiguous()
     num_tokens, num_reqs = query.shape[0], seq_lens.shape[0]
     if num_tokens == 0 or num_reqs == 0:
         return out
     if split_keys is None:
-        split_keys = use_split_keys(num_tokens, num_reqs, num_kv_heads, max_query_len)
+        split_keys = use_split_keys(num_tokens, num_reqs, heads.count, batch.max_query_len)
     split: dict[str, Any] = {}
     if split_keys:
         segments = torch.empty(
@@ -141,8 +127,8 @@ def paged_attention(
         split["kv_quant_mode"] = _fp8_per_tensor_mode()
     _unified_attention()(
         q=query,
-        k=pool_view(key_cache, head_offset, num_kv_heads),
-        v=pool_view(value_cache, head_offset, num_kv_heads),
+        k=pool_view(key_cache, heads),
+        v=pool_view(value_cache, heads),
         out=out,
         cu_seqlens_q=query_start_loc,
         # vLLM takes the 3D path only when max_seqlen_q <= 1; otherwise an upper bound (tile tuning only).

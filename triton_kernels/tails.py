@@ -13,9 +13,10 @@ padding) return at once. The grid is (num_reqs, num_kv_heads): shapes only, CUDA
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
+
+from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
 
 from ._common import FP8_DTYPES, Launch, add_tail, head_pad, load_kv_tile, local_pool_args, store_tail
 
@@ -70,36 +71,14 @@ def _write_block_tails_kernel(
 
 
 def plan(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    tails: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    head_offset: int,
-    num_kv_heads: int,
-    sink: int,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
+    key_cache, value_cache, tails, batch: PagedBatch, heads: PoolHeads, rule: LocalRule, *, k_scale=None, v_scale=None
 ) -> Launch:
-    args = local_pool_args(
-        key_cache,
-        value_cache,
-        tails,
-        block_table,
-        seq_lens,
-        query_start_loc,
-        head_offset,
-        num_kv_heads,
-        sink,
-        1,
-        k_scale,
-        v_scale,
-    )
+    """The launch of ``write_block_tails``: before attention, the tail of every local block started this
+    step (``razor_vllm.ops``); only ``rule.sink`` matters. An fp8 cache needs vLLM's ``k_scale``/``v_scale``."""
     return Launch(
         kernel=_write_block_tails_kernel,
-        grid=(seq_lens.shape[0], num_kv_heads),
-        args={name: value for name, value in args.items() if name != "window"},
+        grid=(batch.num_reqs, heads.count),
+        args=local_pool_args(key_cache, value_cache, tails, batch, heads, rule.sink, k_scale, v_scale),
         constexprs=dict(
             BLOCK_SIZE=key_cache.shape[2],
             HEAD_SIZE=key_cache.shape[3],
@@ -111,31 +90,6 @@ def plan(
     )
 
 
-def write_block_tails(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    tails: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    head_offset: int,
-    num_kv_heads: int,
-    sink: int,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> None:
-    """Before attention: the tail of every local block started this step (``razor_vllm.ops``); an fp8
-    cache needs vLLM's ``k_scale``/``v_scale``."""
-    plan(
-        key_cache,
-        value_cache,
-        tails,
-        block_table,
-        seq_lens,
-        query_start_loc,
-        head_offset,
-        num_kv_heads,
-        sink,
-        k_scale,
-        v_scale,
-    )()
+def write_block_tails(*args, **kwargs) -> None:
+    """``plan(...)`` launched (the same arguments)."""
+    plan(*args, **kwargs)()

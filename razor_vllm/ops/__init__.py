@@ -26,8 +26,10 @@ Order per layer and step: ``store_kv`` -> ``write_block_tails`` -> attention.
 ``RAZOR_VLLM_KERNELS=reference|cpp`` forces one implementation; by default CUDA tensors go to the
 Triton kernels (``razor_vllm.triton_kernels``, imported on first use), the C++ ops
 (``razor_vllm._C``, registered as ``torch.ops.razor_vllm.*``) run whenever they are built and the
-tensors are CPU tensors in a layout they support, and the reference runs otherwise. The reference
-takes the typed objects; the C++ and Triton ops take them unpacked by ``_unpack`` (one place).
+tensors are CPU tensors in a layout they support, and the reference runs otherwise. Every kernel
+here has the contract's signature (typed in ``reference``, the readable definition), plus vLLM's fp8
+scales, which only the Triton kernels read. The reference and the Triton kernels take the contract's
+objects as they are; the C++ ops' schemas take tensors and numbers, so ``_CppKernels`` unpacks them.
 """
 
 from __future__ import annotations
@@ -85,51 +87,30 @@ def kernels(name: str):
     raise ValueError(f"{KERNELS_ENV} must be 'reference' or 'cpp', got {name!r}")
 
 
-def _unpack(kernel: str, batch: PagedBatch, heads: PoolHeads, rule: Optional[LocalRule] = None) -> tuple:
-    """The positional arguments of the C++ / Triton ops after the tensors they work on (and before
-    ``scale``): the one place where the contract's objects become op arguments."""
-    meta = (batch.block_table, batch.seq_lens, batch.query_start_loc)
-    if kernel == "paged_attention":
-        return (*meta, heads.offset, heads.count)
-    if kernel == "write_block_tails":
-        return (*meta, heads.offset, heads.count, rule.sink)
-    assert kernel == "local_attention", kernel
-    optional = (batch.prompt_lens, batch.windows)
-    return (*meta, *optional, heads.offset, heads.count, rule.sink, rule.window, rule.compensation, rule.exact_prefill)
+class _CppKernels:
+    """The C++ ops (``torch.ops.razor_vllm.*``) behind the contract's signatures. Their schemas take
+    tensors and numbers only, so this is the one place where the contract's objects become positional
+    arguments (in the order of csrc/razor_attention.cpp's schemas)."""
 
-
-class _Unpacked:
-    """An op set with positional signatures (C++, Triton) behind the contract's signatures.
-
-    ``gpu``: the Triton set, whose ``paged_attention`` also takes the step's ``max_query_len`` (it
-    picks vLLM's split-key decode path from it) and, in every kernel, fp8 scales as keywords."""
-
-    def __init__(self, ops, gpu: bool = False) -> None:
+    def __init__(self, ops) -> None:
         self.ops = ops
-        self.gpu = gpu
 
-    def local_attention(
-        self, query, key_cache, value_cache, tails, batch, heads, rule, scale, k_scale=None, v_scale=None
-    ):
-        args = (query, key_cache, value_cache, tails, *_unpack("local_attention", batch, heads, rule), scale)
-        if not self.gpu:
-            _refuse_scales("local_attention", k_scale, v_scale)
-            return self.ops.local_attention(*args)
-        return self.ops.local_attention(*args, k_scale=k_scale, v_scale=v_scale)
+    def local_attention(self, query, key_cache, value_cache, tails, batch, heads, rule, scale):
+        rule.check(batch)
+        step = (batch.block_table, batch.seq_lens, batch.query_start_loc, batch.prompt_lens, batch.windows)
+        local = (heads.offset, heads.count, rule.sink, rule.window, rule.compensation, rule.exact_prefill)
+        return self.ops.local_attention(query, key_cache, value_cache, tails, *step, *local, scale)
 
-    def write_block_tails(self, key_cache, value_cache, tails, batch, heads, rule, k_scale=None, v_scale=None):
-        args = (key_cache, value_cache, tails, *_unpack("write_block_tails", batch, heads, rule))
-        if not self.gpu:
-            _refuse_scales("write_block_tails", k_scale, v_scale)
-            return self.ops.write_block_tails(*args)
-        self.ops.write_block_tails(*args, k_scale=k_scale, v_scale=v_scale)
+    def write_block_tails(self, key_cache, value_cache, tails, batch, heads, rule):
+        step = (batch.block_table, batch.seq_lens, batch.query_start_loc)
+        self.ops.write_block_tails(key_cache, value_cache, tails, *step, heads.offset, heads.count, rule.sink)
 
-    def paged_attention(self, query, key_cache, value_cache, batch, heads, scale, k_scale=None, v_scale=None):
-        args = (query, key_cache, value_cache, *_unpack("paged_attention", batch, heads), scale)
-        if not self.gpu:
-            _refuse_scales("paged_attention", k_scale, v_scale)
-            return self.ops.paged_attention(*args)
-        return self.ops.paged_attention(*args, max_query_len=batch.max_query_len, k_scale=k_scale, v_scale=v_scale)
+    def paged_attention(self, query, key_cache, value_cache, batch, heads, scale):
+        step = (batch.block_table, batch.seq_lens, batch.query_start_loc)
+        return self.ops.paged_attention(query, key_cache, value_cache, *step, heads.offset, heads.count, scale)
+
+
+_CPP = None if cpp is None else _CppKernels(cpp)
 
 
 def _refuse_scales(kernel: str, k_scale, v_scale) -> None:
@@ -138,99 +119,61 @@ def _refuse_scales(kernel: str, k_scale, v_scale) -> None:
         raise NotImplementedError(f"{kernel} with fp8 scales runs only on CUDA with the Triton kernels")
 
 
-_CPP = None if cpp is None else _Unpacked(cpp)
+def _fp8(k_scale, v_scale) -> dict:
+    """The scales as the Triton kernels take them (keywords); nothing when there are none."""
+    return {} if k_scale is None and v_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
 
 
-@functools.cache
-def _triton_unpacked() -> _Unpacked:
-    return _Unpacked(triton_kernels(), gpu=True)
-
-
-def _choose(kernel: str, query_dtype: torch.dtype, *tensors: torch.Tensor):
+def _choose(kernel: str, query_dtype: torch.dtype, tensors: tuple, k_scale=None, v_scale=None):
+    """The implementation for ``tensors`` (the key cache first; the kernels check that the others are
+    on its device). Called for every layer and step, so it looks at little: the environment (read per
+    call, as tests set it), the key cache's device, and on the CPU the dtypes, devices and row strides
+    the C++ ops support."""
     forced = os.environ.get(KERNELS_ENV)
-    if forced:
-        return kernels(forced)
-    if any(t.is_cuda for t in tensors):
-        return _triton_unpacked()
     key_cache = tensors[0]
-    if (
+    if forced:
+        impl = kernels(forced)
+    elif key_cache.is_cuda:
+        return triton_kernels()
+    elif (
         cpp is not None
         and query_dtype in CPP_DTYPES
         and key_cache.dtype in CPP_DTYPES
-        and all(t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+        and all(t.is_cpu and t.stride(-1) == 1 for t in tensors)
     ):
-        return _CPP
-    return reference
+        impl = _CPP
+    else:
+        impl = reference
+    _refuse_scales(kernel, k_scale, v_scale)
+    return impl
 
 
-def _check_batch(batch: PagedBatch, rule: LocalRule) -> None:
-    if rule.exact_prefill and batch.prompt_lens is None:
-        raise ValueError("LocalRule(exact_prefill=True) needs PagedBatch.prompt_lens")
-
-
-def local_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    tails: torch.Tensor,
-    batch: PagedBatch,
-    heads: PoolHeads,
-    rule: LocalRule,
-    scale: float,
-    k_scale: Optional[torch.Tensor] = None,
-    v_scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def local_attention(query, key_cache, value_cache, tails, batch, heads, rule, scale, k_scale=None, v_scale=None):
     """Local-head attention (exact prompt queries, or sinks + window + compensation); returns
     [T, Hq, D] in query's dtype. ``rule.compensation=False`` (an ablation): ``tails`` is not read.
     An fp8 cache (float8 views) needs the layer's ``_k_scale``/``_v_scale`` (Triton only)."""
-    _check_batch(batch, rule)
-    impl = _choose("local_attention", query.dtype, key_cache, value_cache, tails)
-    if impl is reference:
-        _refuse_scales("local_attention", k_scale, v_scale)
-        return impl.local_attention(query, key_cache, value_cache, tails, batch, heads, rule, scale)
-    return impl.local_attention(query, key_cache, value_cache, tails, batch, heads, rule, scale, k_scale, v_scale)
+    impl = _choose("local_attention", query.dtype, (key_cache, value_cache, tails), k_scale, v_scale)
+    return impl.local_attention(
+        query, key_cache, value_cache, tails, batch, heads, rule, scale, **_fp8(k_scale, v_scale)
+    )
 
 
-def write_block_tails(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    tails: torch.Tensor,
-    batch: PagedBatch,
-    heads: PoolHeads,
-    rule: LocalRule,
-    k_scale: Optional[torch.Tensor] = None,
-    v_scale: Optional[torch.Tensor] = None,
-) -> None:
+def write_block_tails(key_cache, value_cache, tails, batch, heads, rule, k_scale=None, v_scale=None) -> None:
     """After this step's K/V are stored and before attention: write the tail of every local block
     whose first position is among this step's queries (sums over [S, b*B); zeros when b*B <= S).
     An fp8 cache: the sums are of the dequantized values (scales as for ``local_attention``)."""
-    impl = _choose("write_block_tails", torch.float32, key_cache, value_cache, tails)
-    if impl is reference:
-        _refuse_scales("write_block_tails", k_scale, v_scale)
-        return impl.write_block_tails(key_cache, value_cache, tails, batch, heads, rule)
-    impl.write_block_tails(key_cache, value_cache, tails, batch, heads, rule, k_scale, v_scale)
+    impl = _choose("write_block_tails", torch.float32, (key_cache, value_cache, tails), k_scale, v_scale)
+    impl.write_block_tails(key_cache, value_cache, tails, batch, heads, rule, **_fp8(k_scale, v_scale))
 
 
-def paged_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    batch: PagedBatch,
-    heads: PoolHeads,
-    scale: float,
-    k_scale: Optional[torch.Tensor] = None,
-    v_scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def paged_attention(query, key_cache, value_cache, batch, heads, scale, k_scale=None, v_scale=None):
     """Causal attention of retrieval heads over the paged cache; returns [T, Hq, D] in query's dtype.
 
     On CUDA, ``batch.max_query_len`` (exact, or 0 = unknown) lets a small pure-decode step take vLLM's
     split-key path. An fp8 cache (float8 views, ``kv_dtypes.fp8_view``) needs the layer's
     ``_k_scale``/``_v_scale`` (Triton only)."""
-    impl = _choose("paged_attention", query.dtype, key_cache, value_cache)
-    if impl is reference:
-        _refuse_scales("paged_attention", k_scale, v_scale)
-        return impl.paged_attention(query, key_cache, value_cache, batch, heads, scale)
-    return impl.paged_attention(query, key_cache, value_cache, batch, heads, scale, k_scale, v_scale)
+    impl = _choose("paged_attention", query.dtype, (key_cache, value_cache), k_scale, v_scale)
+    return impl.paged_attention(query, key_cache, value_cache, batch, heads, scale, **_fp8(k_scale, v_scale))
 
 
 def store_kv(
@@ -251,7 +194,7 @@ def store_kv(
     the layer's ``_k_scale``/``_v_scale`` (stored = value / scale; Triton only).
     """
     if key_cache.is_cuda and not os.environ.get(KERNELS_ENV):
-        triton_kernels().store_kv(key_cache, value_cache, key, value, slot_mapping, heads.offset, k_scale, v_scale)
+        triton_kernels().store_kv(key_cache, value_cache, key, value, slot_mapping, heads, **_fp8(k_scale, v_scale))
     else:
         _refuse_scales("store_kv", k_scale, v_scale)
         index = SlotIndex.from_slot_mapping(slot_mapping[: key.shape[0]], key_cache.shape[2])

@@ -2,8 +2,8 @@
 
 Three small objects replace the long positional argument lists: the local heads' rule (fixed for a
 server), which heads of a pool one layer uses (fixed for a layer), and one step's view of a pool (the
-builder makes it once per step). The reference takes them as they are; the C++ and Triton calls get
-them unpacked into positional arguments in one place, ``razor_vllm.ops._unpack``.
+builder makes it once per step). The reference and the Triton kernels take them as they are; the
+C++ ops' schemas take tensors and numbers only, so ``razor_vllm.ops._CppKernels`` unpacks them.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ class LocalRule:
             raise ValueError(f"LocalRule.sink must be >= 0, got {self.sink}")
         if self.window < 1:
             raise ValueError(f"LocalRule.window must be >= 1, got {self.window}")
+
+    def check(self, batch: PagedBatch) -> None:
+        """What every local-attention kernel needs of the step under this rule: with exact prefill,
+        the requests' prompt lengths (a query before its prompt length attends to every position)."""
+        if self.exact_prefill and batch.prompt_lens is None:
+            raise ValueError("LocalRule(exact_prefill=True) needs PagedBatch.prompt_lens")
 
 
 @dataclass(frozen=True)

@@ -196,8 +196,7 @@ def local_attention(
     compensation is on, the mean key/value of [S, t-W] with logit scale*q.k_hat + ln(n_d).
     """
     _check_heads(query, heads)
-    if rule.exact_prefill and batch.prompt_lens is None:
-        raise ValueError("LocalRule(exact_prefill=True) needs PagedBatch.prompt_lens")
+    rule.check(batch)
     dtype = compute_dtype(query)
     out = torch.zeros_like(query)
     for span in request_spans(batch):

@@ -444,8 +444,10 @@ def test_dispatch_honours_env(monkeypatch):
 def test_cpp_is_the_default_on_cpu(monkeypatch):
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     cache = torch.zeros(2, 1, 16, 64)
-    assert ops._choose("local_attention", torch.float32, cache[..., :32], cache[..., 32:]) is ops.kernels("cpp")
-    assert ops._choose("local_attention", torch.float64, cache[..., :32], cache[..., 32:]) is reference
+    caches = (cache[..., :32], cache[..., 32:])
+    assert ops._choose("local_attention", torch.float32, caches) is ops.kernels("cpp")
+    assert ops._choose("local_attention", torch.float64, caches) is reference
+    assert ops._choose("local_attention", torch.float32, (cache[..., :32].transpose(2, 3),)) is reference
 
 
 class _OnMetaByDefault:

@@ -2,11 +2,11 @@
 
 Without a GPU (CI) the kernels run for real on CPU tensors in Triton's interpreter. TRITON_INTERPRET
 has to be set before the kernels are decorated and must not leak into other test modules, so the
-checks run in one subprocess (this file run as a script) and each ``test_interpreted[...]`` reports
-one check's result. With a GPU the same checks run on CUDA (marked gpu), plus a CUDA-graph
-capture/replay of decode steps. Ahead-of-time compilation for sm_80/sm_90 (no GPU needed) covers
-what the interpreter does not check: that the kernels lower for a real GPU (tl.dot shapes, loop
-types, shared memory).
+checks run in subprocesses (this file run as a script; two at once, each taking every other check)
+and each ``test_interpreted[...]`` reports one check's result. With a GPU the same checks run on
+CUDA (marked gpu), plus a CUDA-graph capture/replay of decode steps. Ahead-of-time compilation for
+sm_80/sm_90 (no GPU needed) covers what the interpreter does not check: that the kernels lower for a
+real GPU (tl.dot shapes, loop types, shared memory).
 
 The engine simulation is kernel_sim.PagedPool on the device, written by the kernel under test
 (``store_kv``) and, as vLLM's CUDA-graph padding does, with padding requests (no queries, seq_len 0,
@@ -17,6 +17,7 @@ every request row must be written, padding rows left alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -51,6 +52,7 @@ from kernel_sim import (
 ROOT = Path(__file__).resolve().parents[2]
 PAD_REQUESTS, PAD_TOKENS = 2, 3  # batch padding added to every step, as vLLM's CUDA-graph padding
 INTERPRETER_TIMEOUT_S = 900
+INTERPRETER_WORKERS = 2  # interpreter subprocesses at once (this machine has 2 cores)
 TF32_TOLERANCE = 5e-3
 
 
@@ -95,9 +97,9 @@ def padded_block_table(pool: PagedPool, rids: list[int], rows: int) -> torch.Ten
     return torch.cat([table, garbage.view(extra, pool.width).to(torch.int32)])
 
 
-def step_inputs(pool: DevicePool, data, batch, device: str, prompts=None, windows=None):
-    """One step's tensors: the batch's rows, then PAD_TOKENS padding rows and PAD_REQUESTS padding requests
-    (prompt lengths and windows 0 for those)."""
+def step_inputs(pool: DevicePool, data, batch, device: str, prompts=None, windows=None) -> dict:
+    """One step's tensors and its ``PagedBatch`` ("batch"): the batch's rows, then PAD_TOKENS padding rows
+    and PAD_REQUESTS padding requests (prompt lengths and windows 0 for those)."""
     c = pool.case
     rows = [(rid, p) for rid, lo, hi in batch for p in range(lo, hi)]
     slots = [s for rid, lo, hi in batch for s in pool.slots(rid, lo, hi)] + [-1] * PAD_TOKENS
@@ -107,51 +109,34 @@ def step_inputs(pool: DevicePool, data, batch, device: str, prompts=None, window
     key = torch.cat([torch.stack([data[rid][1][p] for rid, p in rows]), kv_pad.to(data[0][1].dtype)])
     value = torch.cat([torch.stack([data[rid][2][p] for rid, p in rows]), kv_pad.to(data[0][2].dtype)])
     q_lens = [hi - lo for _, lo, hi in batch] + [0] * PAD_REQUESTS
-    seq_lens = [hi for _, _, hi in batch] + [0] * PAD_REQUESTS
-    query_start_loc = torch.tensor([0] + q_lens).cumsum(0)
     table = padded_block_table(pool, [rid for rid, _, _ in batch], len(batch) + PAD_REQUESTS)
 
-    def dev(t, dtype=None):
-        return t.to(device=device, dtype=dtype or t.dtype)
+    def int32(values):
+        return None if values is None else torch.tensor(values, dtype=torch.int32, device=device)
 
     def per_request(values):
-        if values is None:
-            return None
-        return dev(torch.tensor([values[rid] for rid, _, _ in batch] + [0] * PAD_REQUESTS, dtype=torch.int32))
+        return None if values is None else int32([values[rid] for rid, _, _ in batch] + [0] * PAD_REQUESTS)
 
     return dict(
-        query=dev(query),
-        key=dev(key),
-        value=dev(value),
-        slot_mapping=dev(torch.tensor(slots, dtype=torch.int64)),
-        block_table=dev(table),
-        seq_lens=dev(torch.tensor(seq_lens, dtype=torch.int32)),
-        query_start_loc=dev(query_start_loc, torch.int32),
-        prompt_lens=per_request(prompts),
-        windows=per_request(windows),
+        query=query.to(device),
+        key=key.to(device),
+        value=value.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        batch=PagedBatch(
+            block_table=table.to(device),
+            seq_lens=int32([hi for _, _, hi in batch] + [0] * PAD_REQUESTS),
+            query_start_loc=int32(torch.tensor([0] + q_lens).cumsum(0).tolist()),
+            prompt_lens=per_request(prompts),
+            windows=per_request(windows),
+            max_query_len=max(q_lens),
+        ),
     )
 
 
-def local_args(x, case: Case, compensation: bool = True, exact: bool = False) -> tuple:
-    """The Triton local_attention arguments after the tails (razor_vllm.ops._unpack's order)."""
-    return (
-        x["block_table"],
-        x["seq_lens"],
-        x["query_start_loc"],
-        x["prompt_lens"],
-        x["windows"],
-        case.head_offset,
-        case.num_kv_heads,
-        case.sink,
-        case.window,
-        compensation,
-        exact,
-        case.scale,
-    )
-
-
-def tail_args(x, case: Case) -> tuple:
-    return x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads, case.sink
+def on_cpu(batch: PagedBatch) -> PagedBatch:
+    """The step's batch with its tensors on the CPU (for the reference)."""
+    moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return PagedBatch(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
 def pool_step(
@@ -163,25 +148,24 @@ def pool_step(
     compensation: bool = True,
     exact: bool = False,
     scales: tuple = (),
-    max_query_len: int = 0,
     split_keys: bool | None = None,
 ):
     """One layer's step on one pool, in the backend's order: store_kv -> block tails (local pool) ->
-    attention; returns the attention output (``out``, or a new tensor). ``x``: step_inputs' tensors;
-    ``scales``: fp8 (k_scale, v_scale) device tensors; ``max_query_len``/``split_keys``: the retrieval
-    kernel's path (0/None: the 2D path unless the kernel's own rule splits)."""
+    attention; returns the attention output (``out``, or a new tensor). ``x``: step_inputs' tensors
+    and batch; ``scales``: fp8 (k_scale, v_scale) device tensors; ``split_keys``: force the retrieval
+    kernel's path (None: its own choice from the batch's max_query_len)."""
     tk = triton_kernels()
-    caches = (pool.key_cache, pool.value_cache)
-    tk.store_kv(*caches, x["key"], x["value"], x["slot_mapping"], case.head_offset, *scales)
+    caches, fp8 = (pool.key_cache, pool.value_cache), dict(zip(("k_scale", "v_scale"), scales))
+    tk.store_kv(*caches, x["key"], x["value"], x["slot_mapping"], case.heads, **fp8)
     if sliding:
-        tk.write_block_tails(*caches, pool.tails, *tail_args(x, case), *scales)
+        rule = LocalRule(case.sink, case.window, compensation, exact)
+        tk.write_block_tails(*caches, pool.tails, x["batch"], case.heads, rule, **fp8)
         return tk.local_attention(
-            x["query"], *caches, pool.tails, *local_args(x, case, compensation, exact), out, *scales
+            x["query"], *caches, pool.tails, x["batch"], case.heads, rule, case.scale, out=out, **fp8
         )
-    meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads)
-    k_scale, v_scale = scales or (None, None)
-    options = dict(max_query_len=max_query_len, split_keys=split_keys, k_scale=k_scale, v_scale=v_scale)
-    return tk.paged_attention(x["query"], *caches, *meta, case.scale, out=out, **options)
+    return tk.paged_attention(
+        x["query"], *caches, x["batch"], case.heads, case.scale, out=out, split_keys=split_keys, **fp8
+    )
 
 
 def run_pool(
@@ -213,8 +197,7 @@ def run_pool(
     for batch in schedule:
         x = step_inputs(pool, data, batch, device, prompts, windows)
         out = torch.full_like(x["query"], float("nan"))
-        max_query_len = max(hi - lo for _, lo, hi in batch)
-        pool_step(pool, case, x, sliding, out, compensation, exact, scale_args, max_query_len, split_keys)
+        pool_step(pool, case, x, sliding, out, compensation, exact, scale_args, split_keys)
         if sliding:
             checker.after_write(batch)  # (attention reads the tails, never writes them)
         out = out.cpu()
@@ -223,7 +206,8 @@ def run_pool(
         if not sliding and split_keys is None:
             from razor_vllm.triton_kernels.paged import use_split_keys
 
-            split_used = use_split_keys(x["query"].shape[0], x["seq_lens"].shape[0], case.num_kv_heads, max_query_len)
+            step = x["batch"]
+            split_used = use_split_keys(x["query"].shape[0], step.num_reqs, case.num_kv_heads, step.max_query_len)
         if sliding or not split_used:  # the split path's merge kernel writes padding rows (never read)
             assert out[num_rows:].isnan().all(), "a padding row of the output buffer was written"
         row = 0
@@ -325,210 +309,136 @@ def paged_run(device, case, dtype, seed, lengths, max_chunk, style="mixed", spli
 
 
 # Local heads. Sizes are small so that the interpreter finishes; each case crosses S + W and frees blocks.
-check(
-    "local_fp32_gqa_two_heads",
-    local_run,
-    dtype=torch.float32,
-    seed=0,
-    lengths=[3, 23, 24, 25, 61, 47],
-    max_chunk=27,
-    case=Case(block_size=16, sink=4, window=20, num_kv_heads=2, g=2, pool_heads=5, head_offset=2),
-)
-check(
-    "local_fp32_gqa_two_heads_exact",
-    local_run,
-    dtype=torch.float32,
-    seed=0,
-    lengths=[3, 23, 24, 25, 61, 47],
-    max_chunk=27,
-    mode="exact",
-    case=Case(block_size=16, sink=4, window=20, num_kv_heads=2, g=2, pool_heads=5, head_offset=2),
-)
-check(  # the paper's per-request windows, CUDA-graph padding included (windows 0 there)
-    "local_fp32_per_request_windows_exact",
-    local_run,
-    dtype=torch.float32,
-    seed=14,
-    lengths=[30, 47, 12, 60, 41],
-    max_chunk=20,
-    mode="exact",
-    windows=[1, 9, 16, 40, 5],
-    case=Case(block_size=8, sink=3, window=12, num_kv_heads=1, g=2, pool_heads=2, head_offset=1),
-)
-check(  # chunks of 3+ blocks: later rows read the tail of a block the same chunk started
-    "local_fp32_chunks_span_blocks",
-    local_run,
-    dtype=torch.float32,
-    seed=15,
-    lengths=[70, 45],
-    max_chunk=36,
-    min_chunk=25,
-    style="chunked",
-    case=Case(block_size=8, sink=2, window=7, num_kv_heads=1, g=2, pool_heads=1, head_offset=0),
-)
-check(
-    "local_fp32_odd_block_d80",
-    local_run,
-    dtype=torch.float32,
-    seed=1,
-    lengths=[17, 18, 19, 52, 40],
-    max_chunk=24,
-    case=Case(block_size=7, sink=3, window=13, num_kv_heads=1, g=3, pool_heads=3, head_offset=1, head_size=80),
-)
-check(
-    "local_fp32_sinks_span_blocks_d96_exact",
-    local_run,
-    dtype=torch.float32,
-    seed=2,
-    lengths=[20, 35, 36, 66],
-    max_chunk=40,
-    mode="exact",
-    case=Case(block_size=8, sink=11, window=24, num_kv_heads=1, g=4, pool_heads=2, head_offset=1, head_size=96),
-)
-check(
-    "local_fp32_no_sink_window1_chunked_exact",
-    local_run,
-    dtype=torch.float32,
-    seed=3,
-    lengths=[9, 40, 33],
-    max_chunk=20,
-    style="chunked",
-    mode="exact",
-    case=Case(block_size=16, sink=0, window=1, num_kv_heads=2, g=1, pool_heads=2, head_offset=0, head_size=64),
-)
-check(
-    "local_fp32_g5_d40_prefill",
-    local_run,
-    dtype=torch.float32,
-    seed=4,
-    lengths=[30, 36, 80, 140],
-    max_chunk=60,
-    style="prefill",
-    case=Case(block_size=32, sink=2, window=33, num_kv_heads=1, g=5, pool_heads=1, head_offset=0, head_size=40),
-)
-check(  # chunks of more than one query tile starting past S + W: keys dropped by a whole later tile
-    "local_fp32_long_chunks_past_window",
-    local_run,
-    dtype=torch.float32,
-    seed=7,
-    lengths=[100, 77],
-    style="chunked",
-    schedule=[[(0, 0, 30), (1, 0, 20)], [(0, 30, 75), (1, 20, 60)], [(1, 60, 77), (0, 75, 100)]],
-    case=Case(block_size=16, sink=4, window=16, num_kv_heads=1, g=2, pool_heads=2, head_offset=1, head_size=64),
-)
-check(  # g = 16: one query per 16-row tile, so no tile has later rows dropping window keys
-    "local_fp32_g16_one_query_per_tile",
-    local_run,
-    dtype=torch.float32,
-    seed=8,
-    lengths=[12, 31],
-    max_chunk=14,
-    style="chunked",
-    case=Case(block_size=8, sink=2, window=9, num_kv_heads=1, g=16, pool_heads=1, head_offset=0, head_size=32),
-)
-for _dtype in (torch.bfloat16, torch.float16):
-    check(
-        f"local_{str(_dtype)[6:]}",
-        local_run,
-        dtype=_dtype,
-        seed=5,
-        lengths=[6, 26, 27, 70],
-        max_chunk=30,
-        case=Case(block_size=16, sink=4, window=21, num_kv_heads=2, g=3, pool_heads=3, head_offset=1, head_size=64),
-    )
-check(
-    "local_without_compensation_sums_poisoned",
-    local_run,
-    dtype=torch.float32,
-    seed=6,
-    lengths=[10, 40, 90],
-    max_chunk=25,
-    style="chunked",
-    compensation=False,
-    case=Case(block_size=16, sink=4, window=20, num_kv_heads=1, g=2, pool_heads=2, head_offset=1),
-)
-
-# Retrieval heads (vLLM's unified_attention on the retrieval pool's layout).
-check(
-    "paged_fp32_odd_block",
-    paged_run,
-    dtype=torch.float32,
-    seed=10,
-    lengths=[1, 22, 23, 24, 70],
-    max_chunk=30,
-    case=Case(block_size=23, sink=0, window=1, num_kv_heads=2, g=3, pool_heads=4, head_offset=1, head_size=64),
-)
-check(
-    "paged_fp32_block187_d80",
-    paged_run,
-    dtype=torch.float32,
-    seed=11,
-    lengths=[5, 190, 40],
-    max_chunk=100,
-    case=Case(block_size=187, sink=0, window=1, num_kv_heads=1, g=3, pool_heads=3, head_offset=2, head_size=80),
-)
-check(
-    "paged_fp32_g72_d40_decode",
-    paged_run,
-    dtype=torch.float32,
-    seed=12,
-    lengths=[17, 9],
-    max_chunk=8,
-    style="decode",
-    split_keys=False,  # the 2D decode path (the split path at g=72 is 10x slower to interpret)
-    case=Case(block_size=16, sink=0, window=1, num_kv_heads=1, g=72, pool_heads=2, head_offset=1, head_size=40),
-)
-for _dtype in (torch.bfloat16, torch.float16):
-    check(
-        f"paged_{str(_dtype)[6:]}",
-        paged_run,
-        dtype=_dtype,
-        seed=13,
-        lengths=[5, 40, 61],
-        max_chunk=30,
-        case=Case(block_size=16, sink=0, window=1, num_kv_heads=2, g=2, pool_heads=3, head_offset=1, head_size=64),
-    )
-
-# Split-key decode (vLLM's 3D split-softmax path): chosen by the kernel for small pure-decode steps,
-# forced here also on prefill steps, to show that correctness does not hang on the choice.
-check(  # contexts of 1..60 keys over 16 segments: empty segments, prefill chunks on the split path too
-    "paged_split_keys_fp32_odd_block",
-    paged_run,
-    dtype=torch.float32,
-    seed=14,
-    lengths=[1, 2, 37, 60],
-    max_chunk=8,
-    style="prefill",
-    split_keys=True,
-    case=Case(block_size=23, sink=0, window=1, num_kv_heads=1, g=4, pool_heads=3, head_offset=1, head_size=64),
-)
-check(
-    "paged_split_keys_decode_bf16_d80",
-    paged_run,
-    dtype=torch.bfloat16,
-    seed=15,
-    lengths=[9, 20],
-    max_chunk=4,
-    style="decode",
-    split_keys=True,
-    case=Case(block_size=16, sink=0, window=1, num_kv_heads=1, g=3, pool_heads=2, head_offset=0, head_size=80),
-)
-check(  # prefill steps 2D, decode steps split (max_query_len == 1, small grid); 300 keys: 2 tiles a segment
-    "paged_split_keys_chosen_by_shape",
-    paged_run,
-    dtype=torch.float16,
-    seed=16,
-    lengths=[3, 300, 41],
-    max_chunk=4,
-    style="prefill",
-    case=Case(block_size=16, sink=0, window=1, num_kv_heads=1, g=2, pool_heads=1, head_offset=0, head_size=64),
-)
+# name: (case, seed, lengths, local_run's options; fp32 unless the options say)
+LOCAL_CHECKS = {
+    "local_fp32_gqa_two_heads": ("bs16-S4-W20-kv2x2-heads2of5-D32", 0, [3, 23, 24, 25, 61, 47], dict(max_chunk=27)),
+    "local_fp32_gqa_two_heads_exact": (
+        "bs16-S4-W20-kv2x2-heads2of5-D32",
+        0,
+        [3, 23, 24, 25, 61, 47],
+        dict(max_chunk=27, mode="exact"),
+    ),
+    # the paper's per-request windows, CUDA-graph padding included (windows 0 there)
+    "local_fp32_per_request_windows_exact": (
+        "bs8-S3-W12-kv1x2-heads1of2-D32",
+        14,
+        [30, 47, 12, 60, 41],
+        dict(max_chunk=20, mode="exact", windows=[1, 9, 16, 40, 5]),
+    ),
+    # chunks of 3+ blocks: later rows read the tail of a block the same chunk started
+    "local_fp32_chunks_span_blocks": (
+        "bs8-S2-W7-kv1x2-heads0of1-D32",
+        15,
+        [70, 45],
+        dict(max_chunk=36, min_chunk=25, style="chunked"),
+    ),
+    "local_fp32_odd_block_d80": ("bs7-S3-W13-kv1x3-heads1of3-D80", 1, [17, 18, 19, 52, 40], dict(max_chunk=24)),
+    "local_fp32_sinks_span_blocks_d96_exact": (
+        "bs8-S11-W24-kv1x4-heads1of2-D96",
+        2,
+        [20, 35, 36, 66],
+        dict(max_chunk=40, mode="exact"),
+    ),
+    "local_fp32_no_sink_window1_chunked_exact": (
+        "bs16-S0-W1-kv2x1-heads0of2-D64",
+        3,
+        [9, 40, 33],
+        dict(max_chunk=20, style="chunked", mode="exact"),
+    ),
+    "local_fp32_g5_d40_prefill": (
+        "bs32-S2-W33-kv1x5-heads0of1-D40",
+        4,
+        [30, 36, 80, 140],
+        dict(max_chunk=60, style="prefill"),
+    ),
+    # chunks of more than one query tile starting past S + W: keys dropped by a whole later tile
+    "local_fp32_long_chunks_past_window": (
+        "bs16-S4-W16-kv1x2-heads1of2-D64",
+        7,
+        [100, 77],
+        dict(
+            style="chunked",
+            schedule=[[(0, 0, 30), (1, 0, 20)], [(0, 30, 75), (1, 20, 60)], [(1, 60, 77), (0, 75, 100)]],
+        ),
+    ),
+    # g = 16: one query per 16-row tile, so no tile has later rows dropping window keys
+    "local_fp32_g16_one_query_per_tile": (
+        "bs8-S2-W9-kv1x16-heads0of1-D32",
+        8,
+        [12, 31],
+        dict(max_chunk=14, style="chunked"),
+    ),
+    "local_bfloat16": ("bs16-S4-W21-kv2x3-heads1of3-D64", 5, [6, 26, 27, 70], dict(max_chunk=30, dtype=torch.bfloat16)),
+    "local_float16": ("bs16-S4-W21-kv2x3-heads1of3-D64", 5, [6, 26, 27, 70], dict(max_chunk=30, dtype=torch.float16)),
+    "local_without_compensation_sums_poisoned": (
+        "bs16-S4-W20-kv1x2-heads1of2-D32",
+        6,
+        [10, 40, 90],
+        dict(max_chunk=25, style="chunked", compensation=False),
+    ),
+}
+# Retrieval heads (vLLM's unified_attention on the retrieval pool's layout). Split-key decode (vLLM's
+# 3D split-softmax path) is chosen by the kernel for small pure-decode steps, and forced here also on
+# prefill steps, to show that correctness does not hang on the choice.
+PAGED_CHECKS = {
+    "paged_fp32_odd_block": ("bs23-S0-W1-kv2x3-heads1of4-D64", 10, [1, 22, 23, 24, 70], dict(max_chunk=30)),
+    "paged_fp32_block187_d80": ("bs187-S0-W1-kv1x3-heads2of3-D80", 11, [5, 190, 40], dict(max_chunk=100)),
+    # the 2D decode path (the split path at g=72 is 10x slower to interpret)
+    "paged_fp32_g72_d40_decode": (
+        "bs16-S0-W1-kv1x72-heads1of2-D40",
+        12,
+        [17, 9],
+        dict(max_chunk=8, style="decode", split_keys=False),
+    ),
+    "paged_bfloat16": ("bs16-S0-W1-kv2x2-heads1of3-D64", 13, [5, 40, 61], dict(max_chunk=30, dtype=torch.bfloat16)),
+    "paged_float16": ("bs16-S0-W1-kv2x2-heads1of3-D64", 13, [5, 40, 61], dict(max_chunk=30, dtype=torch.float16)),
+    # contexts of 1..60 keys over 16 segments: empty segments, prefill chunks on the split path too
+    "paged_split_keys_fp32_odd_block": (
+        "bs23-S0-W1-kv1x4-heads1of3-D64",
+        14,
+        [1, 2, 37, 60],
+        dict(max_chunk=8, style="prefill", split_keys=True),
+    ),
+    "paged_split_keys_decode_bf16_d80": (
+        "bs16-S0-W1-kv1x3-heads0of2-D80",
+        15,
+        [9, 20],
+        dict(max_chunk=4, style="decode", split_keys=True, dtype=torch.bfloat16),
+    ),
+    # prefill steps 2D, decode steps split (max_query_len == 1, small grid); 300 keys: 2 tiles a segment
+    "paged_split_keys_chosen_by_shape": (
+        "bs16-S0-W1-kv1x2-heads0of1-D64",
+        16,
+        [3, 300, 41],
+        dict(max_chunk=4, style="prefill", dtype=torch.float16),
+    ),
+}
+for _run, _checks in ((local_run, LOCAL_CHECKS), (paged_run, PAGED_CHECKS)):
+    for _name, (_case, _seed, _lengths, _options) in _checks.items():
+        _options.setdefault("dtype", torch.float32)
+        check(_name, _run, case=Case.parse(_case), seed=_seed, lengths=_lengths, **_options)
 
 
 def fp8_quantize(x: torch.Tensor, scale: float, fp8: torch.dtype) -> torch.Tensor:
     """vLLM's per-tensor fp8 store: x / scale, saturated to the format's finite range, rounded to nearest."""
     top = torch.finfo(fp8).max
     return (x.float() / scale).clamp(-top, top).to(fp8)
+
+
+K_SCALE, V_SCALE = 0.37, 0.11  # the fp8 checks' per-tensor scales
+
+
+def fp8_data(case: Case, lengths: list[int], seed: int, fp8: torch.dtype):
+    """(data, stored, gen): bf16 requests whose values go past e4m3's range (saturation is exercised),
+    the same as an fp8 cache holds them (dequantized, float64), and the generator for further draws."""
+    data = make_data(case, torch.bfloat16, seed, lengths)
+    gen = torch.Generator().manual_seed(seed)
+    data = [(q, 4 * k, v * 0.5 + torch.randn(v.shape, generator=gen).to(v.dtype) * 30) for q, k, v in data]
+    stored = [
+        (q, fp8_quantize(k, K_SCALE, fp8).double() * K_SCALE, fp8_quantize(v, V_SCALE, fp8).double() * V_SCALE)
+        for q, k, v in data
+    ]
+    return data, stored, gen
 
 
 def paged_fp8(device: str, fp8: torch.dtype, split_keys: bool, seed: int) -> None:
@@ -538,12 +448,7 @@ def paged_fp8(device: str, fp8: torch.dtype, split_keys: bool, seed: int) -> Non
     tk = triton_kernels()
     case = Case(block_size=16, sink=0, window=1, num_kv_heads=2, g=3, pool_heads=3, head_offset=1, head_size=64)
     lengths = [3, 40, 77]
-    data = make_data(case, torch.bfloat16, seed, lengths)
-    gen = torch.Generator().manual_seed(seed)
-    data = [
-        (q, 4 * k, v * 0.5 + torch.randn(v.shape, generator=gen).to(v.dtype) * 30) for q, k, v in data
-    ]  # (values past e4m3's range: saturation is exercised)
-    k_scale, v_scale = 0.37, 0.11
+    data, deq, gen = fp8_data(case, lengths, seed, fp8)
     blocks = sum(-(-n // case.block_size) for n in lengths) + 2
     raw = torch.full((blocks, case.pool_heads, case.block_size, 2 * case.head_size), 0x7F, dtype=torch.uint8)
     kv = raw.view(fp8).to(device)  # 0x7F: NaN in both float8 formats, so unwritten slots poison the output
@@ -555,54 +460,32 @@ def paged_fp8(device: str, fp8: torch.dtype, split_keys: bool, seed: int) -> Non
         nb = -(-n // case.block_size)
         tables.append(order[used : used + nb].tolist())
         used += nb
-    scales = (torch.tensor([k_scale], device=device), torch.tensor([v_scale], device=device))
+    scales = dict(k_scale=torch.tensor([K_SCALE], device=device), v_scale=torch.tensor([V_SCALE], device=device))
     for rid, (_, k, v) in enumerate(data):
-        slots = torch.tensor(
-            [tables[rid][p // case.block_size] * case.block_size + p % case.block_size for p in range(lengths[rid])]
-            + [-1]
-        )
+        slots = [tables[rid][p // case.block_size] * case.block_size + p % case.block_size for p in range(lengths[rid])]
         pad = torch.full((1, case.num_kv_heads, d), float("nan"), dtype=k.dtype)
-        tk.store_kv(
-            key_cache,
-            value_cache,
-            torch.cat([k, pad]).to(device),
-            torch.cat([v, pad]).to(device),
-            slots.to(device),
-            case.head_offset,
-            *scales,
-        )
+        key, value = torch.cat([k, pad]).to(device), torch.cat([v, pad]).to(device)
+        tk.store_kv(key_cache, value_cache, key, value, torch.tensor(slots + [-1], device=device), case.heads, **scales)
         stored_k = torch.stack([key_cache[tables[rid][p // 16], 1:3, p % 16].cpu() for p in range(lengths[rid])])
         stored_v = torch.stack([value_cache[tables[rid][p // 16], 1:3, p % 16].cpu() for p in range(lengths[rid])])
-        assert torch.equal(stored_k.view(torch.uint8), fp8_quantize(k, k_scale, fp8).view(torch.uint8)), "fp8 keys"
-        assert torch.equal(stored_v.view(torch.uint8), fp8_quantize(v, v_scale, fp8).view(torch.uint8)), "fp8 values"
+        assert torch.equal(stored_k.view(torch.uint8), fp8_quantize(k, K_SCALE, fp8).view(torch.uint8)), "fp8 keys"
+        assert torch.equal(stored_v.view(torch.uint8), fp8_quantize(v, V_SCALE, fp8).view(torch.uint8)), "fp8 values"
     # One step: the last query of every request (decode), then a padding request.
     width = max(len(t) for t in tables)
     table = torch.zeros(len(lengths) + 1, width, dtype=torch.int32)
     for rid, t in enumerate(tables):
         table[rid, : len(t)] = torch.tensor(t)
     query = torch.cat([torch.stack([q[-1] for q, _, _ in data]), torch.full((2, 6, d), float("nan"))])
-    query = query.to(torch.bfloat16)
-    seq_lens = torch.tensor(lengths + [0], dtype=torch.int32)
-    qsl = torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32)
-    out = tk.paged_attention(
-        query.to(device),
-        key_cache,
-        value_cache,
-        table.to(device),
-        seq_lens.to(device),
-        qsl.to(device),
-        case.head_offset,
-        case.num_kv_heads,
-        case.scale,
+    step = PagedBatch(
+        block_table=table.to(device),
+        seq_lens=torch.tensor(lengths + [0], dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32, device=device),
         max_query_len=1,
-        split_keys=split_keys,
-        k_scale=scales[0],
-        v_scale=scales[1],
+    )
+    query = query.to(torch.bfloat16).to(device)
+    out = tk.paged_attention(
+        query, key_cache, value_cache, step, case.heads, case.scale, split_keys=split_keys, **scales
     ).cpu()
-    deq = [
-        (q, fp8_quantize(k, k_scale, fp8).double() * k_scale, fp8_quantize(v, v_scale, fp8).double() * v_scale)
-        for q, k, v in data
-    ]
     expected = torch.stack([ref[-1] for ref in causal_oracle(case, deq)])
     err = relative_error(out[:3].double(), expected)
     assert err < TOLERANCE[torch.bfloat16], f"fp8 {fp8} split={split_keys}: relative error {err:.3g}"
@@ -621,20 +504,11 @@ def local_fp8(device: str, fp8: torch.dtype, mode: str, seed: int) -> None:
     the bf16 rounding of each dequantized key alone moves the output by about 1e-2 here)."""
     case = Case(block_size=8, sink=3, window=10, num_kv_heads=1, g=2, pool_heads=2, head_offset=1, head_size=32)
     lengths = [5, 30, 47]
-    data = make_data(case, torch.bfloat16, seed, lengths)
-    gen = torch.Generator().manual_seed(seed)
-    data = [
-        (q, 4 * k, v * 0.5 + torch.randn(v.shape, generator=gen).to(v.dtype) * 30) for q, k, v in data
-    ]  # (values past e4m3's range: saturation is exercised)
-    k_scale, v_scale = 0.37, 0.11
-    stored = [
-        (q, fp8_quantize(k, k_scale, fp8).double() * k_scale, fp8_quantize(v, v_scale, fp8).double() * v_scale)
-        for q, k, v in data
-    ]
+    data, stored, _ = fp8_data(case, lengths, seed, fp8)
     schedule = make_schedule(lengths, random.Random(seed), max_chunk=12, style="mixed", recompute=True)
     exact = mode == "exact"
     outputs, pool = run_pool(
-        case, fp8, data, schedule, True, seed, device, exact=exact, scales=(k_scale, v_scale), stored=stored
+        case, fp8, data, schedule, True, seed, device, exact=exact, scales=(K_SCALE, V_SCALE), stored=stored
     )
     assert pool.recycled > 0 and pool.tail_checker.checked > 0
     read = [(q, k.to(q.dtype), v.to(q.dtype)) for q, k, v in stored]
@@ -657,7 +531,7 @@ def one_step_against_reference(device: str) -> None:
     pool = DevicePool(case, torch.float32, lengths, True, random.Random(20), device)
     for rid, (_, k, v) in enumerate(data):  # the context before this step
         slots = torch.tensor(pool.slots(rid, 0, lengths[rid]), device=device)
-        tk.store_kv(pool.key_cache, pool.value_cache, k.to(device), v.to(device), slots, case.head_offset)
+        tk.store_kv(pool.key_cache, pool.value_cache, k.to(device), v.to(device), slots, case.heads)
     gen = torch.Generator().manual_seed(20)
     pool.tails[:, case.head_offset : case.head_offset + case.num_kv_heads] = torch.randn(
         pool.tails.shape[0], case.num_kv_heads, 2, case.head_size, generator=gen
@@ -666,30 +540,26 @@ def one_step_against_reference(device: str) -> None:
     prompts = [50, 40, 45, 30]
     x = step_inputs(pool, data, batch, device, prompts)
     rows = sum(hi - lo for _, lo, hi in batch)
-    cpu = {k: None if v is None else v.cpu() for k, v in x.items()}
-    heads = PoolHeads(case.head_offset, case.num_kv_heads)
-    paged = PagedBatch(cpu["block_table"], cpu["seq_lens"], cpu["query_start_loc"], prompt_lens=cpu["prompt_lens"])
-    caches = pool.key_cache.cpu(), pool.value_cache.cpu()
+    step, heads = x["batch"], case.heads
+    caches = pool.key_cache, pool.value_cache
+    cpu_query, cpu_caches, cpu_step = x["query"].cpu(), tuple(c.cpu() for c in caches), on_cpu(step)
 
     tails_want = pool.tails.cpu().clone()
-    reference.write_block_tails(*caches, tails_want, paged, heads, LocalRule(case.sink, case.window))
-    tk.write_block_tails(pool.key_cache, pool.value_cache, pool.tails, *tail_args(x, case))
+    reference.write_block_tails(*cpu_caches, tails_want, cpu_step, heads, LocalRule(case.sink, case.window))
+    tk.write_block_tails(*caches, pool.tails, step, heads, LocalRule(case.sink, case.window))
     # The tails the step started, and no other tail changed (NaN = NaN).
     torch.testing.assert_close(pool.tails.cpu(), tails_want, rtol=1e-5, atol=1e-4, equal_nan=True)
 
     for exact in (False, True):
-        got = tk.local_attention(
-            x["query"], pool.key_cache, pool.value_cache, pool.tails, *local_args(x, case, exact=exact)
-        ).cpu()
         rule = LocalRule(case.sink, case.window, exact_prefill=exact)
-        want = reference.local_attention(cpu["query"], *caches, pool.tails.cpu(), paged, heads, rule, case.scale)
+        got = tk.local_attention(x["query"], *caches, pool.tails, step, heads, rule, case.scale).cpu()
+        want = reference.local_attention(cpu_query, *cpu_caches, pool.tails.cpu(), cpu_step, heads, rule, case.scale)
         assert relative_error(got[:rows].double(), want[:rows].double()) < 1e-5, f"exact={exact}"
         assert torch.equal(got[rows:], torch.zeros_like(got[rows:])), "rows of no request are zero with out=None"
 
     # No block was freed in this check, so the pool also serves as a full (retrieval) pool.
-    meta = (x["block_table"], x["seq_lens"], x["query_start_loc"], case.head_offset, case.num_kv_heads)
-    got = tk.paged_attention(x["query"], pool.key_cache, pool.value_cache, *meta, case.scale).cpu()
-    want = reference.paged_attention(cpu["query"], *caches, paged, heads, case.scale)
+    got = tk.paged_attention(x["query"], *caches, step, heads, case.scale).cpu()
+    want = reference.paged_attention(cpu_query, *cpu_caches, cpu_step, heads, case.scale)
     assert relative_error(got[:rows].double(), want[:rows].double()) < (1e-5 if device == "cpu" else TF32_TOLERANCE)
     assert torch.equal(got[rows:], torch.zeros_like(got[rows:])), "rows of no request are zero with out=None"
 
@@ -709,7 +579,7 @@ def store_kv_matches_write_kv(device: str) -> None:
         slots[[0, 5, 13]] = -1
         write_kv(expected[..., :40], expected[..., 40:], key, value, SlotIndex.from_slot_mapping(slots, 11), 2)
         kv = kv.to(device)
-        tk.store_kv(kv[..., :40], kv[..., 40:], key.to(device), value.to(device), slots.to(device), 2)
+        tk.store_kv(kv[..., :40], kv[..., 40:], key.to(device), value.to(device), slots.to(device), PoolHeads(2, 3))
         torch.testing.assert_close(kv.cpu(), expected, rtol=0, atol=0, equal_nan=True)
 
 
@@ -787,8 +657,9 @@ def cuda_graph_decode(device: str) -> None:
         """Both pools' decode step from the persistent buffers; the retrieval pool's (one KV head, pure
         decode) takes the split-key path, captured with its scratch."""
         for kind, pool in pools.items():
-            x = dict(buf[kind], seq_lens=seq_lens, query_start_loc=query_start_loc, prompt_lens=prompt_lens)
-            pool_step(pool, cases[kind], dict(x, windows=None), kind == "local", x["out"], exact=True, max_query_len=1)
+            b = buf[kind]
+            step = PagedBatch(b["block_table"], seq_lens, query_start_loc, prompt_lens=prompt_lens, max_query_len=1)
+            pool_step(pool, cases[kind], dict(b, batch=step), kind == "local", b["out"], exact=True)
 
     position = list(prompt)
 
@@ -860,24 +731,34 @@ def cuda_graph_decode(device: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    """{check: error or None} from one interpreter subprocess (the file is rewritten after each check,
-    so a crash leaves the results so far and the crash is reported for the rest)."""
+    """{check: error or None} from the interpreter subprocesses: INTERPRETER_WORKERS of them at once,
+    each taking every n-th check (the interpreter is single-threaded). Each rewrites its results file
+    after every check, so a crash leaves the results so far and the crash is reported for the rest."""
     pytest.importorskip("triton")
-    results = tmp_path_factory.mktemp("triton") / "results.json"
+    folder = tmp_path_factory.mktemp("triton")
     # tests/ on the path for kernel_sim (pytest puts it there from pyproject.toml, a script run does not)
     path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--json", str(results)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=INTERPRETER_TIMEOUT_S,
-        cwd=ROOT,
-    )
-    done = json.loads(results.read_text()) if results.exists() else {}
-    crash = f"the interpreter run died (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return {name: done[name]["error"] if name in done else crash for name in CPU_CHECKS}
+    workers = max(1, min(INTERPRETER_WORKERS, os.cpu_count() or 1))
+    runs = []
+    for worker in range(workers):
+        results, log = folder / f"results{worker}.json", (folder / f"log{worker}.txt").open("w+")
+        command = [sys.executable, __file__, "--json", str(results), "--worker", f"{worker}/{workers}"]
+        runs.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), results, log))
+    outcome, deadline = {}, time.monotonic() + INTERPRETER_TIMEOUT_S
+    for worker, (proc, results, log) in enumerate(runs):
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        done = json.loads(results.read_text()) if results.exists() else {}
+        log.seek(0)
+        crash = f"the interpreter run died (exit {proc.returncode}):\n{log.read()[-9000:]}"
+        log.close()
+        for name in CPU_CHECKS[worker::workers]:
+            outcome[name] = done[name]["error"] if name in done else crash
+    return outcome
 
 
 @pytest.mark.parametrize("name", CPU_CHECKS)
@@ -908,10 +789,11 @@ def test_dispatch_sends_cuda_tensors_to_triton(monkeypatch):
 
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     cache = torch.zeros(2, 1, 16, 64, device="cuda")
+    caches = (cache[..., :32], cache[..., 32:])
     for kernel in ("paged_attention", "local_attention", "write_block_tails"):
-        assert ops._choose(kernel, torch.float32, cache[..., :32], cache[..., 32:]).ops is triton_kernels()
+        assert ops._choose(kernel, torch.float32, caches) is triton_kernels()
     monkeypatch.setenv(ops.KERNELS_ENV, "reference")
-    assert ops._choose("local_attention", torch.float32, cache[..., :32], cache[..., 32:]) is reference
+    assert ops._choose("local_attention", torch.float32, caches) is reference
 
 
 # (kernel, dtype, head_size, block_size, g, queries per request, requests, GPU archs): SmolLM decode, a
@@ -933,47 +815,34 @@ AOT_CASES = [
 ]
 
 
+def host_batch(seq_lens: list[int], query_start_loc: list[int], per_request=None) -> PagedBatch:
+    """A step on the CPU with a zero block table, for launch plans and argument checks (which read
+    shapes, never values); ``per_request``: the prompt lengths and the windows, if given."""
+    reqs = len(seq_lens)
+    step = [torch.tensor(v, dtype=torch.int32) for v in (seq_lens, query_start_loc)]
+    extra = None if per_request is None else torch.tensor(per_request, dtype=torch.int32)
+    return PagedBatch(torch.zeros(reqs, 4, dtype=torch.int32), *step, prompt_lens=extra, windows=extra)
+
+
 def aot_plan(kernel: str, dtype: torch.dtype, d: int, bs: int, g: int, q_len: int, reqs: int):
     """The launch plan for these shapes (CPU tensors: only their types and shapes matter)."""
     from razor_vllm.triton_kernels import cache_write, local, tails
 
-    n_kv, pool = 2, 5
+    heads, pool = PoolHeads(1, 2), 5
     kv = torch.zeros(6, pool, bs, 2 * d, dtype=dtype)
-    tail = torch.zeros(6, pool, 2, d)
+    caches, tail = (kv[..., :d], kv[..., d:]), torch.zeros(6, pool, 2, d)
     fp8 = dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-    scales = (torch.ones(1), torch.ones(1)) if fp8 else (None, None)
-    query = torch.zeros(q_len * reqs, g * n_kv, d, dtype=torch.bfloat16 if fp8 else dtype)
-    meta = (
-        torch.zeros(reqs, 4, dtype=torch.int32),
-        torch.zeros(reqs, dtype=torch.int32),
-        torch.zeros(reqs + 1, dtype=torch.int32),
-    )
+    scales = dict(k_scale=torch.ones(1), v_scale=torch.ones(1)) if fp8 else {}
+    query = torch.zeros(q_len * reqs, g * heads.count, d, dtype=torch.bfloat16 if fp8 else dtype)
+    exact = kernel == "local_exact_windows"  # with prompt lengths and per-request windows
+    step = host_batch([0] * reqs, [0] * (reqs + 1), [0] * reqs if exact else None)
+    rule = LocalRule(4, 252, exact_prefill=exact)
     if kernel.startswith("local"):
-        per_request = torch.zeros(reqs, dtype=torch.int32) if kernel == "local_exact_windows" else None
-        return local.plan(
-            query,
-            kv[..., :d],
-            kv[..., d:],
-            tail,
-            *meta,
-            per_request,
-            per_request,
-            1,
-            n_kv,
-            4,
-            252,
-            True,
-            per_request is not None,
-            0.125,
-            torch.empty_like(query),
-            *scales,
-        )
+        return local.plan(query, *caches, tail, step, heads, rule, 0.125, out=torch.empty_like(query), **scales)
     if kernel == "tails":
-        return tails.plan(kv[..., :d], kv[..., d:], tail, *meta, 1, n_kv, 4, *scales)
-    key = torch.zeros(q_len * reqs, n_kv, d, dtype=torch.bfloat16 if fp8 else dtype)
-    return cache_write.plan(
-        kv[..., :d], kv[..., d:], key, key, torch.zeros(q_len * reqs, dtype=torch.int64), 1, *scales
-    )
+        return tails.plan(*caches, tail, step, heads, rule, **scales)
+    key = torch.zeros(q_len * reqs, heads.count, d, dtype=torch.bfloat16 if fp8 else dtype)
+    return cache_write.plan(*caches, key, key, torch.zeros(q_len * reqs, dtype=torch.int64), heads, **scales)
 
 
 def _signature(value):
@@ -1048,18 +917,9 @@ def test_launch_grid_depends_on_shapes_only():
     query = torch.zeros(6, 3, 32)
     plans = []
     for seq_lens, qsl, prompt_lens in [([5, 9, 0], [0, 1, 2, 2], [5, 2, 0]), ([40, 1, 7], [0, 3, 4, 6], [1, 1, 9])]:
-        meta = (
-            torch.zeros(3, 4, dtype=torch.int32),
-            torch.tensor(seq_lens, dtype=torch.int32),
-            torch.tensor(qsl, dtype=torch.int32),
-            torch.tensor(prompt_lens, dtype=torch.int32),
-            None,
-        )
-        plans.append(
-            local.plan(
-                query, kv[..., :32], kv[..., 32:], tails, *meta, 0, 1, 4, 8, True, True, 0.2, torch.empty_like(query)
-            )
-        )
+        step = dataclasses.replace(host_batch(seq_lens, qsl, prompt_lens), windows=None)
+        rule = LocalRule(4, 8, exact_prefill=True)
+        plans.append(local.plan(query, kv[..., :32], kv[..., 32:], tails, step, PoolHeads(0, 1), rule, 0.2))
     assert plans[0].grid == plans[1].grid and plans[0].constexprs == plans[1].constexprs
 
 
@@ -1068,35 +928,37 @@ def test_bad_inputs_raise_clear_errors():
     kv = torch.zeros(4, 3, 16, 64)
     k, v = kv[..., :32], kv[..., 32:]
     tails = torch.zeros(4, 3, 2, 32)
-    meta = (
-        torch.zeros(2, 4, dtype=torch.int32),
-        torch.tensor([3, 1], dtype=torch.int32),
-        torch.tensor([0, 2, 3], dtype=torch.int32),
-    )
-    rule = (4, 8, True, False, 0.1)  # sink, window, compensation, exact_prefill, scale
+    step = host_batch([3, 1], [0, 2, 3])
+    heads, rule, exact = PoolHeads(0, 2), LocalRule(4, 8, exact_prefill=False), LocalRule(4, 8)
     q = torch.zeros(3, 4, 32)
     with pytest.raises(ValueError, match="outside the pool's 3 heads"):
-        tk.local_attention(q, k, v, tails, *meta, None, None, 2, 2, *rule)
+        tk.local_attention(q, k, v, tails, step, PoolHeads(2, 2), rule, 0.1)
     with pytest.raises(ValueError, match="not a multiple of num_kv_heads=3"):
-        tk.paged_attention(q, k, v, *meta, 0, 3, 0.1)
+        tk.paged_attention(q, k, v, step, PoolHeads(0, 3), 0.1)
     with pytest.raises(ValueError, match="tails must be float32"):
-        tk.local_attention(q, k, v, tails.to(torch.bfloat16), *meta, None, None, 0, 2, *rule)
-    with pytest.raises(ValueError, match="need sink >= 0 and window >= 1"):
-        tk.local_attention(q, k, v, tails, *meta, None, None, 0, 2, 4, 0, True, False, 0.1)
-    with pytest.raises(ValueError, match="exact_prefill needs prompt_lens"):
-        tk.local_attention(q, k, v, tails, *meta, None, None, 0, 2, 4, 8, True, True, 0.1)
+        tk.local_attention(q, k, v, tails.to(torch.bfloat16), step, heads, rule, 0.1)
+    with pytest.raises(ValueError, match="LocalRule.window must be >= 1"):  # the rule checks itself
+        LocalRule(4, 0)
+    with pytest.raises(ValueError, match="LocalRule.sink must be >= 0"):
+        LocalRule(-1, 8)
+    with pytest.raises(ValueError, match=r"LocalRule\(exact_prefill=True\) needs PagedBatch.prompt_lens"):
+        tk.local_attention(q, k, v, tails, step, heads, exact, 0.1)
     with pytest.raises(ValueError, match="windows must be an int32"):
-        tk.local_attention(q, k, v, tails, *meta, None, torch.ones(1, dtype=torch.int32), 0, 2, *rule)
-    with pytest.raises(ValueError, match="need sink >= 0"):
-        tk.write_block_tails(k, v, tails, *meta, 0, 2, -1)
+        tk.local_attention(
+            q, k, v, tails, dataclasses.replace(step, windows=torch.ones(1, dtype=torch.int32)), heads, rule, 0.1
+        )
     with pytest.raises(ValueError, match="the Triton kernels need them equal"):
-        tk.local_attention(q.to(torch.float16), k, v, tails, *meta, None, None, 0, 2, *rule)
+        tk.local_attention(q.to(torch.float16), k, v, tails, step, heads, rule, 0.1)
     with pytest.raises(ValueError, match="num_reqs \\+ 1 = 3 entries"):
-        tk.write_block_tails(k, v, tails, meta[0], meta[1], meta[2][:2], 0, 2, 4)
+        tk.write_block_tails(
+            k, v, tails, dataclasses.replace(step, query_start_loc=step.query_start_loc[:2]), heads, rule
+        )
     with pytest.raises(ValueError, match="out must match query"):
-        tk.paged_attention(q, k, v, *meta, 0, 2, 0.1, out=torch.zeros(2, 4, 32))
+        tk.paged_attention(q, k, v, step, heads, 0.1, out=torch.zeros(2, 4, 32))
     with pytest.raises(ValueError, match="slot_mapping needs one entry per token"):
-        tk.store_kv(k, v, torch.zeros(3, 2, 32), torch.zeros(3, 2, 32), torch.zeros(2, dtype=torch.int64), 0)
+        tk.store_kv(k, v, torch.zeros(3, 2, 32), torch.zeros(3, 2, 32), torch.zeros(2, dtype=torch.int64), heads)
+    with pytest.raises(ValueError, match="heads.count=2"):
+        tk.store_kv(k, v, torch.zeros(3, 1, 32), torch.zeros(3, 1, 32), torch.zeros(3, dtype=torch.int64), heads)
 
 
 def test_fp8_inputs_raise_clear_errors():
@@ -1104,30 +966,25 @@ def test_fp8_inputs_raise_clear_errors():
     tk = pytest.importorskip("razor_vllm.triton_kernels")
     kv = torch.zeros(4, 3, 16, 64, dtype=torch.uint8).view(torch.float8_e4m3fn)
     k, v = kv[..., :32], kv[..., 32:]
-    meta = (
-        torch.zeros(2, 4, dtype=torch.int32),
-        torch.tensor([3, 1], dtype=torch.int32),
-        torch.tensor([0, 2, 3], dtype=torch.int32),
-    )
+    step, heads, rule = host_batch([3, 1], [0, 2, 3]), PoolHeads(0, 2), LocalRule(4, 8, exact_prefill=False)
     q = torch.zeros(3, 4, 32, dtype=torch.bfloat16)
     key = torch.zeros(3, 2, 32, dtype=torch.bfloat16)
     slots = torch.zeros(3, dtype=torch.int64)
+    tails, one = torch.zeros(4, 3, 2, 32), torch.ones(1)
     with pytest.raises(ValueError, match="needs k_scale"):
-        tk.store_kv(k, v, key, key, slots, 0)
+        tk.store_kv(k, v, key, key, slots, heads)
     with pytest.raises(ValueError, match="needs v_scale"):
-        tk.paged_attention(q, k, v, *meta, 0, 2, 0.1, k_scale=torch.ones(1))
+        tk.paged_attention(q, k, v, step, heads, 0.1, k_scale=one)
     with pytest.raises(ValueError, match="k_scale must be a float32 tensor"):
-        tk.store_kv(k, v, key, key, slots, 0, torch.ones(1, dtype=torch.float16), torch.ones(1))
+        tk.store_kv(k, v, key, key, slots, heads, k_scale=torch.ones(1, dtype=torch.float16), v_scale=one)
     with pytest.raises(ValueError, match="are for float8 caches"):
-        tk.store_kv(k.float(), v.float(), key.float(), key.float(), slots, 0, torch.ones(1), torch.ones(1))
+        tk.store_kv(k.float(), v.float(), key.float(), key.float(), slots, heads, k_scale=one, v_scale=one)
     with pytest.raises(ValueError, match="needs k_scale"):
-        tk.local_attention(q, k, v, torch.zeros(4, 3, 2, 32), *meta, None, None, 0, 2, 4, 8, True, False, 0.1)
+        tk.local_attention(q, k, v, tails, step, heads, rule, 0.1)
     with pytest.raises(ValueError, match="needs v_scale"):
-        tk.write_block_tails(k, v, torch.zeros(4, 3, 2, 32), *meta, 0, 2, 4, torch.ones(1))
+        tk.write_block_tails(k, v, tails, step, heads, rule, k_scale=one)
     with pytest.raises(ValueError, match="are for float8 caches"):
-        tk.write_block_tails(
-            k.float(), v.float(), torch.zeros(4, 3, 2, 32), *meta, 0, 2, 4, torch.ones(1), torch.ones(1)
-        )
+        tk.write_block_tails(k.float(), v.float(), tails, step, heads, rule, k_scale=one, v_scale=one)
 
 
 def test_source_folder_is_not_a_top_level_package():
@@ -1169,14 +1026,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="run the Triton kernel checks in Triton's interpreter")
     parser.add_argument("--json", type=Path, required=True, help="where to write {check: {error, seconds}}")
     parser.add_argument("--only", default="", help="substring filter on check names")
+    parser.add_argument("--worker", default="0/1", help="i/n: run every n-th check from the i-th")
     args = parser.parse_args()
+    worker, workers = map(int, args.worker.split("/"))
     if os.environ.get("TRITON_INTERPRET") != "1" or "razor_vllm.triton_kernels" in sys.modules:
         raise SystemExit("run with TRITON_INTERPRET=1 set before the kernels are imported")
     _let_vllm_use_triton_on_cpu()
     _interpret_bf16_as_a_gpu_does()
+    _interpret_helper_calls_without_repatching()
     torch.set_num_threads(1)
     results = {}
-    for name in CPU_CHECKS:
+    for name in CPU_CHECKS[worker::workers]:
         if args.only not in name:
             continue
         start = time.perf_counter()
@@ -1211,6 +1071,44 @@ def _let_vllm_use_triton_on_cpu() -> None:
         import vllm.v1.attention.ops.triton_unified_attention  # noqa: F401  (decorated now)
     finally:
         del backends.backends["cpu"]
+
+
+def _interpret_helper_calls_without_repatching() -> None:
+    """Speed only. Triton 3.9's interpreter patches the triton.language modules a function sees (an
+    inspect.getmembers scan, several ms) at every launch, and again at every call of a @triton.jit
+    helper inside the kernel (``cache_row``, ``load_kv_tile``, ``tl.zeros``, ...), once per program,
+    although nothing undoes a patch before the launch ends: the better part of the interpreter checks'
+    time. Here a helper call patches only the modules not yet patched in the launch in progress (this
+    subprocess only); the kernels compute exactly as before."""
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    in_launch: dict[str, set] = {}  # "patched": the language modules patched in the launch in progress
+
+    @functools.cache
+    def lang_modules(fn) -> frozenset:  # as _patch_lang finds them
+        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+
+    def patch_once(fn):
+        modules = lang_modules(fn)
+        patched = in_launch.get("patched")
+        if patched is not None and modules <= patched:
+            return None  # a helper call inside the launch (the launch's own call always patches)
+        if patched is not None:
+            patched |= modules
+        return patch_lang(fn)
+
+    def launch_patching_once(self, *args, **kwargs):
+        in_launch["patched"] = set()
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            in_launch.pop("patched")
+
+    interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_once, launch_patching_once
 
 
 def _interpret_bf16_as_a_gpu_does() -> None:

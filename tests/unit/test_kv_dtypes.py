@@ -159,8 +159,9 @@ def test_store_kv_reference_path_builds_nothing_on_the_default_device():
 
 
 def test_dispatcher_hands_triton_the_step_and_the_scales(monkeypatch):
-    """ops.paged_attention gives the Triton kernel the step's max_query_len (it selects vLLM's
-    split-key decode path from it), and every Triton kernel the layer's fp8 scales; the CPU kernels
+    """ops hands the Triton kernels the contract's objects as they are (the very batch, whose
+    max_query_len selects vLLM's split-key decode path in paged_attention, tested in
+    tests/kernels/test_triton_kernels.py) and the layer's fp8 scales as keywords; the CPU kernels
     refuse scales (a clear error, never an fp8 cache read as if it were unscaled)."""
     from razor_vllm import ops
 
@@ -171,26 +172,20 @@ def test_dispatcher_hands_triton_the_step_and_the_scales(monkeypatch):
             return lambda *args, **kwargs: calls.append((kernel, args, kwargs))
 
     query, kv, tails, batch, heads, rule = _step()
+    k, v = kv[..., :16], kv[..., 16:]
     k_scale, v_scale = torch.tensor([0.5]), torch.tensor([0.25])
-    triton = ops._Unpacked(Recorder(), gpu=True)
-    triton.paged_attention(query, kv[..., :16], kv[..., 16:], batch, heads, 0.25, k_scale, v_scale)
-    triton.write_block_tails(kv[..., :16], kv[..., 16:], tails, batch, heads, rule, k_scale, v_scale)
-    triton.local_attention(query, kv[..., :16], kv[..., 16:], tails, batch, heads, rule, 0.25, k_scale, v_scale)
-    meta = (batch.block_table, batch.seq_lens, batch.query_start_loc)
-    scales = dict(k_scale=k_scale, v_scale=v_scale)
-    (_, args, kwargs), (_, tail_args, tail_kwargs), (_, local_args, local_kwargs) = calls
+    with monkeypatch.context() as patched:
+        patched.setattr(ops, "_choose", lambda *args: Recorder())  # what it chooses for CUDA tensors
+        ops.paged_attention(query, k, v, batch, heads, 0.25, k_scale, v_scale)
+        ops.write_block_tails(k, v, tails, batch, heads, rule, k_scale, v_scale)
+        ops.local_attention(query, k, v, tails, batch, heads, rule, 0.25, k_scale, v_scale)
     assert [kernel for kernel, _, _ in calls] == ["paged_attention", "write_block_tails", "local_attention"]
-    assert kwargs == dict(max_query_len=6, **scales)
-    assert tail_kwargs == scales and local_kwargs == scales
-
-    def same(got, want):  # the very tensors, then the plain values
-        return len(got) == len(want) and all(
-            g is w if isinstance(w, torch.Tensor) else g == w for g, w in zip(got, want)
-        )
-
-    assert same(args[3:], (*meta, 1, 2, 0.25))
-    assert same(tail_args[3:], (*meta, 1, 2, 2))
-    assert same(local_args[4:], (*meta, batch.prompt_lens, None, 1, 2, 2, 5, True, True, 0.25))
+    expected = [(query, k, v, batch, heads, 0.25), (k, v, tails, batch, heads, rule)]
+    expected.append((query, k, v, tails, batch, heads, rule, 0.25))
+    for (kernel, args, kwargs), want in zip(calls, expected):
+        assert kwargs == dict(k_scale=k_scale, v_scale=v_scale), kernel
+        assert len(args) == len(want) and all(got is w for got, w in zip(args[:-1], want[:-1])), kernel
+        assert args[-1] == want[-1], kernel
 
     for forced in ("reference", "cpp", ""):  # "": the CPU's own choice (C++ when built)
         if forced == "cpp" and ops.cpp is None:
