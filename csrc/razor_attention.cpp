@@ -6,6 +6,8 @@
 //                      this step (written once, never changed: a block is as cacheable as its tokens)
 //   local_attention    local heads: exact causal attention for prompt queries (exact prefill), else
 //                      sinks + window + one count-weighted compensation key/value from block tails
+//   store_kv           this step's keys and values into their slots of a pool (the layer's KV heads,
+//                      converted to the cache dtype); padding slots (-1) are skipped
 //
 // Work is split into tasks of (request, KV head, tile of queries): every key row read from the
 // cache is scored against all queries * g query rows of the tile (GQA), with an online softmax over
@@ -33,6 +35,7 @@ constexpr int64_t kTileRows = 4 * at::vec::Vectorized<float>::size();  // query 
 constexpr int64_t kLaneMinRows = 8;  // fewer rows than this (decode): one row at a time
 constexpr int64_t kKeyRun = 32;     // keys per online-softmax update
 constexpr int64_t kParallelMinCost = 1 << 14;  // row x key pairs (~20 us of work) worth waking threads for
+constexpr int64_t kParallelMinCopy = 1 << 18;  // elements store_kv copies per thread (~1 MiB of fp32, ~50 us)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // One half (key or value) of a pool cache: rows [block, head, slot] of D contiguous elements.
@@ -60,12 +63,39 @@ struct Span {
   int64_t p1() const { return p0 + q_len - 1; }
 };
 
-// Per-request int32/int64 tensor read as int64 on the CPU; null when absent.
-at::Tensor as_long(const std::optional<at::Tensor>& t, int64_t num_reqs, const char* name) {
-  if (!t.has_value()) return at::Tensor();
-  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t->dim() == 1 && t->numel() >= num_reqs, name, " must be [num_reqs], got ", t->sizes());
-  return t->to(at::kLong).contiguous();
+// An int32 or int64 CPU vector read in place (vLLM's metadata are int32, slot mappings int64): no
+// converted copy per layer and op. Other dtypes are converted once. Empty when absent.
+class IntRead {
+ public:
+  IntRead() = default;
+  IntRead(const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+    TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.sizes());
+    keep_ = t.scalar_type() == at::kInt || t.scalar_type() == at::kLong ? t : t.to(at::kLong);
+    wide_ = keep_.scalar_type() == at::kLong;
+    data_ = keep_.data_ptr();
+    stride_ = keep_.stride(0);
+    size_ = keep_.numel();
+  }
+  int64_t operator[](int64_t i) const {
+    return wide_ ? static_cast<const int64_t*>(data_)[i * stride_] : static_cast<const int32_t*>(data_)[i * stride_];
+  }
+  bool defined() const { return data_ != nullptr; }
+  int64_t size() const { return size_; }
+
+ private:
+  at::Tensor keep_;
+  const void* data_ = nullptr;
+  bool wide_ = false;
+  int64_t stride_ = 0, size_ = 0;
+};
+
+// A per-request vector of at least num_reqs entries; empty when absent.
+IntRead per_request(const std::optional<at::Tensor>& t, int64_t num_reqs, const char* name) {
+  if (!t.has_value()) return IntRead();
+  IntRead read(*t, name);
+  TORCH_CHECK(read.size() >= num_reqs, name, " must be [num_reqs], got ", t->sizes());
+  return read;
 }
 
 // Consecutive positions [pos, pos + n) stored in one physical block from `slot` on.
@@ -94,16 +124,13 @@ struct Batch {
     block_table = table.data_ptr<int32_t>();
     table_stride = table.stride(0);
 
-    const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
-    const at::Tensor starts = query_start_loc.to(at::kLong).contiguous();
-    const int64_t num_reqs = lens.numel();
-    TORCH_CHECK(starts.numel() == num_reqs + 1, "query_start_loc must have num_reqs + 1 entries, got ",
-                starts.numel(), " for ", num_reqs, " requests");
+    const IntRead len(seq_lens, "seq_lens"), start(query_start_loc, "query_start_loc");
+    const int64_t num_reqs = len.size();
+    TORCH_CHECK(start.size() == num_reqs + 1, "query_start_loc must have num_reqs + 1 entries, got ", start.size(),
+                " for ", num_reqs, " requests");
     TORCH_CHECK(table.size(0) >= num_reqs, "block_table has fewer rows than seq_lens");
-    const int64_t* len = lens.data_ptr<int64_t>();
-    const int64_t* start = starts.data_ptr<int64_t>();
-    const at::Tensor prompts = as_long(prompt_lens, num_reqs, "prompt_lens");
-    const at::Tensor wins = as_long(windows, num_reqs, "windows");
+    const IntRead prompts = per_request(prompt_lens, num_reqs, "prompt_lens");
+    const IntRead wins = per_request(windows, num_reqs, "windows");
     for (int64_t r = 0; r < num_reqs; ++r) {
       const int64_t q_len = start[r + 1] - start[r];
       if (q_len <= 0) continue;
@@ -111,10 +138,10 @@ struct Batch {
       TORCH_CHECK((len[r] + block_size - 1) / block_size <= table.size(1), "request ", r, ": seq_len ", len[r],
                   " needs more blocks than block_table has columns");
       const int64_t p0 = len[r] - q_len;
-      const int64_t w = wins.defined() ? wins.data_ptr<int64_t>()[r] : window;
+      const int64_t w = wins.defined() ? wins[r] : window;
       TORCH_CHECK(w >= 1, "request ", r, ": window ", w, " < 1");
       const int64_t split =
-          prompts.defined() ? std::clamp<int64_t>(prompts.data_ptr<int64_t>()[r] - p0, 0, q_len) : 0;
+          prompts.defined() ? std::clamp<int64_t>(prompts[r] - p0, 0, q_len) : 0;
       spans.push_back({r, start[r], q_len, p0, w, split});
     }
   }
@@ -589,6 +616,13 @@ int64_t check_query(const at::Tensor& query, const at::Tensor& key_cache, int64_
   return query.size(1) / num_kv_heads;
 }
 
+// Query rows as fp32 with each token's heads packed (stride(1) == D): a layer's slice of heads is
+// read in place, anything else converted once.
+at::Tensor float_query(const at::Tensor& query) {
+  if (query.scalar_type() == at::kFloat && query.stride(2) == 1 && query.stride(1) == query.size(2)) return query;
+  return query.to(at::kFloat).contiguous();
+}
+
 // The kernels write fp32; rows past the counted queries (batch padding) are zero.
 at::Tensor float_output(const at::Tensor& query, int64_t num_queries) {
   at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
@@ -608,7 +642,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const int64_t g = check_query(query, key_cache, num_kv_heads);
   const int64_t D = query.size(2), Hq = query.size(1);
   const Batch batch(block_table, seq_lens, query_start_loc, key_cache.size(2));
-  const at::Tensor q = query.to(at::kFloat).contiguous();
+  const at::Tensor q = float_query(query);
   at::Tensor out = float_output(query, batch.num_queries());
   const float* q_data = q.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
@@ -623,7 +657,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
       const int64_t first_row = sp.q_start + task.q_begin;
       const TileInputs<T> in{keys, values, batch, sp.req, head_offset + task.head, D, g,
                              (task.q_end - task.q_begin) * g, sp.p0 + task.q_begin, static_cast<float>(scale),
-                             q_data + first_row * Hq * D + task.head * g * D, Hq * D};
+                             q_data + first_row * q.stride(0) + task.head * g * D, q.stride(0)};
       with_tile(in, s, [&](auto& tile) {
         for (int64_t r = 0; r < in.rows; ++r) tile.set_row(r, kNegInf, 0.f, nullptr);
         tile.attend(0, sp.p0 + task.q_end, /*window=*/0);
@@ -647,7 +681,7 @@ at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache,
   check_tails(tails, key_cache);
   const Batch batch(block_table, seq_lens, query_start_loc, B, window,
                     exact_prefill ? prompt_lens : std::nullopt, windows);
-  const at::Tensor q = query.to(at::kFloat).contiguous();
+  const at::Tensor q = float_query(query);
   at::Tensor out = float_output(query, batch.num_queries());
   const float* q_data = q.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
@@ -666,7 +700,7 @@ at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache,
       const int64_t first_row = sp.q_start + task.q_begin;
       const int64_t t_first = sp.p0 + task.q_begin, t_last = sp.p0 + task.q_end - 1;
       const TileInputs<T> in{keys, values, batch, sp.req, pool_head, D, g, (task.q_end - task.q_begin) * g, t_first,
-                             static_cast<float>(scale), q_data + first_row * Hq * D + task.head * g * D, Hq * D};
+                             static_cast<float>(scale), q_data + first_row * q.stride(0) + task.head * g * D, q.stride(0)};
       with_tile(in, s, [&](auto& tile) {
         if (task.exact) {  // prompt queries: every position [0, t]
           for (int64_t r = 0; r < in.rows; ++r) tile.set_row(r, kNegInf, 0.f, nullptr);
@@ -743,6 +777,73 @@ void write_block_tails(const at::Tensor& key_cache, const at::Tensor& value_cach
   });
 }
 
+namespace {
+
+// One token's rows: the n selected heads of key/value (row i is key head kv_head(i)) into pool heads
+// [head_offset, head_offset + n) of one cache slot, converted to the cache dtype as torch's .to does
+// (through float, one rounding).
+template <typename Src, typename Dst>
+void copy_row(const Src* src, Dst* dst, int64_t D) {
+  if constexpr (std::is_same_v<Src, Dst>) {
+    std::memcpy(dst, src, D * sizeof(Dst));
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<Dst>(static_cast<float>(src[d]));
+  }
+}
+
+}  // namespace
+
+void store_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& key,
+              const at::Tensor& value, const at::Tensor& slot_mapping, int64_t head_offset,
+              const std::optional<at::Tensor>& kv_heads) {
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(), "key and value must be [num_tokens, heads, head_size] ",
+              "of one shape, got ", key.sizes(), " and ", value.sizes());
+  TORCH_CHECK(key.device().is_cpu() && value.device().is_cpu(), "key and value must be on the CPU");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value differ in dtype");
+  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1, "key and value rows (last dim) must be contiguous");
+  const IntRead heads = kv_heads.has_value() ? IntRead(*kv_heads, "kv_heads") : IntRead();
+  for (int64_t i = 0; i < heads.size(); ++i)
+    TORCH_CHECK(heads[i] >= 0 && heads[i] < key.size(1), "kv_heads[", i, "] = ", heads[i], " is outside key's ",
+                key.size(1), " heads");
+  const int64_t n = heads.defined() ? heads.size() : key.size(1);
+  check_cache_pair(key_cache, value_cache, head_offset, n);
+  const int64_t T = key.size(0), D = key.size(2), B = key_cache.size(2), num_slots = key_cache.size(0) * B;
+  TORCH_CHECK(D == key_cache.size(3), "key head_size ", D, " != cache head_size ", key_cache.size(3));
+  const IntRead slot(slot_mapping, "slot_mapping");
+  TORCH_CHECK(slot.size() >= T, "slot_mapping has ", slot.size(), " entries for ", T, " tokens");
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slot[t] < num_slots, "slot_mapping[", t, "] = ", slot[t], " is outside the pool's ", num_slots,
+                " slots");
+  dispatch_cache_dtype(key.scalar_type(), [&](auto src_tag) {
+    using Src = decltype(src_tag);
+    dispatch_cache_dtype(key_cache.scalar_type(), [&](auto dst_tag) {
+      using Dst = decltype(dst_tag);
+      const Src* k_in = key.data_ptr<Src>();
+      const Src* v_in = value.data_ptr<Src>();
+      Dst* k_out = key_cache.data_ptr<Dst>();
+      Dst* v_out = value_cache.data_ptr<Dst>();
+      const auto copy_tokens = [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          if (slot[t] < 0) continue;  // padding
+          const int64_t block = slot[t] / B, offset = slot[t] % B;
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t h = heads.defined() ? heads[i] : i;
+            const int64_t cache_at = block * key_cache.stride(0) + (head_offset + i) * key_cache.stride(1) +
+                                     offset * key_cache.stride(2);
+            const int64_t value_at = block * value_cache.stride(0) + (head_offset + i) * value_cache.stride(1) +
+                                     offset * value_cache.stride(2);
+            copy_row(k_in + t * key.stride(0) + h * key.stride(1), k_out + cache_at, D);
+            copy_row(v_in + t * value.stride(0) + h * value.stride(1), v_out + value_at, D);
+          }
+        }
+      };
+      // A decode step's rows are a few KiB: threads only for long prefill chunks.
+      const int64_t grain = std::max<int64_t>(1, kParallelMinCopy / std::max<int64_t>(1, 2 * n * D));
+      at::parallel_for(0, T, grain, copy_tokens);
+    });
+  });
+}
+
 }  // namespace razor
 
 TORCH_LIBRARY_FRAGMENT(razor_vllm, m) {
@@ -754,6 +855,9 @@ TORCH_LIBRARY_FRAGMENT(razor_vllm, m) {
       "Tensor seq_lens, Tensor query_start_loc, Tensor? prompt_lens, Tensor? windows, int head_offset, "
       "int num_kv_heads, int sink, int window, bool compensation, bool exact_prefill, float scale) -> Tensor");
   m.def(
+      "store_kv(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor key, Tensor value, Tensor slot_mapping, "
+      "int head_offset, Tensor? kv_heads=None) -> ()");
+  m.def(
       "write_block_tails(Tensor key_cache, Tensor value_cache, Tensor(a!) tails, Tensor block_table, "
       "Tensor seq_lens, Tensor query_start_loc, int head_offset, int num_kv_heads, int sink) -> ()");
 }
@@ -762,4 +866,5 @@ TORCH_LIBRARY_IMPL(razor_vllm, CPU, m) {
   m.impl("paged_attention", &razor::paged_attention);
   m.impl("local_attention", &razor::local_attention);
   m.impl("write_block_tails", &razor::write_block_tails);
+  m.impl("store_kv", &razor::store_kv);
 }

@@ -32,7 +32,6 @@ from razor_vllm.geometry import LocalGeometry
 from razor_vllm.layout import PoolLayout
 from razor_vllm.model_support import layer_reasons
 from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
-from razor_vllm.ops.cache import SlotIndex, write_kv
 from razor_vllm.pools import RazorLocalSpec, RazorPoolLayer
 
 
@@ -89,9 +88,6 @@ class RazorPoolMetadata:
     seq_lens: torch.Tensor  # [num_reqs] int32, including this step's tokens
     block_table: torch.Tensor  # [num_reqs, max_blocks] int32, this pool's block ids
     slot_mapping: torch.Tensor  # [num_actual_tokens] int64: this step's slots in this pool, -1 = padding
-    # The same slots as indices, built once per step for every layer's writes; None on GPU, where
-    # ``ops.store_kv`` reads ``slot_mapping`` on the device (no host sync, CUDA-graph safe).
-    slots: Optional[SlotIndex]
     batch: PagedBatch  # the kernels' view of the step (the same tensors as above)
 
 
@@ -147,9 +143,8 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
         geo = self.geometry
         if geo.compression_ratio is None:
             return prompt_lens, None
-        # max(S0, ceil(N / C)) on the host in float64, as geometry.request_window computes it.
-        windows = torch.ceil(host.to(torch.float64) / geo.compression_ratio).clamp_(min=geo.window)
-        self._windows[:num_reqs].copy_(windows.to(torch.int32))
+        windows = torch.tensor(geo.request_windows(host.tolist()), dtype=torch.int32)  # the paper's max(S0, N / C)
+        self._windows[:num_reqs].copy_(windows)
         return prompt_lens, self._windows[:num_reqs]
 
     def build(
@@ -158,7 +153,6 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
         slot_mapping = cm.slot_mapping[: cm.num_actual_tokens]
-        block_size = self.kv_cache_spec.block_size
         prompt_lens, windows = self.request_lengths(num_reqs)
         if self.geometry is None or not self.geometry.exact_prefill:
             prompt_lens = None  # only exact prefill reads them (the paper's window rule reads windows)
@@ -172,7 +166,6 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
             seq_lens=seq_lens,
             block_table=block_table,
             slot_mapping=slot_mapping,
-            slots=None if slot_mapping.is_cuda else SlotIndex.from_slot_mapping(slot_mapping, block_size),
             batch=PagedBatch(
                 block_table=block_table,
                 seq_lens=seq_lens,
@@ -232,14 +225,6 @@ class LayerPoolHeads:
     @property
     def offset(self) -> int:
         return self.pool.offset
-
-    def select_kv(self, x: torch.Tensor) -> torch.Tensor:
-        select = self.kv_select
-        if select is None:
-            return x
-        if isinstance(select, slice):
-            return x[:, select]
-        return x.index_select(1, select)
 
     def select_q(self, q: torch.Tensor) -> torch.Tensor:
         select = self.q_select
@@ -333,15 +318,19 @@ class RazorAttentionImpl(AttentionImpl):
         return output
 
     def _store(self, pool: RazorPoolLayer, md: RazorPoolMetadata, heads: LayerPoolHeads, key, value, scales):
-        """Write the layer's new K/V of ``heads`` into ``pool``; returns the pool's views."""
+        """Write the layer's new K/V of ``heads`` into ``pool``; returns the pool's views. The store
+        reads the layer's heads in place (``kv_select``) and skips padding slots itself."""
         views = pool.views
-        key, value = heads.select_kv(key), heads.select_kv(value)
-        if md.slots is None:
-            ops.store_kv(views.key_cache, views.value_cache, key, value, md.slot_mapping, heads.pool, *scales)
-        elif scales:
-            raise NotImplementedError("fp8 KV caches are served on CUDA only (razor_vllm/kv_dtypes.py)")
-        else:
-            write_kv(views.key_cache, views.value_cache, key, value, md.slots, heads.pool.offset)
+        ops.store_kv(
+            views.key_cache,
+            views.value_cache,
+            key,
+            value,
+            md.slot_mapping,
+            heads.pool,
+            *scales,
+            kv_select=heads.kv_select,
+        )
         return views
 
     def _retrieval(self, state, metadata, query, key, value, out, scales) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from razor_vllm.balance import kv_heads_per_rank
 from razor_vllm.layout import PoolLayout
@@ -74,6 +74,11 @@ class LocalGeometry:
         if self.compression_ratio is None:
             return self.window
         return max(self.window, math.ceil(prompt_len / self.compression_ratio))
+
+    def request_windows(self, prompt_lens: Iterable[int]) -> list[int]:
+        """``request_window`` of each prompt length: the metadata builder's per-step windows (a few
+        integer operations per live request, once per step and pool)."""
+        return [self.request_window(n) for n in prompt_lens]
 
     def max_window(self, max_model_len: int) -> int:
         """The largest window any request can get (the spec's sliding window)."""

@@ -1,8 +1,8 @@
 """Store this step's keys and values into a pool's paged cache, straight from vLLM's slot mapping.
 
-Unlike ``razor_vllm.ops.cache.SlotIndex`` (which drops padding rows on the host), the kernel reads
-``slot_mapping`` on the device and skips negative slots (vLLM's padding), so the launch depends on
-shapes only and can be captured in a CUDA graph. One program per token, all of its heads at once.
+Unlike ``razor_vllm.ops.cache.write_kv`` (the torch reference, which selects the valid rows on the
+host), the kernel reads ``slot_mapping`` on the device and skips negative slots (vLLM's padding), so
+the launch depends on shapes only and can be captured in a CUDA graph. One program per token, all of its heads at once.
 
 fp8 caches (vLLM's ``--kv-cache-dtype fp8/fp8_e4m3/fp8_e5m2``): pass float8 views of the pool and the
 layer's per-tensor ``k_scale``/``v_scale``; the kernel stores ``value / scale`` clamped to the format's

@@ -37,17 +37,17 @@ from __future__ import annotations
 import functools
 import os
 from types import SimpleNamespace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from razor_vllm.ops import reference
 from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
-from razor_vllm.ops.cache import SlotIndex, write_kv
+from razor_vllm.ops.cache import write_kv
 
 KERNELS_ENV = "RAZOR_VLLM_KERNELS"
 CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-KERNEL_NAMES = ("local_attention", "write_block_tails", "paged_attention")
+KERNEL_NAMES = ("local_attention", "write_block_tails", "paged_attention", "store_kv")
 
 
 def _load_cpp() -> Optional[SimpleNamespace]:
@@ -56,7 +56,7 @@ def _load_cpp() -> Optional[SimpleNamespace]:
     except ImportError:
         return None
     ops = torch.ops.razor_vllm
-    if not hasattr(ops, "write_block_tails"):  # an extension built before the block-tail contract
+    if not all(hasattr(ops, name) for name in KERNEL_NAMES):  # an extension built before one of them
         return None
     return SimpleNamespace(**{name: getattr(ops, name) for name in KERNEL_NAMES})
 
@@ -185,20 +185,41 @@ def store_kv(
     heads: PoolHeads,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
+    kv_select: Union[slice, torch.Tensor, None] = None,
 ) -> None:
     """Store key/value [T, heads.count, D] at pool heads [heads.offset, heads.offset + heads.count) of
     ``slot_mapping`` (block * block_size + offset in this pool, negative = padding).
 
-    On CUDA one Triton launch reads the mapping on the device (no host sync: CUDA-graph safe);
-    elsewhere, or when a kernel set is forced, ``cache.write_kv``. An fp8 cache (float8 views) needs
-    the layer's ``_k_scale``/``_v_scale`` (stored = value / scale; Triton only).
+    ``kv_select``: which of key/value's heads to store (a slice, or an int64 index tensor on their
+    device; None = all), so that a layer's heads in a pool need no gathered copy on the CPU.
+    On CUDA one Triton launch reads the mapping on the device (no host sync: CUDA-graph safe); on the
+    CPU the C++ op (threads only for long chunks); ``cache.write_kv`` where neither applies or when
+    ``RAZOR_VLLM_KERNELS=reference``. An fp8 cache (float8 views) needs the layer's
+    ``_k_scale``/``_v_scale`` (stored = value / scale; Triton only).
     """
-    if key_cache.is_cuda and not os.environ.get(KERNELS_ENV):
+    if isinstance(kv_select, slice):
+        key, value, kv_select = key[:, kv_select], value[:, kv_select], None
+    forced = os.environ.get(KERNELS_ENV)
+    if key_cache.is_cuda and not forced:
+        if kv_select is not None:
+            key, value = key.index_select(1, kv_select), value.index_select(1, kv_select)
         triton_kernels().store_kv(key_cache, value_cache, key, value, slot_mapping, heads, **_fp8(k_scale, v_scale))
-    else:
-        _refuse_scales("store_kv", k_scale, v_scale)
-        index = SlotIndex.from_slot_mapping(slot_mapping[: key.shape[0]], key_cache.shape[2])
-        write_kv(key_cache, value_cache, key, value, index, heads.offset)
+        return
+    _refuse_scales("store_kv", k_scale, v_scale)
+    use_cpp = (
+        cpp is not None
+        and key_cache.dtype in CPP_DTYPES
+        and key.dtype in CPP_DTYPES
+        and all(t.device.type == "cpu" and t.stride(-1) == 1 for t in (key_cache, value_cache, key, value))
+    )
+    if forced:
+        use_cpp = kernels(forced) is _CPP
+    if use_cpp:
+        cpp.store_kv(key_cache, value_cache, key, value, slot_mapping, heads.offset, kv_select)
+        return
+    if kv_select is not None:
+        key, value = key.index_select(1, kv_select), value.index_select(1, kv_select)
+    write_kv(key_cache, value_cache, key, value, slot_mapping, heads.offset)
 
 
 __all__ = [

@@ -1,30 +1,13 @@
-"""Writing this step's keys and values into a pool's paged cache."""
+"""Writing this step's keys and values into a pool's paged cache, in plain torch.
+
+The readable definition of ``store_kv`` and the implementation wherever no compiled one applies
+(``RAZOR_VLLM_KERNELS=reference``, or a dtype the C++ op does not take); CPU steps normally run the
+C++ ``store_kv`` and CUDA steps the Triton one, both checked against this.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
-
-
-@dataclass
-class SlotIndex:
-    """Where this step's new tokens go in one pool; computed once per step, shared by all layers."""
-
-    block: torch.Tensor  # [n] int64 physical block of each written token
-    offset: torch.Tensor  # [n] int64 slot inside the block
-    rows: Optional[torch.Tensor]  # token rows that are written; None = all rows
-
-    @classmethod
-    def from_slot_mapping(cls, slot_mapping: torch.Tensor, block_size: int) -> "SlotIndex":
-        slots = slot_mapping.long()
-        valid = slots >= 0  # vLLM marks padding tokens with -1
-        rows = None
-        if not bool(valid.all()):
-            rows = valid.nonzero().squeeze(1)
-            slots = slots[rows]
-        return cls(block=slots // block_size, offset=slots % block_size, rows=rows)
 
 
 def write_kv(
@@ -32,15 +15,18 @@ def write_kv(
     value_cache: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    index: SlotIndex,
+    slot_mapping: torch.Tensor,
     head_offset: int,
 ) -> None:
-    """Store key/value [T, n, D] at pool heads [head_offset, head_offset + n) of their slots.
+    """Store key/value [T, n, D] at pool heads [head_offset, head_offset + n) of their slots
+    (``slot_mapping[:T]``: block * block_size + offset, negative = padding, skipped).
 
     Caches are [num_blocks, pool_heads, block_size, D] strided views of the pool.
     """
-    if index.rows is not None:
-        key, value = key[index.rows], value[index.rows]
+    slots = slot_mapping[: key.shape[0]].long()
+    rows = (slots >= 0).nonzero().squeeze(1)
+    slots = slots[rows]
+    block, offset = slots // key_cache.shape[2], slots % key_cache.shape[2]
     heads = slice(head_offset, head_offset + key.shape[1])
-    key_cache[:, heads][index.block, :, index.offset] = key.to(key_cache.dtype)
-    value_cache[:, heads][index.block, :, index.offset] = value.to(value_cache.dtype)
+    key_cache[:, heads][block, :, offset] = key[rows].to(key_cache.dtype)
+    value_cache[:, heads][block, :, offset] = value[rows].to(value_cache.dtype)

@@ -5,6 +5,7 @@ entries, CUDA-graph padding; every block tail checked against the sums recompute
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from razor_vllm import ops
 from razor_vllm.ops import LocalRule, reference
+from razor_vllm.ops.cache import write_kv
 from razor_vllm.ops.dense import (
     dense_block_tail,
     dense_causal_attention,
@@ -416,6 +418,90 @@ def test_cpp_threads_do_not_change_results():
         full, _ = run_engine("cpp", case, torch.float32, data, schedule, False, random.Random(13))
         results[threads] = local + full + tails
     assert all(torch.equal(a, b) for a, b in zip(results[1], results[2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# store_kv: the C++ op against the torch reference (ops.cache.write_kv)
+
+CPP_ONLY = pytest.mark.skipif(ops.cpp is None, reason="razor_vllm._C is not built")
+STORE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def pool_cache(num_blocks: int, heads: int, block_size: int, head_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A pool cache as vLLM binds it: [num_blocks, heads, block_size, 2*D] over NaN pages padded past
+    the token slots (block stride > heads * block_size * 2D, as the local pool's page tails make it)."""
+    page = heads * block_size * 2 * head_size + 3 * 2 * head_size
+    pages = torch.full((num_blocks, page), math.nan, dtype=dtype)
+    return pages.as_strided(
+        (num_blocks, heads, block_size, 2 * head_size), (page, block_size * 2 * head_size, 2 * head_size, 1)
+    )
+
+
+def store_inputs(seed: int, dtype: torch.dtype, tokens: int = 70, layer_heads: int = 4, head_size: int = 40):
+    """Key/value rows as the model hands them: [T, layer_heads, D] views of one fused qkv row per token
+    (row stride past both), with random slots of a 9-block pool of block size 11 (many tokens per
+    block, crossing blocks, in no order) and a few -1 padding slots."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (2 * layer_heads + 3) * head_size, generator=gen).to(dtype)
+    key = qkv[:, 3 * head_size : (3 + layer_heads) * head_size].unflatten(1, (layer_heads, head_size))
+    value = qkv[:, (3 + layer_heads) * head_size :].unflatten(1, (layer_heads, head_size))
+    slots = torch.randperm(9 * 11, generator=gen)[:tokens]
+    slots[torch.randperm(tokens, generator=gen)[:5]] = -1
+    return key, value, slots
+
+
+@CPP_ONLY
+@pytest.mark.parametrize("cache_dtype", STORE_DTYPES)
+@pytest.mark.parametrize("key_dtype", STORE_DTYPES)
+@pytest.mark.parametrize("select", ["all", "slice", "index"])
+def test_cpp_store_kv_matches_reference(cache_dtype, key_dtype, select):
+    """Bit-exact against write_kv (padding skipped, every other slot untouched: NaN), for every pair of
+    dtypes (the conversion rounds once, as torch's .to does), with the layer's heads taken in place:
+    all of them, a contiguous slice (strided key), or an index tensor (heads 3 and 1, out of order)."""
+    key, value, slots = store_inputs(7, key_dtype)
+    kv_select = {"all": None, "slice": slice(1, 3), "index": torch.tensor([3, 1])}[select]
+    picked = {"all": [0, 1, 2, 3], "slice": [1, 2], "index": [3, 1]}[select]
+    got, expected = pool_cache(9, 6, 11, 40, cache_dtype), pool_cache(9, 6, 11, 40, cache_dtype)
+    ops.store_kv(got[..., :40], got[..., 40:], key, value, slots, ops.PoolHeads(1, len(picked)), kv_select=kv_select)
+    write_kv(expected[..., :40], expected[..., 40:], key[:, picked], value[:, picked], slots, 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    # and by hand: every stored row where its slot says, the other heads and slots untouched
+    written = 0
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            block, offset = divmod(slot, 11)
+            rows = got[block, 1 : 1 + len(picked), offset]
+            assert torch.equal(rows[:, :40], key[t, picked].to(cache_dtype)), t
+            assert torch.equal(rows[:, 40:], value[t, picked].to(cache_dtype)), t
+            written += len(picked)
+    assert written == 65 * len(picked) and int((~got.isnan()).all(-1).sum()) == written
+
+
+@CPP_ONLY
+def test_cpp_store_kv_threads_and_checks():
+    """A chunk long enough to copy on every thread stores what one thread stores; slots past the pool
+    and mismatched shapes stop with a message instead of writing out of bounds."""
+    gen = torch.Generator().manual_seed(9)
+    key, value = torch.randn(3000, 3, 64, generator=gen), torch.randn(3000, 3, 64, generator=gen)
+    slots = torch.randperm(200 * 16, generator=gen)[:3000]
+    slots[::7] = -1
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        cache = pool_cache(200, 3, 16, 64, torch.bfloat16)
+        ops.cpp.store_kv(cache[..., :64], cache[..., 64:], key, value, slots, 0, None)
+        results.append(cache)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0, equal_nan=True)
+    cache = pool_cache(2, 3, 16, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        ops.cpp.store_kv(cache[..., :64], cache[..., 64:], key[:2], value[:2], torch.tensor([0, 32]), 0, None)
+    with pytest.raises(RuntimeError, match="outside the pool's 3 heads"):
+        ops.cpp.store_kv(cache[..., :64], cache[..., 64:], key[:2], value[:2], torch.tensor([0, 1]), 1, None)
+    with pytest.raises(RuntimeError, match="kv_heads"):
+        ops.cpp.store_kv(
+            cache[..., :64], cache[..., 64:], key[:2], value[:2], torch.tensor([0, 1]), 0, torch.tensor([3])
+        )
+    assert cache.isnan().all()
 
 
 # ---------------------------------------------------------------------------------------------

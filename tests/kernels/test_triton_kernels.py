@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from razor_vllm.ops import LocalRule, PagedBatch, PoolHeads, reference
-from razor_vllm.ops.cache import SlotIndex, write_kv
+from razor_vllm.ops.cache import write_kv
 
 from kernel_sim import (
     POISON,
@@ -577,7 +577,7 @@ def store_kv_matches_write_kv(device: str) -> None:
         key, value = torch.randn(14, 3, 40, generator=gen), torch.randn(14, 3, 40, generator=gen)
         slots = torch.randperm(9 * 11, generator=gen)[:14]
         slots[[0, 5, 13]] = -1
-        write_kv(expected[..., :40], expected[..., 40:], key, value, SlotIndex.from_slot_mapping(slots, 11), 2)
+        write_kv(expected[..., :40], expected[..., 40:], key, value, slots, 2)
         kv = kv.to(device)
         tk.store_kv(kv[..., :40], kv[..., 40:], key.to(device), value.to(device), slots.to(device), PoolHeads(2, 3))
         torch.testing.assert_close(kv.cpu(), expected, rtol=0, atol=0, equal_nan=True)
@@ -997,7 +997,7 @@ def test_source_folder_is_not_a_top_level_package():
 
 
 def test_store_kv_dispatch_on_cpu_matches_write_kv():
-    """ops.store_kv takes vLLM's slot mapping on every device; on CPU it is cache.write_kv."""
+    """ops.store_kv takes vLLM's slot mapping on every device; on CPU it stores what cache.write_kv does."""
     from razor_vllm import ops
 
     gen = torch.Generator().manual_seed(3)
@@ -1005,7 +1005,7 @@ def test_store_kv_dispatch_on_cpu_matches_write_kv():
     key, value = torch.randn(6, 2, 8, generator=gen), torch.randn(6, 2, 8, generator=gen)
     slots = torch.tensor([3, -1, 20, 0, 34, -1])
     ops.store_kv(kv[..., :8], kv[..., 8:], key, value, slots, ops.PoolHeads(1, 2))
-    write_kv(expected[..., :8], expected[..., 8:], key, value, SlotIndex.from_slot_mapping(slots, 7), 1)
+    write_kv(expected[..., :8], expected[..., 8:], key, value, slots, 1)
     assert torch.equal(kv, expected) and kv[0, 1:3, 3, :8].equal(key[0])
 
 

@@ -107,6 +107,8 @@ def test_paper_window_rule():
     for prompt in (1, 24 * 8 - 1, 24 * 8, 24 * 8 + 1, 1000, 1001, 4096):
         assert geo.request_window(prompt) == max(24, -(-prompt // 8))  # N / C rounded up, never below S0
     assert geo.max_window(4096) == 512
+    prompts = [1, 24 * 8, 24 * 8 + 1, 1001, 4096]
+    assert geo.request_windows(prompts) == [24, 24, 25, 126, 512]  # the builder's per-step windows
     fixed = LocalGeometry(sink=4, window=24, block_size=16)
     assert fixed.request_window(10**6) == fixed.max_window(10**6) == 24
 

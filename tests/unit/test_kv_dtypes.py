@@ -144,13 +144,13 @@ def test_the_meta_default_device_catches_host_tensors():
 
 def test_store_kv_reference_path_builds_nothing_on_the_default_device():
     """ops.store_kv's non-Triton path (cache.write_kv, used with RAZOR_VLLM_KERNELS=reference on a GPU)."""
-    from razor_vllm.ops.cache import SlotIndex, write_kv
+    from razor_vllm.ops.cache import write_kv
 
     kv = torch.zeros(3, 2, 4, 16)
     key, value = torch.randn(3, 1, 8), torch.randn(3, 1, 8)
     slots = torch.tensor([5, -1, 2])
     with torch.device("meta"):
-        write_kv(kv[..., :8], kv[..., 8:], key, value, SlotIndex.from_slot_mapping(slots, 4), 1)
+        write_kv(kv[..., :8], kv[..., 8:], key, value, slots, 1)
     assert torch.equal(kv[1, 1, 1, :8], key[0, 0]) and torch.equal(kv[0, 1, 2, 8:], value[2, 0])
 
 
