@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from razor_vllm.bench import analytic, report, synthetic
-from razor_vllm.common import runinfo
+from razor_vllm.common import runinfo, tables
 from razor_vllm.config import ProfileError
 
 PROG = "razor-vllm bench"
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help=f"synthetic models: share of KV heads drawn (seeded) as retrieval heads (default: {SYNTHETIC_SHARE})",
     )
-    model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
+    runinfo.add_profile_option(model)
     model.add_argument("--window", type=int, help="razor window W (default: the profile's)")
     model.add_argument("--sink", type=int, help="razor sink S (default: the profile's)")
     model.add_argument(
@@ -197,10 +197,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "rich", "plain", "markdown"],
+        choices=tables.FORMATS,
         help="table style (default: rich when installed)",
     )
-    out.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs (default: errors only)")
+    runinfo.add_verbose_option(out)
 
 
 # --------------------------------------------------------------------------------------------------

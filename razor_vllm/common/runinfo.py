@@ -160,6 +160,16 @@ def quiet_vllm(verbose: bool) -> Iterator[None]:
         os.environ.pop("VLLM_LOGGING_LEVEL", None)
 
 
+def add_profile_option(group: Any) -> None:
+    """``--profile`` as :func:`model_and_profile` reads it."""
+    group.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
+
+
+def add_verbose_option(group: Any) -> None:
+    """``--verbose``, read by :func:`quiet_unless_verbose`."""
+    group.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs (default: errors only)")
+
+
 def quiet_unless_verbose(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """A command's ``run`` with vLLM's logs at ERROR unless ``--verbose`` (:func:`quiet_vllm`)."""
 

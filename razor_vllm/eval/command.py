@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from razor_vllm.common import runinfo
+from razor_vllm.common import runinfo, tables
 from razor_vllm.config import ProfileError
 
 PROG = "razor-vllm eval"
@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model", default="default", help="Hugging Face checkpoint dir ('default': the embedded SmolLM2-135M-Instruct)"
     )
-    model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
+    runinfo.add_profile_option(model)
     model.add_argument("--window", type=int, help="window W of local heads (default: the profile's)")
     model.add_argument("--sink", type=int, help="sink S of local heads (default: the profile's)")
     model.add_argument("--no-compensation", action="store_true", help="razor/streaming without the compensation token")
@@ -184,9 +184,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=DEFAULT_OUT, metavar="JSON", help=f"results file (default: {DEFAULT_OUT})")
     out.add_argument("--plot-dir", metavar="DIR", help="write heatmap.png and budget.png there (needs matplotlib)")
-    out.add_argument("--format", default="auto", choices=["auto", "rich", "plain", "markdown"])
+    out.add_argument("--format", default="auto", choices=tables.FORMATS)
     out.add_argument("--keep-logprobs", action="store_true", help="keep the teacher-forced log-prob files")
-    out.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs (default: errors only)")
+    runinfo.add_verbose_option(out)
 
 
 @runinfo.quiet_unless_verbose
