@@ -1,8 +1,8 @@
 """What razor can serve: the one capability check, decided before any engine process starts.
 
 Razor splits a decoder's per-head K/V cache into retrieval heads (full cache) and local heads
-(sinks + window + compensation). Everything razor refuses is decided here, and the three places
-vLLM gives us a say call in:
+(sinks + window + compensation). What razor refuses for a model or an engine is decided here, and
+the two places vLLM gives us a say before any engine process call in:
 
 - ``check_servable`` (from ``vllm_compat.prepare_razor_config``, in the API process before the
   profile is looked up): the model (MLA, encoder-only, ALiBi, ...) and engine features whose
