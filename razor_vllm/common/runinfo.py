@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from razor_vllm.common.tables import Table, render, write_json
+from razor_vllm.common import tables
 from razor_vllm.config import ProfileError
 
 
@@ -203,9 +203,9 @@ def finish_meta(meta: dict[str, Any]) -> None:
     meta.update(finished=now(), load_average_end=loadavg())
 
 
-def write_results(results: dict[str, Any], tabs: Sequence[Table], fmt: str, path: Path) -> Path:
+def write_results(results: dict[str, Any], tabs: Sequence[tables.Table], fmt: str, path: Path) -> Path:
     """Print the tables (``tables.render`` in ``fmt``), write ``results`` as JSON to ``path`` and say where."""
-    render(tabs, fmt)
-    written = write_json(results, path)
+    tables.render(tabs, fmt)
+    written = tables.write_json(results, path)
     print(f"wrote {written}", file=sys.stderr)
     return written
