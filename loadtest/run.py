@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 from loadtest import summary
 from loadtest.workload import CHAT_QUESTIONS, default_ranges, parse_token_range
-from razor_vllm.common import runinfo
+from razor_vllm.common import runinfo, tables
 from razor_vllm.serve import harness as srv
 
 PROG = "python -m loadtest"
@@ -144,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "rich", "plain", "markdown"],
+        choices=tables.FORMATS,
         help="table style (default: rich when installed)",
     )
 

@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 
 from loadtest.run import parse_duration, say
 from loadtest.workload import CHAT_QUESTIONS, PASSKEY_MAX_TOKENS, passkey_prompt
-from razor_vllm.common import runinfo
+from razor_vllm.common import runinfo, tables
 from razor_vllm.serve import harness as srv
 
 PROG = "python -m loadtest.soak"
@@ -258,7 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--window", type=int, help="razor window W (default: the profile's)")
     parser.add_argument("--out", default="out/soak", help="output directory (default: out/soak)")
-    parser.add_argument("--format", default="auto", choices=["auto", "rich", "plain", "markdown"])
+    parser.add_argument("--format", default="auto", choices=tables.FORMATS)
 
 
 def server_args(args: argparse.Namespace, served_name: str) -> list[str]:
@@ -367,8 +367,6 @@ def checks(result: dict[str, Any]) -> list[tuple[str, bool]]:
 
 
 def report_tables(args: argparse.Namespace, result: dict[str, Any]):
-    from razor_vllm.common.tables import Table
-
     stats, server = result.get("stats", {}), result.get("server", {})
     finished = server.get("finished", {})
     figures = [
@@ -398,14 +396,12 @@ def report_tables(args: argparse.Namespace, result: dict[str, Any]):
         ("idle after", json.dumps(result.get("idle"))),
     ]
     return [
-        Table("Soak (razor)", ["", "value"], [[k, str(v)] for k, v in figures]),
-        Table("Checks", ["check", "result"], [[name, "ok" if ok else "FAILED"] for name, ok in checks(result)]),
+        tables.Table("Soak (razor)", ["", "value"], [[k, str(v)] for k, v in figures]),
+        tables.Table("Checks", ["check", "result"], [[name, "ok" if ok else "FAILED"] for name, ok in checks(result)]),
     ]
 
 
 def run(args: argparse.Namespace) -> int:
-    from razor_vllm.common.tables import render, write_json
-
     if not 0.0 <= args.cancel_share < 1.0 or args.streams < 1:
         print(f"{PROG}: error: need --streams >= 1 and 0 <= --cancel-share < 1", file=sys.stderr)
         return 2
@@ -429,11 +425,10 @@ def run(args: argparse.Namespace) -> int:
         ) as server:
             say(f"razor server up at {server.url}")
             result = run_soak(args, server.url, served_name, alive=server.alive)
-    meta["finished"] = runinfo.now()
-    meta["load_average_end"] = runinfo.loadavg()
+    runinfo.finish_meta(meta)
     result = {"meta": meta, **result, "checks": dict(checks(result))}
-    render(report_tables(args, result), args.format)
-    path = write_json(result, out / "soak.json")
+    tables.render(report_tables(args, result), args.format)
+    path = tables.write_json(result, out / "soak.json")
     say(f"wrote {path}")
     return 0 if all(result["checks"].values()) else 1
 

@@ -12,7 +12,7 @@ attached: ``pools.py``, ``install.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 from vllm.forward_context import get_forward_context
@@ -30,7 +30,6 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from razor_vllm import kv_dtypes, ops
 from razor_vllm.geometry import LocalGeometry
 from razor_vllm.layout import PoolLayout
-from razor_vllm.model_support import layer_reasons
 from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
 from razor_vllm.pools import RazorLocalSpec, RazorPoolLayer
 
@@ -257,6 +256,25 @@ class LayerRazorState:
     # the cache vLLM binds to them. None: no such pool on this rank.
     retrieval_pool: Optional[RazorPoolLayer]
     local_pool: Optional[RazorPoolLayer]
+
+
+def layer_reasons(
+    alibi_slopes: Any, sliding_window: Any, logits_soft_cap: Any, attn_type: str, kv_sharing_target_layer_name: Any
+) -> list[str]:
+    """What one attention layer asks of the impl that the razor kernels do not do (the model-level
+    check, before any engine starts, is ``model_support.py``'s)."""
+    reasons = []
+    if alibi_slopes is not None:
+        reasons.append("ALiBi")
+    if sliding_window is not None:
+        reasons.append("a model sliding window")
+    if logits_soft_cap:
+        reasons.append("logits soft-capping")
+    if attn_type != AttentionType.DECODER:
+        reasons.append(f"attention type {attn_type}")
+    if kv_sharing_target_layer_name is not None:
+        reasons.append("cross-layer KV sharing")
+    return reasons
 
 
 class RazorAttentionImpl(AttentionImpl):

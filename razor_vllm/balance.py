@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from razor_vllm.layout import shard_kv_heads
+from razor_vllm.layout import PoolLayout, plan_layout, shard_kv_heads
 
 BALANCE_MODES = ("promote", "pad")
 
@@ -131,6 +131,26 @@ class ScaleoutPlan:
 
     def rank(self, stage: int, tp_rank: int) -> RankHeads:
         return self.ranks[stage * self.tp_size + tp_rank]
+
+    def rank_layout(
+        self,
+        rank: RankHeads,
+        local_block_size: int,
+        dtype_size: int,
+        default_block_size: int = 128,
+        hash_aligned: bool = False,
+    ) -> PoolLayout:
+        """``rank``'s pool layout, sized for the heaviest rank (``pool_heads``): the one call the
+        workers (install.py), the status route and the bench make, so that all three plan the same pools."""
+        return plan_layout(
+            rank.heads,
+            rank.kv_heads,
+            local_block_size,
+            dtype_size,
+            default_block_size=default_block_size,
+            hash_aligned=hash_aligned,
+            pool_heads=self.pool_heads,
+        )
 
     @property
     def balanced(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional
 
 
@@ -43,51 +44,37 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     path.set_defaults(func=_model_path)
 
 
-def _add_profile_command(sub: argparse._SubParsersAction) -> None:
-    from razor_vllm.profile import command
-
-    profile = sub.add_parser(
-        "profile",
-        help="find a model's retrieval heads and write its head profile (YAML)",
-        description=command.__doc__,
-    )
-    command.add_arguments(profile)
-    profile.set_defaults(func=command.run)
-
-
-def _add_bench_command(sub: argparse._SubParsersAction) -> None:
-    from razor_vllm.bench import command
-
-    bench = sub.add_parser(
-        "bench",
-        help="razor vs stock: KV bytes per token/request, max concurrency, prefill/decode throughput",
-        description=command.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    command.add_arguments(bench)
-    bench.set_defaults(func=command.run)
-
-
-def _add_eval_command(sub: argparse._SubParsersAction) -> None:
-    from razor_vllm.eval import command
-
-    evaluate = sub.add_parser(
-        "eval",
-        help="razor vs full cache vs StreamingLLM through vLLM: long-context tasks, fidelity, plots",
-        description=command.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    command.add_arguments(evaluate)
-    evaluate.set_defaults(func=command.run)
+def _add_tool_command(
+    sub: argparse._SubParsersAction, name: str, command: ModuleType, help: str, raw_description: bool = True
+) -> None:
+    """``razor-vllm NAME``: ``command`` (a ``razor_vllm.*.command`` module) declares its arguments and runs."""
+    extra = dict(formatter_class=argparse.RawDescriptionHelpFormatter) if raw_description else {}
+    parser = sub.add_parser(name, help=help, description=command.__doc__, **extra)
+    command.add_arguments(parser)
+    parser.set_defaults(func=command.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from razor_vllm.bench import command as bench
+    from razor_vllm.eval import command as evaluate
+    from razor_vllm.profile import command as profile
+
     parser = argparse.ArgumentParser(prog="razor-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
-    _add_profile_command(sub)
-    _add_bench_command(sub)
-    _add_eval_command(sub)
+    _add_tool_command(
+        sub,
+        "profile",
+        profile,
+        "find a model's retrieval heads and write its head profile (YAML)",
+        raw_description=False,
+    )
+    _add_tool_command(
+        sub, "bench", bench, "razor vs stock: KV bytes per token/request, max concurrency, prefill/decode throughput"
+    )
+    _add_tool_command(
+        sub, "eval", evaluate, "razor vs full cache vs StreamingLLM through vLLM: long-context tasks, fidelity, plots"
+    )
     return parser
 
 

@@ -19,7 +19,7 @@ from razor_vllm.backend import LayerPoolHeads, LayerRazorState, RazorAttentionBa
 from razor_vllm.balance import ScaleoutPlan, plan_for_resolved
 from razor_vllm.config import ModelFingerprint
 from razor_vllm.geometry import PoolGeometry
-from razor_vllm.layout import PoolLayout, plan_layout
+from razor_vllm.layout import PoolLayout
 from razor_vllm.ops.api import LocalRule
 from razor_vllm.options import ResolvedRazorConfig, resolve_for_vllm_config
 from razor_vllm.pools import RazorPoolLayer, build_specs, pool_names
@@ -73,14 +73,12 @@ def install_pools(vllm_config: VllmConfig, device: Union[torch.device, str, None
             f"razor expected {mine.kv_heads} KV heads per rank, the model's layers have {first.num_kv_heads}"
         )
     dtype = first.kv_cache_torch_dtype
-    layout = plan_layout(
-        mine.heads,
-        mine.kv_heads,
+    layout = plan.rank_layout(
+        mine,
         resolved.local_block_size,
         torch.tensor([], dtype=dtype).element_size(),
         default_block_size=vllm_config.cache_config.block_size,
         hash_aligned=bool(vllm_config.cache_config.enable_prefix_caching),
-        pool_heads=plan.pool_heads,
     )
     retrieval_spec, local_spec = build_specs(
         layout,

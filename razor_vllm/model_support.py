@@ -1,19 +1,20 @@
 """What razor can serve: the one capability check, decided before any engine process starts.
 
 Razor splits a decoder's per-head K/V cache into retrieval heads (full cache) and local heads
-(sinks + window + compensation). Everything razor refuses is decided here, and the three places
-vLLM gives us a say call in:
+(sinks + window + compensation). What razor refuses for a model or an engine is decided here, and
+the two places vLLM gives us a say before any engine process call in:
 
 - ``check_servable`` (from ``vllm_compat.prepare_razor_config``, in the API process before the
   profile is looked up): the model (MLA, encoder-only, ALiBi, ...) and engine features whose
   semantics the pools would silently break (speculative decoding, KV connectors and offloading,
   sleep mode, context parallelism, ...), each reason naming its option, all in one message;
-- ``selector_reasons`` (vLLM's backend selection, ``vllm_compat._select_backend``);
-- ``layer_reasons`` (``RazorAttentionImpl.__init__``, per layer, for models built outside that path).
+- ``selector_reasons`` (vLLM's backend selection, ``vllm_compat._select_backend``).
 
 The backend class's declared capabilities (attention types, MLA, sliding window, dtypes, KV-cache
 dtypes) decide where it declares them, so a backend that gains a capability (e.g. fp8 KV caches on
-GPU) is served without editing this module.
+GPU) is served without editing this module. The dependency runs one way, this module reads
+``backend.py``: the impl's own per-layer refusal (``backend.layer_reasons``, for models built
+outside vLLM's selection path) sits with the impl, as in vLLM's backends.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from vllm.v1.attention.backend import AttentionType
+
+from razor_vllm.backend import RazorAttentionBackend
 
 # vLLM's ModelConfig.attn_type -> (the layers' AttentionType, if any; why razor cannot serve it).
 _MODEL_ATTENTION_KINDS = {
@@ -46,8 +49,7 @@ def _dtype_name(dtype: Any) -> str:
 
 def unsupported_reasons(vllm_config: Any) -> list[str]:
     """Every reason razor cannot serve ``vllm_config``'s model; empty when it can."""
-    from razor_vllm.backend import RazorAttentionBackend as backend
-
+    backend = RazorAttentionBackend
     model_config = vllm_config.model_config
     text_config = model_config.hf_text_config
     reasons: list[str] = []
@@ -139,28 +141,8 @@ def engine_feature_reasons(vllm_config: Any) -> list[str]:
 
 def selector_reasons(attn_selector_config: Any) -> list[str]:
     """Why vLLM's attention selector may not pick razor for a layer (the backend's declared capabilities)."""
-    from razor_vllm.backend import RazorAttentionBackend
-
     reasons = RazorAttentionBackend.validate_configuration(device_capability=None, **attn_selector_config._asdict())
     return [r for r in reasons if r != "compute capability not supported"]  # razor runs on any device
-
-
-def layer_reasons(
-    alibi_slopes: Any, sliding_window: Any, logits_soft_cap: Any, attn_type: str, kv_sharing_target_layer_name: Any
-) -> list[str]:
-    """What one attention layer asks of the impl that the razor kernels do not do."""
-    reasons = []
-    if alibi_slopes is not None:
-        reasons.append("ALiBi")
-    if sliding_window is not None:
-        reasons.append("a model sliding window")
-    if logits_soft_cap:
-        reasons.append("logits soft-capping")
-    if attn_type != AttentionType.DECODER:
-        reasons.append(f"attention type {attn_type}")
-    if kv_sharing_target_layer_name is not None:
-        reasons.append("cross-layer KV sharing")
-    return reasons
 
 
 def check_servable(vllm_config: Any) -> None:

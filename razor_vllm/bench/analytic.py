@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 from razor_vllm.balance import ScaleoutPlan, plan_scaleout, profile_ratios, promotion_priority, resolve_mode
 from razor_vllm.config import ModelFingerprint, RazorProfile
 from razor_vllm.geometry import LocalGeometry, PoolGeometry, StockGeometry, head_token_bytes
-from razor_vllm.layout import PoolLayout, plan_layout
+from razor_vllm.layout import PoolLayout
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 STOCK_BLOCK_SIZE = 128  # vLLM's CPU default; the engine section reads the real value
@@ -109,7 +109,7 @@ class KVGeometry:
         retrieval block follows it, as ``install_pools`` plans it)."""
         if block_size == self.stock_block_size:
             return self
-        layout = _rank_layout(self.plan, self.layout.local_block_size, self.dtype_bytes, block_size)
+        layout = self.plan.rank_layout(self.plan.ranks[0], self.layout.local_block_size, self.dtype_bytes, block_size)
         return replace(self, stock_block_size=block_size, layout=layout)
 
     @property
@@ -200,23 +200,10 @@ def geometry(
         window=profile.window if window is None else window,
         sink=profile.sink if sink is None else sink,
         stock_block_size=stock_block_size,
-        layout=_rank_layout(plan, local_block_size, DTYPE_BYTES[dtype], stock_block_size),
+        layout=plan.rank_layout(plan.ranks[0], local_block_size, DTYPE_BYTES[dtype], stock_block_size),
         exact_prefill=exact_prefill,
         compression_ratio=compression_ratio,
         plan=plan,
-    )
-
-
-def _rank_layout(plan: ScaleoutPlan, local_block_size: int, dtype_bytes: int, block_size: int) -> PoolLayout:
-    """Rank 0's layout sized for the heaviest rank: every rank's pools have this shape (install.py)."""
-    first = plan.ranks[0]
-    return plan_layout(
-        first.heads,
-        first.kv_heads,
-        local_block_size,
-        dtype_bytes,
-        default_block_size=block_size,
-        pool_heads=plan.pool_heads,
     )
 
 

@@ -20,10 +20,9 @@ Three parts, one table each (printed) and one section each in the JSON file:
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from razor_vllm.bench import analytic, report, synthetic
 from razor_vllm.common import runinfo, tables
@@ -70,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help=f"synthetic models: share of KV heads drawn (seeded) as retrieval heads (default: {SYNTHETIC_SHARE})",
     )
-    model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
+    runinfo.add_profile_option(model)
     model.add_argument("--window", type=int, help="razor window W (default: the profile's)")
     model.add_argument("--sink", type=int, help="razor sink S (default: the profile's)")
     model.add_argument(
@@ -198,30 +197,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "rich", "plain", "markdown"],
+        choices=tables.FORMATS,
         help="table style (default: rich when installed)",
     )
-    out.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs (default: errors only)")
+    runinfo.add_verbose_option(out)
 
 
 # --------------------------------------------------------------------------------------------------
+@runinfo.quiet_unless_verbose
 def run(args: argparse.Namespace) -> int:
-    with runinfo.quiet_vllm(args.verbose):
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     preset = QUICK if args.quick else FULL
     contexts = args.contexts or preset["contexts"]
     tp_contexts = args.throughput_contexts or preset["tp_contexts"]
     batches = args.batches or preset["batches"]
     decode_tokens = args.decode_tokens or preset["decode_tokens"]
     kv_fixed = _kv_fixed(args)
-    if (args.window is not None and args.window < 1) or (args.sink is not None and args.sink < 0):
-        print(f"{PROG}: error: need --window >= 1 and --sink >= 0", file=sys.stderr)
-        return 2
     args.load_format = args.synthetic = None
     try:
+        runinfo.check_window_sink(args.window, args.sink)
         if args.stock_backend:
             _check_stock_backend(args.stock_backend)
         if synthetic.is_synthetic(args.model):
@@ -266,12 +259,8 @@ def _run(args: argparse.Namespace) -> int:
             results["analytic"] = analytic.analytic_report(
                 geo, contexts, seen["in_flight"], kv_for, **_paper_ratio(args)
             )
-    results["meta"]["finished"] = runinfo.now()
-    results["meta"]["load_average_end"] = runinfo.loadavg()
-
-    tables.render(report.tables(results), args.format)
-    path = tables.write_json(results, Path(args.out))
-    print(f"wrote {path}", file=sys.stderr)
+    runinfo.finish_meta(results["meta"])
+    runinfo.write_results(results, report.tables(results), args.format, Path(args.out))
     if args.plot:
         png = report.plot(results, Path(args.plot))
         print(
@@ -304,7 +293,7 @@ def _prepare_synthetic(args: argparse.Namespace) -> None:
         )
     if synthetic.is_bundled(args.model):
         args.retrieval_share = None  # the bundled profile's heads, not a drawn share
-    command = "razor-vllm bench " + shlex.join(runinfo.subcommand_argv(args, "bench"))
+    command = runinfo.command_line(args, "bench")
     model_dir, profile_path = synthetic.prepare(args.model, args.retrieval_share, args.seed, sink, window, command)
     args.synthetic, args.model, args.profile, args.load_format = args.model, str(model_dir), str(profile_path), "dummy"
 
@@ -346,6 +335,31 @@ def _engine_kwargs(args, model_dir: Path, dtype: str, backend: str, **overrides)
         kwargs.update(attention_backend="razor", additional_config={"razor": razor})
     kwargs.update(overrides)
     return kwargs
+
+
+def _each_backend(
+    what: str, args, model_dir: Path, dtype: str, sizes: dict[str, Any], measure: Callable[[str, dict], Any], bar=None
+) -> tuple[dict[str, Any], int]:
+    """``measure(backend, engine_kwargs)`` for stock, then razor, each engine sized by ``sizes``
+    (``max_model_len``, KV bytes, ``max_num_seqs``): {backend: its result, or ``{"error": ...}``} and
+    how many failed. A failure is reported and recorded, and the other backend still runs; ``bar``
+    (tqdm) shows which engine runs and counts it done, without it each start is printed."""
+    results: dict[str, Any] = {}
+    failures = 0
+    for backend in ("stock", "razor"):
+        if bar is not None:
+            bar.set_description(f"{what} {backend}")
+        else:
+            print(f"{PROG}: {what}, {backend}", file=sys.stderr)
+        try:
+            results[backend] = measure(backend, _engine_kwargs(args, model_dir, dtype, backend, **sizes))
+        except Exception as exc:  # noqa: BLE001 - record and go on with the other runs
+            results[backend] = dict(error=f"{type(exc).__name__}: {exc}")
+            failures += 1
+            print(f"{PROG}: {what} {backend} failed: {exc}", file=sys.stderr)
+        if bar is not None:
+            bar.update(1)
+    return results, failures
 
 
 def _engine_parts(args, model_dir, geo, contexts, kv_for, tp_contexts, batches, decode_tokens):
@@ -391,40 +405,35 @@ def _capacity_at(args, model_dir, geo, ctx, kv_bytes, bar, seen_geometry) -> tup
         num_requests=num_requests,
         razor_steady_concurrency=steady,
     )
-    failures = 0
-    for backend in ("stock", "razor"):
-        bar.set_description(f"capacity {ctx} {backend}")
-        kwargs = _engine_kwargs(
-            args,
-            model_dir,
-            geo.dtype,
+
+    def measure(backend: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        res = measure_capacity(
+            kwargs,
+            num_requests,
+            prompt,
+            max_tokens,
             backend,
-            max_model_len=ctx,
-            kv_cache_memory_bytes=kv_bytes,
-            max_num_seqs=num_requests + 1,
+            seed=args.seed + ctx,
+            stop_at_first_finish=True,
+            stop_when_saturated=True,
+            on_step=lambda running, waiting: bar.set_postfix(running=running, waiting=waiting, refresh=False),
         )
-        try:
-            res = measure_capacity(
-                kwargs,
-                num_requests,
-                prompt,
-                max_tokens,
-                backend,
-                seed=args.seed + ctx,
-                stop_at_first_finish=True,
-                stop_when_saturated=True,
-                on_step=lambda running, waiting: bar.set_postfix(running=running, waiting=waiting, refresh=False),
-            )
-            d = res.as_dict()
-            d.update(d.pop("extra"))
-            entry[backend] = d
-            if backend == "stock":
-                seen_geometry.update(block_size=d["block_size"], in_flight=d["max_in_flight_tokens"])
-        except Exception as exc:  # noqa: BLE001 - record and go on with the other runs
-            entry[backend] = dict(error=f"{type(exc).__name__}: {exc}")
-            failures += 1
-            print(f"{PROG}: capacity {ctx} {backend} failed: {exc}", file=sys.stderr)
-        bar.update(1)
+        d = res.as_dict()
+        d.update(d.pop("extra"))
+        if backend == "stock":
+            seen_geometry.update(block_size=d["block_size"], in_flight=d["max_in_flight_tokens"])
+        return d
+
+    measured, failures = _each_backend(
+        f"capacity {ctx}",
+        args,
+        model_dir,
+        geo.dtype,
+        dict(max_model_len=ctx, kv_cache_memory_bytes=kv_bytes, max_num_seqs=num_requests + 1),
+        measure,
+        bar,
+    )
+    entry.update(measured)
     s, r = entry.get("stock", {}), entry.get("razor", {})
     if "peak_running" in s and "peak_running" in r:
         entry["ratio_measured"] = r["peak_running"] / s["peak_running"] if s["peak_running"] else None
@@ -468,41 +477,37 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
     # Room for the widest batch at the longest context in stock (razor needs far less), plus 10%.
     kv_bytes = _kv_fixed(args) or int(1.1 * widest * geo.stock_blocks(max_model_len) * geo.stock_block_bytes)
     points: dict[str, dict[tuple[int, int], dict]] = {}
-    engines: dict[str, Any] = {}
-    failures = 0
-    for backend in ("stock", "razor"):
-        bar.set_description(f"throughput {backend}")
-        kwargs = _engine_kwargs(
-            args,
-            model_dir,
-            geo.dtype,
+    stock_info: dict[str, Any] = {}
+
+    def measure(backend: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        pts, info = measure_throughput(
+            kwargs,
             backend,
-            max_model_len=max_model_len,
-            kv_cache_memory_bytes=kv_bytes,
-            max_num_seqs=widest,
+            contexts,
+            batches,
+            args.chunk,
+            decode_tokens,
+            seed=args.seed + 1000,
+            on_point=lambda p: bar.set_postfix(
+                ctx=p.context, batch=p.batch, prefill=f"{p.prefill_tok_s:.0f}", decode=f"{p.decode_tok_s:.1f}"
+            ),
+            repeat=args.repeat,
+            fits=_fits(geo, backend, args.chunk, vllm_block_size=stock_info.get("block_size")),
         )
-        try:
-            pts, info = measure_throughput(
-                kwargs,
-                backend,
-                contexts,
-                batches,
-                args.chunk,
-                decode_tokens,
-                seed=args.seed + 1000,
-                on_point=lambda p: bar.set_postfix(
-                    ctx=p.context, batch=p.batch, prefill=f"{p.prefill_tok_s:.0f}", decode=f"{p.decode_tok_s:.1f}"
-                ),
-                repeat=args.repeat,
-                fits=_fits(geo, backend, args.chunk, vllm_block_size=engines.get("stock", {}).get("block_size")),
-            )
-            points[backend] = {(p.context, p.batch): p.as_dict() for p in pts}
-            engines[backend] = info
-        except Exception as exc:  # noqa: BLE001
-            engines[backend] = dict(error=f"{type(exc).__name__}: {exc}")
-            failures += 1
-            print(f"{PROG}: throughput {backend} failed: {exc}", file=sys.stderr)
-        bar.update(1)
+        points[backend] = {(p.context, p.batch): p.as_dict() for p in pts}
+        if backend == "stock":
+            stock_info.update(info)
+        return info
+
+    engines, failures = _each_backend(
+        "throughput",
+        args,
+        model_dir,
+        geo.dtype,
+        dict(max_model_len=max_model_len, kv_cache_memory_bytes=kv_bytes, max_num_seqs=widest),
+        measure,
+        bar,
+    )
     rows = []
     if "stock" in points and "razor" in points:
         for key in sorted(points["stock"].keys() | points["razor"].keys()):
@@ -533,35 +538,28 @@ def _prefix_workload(args, model_dir, geo) -> tuple[dict[str, Any], int]:
     # it holds many more, so both backends can show how many they run at once.
     kv_bytes = _kv_fixed(args) or analytic.default_kv_bytes(geo, request_tokens, STOCK_REQUESTS)
     phases: dict[str, list[dict[str, Any]]] = {}
-    engines: dict[str, Any] = {}
-    failures = 0
-    for backend in ("stock", "razor"):
-        print(f"{PROG}: prefix workload, {backend}", file=sys.stderr)
-        kwargs = _engine_kwargs(
-            args,
-            model_dir,
-            geo.dtype,
+
+    def measure(backend: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        pts, info = measure_prefix_workload(
+            kwargs,
             backend,
-            max_model_len=max_model_len,
-            kv_cache_memory_bytes=kv_bytes,
-            max_num_seqs=max(2 * args.questions, 8),
+            args.doc_tokens,
+            args.questions,
+            args.question_tokens,
+            args.answer_tokens,
+            seed=args.seed + 2000,
         )
-        try:
-            pts, info = measure_prefix_workload(
-                kwargs,
-                backend,
-                args.doc_tokens,
-                args.questions,
-                args.question_tokens,
-                args.answer_tokens,
-                seed=args.seed + 2000,
-            )
-            phases[backend] = [p.as_dict() for p in pts]
-            engines[backend] = info
-        except Exception as exc:  # noqa: BLE001
-            engines[backend] = dict(error=f"{type(exc).__name__}: {exc}")
-            failures += 1
-            print(f"{PROG}: prefix workload {backend} failed: {exc}", file=sys.stderr)
+        phases[backend] = [p.as_dict() for p in pts]
+        return info
+
+    engines, failures = _each_backend(
+        "prefix workload",
+        args,
+        model_dir,
+        geo.dtype,
+        dict(max_model_len=max_model_len, kv_cache_memory_bytes=kv_bytes, max_num_seqs=max(2 * args.questions, 8)),
+        measure,
+    )
     workload = dict(
         doc_tokens=args.doc_tokens,
         questions=args.questions,
@@ -574,10 +572,9 @@ def _prefix_workload(args, model_dir, geo) -> tuple[dict[str, Any], int]:
 
 # --------------------------------------------------------------------------------------------------
 def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decode_tokens, kv_fixed) -> dict[str, Any]:
-    argv = runinfo.subcommand_argv(args, "bench")
-    return dict(
-        command="razor-vllm bench " + shlex.join(argv),
-        started=runinfo.now(),
+    return runinfo.start_meta(
+        args,
+        "bench",
         model=str(model_dir) if model_dir else args.model,
         synthetic=args.synthetic
         and dict(shape=args.synthetic, retrieval_share=args.retrieval_share, load_format=args.load_format),
@@ -593,8 +590,6 @@ def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decod
             contexts=list(tp_contexts), batches=list(batches), decode_tokens=decode_tokens, repeat=args.repeat
         ),
         max_num_batched_tokens=args.chunk,
-        machine=runinfo.machine(),
-        load_average_start=runinfo.loadavg(),
     )
 
 

@@ -24,48 +24,29 @@ from pathlib import Path
 
 PREFIX = "synthetic:"
 
+
+def _llama(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, rope_theta: float, tied: bool
+) -> dict:
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rope_theta=rope_theta,
+        tie_word_embeddings=tied,
+    )
+
+
 # Only what differs from the default model's Llama config. ``tiny`` is for CPU tests of the machinery.
 SHAPES: dict[str, dict] = {
-    "llama-3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    ),
-    "llama-3-70b": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=128,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    ),
-    "llama-3.2-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-    ),
-    "tiny": dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-    ),
+    # name: hidden size, MLP size, layers, attention heads, KV heads, head_dim, rope_theta, tied embeddings
+    "llama-3-8b": _llama(4096, 14336, 32, 32, 8, 128, 500000.0, False),
+    "llama-3-70b": _llama(8192, 28672, 80, 64, 8, 128, 500000.0, False),
+    "llama-3.2-1b": _llama(2048, 8192, 16, 32, 8, 64, 500000.0, True),
+    "tiny": _llama(128, 256, 4, 4, 2, 32, 10000.0, True),
 }
 MAX_POSITIONS = 131072
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")

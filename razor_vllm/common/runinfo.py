@@ -1,17 +1,21 @@
 """What every benchmark and evaluation run needs: the model and its profile, the dtype, and a record of
-the machine and times the figures were measured on."""
+the machine and times the figures were measured on; and what ``razor-vllm bench`` and ``razor-vllm eval``
+share as commands (vLLM kept quiet, the window/sink check, the results file and its ``meta`` record)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from razor_vllm.common import tables
 from razor_vllm.config import ProfileError
 
 
@@ -119,6 +123,11 @@ def subcommand_argv(args: argparse.Namespace, name: str) -> list[str]:
     return list(argv)
 
 
+def command_line(args: argparse.Namespace, name: str) -> str:
+    """``razor-vllm NAME ...`` as typed (recorded with the results)."""
+    return f"razor-vllm {name} " + shlex.join(subcommand_argv(args, name))
+
+
 def command_main(
     prog: str,
     description: Optional[str],
@@ -149,3 +158,54 @@ def quiet_vllm(verbose: bool) -> Iterator[None]:
         yield
     finally:
         os.environ.pop("VLLM_LOGGING_LEVEL", None)
+
+
+def add_profile_option(group: Any) -> None:
+    """``--profile`` as :func:`model_and_profile` reads it."""
+    group.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
+
+
+def add_verbose_option(group: Any) -> None:
+    """``--verbose``, read by :func:`quiet_unless_verbose`."""
+    group.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs (default: errors only)")
+
+
+def quiet_unless_verbose(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command's ``run`` with vLLM's logs at ERROR unless ``--verbose`` (:func:`quiet_vllm`)."""
+
+    @functools.wraps(run)
+    def quiet_run(args: argparse.Namespace) -> int:
+        with quiet_vllm(args.verbose):
+            return run(args)
+
+    return quiet_run
+
+
+def check_window_sink(window: Optional[int], sink: Optional[int]) -> None:
+    """``--window``/``--sink`` given on a command line: a window of at least one token, no negative sink."""
+    if (window is not None and window < 1) or (sink is not None and sink < 0):
+        raise ValueError("need --window >= 1 and --sink >= 0")
+
+
+def start_meta(args: argparse.Namespace, name: str, **fields: Any) -> dict[str, Any]:
+    """The ``meta`` record of a ``razor-vllm NAME`` run: the command as typed, when it started,
+    ``fields``, then the machine and its load (the load again at the end: :func:`finish_meta`)."""
+    return dict(
+        command=command_line(args, name),
+        started=now(),
+        **fields,
+        machine=machine(),
+        load_average_start=loadavg(),
+    )
+
+
+def finish_meta(meta: dict[str, Any]) -> None:
+    meta.update(finished=now(), load_average_end=loadavg())
+
+
+def write_results(results: dict[str, Any], tabs: Sequence[tables.Table], fmt: str, path: Path) -> Path:
+    """Print the tables (``tables.render`` in ``fmt``), write ``results`` as JSON to ``path`` and say where."""
+    tables.render(tabs, fmt)
+    written = tables.write_json(results, path)
+    print(f"wrote {written}", file=sys.stderr)
+    return written

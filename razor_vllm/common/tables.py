@@ -26,6 +26,9 @@ def number(v: Optional[float], digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
+FORMATS = ("auto", "rich", "plain", "markdown")  # what ``render`` draws; the commands' --format choices
+
+
 def render(tabs: Sequence[Table], fmt: str = "auto", stream: Optional[TextIO] = None) -> None:
     stream = stream or sys.stdout
     if fmt == "auto":

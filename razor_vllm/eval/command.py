@@ -21,13 +21,12 @@ against the KV budget). ``razor_vllm.cli`` calls :func:`add_arguments` and :func
 from __future__ import annotations
 
 import argparse
-import shlex
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from razor_vllm.common import runinfo
+from razor_vllm.common import runinfo, tables
 from razor_vllm.config import ProfileError
 
 PROG = "razor-vllm eval"
@@ -146,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model", default="default", help="Hugging Face checkpoint dir ('default': the embedded SmolLM2-135M-Instruct)"
     )
-    model.add_argument("--profile", help="head profile YAML or bundled name (default: the bundled one for the model)")
+    runinfo.add_profile_option(model)
     model.add_argument("--window", type=int, help="window W of local heads (default: the profile's)")
     model.add_argument("--sink", type=int, help="sink S of local heads (default: the profile's)")
     model.add_argument("--no-compensation", action="store_true", help="razor/streaming without the compensation token")
@@ -185,17 +184,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=DEFAULT_OUT, metavar="JSON", help=f"results file (default: {DEFAULT_OUT})")
     out.add_argument("--plot-dir", metavar="DIR", help="write heatmap.png and budget.png there (needs matplotlib)")
-    out.add_argument("--format", default="auto", choices=["auto", "rich", "plain", "markdown"])
+    out.add_argument("--format", default="auto", choices=tables.FORMATS)
     out.add_argument("--keep-logprobs", action="store_true", help="keep the teacher-forced log-prob files")
-    out.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs (default: errors only)")
+    runinfo.add_verbose_option(out)
 
 
+@runinfo.quiet_unless_verbose
 def run(args: argparse.Namespace) -> int:
-    with runinfo.quiet_vllm(args.verbose):
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from razor_vllm.eval import report
     from razor_vllm.eval.evaluation import ContextTooLong, Evaluation, Grid
 
@@ -249,13 +244,9 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if not args.keep_logprobs:
             shutil.rmtree(work_dir / "logprobs", ignore_errors=True)
-    meta.update(finished=runinfo.now(), load_average_end=runinfo.loadavg())
+    runinfo.finish_meta(meta)
     results = dict(meta=meta, **results)
-
-    from razor_vllm.common.tables import render, write_json
-
-    render(report.tables(results), args.format)
-    print(f"wrote {write_json(results, out)}", file=sys.stderr)
+    runinfo.write_results(results, report.tables(results), args.format, out)
     if args.plot_dir:
         written = report.plots(results, Path(args.plot_dir))
         for path in written:
@@ -268,8 +259,7 @@ def _run(args: argparse.Namespace) -> int:
 def _variants(args: argparse.Namespace, profile) -> list:
     from razor_vllm.eval.variants import base_variants, grid_variants, with_prefill_modes
 
-    if (args.window is not None and args.window < 1) or (args.sink is not None and args.sink < 0):
-        raise ValueError("need --window >= 1 and --sink >= 0")
+    runinfo.check_window_sink(args.window, args.sink)
     compensation = False if args.no_compensation else profile.compensation
     default_modes = ["full", "streaming"] if args.sweep else ["full", "razor", "streaming"]
     modes = args.modes or default_modes
@@ -289,10 +279,9 @@ def _variants(args: argparse.Namespace, profile) -> list:
 
 
 def _meta(args, profile, model_dir, evaluation) -> dict[str, Any]:
-    argv = runinfo.subcommand_argv(args, "eval")
-    return dict(
-        command="razor-vllm eval " + shlex.join(argv),
-        started=runinfo.now(),
+    return runinfo.start_meta(
+        args,
+        "eval",
         model=str(model_dir),
         profile=args.profile or f"bundled ({profile.model.architecture})",
         profile_summary=profile.summary(),
@@ -301,8 +290,6 @@ def _meta(args, profile, model_dir, evaluation) -> dict[str, Any]:
         max_num_batched_tokens=evaluation.chunk,
         variants=[v.describe() for v in evaluation.variants],
         grid=evaluation.grid.describe(),
-        machine=runinfo.machine(),
-        load_average_start=runinfo.loadavg(),
     )
 
 

@@ -20,8 +20,9 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
+from razor_vllm.common import runinfo
 from razor_vllm.config import ProfileError, RazorProfile, check_profile_matches, resolve_profile
 
 from . import DEFAULT_SINK, DEFAULT_WINDOW, reselect, selector_for
@@ -204,13 +205,8 @@ NOTE_PLACEHOLDER = "<provenance.note>"
 
 def command_line(args: argparse.Namespace) -> str:
     """The command as typed; a ``--note`` text is stored once, in ``provenance.note``, and named here."""
-    argv: Optional[Sequence[str]] = getattr(args, "argv", None)
-    if argv is None:
-        argv = sys.argv[1:]
-        if "profile" in argv:
-            argv = argv[argv.index("profile") + 1 :]
     shown, after_note = [], False
-    for arg in argv:
+    for arg in runinfo.subcommand_argv(args, "profile"):
         if after_note:
             shown.append(NOTE_PLACEHOLDER)
         elif arg.startswith("--note="):

@@ -5,7 +5,7 @@ vLLM loads endpoint plugins in the API server process only, and only those named
 ``VLLM_PLUGINS=razor,razor_status``. The plugin reads the engine's ``VllmConfig`` from the
 ``EngineClient`` it is handed in ``init_state`` and derives the configuration part from it the way
 the workers do (``options.resolve_for_vllm_config`` -> ``balance.plan_for_resolved`` ->
-``layout.plan_layout``) and computes the figures with ``geometry.PoolGeometry`` /
+``ScaleoutPlan.rank_layout``) and computes the figures with ``geometry.PoolGeometry`` /
 ``geometry.StockGeometry``, as the worker's "RAZOR: ..." start-up line and the bench do.
 
 Bytes per token are summed over all workers (tensor-parallel ranks x pipeline stages); every worker
@@ -59,7 +59,6 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
 
     from razor_vllm.balance import plan_for_resolved
     from razor_vllm.config import ModelFingerprint
-    from razor_vllm.layout import plan_layout
     from razor_vllm.options import resolve_for_vllm_config
 
     model_config = vllm_config.model_config
@@ -78,14 +77,12 @@ def compute_status(vllm_config: Any) -> dict[str, Any]:
     retrieval_bpt = local_bpt = razor_bytes = admission_bytes = all_ranks_page_bytes = 0
     pools: dict[str, dict[str, int]] = {}
     for worker in plan.ranks:
-        layout = plan_layout(
-            worker.heads,
-            worker.kv_heads,
+        layout = plan.rank_layout(
+            worker,
             resolved.local_block_size,
             elem,
             default_block_size=stock_block,
             hash_aligned=bool(vllm_config.cache_config.enable_prefix_caching),
-            pool_heads=plan.pool_heads,
         )
         pool = PoolGeometry.for_resolved(layout, served.head_size, elem, resolved)
         retrieval_bpt += pool.retrieval_bytes_per_token
