@@ -189,14 +189,12 @@ def test_bundled_profile_lays_out_at_every_tensor_parallel_size(name, dtype):
 
 def rank_pool_shapes(profile: RazorProfile, tp: int, mode: str = "pad", dtype_bytes: int = 2, block: int = 16) -> set:
     """Every rank's planned pool shape, as each worker plans it (install.py: balance.plan_scaleout
-    for all ranks, then plan_layout with the plan's pool head counts)."""
+    for all ranks, then ScaleoutPlan.rank_layout, sized by the plan's pool head counts)."""
     priority = promotion_priority(profile.scores, profile_ratios(profile)) if mode == "promote" else None
     plan = plan_scaleout(profile.retrieval_heads, profile.model.num_kv_heads, tp, 1, mode, priority)
     shapes = set()
     for rank in plan.ranks:
-        layout = plan_layout(
-            rank.heads, rank.kv_heads, 32, dtype_bytes, default_block_size=block, pool_heads=plan.pool_heads
-        )
+        layout = plan.rank_layout(rank, 32, dtype_bytes, default_block_size=block)
         shapes.add((layout.retrieval_pool_heads, layout.local_pool_heads, layout.retrieval_block_size))
     return shapes
 
