@@ -319,12 +319,13 @@ class RazorLocalManager(_PrefixHitCounter, SlidingWindowManager):
     def get_num_blocks_to_allocate(
         self, request_id: str, num_tokens: int, new_computed_blocks, total_computed_tokens: int, *args, **kwargs
     ) -> int:
-        if any(not b.is_null and b.block_hash in self.cached_blocks_this_step for b in new_computed_blocks):
+        if new_computed_blocks and new_computed_blocks[-1].block_hash in self.cached_blocks_this_step:
             # vLLM hashes a block when it allocates it, before the step computes it. Stock attention
             # may hit such a block in the same step (every layer stores its K/V before attending),
             # but a local block's tail is written by the request that computes it, in the same kernel
             # call that would start the hitting request's tails from it. As vLLM does for Mamba
             # states: report too many blocks, so the request waits one step and then takes the hit.
+            # Blocks cached this step end a hit, so its last block (never null) tells.
             return self.block_pool.num_gpu_blocks + 1
         num = self._num_blocks_to_allocate(
             request_id, num_tokens, new_computed_blocks, total_computed_tokens, *args, **kwargs

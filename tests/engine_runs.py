@@ -81,20 +81,10 @@ class EngineRun:
     first_logprobs: list[dict[int, float]]  # the first generated token's top-k log-probs (top_logprobs > 0)
 
 
-def run_engine(
-    kwargs: dict[str, Any],
-    prompts: list,
-    max_tokens: int = 16,
-    chats: Optional[list] = None,
-    logprobs: bool = False,
-    top_logprobs: int = 0,
-    env: Optional[dict[str, str]] = None,
-) -> EngineRun:
-    """Start an engine with ``kwargs`` (in the engine process, with ``env`` over the test's environment),
-    generate greedily, shut it down."""
-    return in_engine_process(
-        _run_engine_here, kwargs, prompts, max_tokens, chats, logprobs, top_logprobs, engine_env=env
-    )
+def run_engine(*args, env: Optional[dict[str, str]] = None, **kwargs) -> EngineRun:
+    """``_run_engine_here(*args, **kwargs)`` in the engine process, with ``env`` over the test's
+    environment: start an engine, generate greedily, shut it down."""
+    return in_engine_process(_run_engine_here, *args, engine_env=env, **kwargs)
 
 
 def max_logprob_gap(a: EngineRun, b: EngineRun) -> float:
