@@ -199,27 +199,16 @@ def store_kv(
     """
     if isinstance(kv_select, slice):
         key, value, kv_select = key[:, kv_select], value[:, kv_select], None
-    forced = os.environ.get(KERNELS_ENV)
-    if key_cache.is_cuda and not forced:
-        if kv_select is not None:
-            key, value = key.index_select(1, kv_select), value.index_select(1, kv_select)
-        triton_kernels().store_kv(key_cache, value_cache, key, value, slot_mapping, heads, **_fp8(k_scale, v_scale))
-        return
-    _refuse_scales("store_kv", k_scale, v_scale)
-    use_cpp = (
-        cpp is not None
-        and key_cache.dtype in CPP_DTYPES
-        and key.dtype in CPP_DTYPES
-        and all(t.device.type == "cpu" and t.stride(-1) == 1 for t in (key_cache, value_cache, key, value))
-    )
-    if forced:
-        use_cpp = kernels(forced) is _CPP
-    if use_cpp:
+    impl = _choose("store_kv", key.dtype, (key_cache, value_cache, key, value), k_scale, v_scale)
+    if impl is _CPP:  # reads the selected heads in place
         cpp.store_kv(key_cache, value_cache, key, value, slot_mapping, heads.offset, kv_select)
         return
     if kv_select is not None:
         key, value = key.index_select(1, kv_select), value.index_select(1, kv_select)
-    write_kv(key_cache, value_cache, key, value, slot_mapping, heads.offset)
+    if impl is reference:
+        write_kv(key_cache, value_cache, key, value, slot_mapping, heads.offset)
+    else:
+        impl.store_kv(key_cache, value_cache, key, value, slot_mapping, heads, **_fp8(k_scale, v_scale))
 
 
 __all__ = [
