@@ -8,6 +8,8 @@
 //                      sinks + window + one count-weighted compensation key/value from block tails
 //   store_kv           this step's keys and values into their slots of a pool (the layer's KV heads,
 //                      converted to the cache dtype); padding slots (-1) are skipped
+//   retrieval_step     one layer's step in a pool, in one call: store_kv, (local_step: write_block_tails),
+//   local_step         then attention read from and written to the layer's own query and output heads
 //
 // Work is split into tasks of (request, KV head, tile of queries): every key row read from the
 // cache is scored against all queries * g query rows of the tile (GQA), with an online softmax over
@@ -24,6 +26,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -191,15 +194,48 @@ FloatRows load_rows(const PagedRows<T>& cache, int64_t block, int64_t head, int6
   }
 }
 
-// Per-thread buffers, sized for the largest tile.
+// Per-thread buffers, sized for the largest tile. Every kernel writes what it reads, so a thread
+// keeps its buffers from call to call (thread_scratch): a decode step calls the kernels once per
+// layer and pool, each with little work, and allocating ~60 KB each time was a visible share.
 struct Scratch {
-  int64_t padded_rows;
-  std::vector<float> m, l, acc, logits, keys, values, key_sum, value_sum, value_mean, query_t, lo, hi;
-  Scratch(int64_t rows, int64_t D)
-      : padded_rows((rows + fVec::size() - 1) / fVec::size() * fVec::size()),
+  int64_t padded_rows, D;
+  std::vector<float> m, l, acc, logits, keys, values, key_sum, value_sum, value_mean, out_row, query_t, lo, hi;
+  Scratch(int64_t rows, int64_t D_)
+      : padded_rows((rows + fVec::size() - 1) / fVec::size() * fVec::size()), D(D_),
         m(padded_rows), l(padded_rows), acc(padded_rows * D), logits(kKeyRun * padded_rows), keys(kKeyRun * D),
-        values(kKeyRun * D), key_sum(D), value_sum(D), value_mean(D), query_t(padded_rows * D), lo(padded_rows),
-        hi(padded_rows) {}
+        values(kKeyRun * D), key_sum(D), value_sum(D), value_mean(D), out_row(D), query_t(padded_rows * D),
+        lo(padded_rows), hi(padded_rows) {}
+};
+
+// This thread's buffers, large enough for `rows` x `D` tiles.
+Scratch& thread_scratch(int64_t rows, int64_t D) {
+  thread_local std::unique_ptr<Scratch> scratch;
+  if (!scratch || scratch->padded_rows < rows || scratch->D != D) scratch = std::make_unique<Scratch>(rows, D);
+  return *scratch;
+}
+
+// Where a tile's output rows go: row r (query r / g, query head r % g of the tile's KV head) at
+// base + (r / g) * row_stride + (r % g) * head_stride elements, converted from fp32 to the output's
+// dtype (one rounding, as torch's .to).
+struct OutRows {
+  void* base;
+  at::ScalarType dtype;
+  int64_t row_stride, head_stride, g;
+
+  void store(int64_t r, const float* src, int64_t D) const {
+    const int64_t offset = (r / g) * row_stride + (r % g) * head_stride;
+    switch (dtype) {
+      case at::kFloat: std::copy(src, src + D, static_cast<float*>(base) + offset); break;
+      case at::kBFloat16: convert(src, static_cast<c10::BFloat16*>(base) + offset, D); break;
+      case at::kHalf: convert(src, static_cast<c10::Half*>(base) + offset, D); break;
+      default: TORCH_CHECK(false, "razor_vllm kernels write float32, bfloat16 or float16 outputs, got ", dtype);
+    }
+  }
+
+  template <typename T>
+  static void convert(const float* src, T* dst, int64_t D) {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
+  }
 };
 
 // Runs tasks on the ATen thread pool, largest first, each thread pulling the next one (tiles of a
@@ -212,7 +248,7 @@ void run_tasks(std::vector<Task>& tasks, int64_t rows, int64_t D, Fn&& fn) {
   for (const Task& t : tasks) total += t.cost;
   const int64_t n = static_cast<int64_t>(tasks.size());
   if (total < kParallelMinCost || n < 2 || at::get_num_threads() < 2 || at::in_parallel_region()) {
-    Scratch scratch(rows, D);
+    Scratch& scratch = thread_scratch(rows, D);
     for (const Task& t : tasks) fn(t, scratch);
     return;
   }
@@ -220,7 +256,7 @@ void run_tasks(std::vector<Task>& tasks, int64_t rows, int64_t D, Fn&& fn) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(rows, D);
+    Scratch& scratch = thread_scratch(rows, D);
     for (int64_t w = begin; w < end; ++w)
       for (int64_t i; (i = next.fetch_add(1)) < n;) fn(tasks[i], scratch);
   });
@@ -331,12 +367,13 @@ struct RowTile {
     }
   }
 
-  void finish(float* out, int64_t out_stride) const {
+  void finish(const OutRows& out) const {
+    float* row = s.out_row.data();
     for (int64_t r = 0; r < in.rows; ++r) {
       const float inv = 1.f / s.l[r];
       const float* a = s.acc.data() + r * in.D;
-      float* o = out + (r / in.g) * out_stride + (r % in.g) * in.D;
-      for (int64_t d = 0; d < in.D; ++d) o[d] = a[d] * inv;
+      for (int64_t d = 0; d < in.D; ++d) row[d] = a[d] * inv;
+      out.store(r, row, in.D);
     }
   }
 };
@@ -483,11 +520,12 @@ struct LaneTile {
       for (int c = 0; c < C; ++c) acc[db][c].store(s.acc.data() + (d + db) * P + c0 + c * V);
   }
 
-  void finish(float* out, int64_t out_stride) const {
+  void finish(const OutRows& out) const {
+    float* row = s.out_row.data();
     for (int64_t r = 0; r < in.rows; ++r) {
       const float inv = 1.f / s.l[r];
-      float* o = out + (r / in.g) * out_stride + (r % in.g) * in.D;
-      for (int64_t d = 0; d < in.D; ++d) o[d] = s.acc[d * P + r] * inv;
+      for (int64_t d = 0; d < in.D; ++d) row[d] = s.acc[d * P + r] * inv;
+      out.store(r, row, in.D);
     }
   }
 };
@@ -623,72 +661,101 @@ at::Tensor float_query(const at::Tensor& query) {
   return query.to(at::kFloat).contiguous();
 }
 
-// The kernels write fp32; rows past the counted queries (batch padding) are zero.
-at::Tensor float_output(const at::Tensor& query, int64_t num_queries) {
-  at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
+// Which of the query's KV heads (query heads [k * g, k * g + g)) pool head offset + h serves: k =
+// kv_heads[h], or h when there is no index (the query holds exactly the pool's heads).
+class HeadMap {
+ public:
+  HeadMap(const std::optional<at::Tensor>& kv_heads, int64_t count, int64_t query_kv_heads) {
+    if (kv_heads.has_value()) {
+      index_ = IntRead(*kv_heads, "kv_heads");
+      TORCH_CHECK(index_.size() == count, "kv_heads has ", index_.size(), " entries for ", count, " pool heads");
+      for (int64_t h = 0; h < count; ++h)
+        TORCH_CHECK(index_[h] >= 0 && index_[h] < query_kv_heads, "kv_heads[", h, "] = ", index_[h],
+                    " is outside the layer's ", query_kv_heads, " KV heads");
+    } else {
+      TORCH_CHECK(count == query_kv_heads, "without kv_heads the query must hold the pool's ", count,
+                  " KV heads, it holds ", query_kv_heads);
+    }
+  }
+  int64_t operator()(int64_t h) const { return index_.defined() ? index_[h] : h; }
+
+ private:
+  IntRead index_;
+};
+
+// The attention output: `out` [num_tokens, Hq, D] (float32, bfloat16 or float16, contiguous rows),
+// written at the mapped heads only; rows past the counted queries (batch padding) get zeros.
+void check_output(const at::Tensor& out, const at::Tensor& query, int64_t num_queries) {
+  TORCH_CHECK(out.sizes() == query.sizes(), "out ", out.sizes(), " must have the query's shape ", query.sizes());
+  TORCH_CHECK(out.device().is_cpu() && out.stride(2) == 1, "out must be a CPU tensor with contiguous rows");
   TORCH_CHECK(num_queries <= query.size(0), "query_start_loc counts ", num_queries, " queries, query has ",
               query.size(0));
-  if (num_queries < query.size(0)) out.narrow(0, num_queries, query.size(0) - num_queries).zero_();
-  return out;
 }
 
-}  // namespace
+void zero_padding_rows(const at::Tensor& out, int64_t num_queries, const HeadMap& heads, int64_t count, int64_t g) {
+  if (num_queries >= out.size(0)) return;
+  const at::Tensor rows = out.narrow(0, num_queries, out.size(0) - num_queries);
+  for (int64_t h = 0; h < count; ++h) rows.narrow(1, heads(h) * g, g).zero_();
+}
 
-at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                           const at::Tensor& block_table, const at::Tensor& seq_lens,
-                           const at::Tensor& query_start_loc, int64_t head_offset, int64_t num_kv_heads,
-                           double scale) {
-  check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads);
-  const int64_t g = check_query(query, key_cache, num_kv_heads);
-  const int64_t D = query.size(2), Hq = query.size(1);
+// Causal attention of pool heads [head_offset, head_offset + count) into `out` (see HeadMap).
+void paged_attention_into(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                          const at::Tensor& block_table, const at::Tensor& seq_lens,
+                          const at::Tensor& query_start_loc, int64_t head_offset, int64_t count, int64_t g,
+                          const HeadMap& heads, double scale, const at::Tensor& out) {
+  check_cache_pair(key_cache, value_cache, head_offset, count);
+  const int64_t D = query.size(2);
   const Batch batch(block_table, seq_lens, query_start_loc, key_cache.size(2));
+  check_output(out, query, batch.num_queries());
+  zero_padding_rows(out, batch.num_queries(), heads, count, g);
   const at::Tensor q = float_query(query);
-  at::Tensor out = float_output(query, batch.num_queries());
   const float* q_data = q.data_ptr<float>();
-  float* out_data = out.data_ptr<float>();
 
-  std::vector<Task> tasks = tile_tasks(batch, num_kv_heads, g, /*split_prompt=*/false,
+  std::vector<Task> tasks = tile_tasks(batch, count, g, /*split_prompt=*/false,
                                       [](const Span& sp, int64_t, int64_t qe, bool) { return sp.p0 + qe; });
   dispatch_cache_dtype(key_cache.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const PagedRows<T> keys(key_cache), values(value_cache);
     run_tasks(tasks, std::max(kTileRows, g), D, [&](const Task& task, Scratch& s) {
       const Span& sp = batch.spans[task.span];
-      const int64_t first_row = sp.q_start + task.q_begin;
+      const int64_t first_row = sp.q_start + task.q_begin, q_head = heads(task.head) * g;
       const TileInputs<T> in{keys, values, batch, sp.req, head_offset + task.head, D, g,
                              (task.q_end - task.q_begin) * g, sp.p0 + task.q_begin, static_cast<float>(scale),
-                             q_data + first_row * q.stride(0) + task.head * g * D, q.stride(0)};
+                             q_data + first_row * q.stride(0) + q_head * D, q.stride(0)};
+      const OutRows rows{static_cast<char*>(out.data_ptr()) + (first_row * out.stride(0) + q_head * out.stride(1)) *
+                                                                 out.element_size(),
+                         out.scalar_type(), out.stride(0), out.stride(1), g};
       with_tile(in, s, [&](auto& tile) {
         for (int64_t r = 0; r < in.rows; ++r) tile.set_row(r, kNegInf, 0.f, nullptr);
         tile.attend(0, sp.p0 + task.q_end, /*window=*/0);
-        tile.finish(out_data + first_row * Hq * D + task.head * g * D, Hq * D);
+        tile.finish(rows);
       });
     });
   });
-  return out.to(query.scalar_type());
 }
 
-at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                           const at::Tensor& tails, const at::Tensor& block_table, const at::Tensor& seq_lens,
-                           const at::Tensor& query_start_loc, const std::optional<at::Tensor>& prompt_lens,
-                           const std::optional<at::Tensor>& windows, int64_t head_offset, int64_t num_kv_heads,
-                           int64_t sink, int64_t window, bool compensation, bool exact_prefill, double scale) {
-  check_cache_pair(key_cache, value_cache, head_offset, num_kv_heads);
-  const int64_t g = check_query(query, key_cache, num_kv_heads);
+// Local-head attention of pool heads [head_offset, head_offset + count) into `out` (see HeadMap).
+void local_attention_into(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                          const at::Tensor& tails, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                          const at::Tensor& query_start_loc, const std::optional<at::Tensor>& prompt_lens,
+                          const std::optional<at::Tensor>& windows, int64_t head_offset, int64_t count, int64_t g,
+                          const HeadMap& heads, int64_t sink, int64_t window, bool compensation, bool exact_prefill,
+                          double scale, const at::Tensor& out) {
+  check_cache_pair(key_cache, value_cache, head_offset, count);
   check_rule(sink, window);
   TORCH_CHECK(!exact_prefill || prompt_lens.has_value(), "exact_prefill needs prompt_lens");
-  const int64_t D = query.size(2), Hq = query.size(1), B = key_cache.size(2);
+  const int64_t D = query.size(2), B = key_cache.size(2);
   check_tails(tails, key_cache);
   const Batch batch(block_table, seq_lens, query_start_loc, B, window,
                     exact_prefill ? prompt_lens : std::nullopt, windows);
+  check_output(out, query, batch.num_queries());
+  zero_padding_rows(out, batch.num_queries(), heads, count, g);
   const at::Tensor q = float_query(query);
-  at::Tensor out = float_output(query, batch.num_queries());
   const float* q_data = q.data_ptr<float>();
-  float* out_data = out.data_ptr<float>();
   const float* tail_data = tails.data_ptr<float>();
 
   std::vector<Task> tasks =
-      tile_tasks(batch, num_kv_heads, g, exact_prefill, [&](const Span& sp, int64_t qb, int64_t qe, bool exact) {
+      tile_tasks(batch, count, g, exact_prefill, [&](const Span& sp, int64_t qb, int64_t qe, bool exact) {
         return exact ? sp.p0 + qe : std::min(sink, sp.p0 + qe) + (qe - qb) + sp.window + B;
       });
   dispatch_cache_dtype(key_cache.scalar_type(), [&](auto tag) {
@@ -696,11 +763,14 @@ at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache,
     const PagedRows<T> keys(key_cache), values(value_cache);
     run_tasks(tasks, std::max(kTileRows, g), D, [&](const Task& task, Scratch& s) {
       const Span& sp = batch.spans[task.span];
-      const int64_t pool_head = head_offset + task.head, w = sp.window;
+      const int64_t pool_head = head_offset + task.head, w = sp.window, q_head = heads(task.head) * g;
       const int64_t first_row = sp.q_start + task.q_begin;
       const int64_t t_first = sp.p0 + task.q_begin, t_last = sp.p0 + task.q_end - 1;
       const TileInputs<T> in{keys, values, batch, sp.req, pool_head, D, g, (task.q_end - task.q_begin) * g, t_first,
-                             static_cast<float>(scale), q_data + first_row * q.stride(0) + task.head * g * D, q.stride(0)};
+                             static_cast<float>(scale), q_data + first_row * q.stride(0) + q_head * D, q.stride(0)};
+      const OutRows rows{static_cast<char*>(out.data_ptr()) + (first_row * out.stride(0) + q_head * out.stride(1)) *
+                                                                 out.element_size(),
+                         out.scalar_type(), out.stride(0), out.stride(1), g};
       with_tile(in, s, [&](auto& tile) {
         if (task.exact) {  // prompt queries: every position [0, t]
           for (int64_t r = 0; r < in.rows; ++r) tile.set_row(r, kNegInf, 0.f, nullptr);
@@ -717,11 +787,36 @@ at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache,
           tile.attend(0, std::min(sink, t_last + 1), /*window=*/0);  // sinks: every one up to t
           tile.attend(std::max(sink, t_first - w + 1), t_last + 1, w);
         }
-        tile.finish(out_data + first_row * Hq * D + task.head * g * D, Hq * D);
+        tile.finish(rows);
       });
     });
   });
-  return out.to(query.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& block_table, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, int64_t head_offset, int64_t num_kv_heads,
+                           double scale) {
+  const int64_t g = check_query(query, key_cache, num_kv_heads);
+  at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
+  paged_attention_into(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, head_offset,
+                       num_kv_heads, g, HeadMap(std::nullopt, num_kv_heads, num_kv_heads), scale, out);
+  return out;
+}
+
+at::Tensor local_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& tails, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, const std::optional<at::Tensor>& prompt_lens,
+                           const std::optional<at::Tensor>& windows, int64_t head_offset, int64_t num_kv_heads,
+                           int64_t sink, int64_t window, bool compensation, bool exact_prefill, double scale) {
+  const int64_t g = check_query(query, key_cache, num_kv_heads);
+  at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
+  local_attention_into(query, key_cache, value_cache, tails, block_table, seq_lens, query_start_loc, prompt_lens,
+                       windows, head_offset, num_kv_heads, g, HeadMap(std::nullopt, num_kv_heads, num_kv_heads), sink,
+                       window, compensation, exact_prefill, scale, out);
+  return out;
 }
 
 void write_block_tails(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& tails,
@@ -844,6 +939,39 @@ void store_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const 
   });
 }
 
+// One layer's step in one pool, in one call (the decode hot path makes one call per layer and pool
+// instead of four: store, tails, attention, and the copy of the output heads into the layer's output).
+// query/out: the layer's heads [T, Hq, D]; key/value: the layer's KV heads [T, Hkv, D]; kv_heads:
+// which of them the pool heads [head_offset, head_offset + num_kv_heads) hold (absent: all, in order).
+void retrieval_step(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& query,
+                    const at::Tensor& key, const at::Tensor& value, const at::Tensor& slot_mapping,
+                    const at::Tensor& out, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                    const at::Tensor& query_start_loc, int64_t head_offset, int64_t num_kv_heads,
+                    const std::optional<at::Tensor>& kv_heads, double scale) {
+  const HeadMap heads(kv_heads, num_kv_heads, key.size(1));  // checked before anything is written
+  const int64_t g = check_query(query, key_cache, key.size(1));
+  store_kv(key_cache, value_cache, key, value, slot_mapping, head_offset, kv_heads);
+  paged_attention_into(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, head_offset,
+                       num_kv_heads, g, heads, scale, out);
+}
+
+void local_step(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& tails,
+                const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                const at::Tensor& slot_mapping, const at::Tensor& out, const at::Tensor& block_table,
+                const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                const std::optional<at::Tensor>& prompt_lens, const std::optional<at::Tensor>& windows,
+                int64_t head_offset, int64_t num_kv_heads, const std::optional<at::Tensor>& kv_heads, int64_t sink,
+                int64_t window, bool compensation, bool exact_prefill, double scale) {
+  const HeadMap heads(kv_heads, num_kv_heads, key.size(1));  // checked before anything is written
+  const int64_t g = check_query(query, key_cache, key.size(1));
+  store_kv(key_cache, value_cache, key, value, slot_mapping, head_offset, kv_heads);
+  write_block_tails(key_cache, value_cache, tails, block_table, seq_lens, query_start_loc, head_offset, num_kv_heads,
+                    sink);
+  local_attention_into(query, key_cache, value_cache, tails, block_table, seq_lens, query_start_loc, prompt_lens,
+                       windows, head_offset, num_kv_heads, g, heads, sink, window, compensation, exact_prefill, scale,
+                       out);
+}
+
 }  // namespace razor
 
 TORCH_LIBRARY_FRAGMENT(razor_vllm, m) {
@@ -860,6 +988,15 @@ TORCH_LIBRARY_FRAGMENT(razor_vllm, m) {
   m.def(
       "write_block_tails(Tensor key_cache, Tensor value_cache, Tensor(a!) tails, Tensor block_table, "
       "Tensor seq_lens, Tensor query_start_loc, int head_offset, int num_kv_heads, int sink) -> ()");
+  m.def(
+      "retrieval_step(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor query, Tensor key, Tensor value, "
+      "Tensor slot_mapping, Tensor(c!) out, Tensor block_table, Tensor seq_lens, Tensor query_start_loc, "
+      "int head_offset, int num_kv_heads, Tensor? kv_heads, float scale) -> ()");
+  m.def(
+      "local_step(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor(c!) tails, Tensor query, Tensor key, "
+      "Tensor value, Tensor slot_mapping, Tensor(d!) out, Tensor block_table, Tensor seq_lens, "
+      "Tensor query_start_loc, Tensor? prompt_lens, Tensor? windows, int head_offset, int num_kv_heads, "
+      "Tensor? kv_heads, int sink, int window, bool compensation, bool exact_prefill, float scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(razor_vllm, CPU, m) {
@@ -867,4 +1004,6 @@ TORCH_LIBRARY_IMPL(razor_vllm, CPU, m) {
   m.impl("local_attention", &razor::local_attention);
   m.impl("write_block_tails", &razor::write_block_tails);
   m.impl("store_kv", &razor::store_kv);
+  m.impl("retrieval_step", &razor::retrieval_step);
+  m.impl("local_step", &razor::local_step);
 }

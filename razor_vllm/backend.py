@@ -11,8 +11,8 @@ attached: ``pools.py``, ``install.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from vllm.forward_context import get_forward_context
@@ -30,7 +30,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from razor_vllm import kv_dtypes, ops
 from razor_vllm.geometry import LocalGeometry
 from razor_vllm.layout import PoolLayout
-from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
+from razor_vllm.ops.api import LayerPoolHeads, LocalRule, PagedBatch
 from razor_vllm.pools import RazorLocalSpec, RazorPoolLayer
 
 
@@ -178,72 +178,6 @@ class RazorMetadataBuilder(AttentionMetadataBuilder[RazorPoolMetadata]):
 
 
 @dataclass(frozen=True)
-class LayerPoolHeads:
-    """One layer's heads in one pool (its retrieval heads, or its local heads): which of the layer's
-    KV heads (query head j reads KV head j // g), and where they sit in the pool (``pool``).
-
-    Everything the forward needs is made here once, at install: contiguous heads are read through
-    slices (views, no copies), others through index tensors already on the layer's device (a CUDA
-    graph never captures a host-to-device copy), and a pool that holds all the layer's heads needs
-    no selection at all (``None``).
-    """
-
-    kv_heads: tuple[int, ...]
-    pool: PoolHeads
-    kv_select: Union[slice, torch.Tensor, None] = field(default=None, repr=False)
-    q_select: Union[slice, torch.Tensor, None] = field(default=None, repr=False)
-
-    @classmethod
-    def of(
-        cls,
-        kv_heads: tuple[int, ...],
-        offset: int,
-        queries_per_kv: int,
-        layer_kv_heads: int,
-        device: Union[torch.device, str] = "cpu",
-    ) -> "LayerPoolHeads":
-        kv_heads = tuple(kv_heads)
-        pool = PoolHeads(offset, len(kv_heads))
-        if kv_heads == tuple(range(layer_kv_heads)):
-            return cls(kv_heads, pool)
-        if kv_heads and kv_heads == tuple(range(kv_heads[0], kv_heads[-1] + 1)):
-            first, end = kv_heads[0], kv_heads[-1] + 1
-            return cls(kv_heads, pool, slice(first, end), slice(first * queries_per_kv, end * queries_per_kv))
-        q_heads = [h * queries_per_kv + j for h in kv_heads for j in range(queries_per_kv)]
-        return cls(
-            kv_heads,
-            pool,
-            torch.tensor(kv_heads, dtype=torch.long, device=device),
-            torch.tensor(q_heads, dtype=torch.long, device=device),
-        )
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.pool.count
-
-    @property
-    def offset(self) -> int:
-        return self.pool.offset
-
-    def select_q(self, q: torch.Tensor) -> torch.Tensor:
-        select = self.q_select
-        if select is None:
-            return q
-        if isinstance(select, slice):
-            return q[:, select]
-        return q.index_select(1, select)
-
-    def scatter_q(self, out: torch.Tensor, heads_out: torch.Tensor) -> None:
-        select = self.q_select
-        if select is None:
-            out.copy_(heads_out)
-        elif isinstance(select, slice):
-            out[:, select] = heads_out
-        else:
-            out.index_copy_(1, select, heads_out.to(out.dtype))
-
-
-@dataclass(frozen=True)
 class LayerRazorState:
     """What one model attention layer needs at run time; ``install.install_pools`` attaches it as
     ``layer.razor_state``. Built once: the forward only reads it."""
@@ -335,46 +269,40 @@ class RazorAttentionImpl(AttentionImpl):
             self._local(state, metadata, query, key, value, out, scales)
         return output
 
-    def _store(self, pool: RazorPoolLayer, md: RazorPoolMetadata, heads: LayerPoolHeads, key, value, scales):
-        """Write the layer's new K/V of ``heads`` into ``pool``; returns the pool's views. The store
-        reads the layer's heads in place (``kv_select``) and skips padding slots itself."""
-        views = pool.views
-        ops.store_kv(
-            views.key_cache,
-            views.value_cache,
-            key,
-            value,
-            md.slot_mapping,
-            heads.pool,
-            *scales,
-            kv_select=heads.kv_select,
-        )
-        return views
-
     def _retrieval(self, state, metadata, query, key, value, out, scales) -> None:
         heads, pool = state.retrieval, state.retrieval_pool
         md: RazorPoolMetadata = metadata[pool.layer_name]
-        views = self._store(pool, md, heads, key, value, scales)
-        out_heads = ops.paged_attention(
-            heads.select_q(query), views.key_cache, views.value_cache, md.batch, heads.pool, self.scale, *scales
+        views = pool.views
+        ops.retrieval_step(
+            query,
+            key,
+            value,
+            md.slot_mapping,
+            out,
+            views.key_cache,
+            views.value_cache,
+            md.batch,
+            heads,
+            self.scale,
+            *scales,
         )
-        heads.scatter_q(out, out_heads)
 
     def _local(self, state, metadata, query, key, value, out, scales) -> None:
-        heads, pool, rule = state.local, state.local_pool, state.rule
+        heads, pool = state.local, state.local_pool
         md: RazorPoolMetadata = metadata[pool.layer_name]
-        views = self._store(pool, md, heads, key, value, scales)
-        # Before attention: a chunk's later queries read the tails of blocks started in this chunk.
-        ops.write_block_tails(views.key_cache, views.value_cache, views.tails, md.batch, heads.pool, rule, *scales)
-        out_heads = ops.local_attention(
-            heads.select_q(query),
+        views = pool.views
+        ops.local_step(
+            query,
+            key,
+            value,
+            md.slot_mapping,
+            out,
             views.key_cache,
             views.value_cache,
             views.tails,
             md.batch,
-            heads.pool,
-            rule,
+            heads,
+            state.rule,
             self.scale,
             *scales,
         )
-        heads.scatter_q(out, out_heads)

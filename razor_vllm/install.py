@@ -15,12 +15,12 @@ from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_t
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 
-from razor_vllm.backend import LayerPoolHeads, LayerRazorState, RazorAttentionBackend
+from razor_vllm.backend import LayerRazorState, RazorAttentionBackend
 from razor_vllm.balance import ScaleoutPlan, plan_for_resolved
 from razor_vllm.config import ModelFingerprint
 from razor_vllm.geometry import PoolGeometry
 from razor_vllm.layout import PoolLayout
-from razor_vllm.ops.api import LocalRule
+from razor_vllm.ops.api import LayerPoolHeads, LocalRule
 from razor_vllm.options import ResolvedRazorConfig, resolve_for_vllm_config
 from razor_vllm.pools import RazorPoolLayer, build_specs, pool_names
 

@@ -122,7 +122,7 @@ class RazorLocalSpec(SlidingWindowSpec):
     the block arithmetic come from ``geometry``. The first ``sink_blocks`` blocks of a request stay
     allocated, so admission reserves them too; in exact-prefill mode admission also reserves every
     prompt block, which the request holds until its prompt is done. Each block's page tail holds
-    the fp32 sums of the positions between the sinks and the block (CONTRACT.md "block tails").
+    the fp32 sums of the positions between the sinks and the block (``razor_vllm.ops``: block tails).
     """
 
     sink: int = 0
@@ -147,7 +147,7 @@ class RazorLocalSpec(SlidingWindowSpec):
     @property
     def prefix_cacheable(self) -> bool:
         # Every block's tail holds sums over the positions before it, written once when the block
-        # is started (CONTRACT.md "block tails"): a block depends only on its token prefix.
+        # is started (``razor_vllm.ops``: block tails): a block depends only on its token prefix.
         return True
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:

@@ -114,6 +114,7 @@ def unwatched_engine_titles(request):
         watch.seen = None
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (``--dist loadgroup``)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVER_FIXTURE in getattr(item, "fixturenames", ()) and item.get_closest_marker("engine") is None:
@@ -125,10 +126,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    """Each worker's engines and servers on a core of their own: vLLM's CPU worker otherwise binds
-    every engine of the machine to the same cores. A test that sets the binding itself (TP, DP) wins."""
+    """Under xdist, each worker computes on one thread, and its engines and servers on a core of their
+    own: vLLM's CPU worker otherwise binds every engine of the machine to the same cores, and two
+    workers whose torch and OpenMP pools each want every core spin against each other (the
+    in-process engines, the HF references and the kernel tests ran 2-7x slower under two workers
+    than alone). ``OMP_NUM_THREADS`` reaches what the worker spawns (the engine process, Triton
+    interpreter checks); vLLM's own workers set theirs from the binding. A test that sets the
+    binding itself (TP, DP) wins, and a test may still ask for more threads (the C++ threads test)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
-    if worker.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    if not worker.startswith("gw"):
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         cpus = sorted(os.sched_getaffinity(0))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[int(worker[2:]) % len(cpus)])
 

@@ -8,6 +8,7 @@ too; only the answer's queries see sinks + window + compensation.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,23 +39,40 @@ def _razor_attention(module, query, key, value, attention_mask, scaling=None, dr
     count = n_dropped.clamp(min=1).double()
     out = torch.empty_like(q)
     prompt_query = pos_q < _CONFIG["prompt_len"] if _CONFIG["exact_prefill"] else torch.zeros_like(causal[:, 0])
+    # Which queries follow which rule: plain causal (retrieval heads; local heads' prompt queries
+    # under exact prefill), or sinks + window + compensation. Only the rows a rule applies to are
+    # computed (a prompt's rows under exact prefill never need the compressed rule).
+    rule_rows = (~prompt_query).nonzero().squeeze(1)
     for h in range(num_q):
-        if h // g in retrieval:
-            out[:, h] = logits[:, h].masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, h]
+        causal_out = None
+        if h // g in retrieval or bool(prompt_query.any()):
+            causal_out = logits[:, h].masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, h]
+        if h // g in retrieval or rule_rows.numel() == 0:
+            out[:, h] = causal_out
             continue
-        k_hat = (prefix_k[:, h, dropped_end] - prefix_k[:, h, sink]) / count[None, :, None]
-        v_hat = (prefix_v[:, h, dropped_end] - prefix_v[:, h, sink]) / count[None, :, None]
-        comp = (q[:, h] * k_hat).sum(-1) * scaling + torch.log(count)[None]
-        comp = torch.where(n_dropped[None] > 0, comp, torch.full_like(comp, float("-inf")))
-        probs = torch.cat([comp[..., None], logits[:, h].masked_fill(~local, float("-inf"))], -1).softmax(-1)
-        out[:, h] = probs[..., :1] * v_hat + probs[..., 1:] @ v[:, h]
-        exact = logits[:, h].masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, h]
-        out[:, h] = torch.where(prompt_query[None, :, None], exact, out[:, h])
+        rows = rule_rows
+        k_hat = (prefix_k[:, h, dropped_end[rows]] - prefix_k[:, h, sink]) / count[None, rows, None]
+        v_hat = (prefix_v[:, h, dropped_end[rows]] - prefix_v[:, h, sink]) / count[None, rows, None]
+        comp = (q[:, h, rows] * k_hat).sum(-1) * scaling + torch.log(count[rows])[None]
+        comp = torch.where(n_dropped[rows][None] > 0, comp, torch.full_like(comp, float("-inf")))
+        local_logits = logits[:, h, rows].masked_fill(~local[rows], float("-inf"))
+        probs = torch.cat([comp[..., None], local_logits], -1).softmax(-1)
+        if causal_out is not None:
+            out[:, h] = causal_out
+        out[:, h, rows] = probs[..., :1] * v_hat + probs[..., 1:] @ v[:, h]
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register("razor_reference", _razor_attention)
 AttentionMaskInterface.register("razor_reference", sdpa_mask)
+
+
+@functools.cache
+def _load(model_dir: str):
+    """The tokenizer and the float32 model with the reference attention (loaded once per model)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="razor_reference")
+    return tokenizer, model
 
 
 def razor_greedy(
@@ -71,8 +89,7 @@ def razor_greedy(
 
     ``compression_ratio``: the paper's window rule, max(window, ceil(N / C)) for an N-token prompt.
     """
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="razor_reference")
+    tokenizer, model = _load(str(model_dir))
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     prompt_len = ids.shape[1]
     if compression_ratio is not None:

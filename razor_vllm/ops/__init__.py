@@ -1,6 +1,6 @@
 """Attention kernels for the two KV pools, and the choice between Triton (GPU), C++ (CPU) and the reference.
 
-The contract (types in ``razor_vllm.ops.api``; full text in the kernel contract of the redesign):
+The kernel contract (its types in ``razor_vllm.ops.api``):
 
 - ``key_cache`` / ``value_cache``: [num_blocks, H_pool, block_size, D] views ``kv_cache[..., :D]`` and
   ``kv_cache[..., D:]`` of a pool cache, any strides. H_pool spans every layer's heads of that pool; a
@@ -21,7 +21,9 @@ mean of [S, t-W] with logit scale * q.k_hat + ln(n_d). Those sums are tail(c) pl
 [max(S, c*B), t-W] of block c = (t-W+1) // B, which holds the oldest window position and so is always
 in memory. Retrieval heads: plain causal attention.
 
-Order per layer and step: ``store_kv`` -> ``write_block_tails`` -> attention.
+Order per layer and step: ``store_kv`` -> ``write_block_tails`` -> attention. ``retrieval_step`` and
+``local_step`` are that order for one layer's heads in one pool, reading the layer's own query and
+writing its own output (one C++ call per layer and pool on the CPU).
 
 ``RAZOR_VLLM_KERNELS=reference|cpp`` forces one implementation; by default CUDA tensors go to the
 Triton kernels (``razor_vllm.triton_kernels``, imported on first use), the C++ ops
@@ -42,12 +44,12 @@ from typing import Optional, Union
 import torch
 
 from razor_vllm.ops import reference
-from razor_vllm.ops.api import LocalRule, PagedBatch, PoolHeads
+from razor_vllm.ops.api import LayerPoolHeads, LocalRule, PagedBatch, PoolHeads
 from razor_vllm.ops.cache import write_kv
 
 KERNELS_ENV = "RAZOR_VLLM_KERNELS"
 CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-KERNEL_NAMES = ("local_attention", "write_block_tails", "paged_attention", "store_kv")
+KERNEL_NAMES = ("local_attention", "write_block_tails", "paged_attention", "store_kv", "retrieval_step", "local_step")
 
 
 def _load_cpp() -> Optional[SimpleNamespace]:
@@ -108,6 +110,22 @@ class _CppKernels:
     def paged_attention(self, query, key_cache, value_cache, batch, heads, scale):
         step = (batch.block_table, batch.seq_lens, batch.query_start_loc)
         return self.ops.paged_attention(query, key_cache, value_cache, *step, heads.offset, heads.count, scale)
+
+    def retrieval_step(self, query, key, value, slot_mapping, out, key_cache, value_cache, batch, heads, scale):
+        step = (batch.block_table, batch.seq_lens, batch.query_start_loc)
+        pool = (heads.pool.offset, heads.pool.count, heads.kv_index)
+        self.ops.retrieval_step(key_cache, value_cache, query, key, value, slot_mapping, out, *step, *pool, scale)
+
+    def local_step(
+        self, query, key, value, slot_mapping, out, key_cache, value_cache, tails, batch, heads, rule, scale
+    ):
+        rule.check(batch)
+        step = (batch.block_table, batch.seq_lens, batch.query_start_loc, batch.prompt_lens, batch.windows)
+        pool = (heads.pool.offset, heads.pool.count, heads.kv_index)
+        local = (rule.sink, rule.window, rule.compensation, rule.exact_prefill)
+        self.ops.local_step(
+            key_cache, value_cache, tails, query, key, value, slot_mapping, out, *step, *pool, *local, scale
+        )
 
 
 _CPP = None if cpp is None else _CppKernels(cpp)
@@ -211,7 +229,69 @@ def store_kv(
         impl.store_kv(key_cache, value_cache, key, value, slot_mapping, heads, **_fp8(k_scale, v_scale))
 
 
+def retrieval_step(
+    query,
+    key,
+    value,
+    slot_mapping,
+    out,
+    key_cache,
+    value_cache,
+    batch,
+    heads: LayerPoolHeads,
+    scale,
+    k_scale=None,
+    v_scale=None,
+) -> None:
+    """One layer's step in the retrieval pool: ``store_kv`` of the layer's KV heads ``heads`` (key and
+    value hold all the layer's KV heads), then ``paged_attention`` of its query heads, written into
+    those heads of ``out`` (the layer's output, query's shape). On the CPU one C++ call, reading the
+    heads in place and writing the output rows in place (a decode step's per-layer work is mostly
+    call overhead); elsewhere the kernels above, one after another."""
+    impl = _choose("retrieval_step", query.dtype, (key_cache, value_cache, key, value, query, out), k_scale, v_scale)
+    if impl is _CPP:
+        impl.retrieval_step(query, key, value, slot_mapping, out, key_cache, value_cache, batch, heads, scale)
+        return
+    store_kv(key_cache, value_cache, key, value, slot_mapping, heads.pool, k_scale, v_scale, kv_select=heads.kv_select)
+    heads_out = paged_attention(
+        heads.select_q(query), key_cache, value_cache, batch, heads.pool, scale, k_scale, v_scale
+    )
+    heads.scatter_q(out, heads_out)
+
+
+def local_step(
+    query,
+    key,
+    value,
+    slot_mapping,
+    out,
+    key_cache,
+    value_cache,
+    tails,
+    batch,
+    heads: LayerPoolHeads,
+    rule,
+    scale,
+    k_scale=None,
+    v_scale=None,
+) -> None:
+    """One layer's step in the local pool: ``store_kv``, ``write_block_tails``, then ``local_attention``
+    written into the heads' rows of ``out``, as ``retrieval_step`` (one C++ call on the CPU)."""
+    tensors = (key_cache, value_cache, tails, key, value, query, out)
+    impl = _choose("local_step", query.dtype, tensors, k_scale, v_scale)
+    if impl is _CPP:
+        impl.local_step(query, key, value, slot_mapping, out, key_cache, value_cache, tails, batch, heads, rule, scale)
+        return
+    store_kv(key_cache, value_cache, key, value, slot_mapping, heads.pool, k_scale, v_scale, kv_select=heads.kv_select)
+    write_block_tails(key_cache, value_cache, tails, batch, heads.pool, rule, k_scale, v_scale)
+    heads_out = local_attention(
+        heads.select_q(query), key_cache, value_cache, tails, batch, heads.pool, rule, scale, k_scale, v_scale
+    )
+    heads.scatter_q(out, heads_out)
+
+
 __all__ = [
+    "LayerPoolHeads",
     "LocalRule",
     "PoolHeads",
     "PagedBatch",
@@ -219,6 +299,8 @@ __all__ = [
     "write_block_tails",
     "paged_attention",
     "store_kv",
+    "retrieval_step",
+    "local_step",
     "kernels",
     "cpp",
     "triton_kernels",

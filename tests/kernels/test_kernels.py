@@ -22,6 +22,7 @@ from razor_vllm.ops.dense import (
 )
 
 from kernel_sim import (
+    PAD_TOKENS,
     TOLERANCE,
     Case,
     PagedPool,
@@ -502,6 +503,117 @@ def test_cpp_store_kv_threads_and_checks():
             cache[..., :64], cache[..., 64:], key[:2], value[:2], torch.tensor([0, 1]), 0, torch.tensor([3])
         )
     assert cache.isnan().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer's step in one pool (ops.retrieval_step / ops.local_step)
+
+LAYER_KV_HEADS, LAYER_G = 4, 2
+STEP_SELECTIONS = {"all": (0, 1, 2, 3), "slice": (1, 2), "index": (3, 0, 2)}
+
+
+def layer_step_inputs(gen: torch.Generator, tokens: int, dtype: torch.dtype, head_size: int):
+    """A layer's query, key and value for ``tokens`` rows as the model hands them: strided views of one
+    fused qkv row per token."""
+    q_width, kv_width = LAYER_KV_HEADS * LAYER_G * head_size, LAYER_KV_HEADS * head_size
+    qkv = (torch.randn(tokens, q_width + 2 * kv_width, generator=gen) + 0.5).to(dtype)
+    query = qkv[:, :q_width].unflatten(1, (LAYER_KV_HEADS * LAYER_G, head_size))
+    key = qkv[:, q_width : q_width + kv_width].unflatten(1, (LAYER_KV_HEADS, head_size))
+    value = qkv[:, q_width + kv_width :].unflatten(1, (LAYER_KV_HEADS, head_size))
+    return query, key, value
+
+
+def run_layer_steps(how: str, pool_kind: str, select: str, dtype: torch.dtype, mode: str):
+    """A chunked, mixed prefill/decode schedule of three requests through one layer's heads ``select``
+    in one pool (pool heads from 1 of 6), CUDA-graph padding rows (slot -1) and requests included.
+    ``how``: "step" (ops.*_step, the C++ call on the CPU), "kernels" (the C++ kernels one after
+    another, the output heads copied in Python) or "reference" (the torch reference). Returns each
+    step's output and the pool (caches, tails)."""
+    kv_heads = STEP_SELECTIONS[select]
+    case = Case(block_size=16, sink=4, window=20, num_kv_heads=len(kv_heads), g=LAYER_G, pool_heads=6, head_offset=1)
+    lengths = [150, 70, 33]
+    rng, gen = random.Random(5), torch.Generator().manual_seed(5)
+    schedule = make_schedule(lengths, random.Random(5), max_chunk=40, style="mixed")
+    local = pool_kind == "local"
+    pool = PagedPool(case, dtype, lengths, sliding=local, rng=rng)
+    pool.tails.fill_(math.nan)
+    heads = ops.LayerPoolHeads.of(kv_heads, case.head_offset, LAYER_G, LAYER_KV_HEADS)
+    rule = LocalRule(case.sink, case.window, exact_prefill=mode == "exact")
+    prompts = schedule.prompts if mode == "exact" else None
+    outputs = []
+    for batch in schedule:
+        slots = []
+        for rid, lo, hi in batch:
+            table = pool.tables.setdefault(rid, [])
+            while len(table) * case.block_size < hi:
+                table.append(pool.free.pop())
+            slots += [table[p // case.block_size] * case.block_size + p % case.block_size for p in range(lo, hi)]
+        slot_mapping = torch.tensor(slots + [-1] * PAD_TOKENS)
+        query, key, value = layer_step_inputs(gen, len(slot_mapping), dtype, case.head_size)
+        paged = make_batch(pool, batch, [rid for rid, _, _ in batch], prompts if local else None)
+        out = torch.full(query.shape, 7.0, dtype=dtype)
+        kc, vc = pool.key_cache, pool.value_cache
+        if how == "kernels":
+            cpp = ops.kernels("cpp")
+            ops.store_kv(kc, vc, key, value, slot_mapping, heads.pool, kv_select=heads.kv_select)
+            if local:
+                cpp.write_block_tails(kc, vc, pool.tails, paged, heads.pool, rule)
+                result = cpp.local_attention(heads.select_q(query), kc, vc, pool.tails, paged, heads.pool, rule, 0.3)
+            else:
+                result = cpp.paged_attention(heads.select_q(query), kc, vc, paged, heads.pool, 0.3)
+            heads.scatter_q(out, result)
+        elif local:
+            ops.local_step(query, key, value, slot_mapping, out, kc, vc, pool.tails, paged, heads, rule, 0.3)
+        else:
+            ops.retrieval_step(query, key, value, slot_mapping, out, kc, vc, paged, heads, 0.3)
+        outputs.append(out)
+        for rid, _lo, hi in batch:
+            pool.release(rid, hi, hi == lengths[rid], prompt_len=prompts[rid] if prompts else None)
+    return outputs, pool, heads
+
+
+@CPP_ONLY
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("select", list(STEP_SELECTIONS))
+@pytest.mark.parametrize("pool_kind,mode", [("retrieval", None), ("local", "exact"), ("local", "compressed")])
+def test_cpp_layer_step_equals_the_kernels_one_after_another(monkeypatch, pool_kind, mode, select, dtype):
+    """The C++ per-layer step (store, tails, attention, written into the layer's own output heads) is
+    bit-for-bit the C++ kernels called one by one with the heads gathered and scattered in Python,
+    over a chunked mixed schedule with padding; it leaves the layer's other heads alone, zeroes its
+    heads' padding rows, and agrees with the torch reference."""
+    outputs, pool, heads = run_layer_steps("step", pool_kind, select, dtype, mode)
+    expected, expected_pool, _ = run_layer_steps("kernels", pool_kind, select, dtype, mode)
+    monkeypatch.setenv(ops.KERNELS_ENV, "reference")
+    reference_outputs, _, _ = run_layer_steps("step", pool_kind, select, dtype, mode)
+    torch.testing.assert_close(pool.kv_cache, expected_pool.kv_cache, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(pool.tails, expected_pool.tails, rtol=0, atol=0, equal_nan=True)
+    q_heads = [h * LAYER_G + j for h in heads.kv_heads for j in range(LAYER_G)]
+    others = [h for h in range(LAYER_KV_HEADS * LAYER_G) if h not in q_heads]
+    for out, want, ref in zip(outputs, expected, reference_outputs):
+        assert torch.equal(out, want)
+        assert (out[:, others] == 7.0).all()
+        assert (out[-PAD_TOKENS:, q_heads] == 0).all()
+        computed = out[:-PAD_TOKENS, q_heads]
+        assert computed.isfinite().all() and not (computed == 7.0).any()
+        assert relative_error(computed.double(), ref[:-PAD_TOKENS, q_heads].double()) < TOLERANCE[dtype]
+
+
+@CPP_ONLY
+def test_cpp_layer_step_checks_heads_before_writing():
+    """A head index outside the layer, or a pool that does not hold every head when no index is given,
+    stops with a message and leaves the cache as it was."""
+    cache = pool_cache(4, 6, 16, 32, torch.float32)
+    tokens = 2
+    query, key, value = layer_step_inputs(torch.Generator().manual_seed(1), tokens, torch.float32, 32)
+    table, lens = torch.tensor([[1]], dtype=torch.int32), torch.tensor([2], dtype=torch.int32)
+    starts = torch.tensor([0, 2], dtype=torch.int32)
+    out = torch.zeros(query.shape)
+    args = (cache[..., :32], cache[..., 32:], query, key, value, torch.tensor([16, 17]), out, table, lens, starts, 1, 2)
+    with pytest.raises(RuntimeError, match="outside the layer's 4 KV heads"):
+        ops.cpp.retrieval_step(*args, torch.tensor([1, 4]), 0.3)
+    with pytest.raises(RuntimeError, match="without kv_heads the query must hold the pool's 2 KV heads"):
+        ops.cpp.retrieval_step(*args, None, 0.3)
+    assert cache.isnan().all() and (out == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
