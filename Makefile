@@ -31,10 +31,10 @@ serve: setup
 # Two workers (pytest-xdist), one test module each at a time; tests/conftest.py gives each its own core.
 PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -rs -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 tests
+	$(PY) -m pytest -q -rs -n $(PYTEST_WORKERS) --dist loadscope --durations=25 tests
 
 test-fast: setup
-	$(PY) -m pytest -q -rs -n $(PYTEST_WORKERS) --dist loadgroup --durations=10 -m "not engine" tests
+	$(PY) -m pytest -q -rs -n $(PYTEST_WORKERS) --dist loadscope --durations=10 -m "not engine" tests
 
 # Locust load test: razor then stock on 127.0.0.1, side-by-side table (loadtest/README.md).
 # Options through ARGS, e.g. make loadtest ARGS="--users 16 --run-time 3m".

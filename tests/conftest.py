@@ -114,15 +114,19 @@ def unwatched_engine_titles(request):
         watch.seen = None
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (``--dist loadgroup``)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SERVER_FIXTURE in getattr(item, "fixturenames", ()) and item.get_closest_marker("engine") is None:
-            raise pytest.UsageError(f"{item.nodeid} uses the {SERVER_FIXTURE} fixture without @pytest.mark.engine")
-    _group_for_workers(items)
+        if SERVER_FIXTURE in getattr(item, "fixturenames", ()):
+            if item.get_closest_marker("engine") is None:
+                raise pytest.UsageError(f"{item.nodeid} uses the {SERVER_FIXTURE} fixture without @pytest.mark.engine")
+            if item.nodeid.split("::")[0] not in shared_server.TEST_MODULES:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses the {SERVER_FIXTURE} fixture: add its module to shared_server.TEST_MODULES "
+                    "(the modules that run on the worker that starts the server)"
+                )
 
 
-# -- two workers (pytest-xdist: ``-n 2 --dist loadgroup``, as ``make test`` runs) ------------------------
+# -- two workers (pytest-xdist: ``-n 2 --dist loadscope``, as ``make test`` runs) ------------------------
 
 
 def pytest_configure(config):
@@ -145,13 +149,22 @@ def pytest_configure(config):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[int(worker[2:]) % len(cpus)])
 
 
-def _group_for_workers(items) -> None:
-    """One worker per test module (its module-scoped engine runs and fixtures are made once), and one
-    for every module that uses the shared server (started once). Without xdist the marks do nothing."""
-    server_modules = {item.module.__name__ for item in items if SERVER_FIXTURE in getattr(item, "fixturenames", ())}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(SERVER_FIXTURE if module in server_modules else module))
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` with one work unit per test module (its module-scoped engine runs and
+    fixtures are made once), and one for all the modules that use the shared server (started once).
+    Grouping by ``xdist_group`` marks (``--dist loadgroup``) relies on rewriting node ids, which
+    pytest 9.2 no longer honours (pytest-dev/pytest-xdist#1386): the tests would spread freely and
+    every module fixture run once per worker."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return SERVER_FIXTURE if module in shared_server.TEST_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.hookimpl(trylast=True)

@@ -13,6 +13,10 @@ import json
 
 from razor_vllm.serve.harness import cli_args
 
+# The test modules that use the shared server: run on one worker, which starts it once (conftest.py
+# checks that no other module asks for it).
+TEST_MODULES = ("tests/serving/test_server.py", "tests/serving/test_server_status.py")
+
 MODEL = "smollm2-135m-instruct"  # the served name
 MAX_MODEL_LEN = 2048
 WINDOW = 96  # overrides the bundled profile's 128 (the status must show it); short chats stay inside it

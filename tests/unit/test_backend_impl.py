@@ -293,7 +293,6 @@ def test_impl_hands_fp8_views_and_the_layers_scales_to_the_kernels(monkeypatch):
     pages, the fp32 tails, the layer's ``_k_scale``/``_v_scale`` and the step's batch (whose
     max_query_len selects the retrieval kernel's split-key path). The kernels are recorded here (their
     fp8 reads are checked against the oracle in tests/kernels/test_triton_kernels.py); on CPU the impl refuses."""
-    from razor_vllm import backend
 
     states, retrieval_spec, local_spec = build_layer_states(dtype=torch.uint8, kv_cache_dtype="fp8_e5m2")
     rng = random.Random(0)
