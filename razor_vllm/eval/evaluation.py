@@ -231,8 +231,19 @@ def cpu_groups(jobs: int, cpus: Optional[list[int]] = None) -> list[str]:
 
 
 def _run_in_worker(run: Callable[..., VariantOutputs], variant: Variant, cpus: Optional[str]) -> VariantOutputs:
-    if cpus is not None:  # inherited by the engine process this worker starts
+    """One variant in a spawned job process. With CPUs assigned (a CPU engine), the engine runs inside
+    this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's in-process engine core and executor)
+    on those cores: a CPU engine otherwise starts an engine-core and a worker process, each importing
+    torch and vLLM again (about 20 of an engine's 30 s of start-up on a 2-core machine). vLLM binds
+    only the workers it starts, so this process binds itself, as vLLM would bind the worker."""
+    if cpus is not None:
+        import torch
+
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        cores = [int(c) for c in cpus.split(",")]
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
     return run(variant, progress=None)
 
 

@@ -85,7 +85,14 @@ def eval_slice(tmp_path_factory):
     """
     from razor_vllm.cli import main
 
-    out = tmp_path_factory.mktemp("eval") / "slice.json"
+    # eval --jobs gives each engine its own cores, as a user runs it (the test worker's own binding,
+    # conftest.py, would put both on one core).
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        return _run_eval_slice(main, tmp_path_factory.mktemp("eval") / "slice.json")
+
+
+def _run_eval_slice(main, out):
     code = main(
         [
             "eval",

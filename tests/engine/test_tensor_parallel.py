@@ -48,9 +48,16 @@ def test_each_rank_serves_its_shard_of_the_profile(tiny_model):
     razor = {"profile": str(profile)}
     razor_tp1 = tiny_model_run(model, razor)
     razor_tp2 = tiny_model_run(model, razor, tp=2)
-    stock_tp2 = tiny_model_run(model, None, tp=2)
+    # Stock at TP=1 (an in-process engine: a TP=2 engine starts two worker processes): TP=2 differs
+    # from it only by the all-reduce's rounding, as razor's TP=2 from razor's TP=1.
+    stock_tp1 = tiny_model_run(model, None)
     assert razor_tp2.token_ids == razor_tp1.token_ids
     assert max_logprob_gap(razor_tp1, razor_tp2) < 1e-5  # only the all-reduce's rounding
-    assert max_logprob_gap(razor_tp2, stock_tp2) > 1e-4  # razor's window does change the numbers
+    assert max_logprob_gap(razor_tp2, stock_tp1) > 1e-4  # razor's window does change the numbers
     all_retrieval = tiny_model_run(model, {"profile": str(profile), "all_retrieval": True}, tp=2)
-    assert max_logprob_gap(all_retrieval, stock_tp2) < 1e-5
+    assert max_logprob_gap(all_retrieval, stock_tp1) < 1e-5
+    print(
+        f"log-prob gaps: razor TP1/TP2 {max_logprob_gap(razor_tp1, razor_tp2):.2e}, "
+        f"all-retrieval TP2/stock TP1 {max_logprob_gap(all_retrieval, stock_tp1):.2e}, "
+        f"razor TP2/stock TP1 {max_logprob_gap(razor_tp2, stock_tp1):.2e}"
+    )
