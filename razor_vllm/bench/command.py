@@ -159,6 +159,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="throughput: run each point N times, keep the best (default: 1)",
     )
     sizes.add_argument(
+        "--interleave",
+        action="store_true",
+        help="throughput: keep the stock and razor engines up at once and alternate each point's runs "
+        "between them, so a machine whose speed drifts (shared, noisy) slows both sides of a ratio alike; "
+        "needs memory for both engines (default: one engine after the other)",
+    )
+    sizes.add_argument(
         "--chunk",
         type=int,
         default=512,
@@ -499,15 +506,14 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
             stock_info.update(info)
         return info
 
-    engines, failures = _each_backend(
-        "throughput",
-        args,
-        model_dir,
-        geo.dtype,
-        dict(max_model_len=max_model_len, kv_cache_memory_bytes=kv_bytes, max_num_seqs=widest),
-        measure,
-        bar,
-    )
+    sizes = dict(max_model_len=max_model_len, kv_cache_memory_bytes=kv_bytes, max_num_seqs=widest)
+    if args.interleave:
+        engines, failures = _throughput_interleaved(
+            args, model_dir, geo, contexts, batches, decode_tokens, sizes, points
+        )
+        bar.update(2)
+    else:
+        engines, failures = _each_backend("throughput", args, model_dir, geo.dtype, sizes, measure, bar)
     rows = []
     if "stock" in points and "razor" in points:
         for key in sorted(points["stock"].keys() | points["razor"].keys()):
@@ -524,6 +530,42 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
                 )
             )
     return rows, engines, failures
+
+
+def _throughput_interleaved(args, model_dir, geo, contexts, batches, decode_tokens, sizes, points):
+    """``--interleave``: both engines up at once, each point's runs alternating between them; fills
+    ``points`` and returns ({backend: engine settings}, failures) as ``_each_backend`` does."""
+    from razor_vllm.bench.throughput import measure_throughput_interleaved
+
+    infos: dict[str, dict[str, Any]] = {}
+
+    def fits_for(backend: str):
+        def check(context: int, batch: int, max_tokens: int, info: dict[str, Any]) -> Optional[str]:
+            infos[backend] = info  # stock's is checked first: razor's plan reads its block size
+            stock_block = infos.get("stock", {}).get("block_size")
+            return _fits(geo, backend, args.chunk, vllm_block_size=stock_block)(context, batch, max_tokens, info)
+
+        return check
+
+    backends = ("stock", "razor")
+    print(f"{PROG}: throughput, stock and razor interleaved", file=sys.stderr)
+    try:
+        results = measure_throughput_interleaved(
+            {b: _engine_kwargs(args, model_dir, geo.dtype, b, **sizes) for b in backends},
+            contexts,
+            batches,
+            args.chunk,
+            decode_tokens,
+            seed=args.seed + 1000,
+            repeat=args.repeat,
+            fits_by_backend={b: fits_for(b) for b in backends},
+        )
+    except Exception as exc:  # noqa: BLE001 - recorded as each backend's error, as _each_backend does
+        print(f"{PROG}: throughput (interleaved) failed: {exc}", file=sys.stderr)
+        return {b: dict(error=f"{type(exc).__name__}: {exc}") for b in backends}, len(backends)
+    for backend, (pts, _info) in results.items():
+        points[backend] = {(p.context, p.batch): p.as_dict() for p in pts}
+    return {backend: info for backend, (_pts, info) in results.items()}, 0
 
 
 def _prefix_workload(args, model_dir, geo) -> tuple[dict[str, Any], int]:
@@ -587,7 +629,11 @@ def _meta(args, dtype, profile, model_dir, contexts, tp_contexts, batches, decod
         contexts=list(contexts),
         kv_bytes="per context: stock holds 2 full requests" if kv_fixed is None else kv_fixed,
         throughput=dict(
-            contexts=list(tp_contexts), batches=list(batches), decode_tokens=decode_tokens, repeat=args.repeat
+            contexts=list(tp_contexts),
+            batches=list(batches),
+            decode_tokens=decode_tokens,
+            repeat=args.repeat,
+            interleave=args.interleave,
         ),
         max_num_batched_tokens=args.chunk,
     )

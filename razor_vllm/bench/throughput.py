@@ -116,6 +116,46 @@ def best_of(runs: Sequence[ThroughputPoint]) -> ThroughputPoint:
     return replace(best_prefill, **{name: getattr(best_decode, name) for name in decode_fields})
 
 
+class ThroughputEngine:
+    """One fresh engine for throughput points, warmed up (first-step allocations and kernel set-up,
+    outside every measurement); ``info`` holds its settings."""
+
+    def __init__(self, engine_kwargs: dict[str, Any], backend: str, contexts: Sequence[int], seed: int) -> None:
+        from vllm import EngineArgs, SamplingParams
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self.backend = backend
+        self.engine = LLMEngine.from_engine_args(EngineArgs(**engine_kwargs))
+        try:
+            vc = self.engine.vllm_config
+            self.info = dict(
+                max_model_len=vc.model_config.max_model_len,
+                kv_cache_bytes=engine_kwargs.get("kv_cache_memory_bytes"),
+                num_gpu_blocks=vc.cache_config.num_gpu_blocks,
+                block_size=vc.cache_config.block_size,
+                dtype=str(vc.model_config.dtype).removeprefix("torch."),
+                max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens,
+                skipped=[],
+            )
+            warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+            warm_prompt = random_prompts(1, min(256, min(contexts)), seed=seed - 1)[0]
+            self.engine.add_request("warmup", {"prompt_token_ids": warm_prompt}, warm)
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+        except BaseException:
+            self.close()
+            raise
+
+    def point(self, context: int, batch: int, chunk: int, decode_tokens: int, seed: int) -> ThroughputPoint:
+        return measure_point(self.engine, self.backend, context, batch, chunk, decode_tokens, seed=seed)
+
+    def close(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            shutdown_engine(self.engine)
+            self.engine = None
+            gc.collect()
+
+
 def measure_throughput(
     engine_kwargs: dict[str, Any],
     backend: str,
@@ -133,46 +173,65 @@ def measure_throughput(
     With ``repeat > 1`` each point runs that many times (fresh prompts each) and keeps the best
     prefill and the best decode figure (the least disturbed by other load on the machine).
     ``fits(context, batch, max_tokens, info)`` says why a point cannot run all its requests at once
-    in this engine's KV cache (``info``: its settings below; None: it can); such points are listed in
-    ``info["skipped"]`` instead of measured (queued requests would make the figures meaningless).
+    in this engine's KV cache (None: it can); such points are listed in ``info["skipped"]`` instead of
+    measured (queued requests would make the figures meaningless).
     """
-    from vllm import EngineArgs, SamplingParams
-    from vllm.v1.engine.llm_engine import LLMEngine
+    results = measure_throughput_interleaved(
+        {backend: engine_kwargs},
+        contexts,
+        batches,
+        chunk,
+        decode_tokens,
+        seed,
+        on_point,
+        repeat,
+        {backend: fits} if fits else None,
+    )
+    return results[backend]
 
-    engine = LLMEngine.from_engine_args(EngineArgs(**engine_kwargs))
+
+def measure_throughput_interleaved(
+    kwargs_by_backend: dict[str, dict[str, Any]],
+    contexts: Sequence[int],
+    batches: Sequence[int],
+    chunk: int,
+    decode_tokens: int,
+    seed: int = 1000,
+    on_point: Optional[Callable[[ThroughputPoint], None]] = None,
+    repeat: int = 1,
+    fits_by_backend: Optional[dict[str, Callable[[int, int, int, dict[str, Any]], Optional[str]]]] = None,
+) -> dict[str, tuple[list[ThroughputPoint], dict[str, Any]]]:
+    """Every backend's engine started (in the order given) and kept at once; each point's repeats
+    alternate between them (stock, razor, stock, razor, ...), so a slow drift of the machine's speed
+    (other load, clock) reaches both sides of a ratio alike instead of one engine's whole run. The
+    same prompts (seeds) for every backend. Returns {backend: (points, info)} as ``measure_throughput``."""
+    engines: dict[str, ThroughputEngine] = {}
     try:
-        vc = engine.vllm_config
-        info = dict(
-            max_model_len=vc.model_config.max_model_len,
-            kv_cache_bytes=engine_kwargs.get("kv_cache_memory_bytes"),
-            num_gpu_blocks=vc.cache_config.num_gpu_blocks,
-            block_size=vc.cache_config.block_size,
-            dtype=str(vc.model_config.dtype).removeprefix("torch."),
-            max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens,
-            skipped=[],
-        )
-        # Warm-up: first-step allocations and kernel set-up, outside every measurement.
-        warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-        warm_prompt = random_prompts(1, min(256, min(contexts)), seed=seed - 1)[0]
-        engine.add_request("warmup", {"prompt_token_ids": warm_prompt}, warm)
-        while engine.has_unfinished_requests():
-            engine.step()
-        points = []
+        for backend, kwargs in kwargs_by_backend.items():
+            engines[backend] = ThroughputEngine(kwargs, backend, contexts, seed)
+        points: dict[str, list[ThroughputPoint]] = {backend: [] for backend in engines}
         for i, ctx in enumerate(contexts):
             for j, batch in enumerate(batches):
                 max_tokens = max_tokens_for(ctx, batch, chunk, decode_tokens)
-                reason = fits(ctx, batch, max_tokens, info) if fits else None
-                if reason:
-                    info["skipped"].append(dict(context=ctx, batch=batch, reason=reason))
-                    continue
-                seeds = [seed + 10000 * r + 100 * i + j for r in range(max(1, repeat))]
-                runs = [measure_point(engine, backend, ctx, batch, chunk, decode_tokens, seed=s) for s in seeds]
-                point = best_of(runs)
-                points.append(point)
-                if on_point is not None:
-                    on_point(point)
-        return points, info
+                runs: dict[str, list[ThroughputPoint]] = {}
+                for backend, engine in engines.items():
+                    fits = (fits_by_backend or {}).get(backend)
+                    reason = fits(ctx, batch, max_tokens, engine.info) if fits else None
+                    if reason:
+                        engine.info["skipped"].append(dict(context=ctx, batch=batch, reason=reason))
+                    else:
+                        runs[backend] = []
+                for r in range(max(1, repeat)):
+                    for backend in runs:
+                        runs[backend].append(
+                            engines[backend].point(ctx, batch, chunk, decode_tokens, seed + 10000 * r + 100 * i + j)
+                        )
+                for backend, backend_runs in runs.items():
+                    point = best_of(backend_runs)
+                    points[backend].append(point)
+                    if on_point is not None:
+                        on_point(point)
+        return {backend: (points[backend], engine.info) for backend, engine in engines.items()}
     finally:
-        shutdown_engine(engine)
-        del engine
-        gc.collect()
+        for engine in engines.values():
+            engine.close()
