@@ -149,6 +149,7 @@ def pytest_configure(config):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[int(worker[2:]) % len(cpus)])
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist runs everything in one process
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadscope`` with one work unit per test module (its module-scoped engine runs and
     fixtures are made once), and one for all the modules that use the shared server (started once).
@@ -164,6 +165,10 @@ def pytest_xdist_make_scheduler(config, log):
             module = nodeid.split("::")[0]
             return SERVER_FIXTURE if module in shared_server.TEST_MODULES else module
 
+    # Units in collection order (tests/engine/ first: the few long engine modules start first and the
+    # many short unit tests fill in at the end) instead of xdist's default, most tests first, which
+    # started the kernel and unit modules first and left the longest engine module for the tail.
+    config.option.loadscopereorder = False
     return ModuleScheduling(config, log)
 
 
