@@ -203,3 +203,38 @@ def test_conftest_fails_a_test_that_starts_an_engine_without_the_marker(pytester
     # make test-fast (-m "not engine") deselects the marked one and still catches the unmarked one
     fast = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "not engine")
     fast.assert_outcomes(passed=1, failed=1, deselected=2)
+
+
+# -- two workers, one module each (tests/conftest.py's scheduler) ----------------------------------------
+
+MODULE_TESTS = textwrap.dedent(
+    """
+    import pytest
+
+    @pytest.mark.parametrize("i", range(6))
+    def test_one(i):
+        pass
+    """
+)
+
+
+def test_each_module_runs_on_one_worker(pytester, request):
+    """``-n 2 --dist loadscope`` (``make test``): every test of a module on the same worker, so a module's
+    fixtures and engine runs are made once (xdist's own ``--dist loadgroup`` marks group nothing under
+    pytest 9.2, pytest-dev/pytest-xdist#1386)."""
+    tests = request.config.rootpath / "tests"
+    pytester.makeconftest((tests / "conftest.py").read_text())
+    pytester.makepyfile(shared_server=(tests / "shared_server.py").read_text())
+    pytester.makeini("[pytest]\nmarkers =\n    engine: starts an engine\n")
+    pytester.makepyfile(test_a=MODULE_TESTS, test_b=MODULE_TESTS, test_c=MODULE_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope", "-v")
+    result.assert_outcomes(passed=18)
+    workers: dict[str, set[str]] = {}
+    for line in result.outlines:
+        parts = line.split()
+        if parts and parts[0] in ("[gw0]", "[gw1]") and "PASSED" in parts:  # "[gw1] [ 38%] PASSED test_b.py::..."
+            module = next(p.split("::")[0] for p in parts if "::" in p)
+            workers.setdefault(module, set()).add(parts[0])
+    assert sorted(workers) == ["test_a.py", "test_b.py", "test_c.py"], result.outlines
+    assert all(len(w) == 1 for w in workers.values()), workers
+    assert set().union(*workers.values()) == {"[gw0]", "[gw1]"}  # and both workers had work
