@@ -21,11 +21,14 @@ def run_bench(tmp_path, *args: str) -> tuple[int, dict]:
 
 
 @pytest.mark.engine
-def test_tiny_synthetic_engines_measure_what_fits(tmp_path):
+@pytest.mark.parametrize("interleave", [False, True])
+def test_tiny_synthetic_engines_measure_what_fits(tmp_path, interleave):
     """Real engines with dummy weights: a batch that stock's KV cache cannot hold at once is listed
-    as skipped for stock and measured for razor, in the same KV bytes."""
+    as skipped for stock and measured for razor, in the same KV bytes; one engine after the other, or
+    both up at once with the runs alternating (``--interleave``)."""
     rc, data = run_bench(
         tmp_path,
+        *(["--interleave"] if interleave else []),
         "--model",
         "synthetic:tiny",
         "--retrieval-share",
@@ -47,6 +50,7 @@ def test_tiny_synthetic_engines_measure_what_fits(tmp_path):
         str(4 << 20),
     )
     assert rc == 0, data
+    assert data["meta"]["throughput"]["interleave"] is interleave
     rows = {r["batch"]: r for r in data["throughput"]}
     assert rows[1]["stock"]["decode_tok_s"] > 0 and rows[1]["razor"]["decode_tok_s"] > 0
     assert rows[1]["ratio_decode"] > 0
