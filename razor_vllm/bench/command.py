@@ -20,6 +20,7 @@ Three parts, one table each (printed) and one section each in the JSON file:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -33,6 +34,7 @@ DEFAULT_OUT = "out/bench.json"
 
 FULL = dict(contexts=[2048, 4096, 8192], tp_contexts=[1024, 4096], batches=[1, 8], decode_tokens=32)
 QUICK = dict(contexts=[1024, 2048], tp_contexts=[512, 1024], batches=[1, 4], decode_tokens=16)
+BACKENDS = ("stock", "razor")  # measured in this order: razor's block plan reads stock's engine
 STOCK_REQUESTS = 2.5  # default capacity KV size: stock holds floor(2.5) = 2 full requests
 SYNTHETIC_SHARE, SYNTHETIC_SINK, SYNTHETIC_WINDOW = 0.15, 4, 1024
 
@@ -345,28 +347,43 @@ def _engine_kwargs(args, model_dir: Path, dtype: str, backend: str, **overrides)
 
 
 def _each_backend(
-    what: str, args, model_dir: Path, dtype: str, sizes: dict[str, Any], measure: Callable[[str, dict], Any], bar=None
+    what: str,
+    args,
+    model_dir: Path,
+    dtype: str,
+    sizes: dict[str, Any],
+    measure: Callable[[dict[str, dict[str, Any]]], dict[str, Any]],
+    bar=None,
+    together: bool = False,
 ) -> tuple[dict[str, Any], int]:
-    """``measure(backend, engine_kwargs)`` for stock, then razor, each engine sized by ``sizes``
-    (``max_model_len``, KV bytes, ``max_num_seqs``): {backend: its result, or ``{"error": ...}``} and
-    how many failed. A failure is reported and recorded, and the other backend still runs; ``bar``
-    (tqdm) shows which engine runs and counts it done, without it each start is printed."""
+    """``measure({backend: engine_kwargs})`` for stock, then for razor, or (``together``) once for
+    both engines up at once; each engine sized by ``sizes`` (``max_model_len``, KV bytes,
+    ``max_num_seqs``). ``measure`` returns {backend: result}; this returns every backend's result, or
+    ``{"error": ...}`` where its call failed, and how many failed. A failure is reported and recorded,
+    and the other backend still runs; ``bar`` (tqdm) shows which engine runs and counts it done,
+    without it each start is printed."""
     results: dict[str, Any] = {}
     failures = 0
-    for backend in ("stock", "razor"):
+    for group in [BACKENDS] if together else [(backend,) for backend in BACKENDS]:
+        label = " and ".join(group)
         if bar is not None:
-            bar.set_description(f"{what} {backend}")
+            bar.set_description(f"{what} {label}")
         else:
-            print(f"{PROG}: {what}, {backend}", file=sys.stderr)
+            print(f"{PROG}: {what}, {label}", file=sys.stderr)
         try:
-            results[backend] = measure(backend, _engine_kwargs(args, model_dir, dtype, backend, **sizes))
+            results.update(measure({b: _engine_kwargs(args, model_dir, dtype, b, **sizes) for b in group}))
         except Exception as exc:  # noqa: BLE001 - record and go on with the other runs
-            results[backend] = dict(error=f"{type(exc).__name__}: {exc}")
-            failures += 1
-            print(f"{PROG}: {what} {backend} failed: {exc}", file=sys.stderr)
+            results.update({b: dict(error=f"{type(exc).__name__}: {exc}") for b in group})
+            failures += len(group)
+            print(f"{PROG}: {what} {label} failed: {exc}", file=sys.stderr)
         if bar is not None:
-            bar.update(1)
+            bar.update(len(group))
     return results, failures
+
+
+def _per_engine(measure_one: Callable[[str, dict[str, Any]], Any]):
+    """An ``_each_backend`` measure from ``measure_one(backend, engine_kwargs)`` (one engine at a time)."""
+    return lambda kwargs_by_backend: {b: measure_one(b, kwargs) for b, kwargs in kwargs_by_backend.items()}
 
 
 def _engine_parts(args, model_dir, geo, contexts, kv_for, tp_contexts, batches, decode_tokens):
@@ -437,7 +454,7 @@ def _capacity_at(args, model_dir, geo, ctx, kv_bytes, bar, seen_geometry) -> tup
         model_dir,
         geo.dtype,
         dict(max_model_len=ctx, kv_cache_memory_bytes=kv_bytes, max_num_seqs=num_requests + 1),
-        measure,
+        _per_engine(measure),
         bar,
     )
     entry.update(measured)
@@ -477,43 +494,50 @@ def _fits(geo: analytic.KVGeometry, backend: str, chunk: int, vllm_block_size: O
 
 
 def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
-    from razor_vllm.bench.throughput import max_tokens_for, measure_throughput
+    """Throughput points of stock and razor: one engine after the other, or (``--interleave``) both
+    up at once with each point's runs alternating; rows with razor/stock ratios, each engine's
+    settings, failures."""
+    from razor_vllm.bench.throughput import ThroughputEngine, max_tokens_for, measure_throughput
 
     longest, widest = max(contexts), max(batches)
     max_model_len = longest + max_tokens_for(longest, widest, args.chunk, decode_tokens) + 8
     # Room for the widest batch at the longest context in stock (razor needs far less), plus 10%.
     kv_bytes = _kv_fixed(args) or int(1.1 * widest * geo.stock_blocks(max_model_len) * geo.stock_block_bytes)
     points: dict[str, dict[tuple[int, int], dict]] = {}
-    stock_info: dict[str, Any] = {}
+    vllm_block_size: dict[str, int] = {}  # read from the stock engine: razor's layout is planned from it
 
-    def measure(backend: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        pts, info = measure_throughput(
-            kwargs,
-            backend,
-            contexts,
-            batches,
-            args.chunk,
-            decode_tokens,
-            seed=args.seed + 1000,
-            on_point=lambda p: bar.set_postfix(
-                ctx=p.context, batch=p.batch, prefill=f"{p.prefill_tok_s:.0f}", decode=f"{p.decode_tok_s:.1f}"
-            ),
-            repeat=args.repeat,
-            fits=_fits(geo, backend, args.chunk, vllm_block_size=stock_info.get("block_size")),
-        )
-        points[backend] = {(p.context, p.batch): p.as_dict() for p in pts}
-        if backend == "stock":
-            stock_info.update(info)
-        return info
+    def fits(engine: ThroughputEngine, context: int, batch: int, max_tokens: int) -> Optional[str]:
+        check = _fits(geo, engine.backend, args.chunk, vllm_block_size=vllm_block_size.get("stock"))
+        return check(context, batch, max_tokens, engine.info)
+
+    def measure(kwargs_by_backend: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        with contextlib.ExitStack() as stack:
+            engines = [
+                stack.enter_context(ThroughputEngine(kwargs, backend, contexts, args.seed + 1000))
+                for backend, kwargs in kwargs_by_backend.items()
+            ]
+            vllm_block_size.update({e.backend: e.info["block_size"] for e in engines if e.backend == "stock"})
+            measured = measure_throughput(
+                engines,
+                contexts,
+                batches,
+                args.chunk,
+                decode_tokens,
+                seed=args.seed + 1000,
+                on_point=lambda p: bar.set_postfix(
+                    ctx=p.context, batch=p.batch, prefill=f"{p.prefill_tok_s:.0f}", decode=f"{p.decode_tok_s:.1f}"
+                ),
+                repeat=args.repeat,
+                fits=fits,
+            )
+        for backend, pts in measured.items():
+            points[backend] = {(p.context, p.batch): p.as_dict() for p in pts}
+        return {e.backend: e.info for e in engines}
 
     sizes = dict(max_model_len=max_model_len, kv_cache_memory_bytes=kv_bytes, max_num_seqs=widest)
-    if args.interleave:
-        engines, failures = _throughput_interleaved(
-            args, model_dir, geo, contexts, batches, decode_tokens, sizes, points
-        )
-        bar.update(2)
-    else:
-        engines, failures = _each_backend("throughput", args, model_dir, geo.dtype, sizes, measure, bar)
+    engines, failures = _each_backend(
+        "throughput", args, model_dir, geo.dtype, sizes, measure, bar, together=args.interleave
+    )
     rows = []
     if "stock" in points and "razor" in points:
         for key in sorted(points["stock"].keys() | points["razor"].keys()):
@@ -530,42 +554,6 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
                 )
             )
     return rows, engines, failures
-
-
-def _throughput_interleaved(args, model_dir, geo, contexts, batches, decode_tokens, sizes, points):
-    """``--interleave``: both engines up at once, each point's runs alternating between them; fills
-    ``points`` and returns ({backend: engine settings}, failures) as ``_each_backend`` does."""
-    from razor_vllm.bench.throughput import measure_throughput_interleaved
-
-    infos: dict[str, dict[str, Any]] = {}
-
-    def fits_for(backend: str):
-        def check(context: int, batch: int, max_tokens: int, info: dict[str, Any]) -> Optional[str]:
-            infos[backend] = info  # stock's is checked first: razor's plan reads its block size
-            stock_block = infos.get("stock", {}).get("block_size")
-            return _fits(geo, backend, args.chunk, vllm_block_size=stock_block)(context, batch, max_tokens, info)
-
-        return check
-
-    backends = ("stock", "razor")
-    print(f"{PROG}: throughput, stock and razor interleaved", file=sys.stderr)
-    try:
-        results = measure_throughput_interleaved(
-            {b: _engine_kwargs(args, model_dir, geo.dtype, b, **sizes) for b in backends},
-            contexts,
-            batches,
-            args.chunk,
-            decode_tokens,
-            seed=args.seed + 1000,
-            repeat=args.repeat,
-            fits_by_backend={b: fits_for(b) for b in backends},
-        )
-    except Exception as exc:  # noqa: BLE001 - recorded as each backend's error, as _each_backend does
-        print(f"{PROG}: throughput (interleaved) failed: {exc}", file=sys.stderr)
-        return {b: dict(error=f"{type(exc).__name__}: {exc}") for b in backends}, len(backends)
-    for backend, (pts, _info) in results.items():
-        points[backend] = {(p.context, p.batch): p.as_dict() for p in pts}
-    return {backend: info for backend, (_pts, info) in results.items()}, 0
 
 
 def _prefix_workload(args, model_dir, geo) -> tuple[dict[str, Any], int]:
@@ -600,7 +588,7 @@ def _prefix_workload(args, model_dir, geo) -> tuple[dict[str, Any], int]:
         model_dir,
         geo.dtype,
         dict(max_model_len=max_model_len, kv_cache_memory_bytes=kv_bytes, max_num_seqs=max(2 * args.questions, 8)),
-        measure,
+        _per_engine(measure),
     )
     workload = dict(
         doc_tokens=args.doc_tokens,

@@ -1,6 +1,7 @@
 """Prefill and decode throughput of one engine at several context lengths and batch sizes.
 
-One fresh ``LLMEngine`` per backend serves every (context, batch) point, one point at a time,
+One fresh ``LLMEngine`` per backend serves every (context, batch) point, one point at a time
+(the two engines one after the other, or both up at once with each point's runs alternating),
 each with fresh random-token prompts (no prefix-cache hits; razor switches prefix caching off
 and the benchmark switches it off for stock too). Per point:
 
@@ -118,7 +119,8 @@ def best_of(runs: Sequence[ThroughputPoint]) -> ThroughputPoint:
 
 class ThroughputEngine:
     """One fresh engine for throughput points, warmed up (first-step allocations and kernel set-up,
-    outside every measurement); ``info`` holds its settings."""
+    outside every measurement); ``info`` holds its settings. A context manager: leaving it shuts the
+    engine down."""
 
     def __init__(self, engine_kwargs: dict[str, Any], backend: str, contexts: Sequence[int], seed: int) -> None:
         from vllm import EngineArgs, SamplingParams
@@ -149,6 +151,12 @@ class ThroughputEngine:
     def point(self, context: int, batch: int, chunk: int, decode_tokens: int, seed: int) -> ThroughputPoint:
         return measure_point(self.engine, self.backend, context, batch, chunk, decode_tokens, seed=seed)
 
+    def __enter__(self) -> "ThroughputEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:
             shutdown_engine(self.engine)
@@ -157,8 +165,7 @@ class ThroughputEngine:
 
 
 def measure_throughput(
-    engine_kwargs: dict[str, Any],
-    backend: str,
+    engines: Sequence[ThroughputEngine],
     contexts: Sequence[int],
     batches: Sequence[int],
     chunk: int,
@@ -166,72 +173,36 @@ def measure_throughput(
     seed: int = 1000,
     on_point: Optional[Callable[[ThroughputPoint], None]] = None,
     repeat: int = 1,
-    fits: Optional[Callable[[int, int, int, dict[str, Any]], Optional[str]]] = None,
-) -> tuple[list[ThroughputPoint], dict[str, Any]]:
-    """All (context, batch) points on one fresh engine; returns the points and the engine's settings.
+    fits: Optional[Callable[[ThroughputEngine, int, int, int], Optional[str]]] = None,
+) -> dict[str, list[ThroughputPoint]]:
+    """Every (context, batch) point on each of ``engines`` (started and warmed up): {backend: points}.
 
-    With ``repeat > 1`` each point runs that many times (fresh prompts each) and keeps the best
-    prefill and the best decode figure (the least disturbed by other load on the machine).
-    ``fits(context, batch, max_tokens, info)`` says why a point cannot run all its requests at once
-    in this engine's KV cache (None: it can); such points are listed in ``info["skipped"]`` instead of
-    measured (queued requests would make the figures meaningless).
+    With more than one engine, each point's runs alternate between them (stock, razor, stock, razor,
+    ...), so a slow drift of the machine's speed (other load, clock) reaches both sides of a ratio
+    alike instead of one engine's whole run. The same prompts (seeds) for every engine. With
+    ``repeat > 1`` each point runs that many times (fresh prompts each) and keeps the best prefill and
+    the best decode figure (the least disturbed by other load on the machine).
+    ``fits(engine, context, batch, max_tokens)`` says why a point cannot run all its requests at once
+    in that engine's KV cache (None: it can); such points are listed in the engine's
+    ``info["skipped"]`` instead of measured (queued requests would make the figures meaningless).
     """
-    results = measure_throughput_interleaved(
-        {backend: engine_kwargs},
-        contexts,
-        batches,
-        chunk,
-        decode_tokens,
-        seed,
-        on_point,
-        repeat,
-        {backend: fits} if fits else None,
-    )
-    return results[backend]
-
-
-def measure_throughput_interleaved(
-    kwargs_by_backend: dict[str, dict[str, Any]],
-    contexts: Sequence[int],
-    batches: Sequence[int],
-    chunk: int,
-    decode_tokens: int,
-    seed: int = 1000,
-    on_point: Optional[Callable[[ThroughputPoint], None]] = None,
-    repeat: int = 1,
-    fits_by_backend: Optional[dict[str, Callable[[int, int, int, dict[str, Any]], Optional[str]]]] = None,
-) -> dict[str, tuple[list[ThroughputPoint], dict[str, Any]]]:
-    """Every backend's engine started (in the order given) and kept at once; each point's repeats
-    alternate between them (stock, razor, stock, razor, ...), so a slow drift of the machine's speed
-    (other load, clock) reaches both sides of a ratio alike instead of one engine's whole run. The
-    same prompts (seeds) for every backend. Returns {backend: (points, info)} as ``measure_throughput``."""
-    engines: dict[str, ThroughputEngine] = {}
-    try:
-        for backend, kwargs in kwargs_by_backend.items():
-            engines[backend] = ThroughputEngine(kwargs, backend, contexts, seed)
-        points: dict[str, list[ThroughputPoint]] = {backend: [] for backend in engines}
-        for i, ctx in enumerate(contexts):
-            for j, batch in enumerate(batches):
-                max_tokens = max_tokens_for(ctx, batch, chunk, decode_tokens)
-                runs: dict[str, list[ThroughputPoint]] = {}
-                for backend, engine in engines.items():
-                    fits = (fits_by_backend or {}).get(backend)
-                    reason = fits(ctx, batch, max_tokens, engine.info) if fits else None
-                    if reason:
-                        engine.info["skipped"].append(dict(context=ctx, batch=batch, reason=reason))
-                    else:
-                        runs[backend] = []
-                for r in range(max(1, repeat)):
-                    for backend in runs:
-                        runs[backend].append(
-                            engines[backend].point(ctx, batch, chunk, decode_tokens, seed + 10000 * r + 100 * i + j)
-                        )
-                for backend, backend_runs in runs.items():
-                    point = best_of(backend_runs)
-                    points[backend].append(point)
-                    if on_point is not None:
-                        on_point(point)
-        return {backend: (points[backend], engine.info) for backend, engine in engines.items()}
-    finally:
-        for engine in engines.values():
-            engine.close()
+    points: dict[str, list[ThroughputPoint]] = {engine.backend: [] for engine in engines}
+    for i, ctx in enumerate(contexts):
+        for j, batch in enumerate(batches):
+            max_tokens = max_tokens_for(ctx, batch, chunk, decode_tokens)
+            runs: dict[ThroughputEngine, list[ThroughputPoint]] = {}
+            for engine in engines:
+                reason = fits(engine, ctx, batch, max_tokens) if fits else None
+                if reason:
+                    engine.info["skipped"].append(dict(context=ctx, batch=batch, reason=reason))
+                else:
+                    runs[engine] = []
+            for r in range(max(1, repeat)):
+                for engine, engine_runs in runs.items():
+                    engine_runs.append(engine.point(ctx, batch, chunk, decode_tokens, seed + 10000 * r + 100 * i + j))
+            for engine, engine_runs in runs.items():
+                point = best_of(engine_runs)
+                points[engine.backend].append(point)
+                if on_point is not None:
+                    on_point(point)
+    return points

@@ -4,12 +4,13 @@ tests/engine/test_bench_synthetic_engine.py)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from razor_vllm.bench import analytic, synthetic
-from razor_vllm.bench.command import _fits
+from razor_vllm.bench.command import _each_backend, _fits, add_arguments
 from razor_vllm.cli import main
 from razor_vllm.config import RazorProfile
 
@@ -88,3 +89,32 @@ def test_fit_rule(tmp_path, default_model_dir):
     assert _fits(compressed, "razor", chunk, vllm_block_size=16)(32768, 8, 100, razor_engine) is None
     # An engine laid out from another vLLM block size: no guess, the point runs.
     assert razor(32768, 64, 100, dict(razor_engine, block_size=razor_engine["block_size"] + 1)) is None
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_a_failing_engine_is_recorded_and_the_other_still_runs(tmp_path, capsys, together):
+    """``_each_backend``: the engine that fails is recorded as an error (named in the output) and
+    counted; one engine after the other, stock still gets its result; both up at once (--interleave),
+    the failure is both's."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--window", "64"])
+    args.load_format = None
+    calls: list[dict] = []
+
+    def measure(kwargs_by_backend):
+        calls.append(kwargs_by_backend)
+        if "razor" in kwargs_by_backend:
+            raise RuntimeError("razor could not start")
+        return {b: dict(points=1) for b in kwargs_by_backend}
+
+    results, failures = _each_backend(
+        "throughput", args, tmp_path, "float32", dict(max_model_len=64), measure, None, together
+    )
+    assert [sorted(c) for c in calls] == ([["razor", "stock"]] if together else [["stock"], ["razor"]])
+    assert all(kw["max_model_len"] == 64 for c in calls for kw in c.values())
+    assert calls[-1]["razor"]["attention_backend"] == "razor" and "attention_backend" not in calls[0]["stock"]
+    assert results["razor"] == dict(error="RuntimeError: razor could not start")
+    assert results["stock"] == (results["razor"] if together else dict(points=1))
+    assert failures == (2 if together else 1)
+    assert "razor could not start" in capsys.readouterr().err
