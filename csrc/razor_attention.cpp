@@ -36,7 +36,8 @@ namespace {
 
 constexpr int64_t kTileRows = 4 * at::vec::Vectorized<float>::size();  // query rows (queries x g) per task
 constexpr int64_t kLaneMinRows = 8;  // fewer rows than this (decode): one row at a time
-constexpr int64_t kKeyRun = 32;     // keys per online-softmax update
+constexpr int64_t kKeyRun = 32;     // keys per online-softmax update (one row at a time)
+constexpr int64_t kLaneRun = 64;    // keys per online-softmax update (rows in lanes)
 constexpr int64_t kParallelMinCost = 1 << 14;  // row x key pairs (~20 us of work) worth waking threads for
 constexpr int64_t kParallelMinCopy = 1 << 18;  // elements store_kv copies per thread (~1 MiB of fp32, ~50 us)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -194,6 +195,32 @@ FloatRows load_rows(const PagedRows<T>& cache, int64_t block, int64_t head, int6
   }
 }
 
+// Up to kLaneRun key (or value) rows of consecutive positions, across block boundaries: row j at
+// row[j]. The lane kernel's online-softmax bookkeeping is per run of keys, so a run that stopped at
+// each block's end (66-token retrieval blocks: runs of 32, 32 and 2) cost up to 1.5x as many.
+struct RowPointers {
+  const float* row[kLaneRun];
+  const float* operator[](int64_t j) const { return row[j]; }
+};
+
+// Rows of positions [pos, pos + n), n <= kLaneRun, of one request and head: the cache rows themselves
+// for float, converted copies in `buffer` otherwise.
+template <typename T>
+void gather_rows(const PagedRows<T>& cache, const Batch& batch, int64_t req, int64_t head, int64_t pos, int64_t n,
+                 int64_t D, float* buffer, RowPointers& out) {
+  for (int64_t j = 0; j < n;) {
+    const Run run = batch.run_at(req, pos + j, pos + n);
+    for (int64_t i = 0; i < run.n; ++i, ++j) {
+      if constexpr (std::is_same_v<T, float>) {
+        out.row[j] = cache.row(run.block, head, run.slot + i);
+      } else {
+        to_float(cache.row(run.block, head, run.slot + i), buffer + j * D, D);
+        out.row[j] = buffer + j * D;
+      }
+    }
+  }
+}
+
 // Per-thread buffers, sized for the largest tile. Every kernel writes what it reads, so a thread
 // keeps its buffers from call to call (thread_scratch): a decode step calls the kernels once per
 // layer and pool, each with little work, and allocating ~60 KB each time was a visible share.
@@ -202,8 +229,8 @@ struct Scratch {
   std::vector<float> m, l, acc, logits, keys, values, key_sum, value_sum, value_mean, out_row, query_t, lo, hi;
   Scratch(int64_t rows, int64_t D_)
       : padded_rows((rows + fVec::size() - 1) / fVec::size() * fVec::size()), D(D_),
-        m(padded_rows), l(padded_rows), acc(padded_rows * D), logits(kKeyRun * padded_rows), keys(kKeyRun * D),
-        values(kKeyRun * D), key_sum(D), value_sum(D), value_mean(D), out_row(D), query_t(padded_rows * D),
+        m(padded_rows), l(padded_rows), acc(padded_rows * D), logits(kLaneRun * padded_rows), keys(kLaneRun * D),
+        values(kLaneRun * D), key_sum(D), value_sum(D), value_mean(D), out_row(D), query_t(padded_rows * D),
         lo(padded_rows), hi(padded_rows) {}
 };
 
@@ -378,8 +405,24 @@ struct RowTile {
   }
 };
 
+// Keeps v in a register from here on: without it gcc folds the load of a value used by several
+// FMAs into each of them (one load per FMA instead of one in all), and the loop becomes load-bound.
+inline void in_register(fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 x = v;
+  asm volatile("" : "+v"(x));
+  v = x;
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 x = v;
+  asm volatile("" : "+x"(x));
+  v = x;
+#else
+  (void)v;
+#endif
+}
+
 // LaneTile: rows in SIMD lanes (prefill tiles, many rows per KV head). Scores and the value update
-// are register-blocked outer products (4 keys or 4 dims x up to 4 row vectors per step), so each
+// are register-blocked outer products (6 or 4 keys, or 4 dims, x up to 4 row vectors per step), so each
 // key/value element loaded from the cache serves a whole vector of query rows; the softmax bookkeeping
 // runs across rows at once. State is transposed: query_t[d][r] (pre-scaled), acc[d][r].
 template <typename T>
@@ -389,6 +432,7 @@ struct LaneTile {
   const TileInputs<T>& in;
   Scratch& s;
   int64_t P;  // padded row count: stride of the transposed buffers
+  int64_t all_see_from = 0, all_see_to = -1;  // keys every row of the tile sees (set by attend)
 
   LaneTile(const TileInputs<T>& inputs, Scratch& scratch)
       : in(inputs), s(scratch), P((inputs.rows + V - 1) / V * V) {
@@ -410,19 +454,24 @@ struct LaneTile {
     if (lo >= hi) return;
     // Visible key range per row, as floats for lane-wise compares; padded rows see nothing.
     int64_t first_seen = hi, last_seen = -1;
+    all_see_from = 0, all_see_to = hi;
     for (int64_t r = 0; r < P; ++r) {
       const int64_t t = in.position(std::min(r, in.rows - 1));
       const int64_t row_lo = window > 0 ? t - window + 1 : 0;
       s.lo[r] = r < in.rows ? static_cast<float>(row_lo) : 1.f;
       s.hi[r] = r < in.rows ? static_cast<float>(t) : 0.f;
-      if (r < in.rows) first_seen = std::min(first_seen, row_lo), last_seen = std::max(last_seen, t);
+      if (r < in.rows) {
+        first_seen = std::min(first_seen, row_lo), last_seen = std::max(last_seen, t);
+        all_see_from = std::max(all_see_from, row_lo), all_see_to = std::min(all_see_to, t);
+      }
     }
     lo = std::max(lo, first_seen);
     hi = std::min(hi, last_seen + 1);
-    in.batch.for_each_run(in.req, lo, hi, [&](const Run& run, const Run&) {
-      const int64_t pos0 = run.pos, n = run.n;
-      const FloatRows k = in.key_rows(run, s.keys.data());
-      const FloatRows v = in.value_rows(run, s.values.data());
+    RowPointers k, v;
+    for (int64_t pos0 = lo; pos0 < hi; pos0 += kLaneRun) {
+      const int64_t n = std::min(kLaneRun, hi - pos0);
+      gather_rows(in.keys, in.batch, in.req, in.pool_head, pos0, n, in.D, s.keys.data(), k);
+      gather_rows(in.values, in.batch, in.req, in.pool_head, pos0, n, in.D, s.values.data(), v);
       for (int64_t c0 = 0; c0 < P; c0 += kMaxVecs * V) {
         switch (std::min<int64_t>(kMaxVecs, (P - c0) / V)) {
           case 1: process<1>(k, v, pos0, n, c0); break;
@@ -431,29 +480,38 @@ struct LaneTile {
           default: process<4>(k, v, pos0, n, c0); break;
         }
       }
-    });
+    }
   }
 
   // Keys [pos0, pos0 + n) against rows [c0, c0 + C * V).
   template <int C>
-  void process(const FloatRows& k, const FloatRows& v, int64_t pos0, int64_t n, int64_t c0) {
+  void process(const RowPointers& k, const RowPointers& v, int64_t pos0, int64_t n, int64_t c0) {
     constexpr int64_t W = C * V;  // logits row stride: logits[j][c * V + lane]
     float* logits = s.logits.data();
     int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)  // 6 x 4 accumulators + 4 query vectors: fits 32 registers, not AVX2's 16
+    for (; j + 6 <= n; j += 6) scores<C, 6>(k, j, c0, logits + j * W);
+#endif
     for (; j + 4 <= n; j += 4) scores<C, 4>(k, j, c0, logits + j * W);
     for (; j < n; ++j) scores<C, 1>(k, j, c0, logits + j * W);
 
     const fVec neg_inf(kNegInf), zero(0.f);
     fVec row_max[C], alpha[C], shift[C], denom[C];
     for (int c = 0; c < C; ++c) row_max[c] = neg_inf;
-    for (j = 0; j < n; ++j) {
-      const fVec pos(static_cast<float>(pos0 + j));
-      for (int c = 0; c < C; ++c) {
-        const fVec visible =
-            (fVec::loadu(s.lo.data() + c0 + c * V) <= pos) & (pos <= fVec::loadu(s.hi.data() + c0 + c * V));
-        const fVec x = fVec::blendv(neg_inf, fVec::loadu(logits + j * W + c * V), visible);
-        x.store(logits + j * W + c * V);
-        row_max[c] = at::vec::maximum(row_max[c], x);
+    if (pos0 >= all_see_from && pos0 + n - 1 <= all_see_to) {  // every row sees every key: no mask
+      for (j = 0; j < n; ++j)
+        for (int c = 0; c < C; ++c) row_max[c] = at::vec::maximum(row_max[c], fVec::loadu(logits + j * W + c * V));
+    } else {
+      const float* lo = s.lo.data() + c0;  // local copies: the stores below could alias s's members
+      const float* hi = s.hi.data() + c0;
+      for (j = 0; j < n; ++j) {
+        const fVec pos(static_cast<float>(pos0 + j));
+        for (int c = 0; c < C; ++c) {
+          const fVec visible = (fVec::loadu(lo + c * V) <= pos) & (pos <= fVec::loadu(hi + c * V));
+          const fVec x = fVec::blendv(neg_inf, fVec::loadu(logits + j * W + c * V), visible);
+          x.store(logits + j * W + c * V);
+          row_max[c] = at::vec::maximum(row_max[c], x);
+        }
       }
     }
     for (int c = 0; c < C; ++c) {
@@ -481,7 +539,7 @@ struct LaneTile {
 
   // logits[kb][c] = sum_d k[j + kb][d] * query_t[d][c], for KB keys at once.
   template <int C, int KB>
-  void scores(const FloatRows& k, int64_t j, int64_t c0, float* out) const {
+  void scores(const RowPointers& k, int64_t j, int64_t c0, float* out) const {
     fVec acc[KB][C];
     for (int kb = 0; kb < KB; ++kb)
       for (int c = 0; c < C; ++c) acc[kb][c] = fVec(0.f);
@@ -490,7 +548,10 @@ struct LaneTile {
     const float* qt = s.query_t.data() + c0;
     for (int64_t d = 0; d < in.D; ++d, qt += P) {
       fVec q[C];
-      for (int c = 0; c < C; ++c) q[c] = fVec::loadu(qt + c * V);
+      for (int c = 0; c < C; ++c) {
+        q[c] = fVec::loadu(qt + c * V);
+        in_register(q[c]);
+      }
       for (int kb = 0; kb < KB; ++kb) {
         const fVec kd(key[kb][d]);
         for (int c = 0; c < C; ++c) acc[kb][c] = at::vec::fmadd(kd, q[c], acc[kb][c]);
@@ -502,14 +563,17 @@ struct LaneTile {
 
   // acc[d + db][c] = acc[d + db][c] * alpha[c] + sum_j v[j][d + db] * p[j][c], for DB dims at once.
   template <int C, int DB>
-  void update(const FloatRows& v, int64_t n, int64_t d, int64_t c0, const fVec* alpha, const float* p) {
+  void update(const RowPointers& v, int64_t n, int64_t d, int64_t c0, const fVec* alpha, const float* p) {
     constexpr int64_t W = C * V;
     fVec acc[DB][C];
     for (int db = 0; db < DB; ++db)
       for (int c = 0; c < C; ++c) acc[db][c] = fVec::loadu(s.acc.data() + (d + db) * P + c0 + c * V) * alpha[c];
     for (int64_t j = 0; j < n; ++j) {
       fVec pj[C];
-      for (int c = 0; c < C; ++c) pj[c] = fVec::loadu(p + j * W + c * V);
+      for (int c = 0; c < C; ++c) {
+        pj[c] = fVec::loadu(p + j * W + c * V);
+        in_register(pj[c]);
+      }
       const float* vj = v[j] + d;
       for (int db = 0; db < DB; ++db) {
         const fVec vd(vj[db]);
