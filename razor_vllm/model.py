@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,56 +70,74 @@ def is_prepared(model_dir: Path | None = None) -> bool:
 
 
 def prepare_default_model(model_dir: Path | None = None, force: bool = False, progress: bool = True) -> Path:
-    """Convert the packaged GGUF to a safetensors checkpoint in ``model_dir``; idempotent."""
+    """Convert the packaged GGUF to a safetensors checkpoint in ``model_dir``; idempotent.
+
+    Safe to call from several processes at once (pytest's workers each ask for the model on a fresh
+    machine): one converts, under a file lock next to ``model_dir``, into a temporary directory of its
+    own that replaces ``model_dir`` only when complete; the others wait and find it prepared. Two
+    converters sharing one temporary directory had produced a checkpoint without its tokenizer.
+    """
     model_dir = Path(model_dir or default_model_dir())
     if is_prepared(model_dir) and not force:
         return model_dir
+    from filelock import FileLock
 
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(model_dir.with_name(model_dir.name + ".lock"))):
+        if is_prepared(model_dir) and not force:  # another process converted it while this one waited
+            return model_dir
+        _convert(model_dir, progress)
+    return model_dir
+
+
+def _convert(model_dir: Path, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     steps = tqdm(total=4, desc=f"preparing {DEFAULT_MODEL_NAME}", unit="step", disable=not progress)
     source = gguf_path()
-    tmp_dir = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    # transformers reads GGUF from a directory + file name.
-    gguf_dir, gguf_name = source.parent, source.name
+    tmp_dir = Path(tempfile.mkdtemp(prefix=model_dir.name + ".", suffix=".tmp", dir=model_dir.parent))
+    tmp_dir.chmod(0o755)  # mkdtemp makes it private; the checkpoint is as readable as any download
+    try:
+        # transformers reads GGUF from a directory + file name.
+        gguf_dir, gguf_name = source.parent, source.name
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps.set_postfix_str("tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    tokenizer.save_pretrained(tmp_dir)
-    steps.update()
+        steps.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        tokenizer.save_pretrained(tmp_dir)
+        steps.update()
 
-    steps.set_postfix_str("de-quantising weights")
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, torch_dtype=torch.float32)
-    steps.update()
+        steps.set_postfix_str("de-quantising weights")
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, torch_dtype=torch.float32)
+        steps.update()
 
-    steps.set_postfix_str("writing safetensors")
-    # A GGUF load leaves a quantizer and quantization_config behind; vLLM would then try to
-    # load the checkpoint as quantised. The weights are already plain float tensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.torch_dtype = torch.float32
-    model.save_pretrained(tmp_dir, safe_serialization=True)
-    _write_sampling_defaults(tmp_dir)
-    steps.update()
+        steps.set_postfix_str("writing safetensors")
+        # A GGUF load leaves a quantizer and quantization_config behind; vLLM would then try to
+        # load the checkpoint as quantised. The weights are already plain float tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.torch_dtype = torch.float32
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        _write_sampling_defaults(tmp_dir)
+        steps.update()
 
-    (tmp_dir / _DONE_MARKER).write_text(
-        json.dumps(
-            {
-                "recipe": RECIPE_VERSION,
-                "source": str(source),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
-            indent=2,
+        (tmp_dir / _DONE_MARKER).write_text(
+            json.dumps(
+                {
+                    "recipe": RECIPE_VERSION,
+                    "source": str(source),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                indent=2,
+            )
         )
-    )
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp_dir.rename(model_dir)
-    steps.update()
-    steps.close()
-    return model_dir
+        shutil.rmtree(model_dir, ignore_errors=True)
+        tmp_dir.rename(model_dir)
+        steps.update()
+        steps.close()
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise

@@ -42,4 +42,8 @@ $PY -m pip install -q --no-build-isolation -e ".[test,bench]"
 # registry, sha512-checked against the registry's integrity, unpacked into the cache; no downloads at run time.
 say "fetching the evaluation corpus (once)"
 $PY -m razor_vllm.eval.corpus
+# The default model as a safetensors checkpoint (converted from the GGUF once, then cached): here, once,
+# rather than by whichever test or command asks for it first.
+say "preparing the default model (once)"
+.venv/bin/razor-vllm model prepare
 $PY -c "import razor_vllm, vllm; print('razor-vllm ready with vLLM', vllm.__version__)"

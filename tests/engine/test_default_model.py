@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -20,6 +22,29 @@ def test_prepare_is_idempotent_and_instant_the_second_time(default_model_dir):
     assert time.perf_counter() - start < 1.0
     assert (default_model_dir / "model.safetensors").is_file()
     assert (default_model_dir / "tokenizer.json").is_file()
+
+
+def test_two_processes_preparing_at_once_leave_one_complete_checkpoint(tmp_path):
+    """On a fresh machine pytest's two workers (or two commands) ask for the model at the same moment:
+    one converts, the other waits and finds it prepared. Two converters sharing one temporary
+    directory had left a checkpoint without its tokenizer, which every engine then failed to load."""
+    from transformers import AutoTokenizer
+
+    target = tmp_path / "SmolLM2-135M-Instruct"
+    code = (
+        "import sys; from pathlib import Path; from razor_vllm.model import prepare_default_model; "
+        "prepare_default_model(Path(sys.argv[1]), progress=False)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(target)], stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    errors = [proc.communicate(timeout=600)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    assert is_prepared(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"):
+        assert (target / name).is_file(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name, target.name + ".lock"]  # no temporaries
+    assert AutoTokenizer.from_pretrained(target)("Paris").input_ids
 
 
 def test_checkpoint_is_plain_not_quantised(default_model_dir):
