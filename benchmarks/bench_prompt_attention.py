@@ -39,9 +39,10 @@ def _copy(x):
     return x
 
 
-def record(backend: str, context: int, chunk: int) -> list:
-    """The attention calls of one prompt in a fresh engine, as (function, args, kwargs) to replay."""
-    from vllm import EngineArgs, SamplingParams
+def record(backend: str, context: int, chunk: int) -> tuple[object, list]:
+    """A fresh engine and the attention calls of one prompt in it, as (function, args, kwargs) to
+    replay (the engine holds the KV caches the calls read)."""
+    from vllm import EngineArgs, SamplingParams, envs
     from vllm import _custom_ops as vllm_ops
     from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -94,7 +95,7 @@ def record(backend: str, context: int, chunk: int) -> list:
                     causal=True,
                     sliding_window_size=-1,
                     isa=engine_isa(kw2["key_cache"], q.dtype),
-                    enable_kv_split=False,
+                    enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,  # as vLLM's builder
                 )
             calls.append((originals[name], args2, kw2))
             return originals[name](*args, **kw)
@@ -108,8 +109,7 @@ def record(backend: str, context: int, chunk: int) -> list:
     finally:
         for name, fn in originals.items():
             setattr(module, name, fn)
-    calls.append(engine)  # keeps the engine (its KV caches) alive with the calls
-    return calls
+    return engine, calls
 
 
 def engine_isa(key_cache: torch.Tensor, dtype: torch.dtype) -> str:
@@ -120,7 +120,7 @@ def engine_isa(key_cache: torch.Tensor, dtype: torch.dtype) -> str:
 
 def replay_ms(calls: list) -> float:
     start = time.perf_counter()
-    for fn, args, kw in calls[:-1]:
+    for fn, args, kw in calls:
         fn(*args, **kw)
     return (time.perf_counter() - start) * 1e3
 
@@ -132,16 +132,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="replays of each set, best kept (default: 5)")
     parser.add_argument("--out", default="out/bench_prompt_attention.json")
     args = parser.parse_args()
-    sets = {backend: record(backend, args.context, args.chunk) for backend in ("razor", "stock")}
-    best = {backend: float("inf") for backend in sets}
+    recorded = {backend: record(backend, args.context, args.chunk) for backend in ("razor", "stock")}
+    best = {backend: float("inf") for backend in recorded}
     for _ in range(args.repeat):
-        for backend, calls in sets.items():
+        for backend, (_engine, calls) in recorded.items():
             best[backend] = min(best[backend], replay_ms(calls))
     result = dict(
         context=args.context,
         chunk=args.chunk,
         threads=torch.get_num_threads(),
-        calls={backend: len(calls) - 1 for backend, calls in sets.items()},
+        calls={backend: len(calls) for backend, (_engine, calls) in recorded.items()},
         stock_ms=best["stock"],
         razor_ms=best["razor"],
         razor_over_stock=best["razor"] / best["stock"],

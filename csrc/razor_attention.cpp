@@ -432,7 +432,6 @@ struct LaneTile {
   const TileInputs<T>& in;
   Scratch& s;
   int64_t P;  // padded row count: stride of the transposed buffers
-  int64_t all_see_from = 0, all_see_to = -1;  // keys every row of the tile sees (set by attend)
 
   LaneTile(const TileInputs<T>& inputs, Scratch& scratch)
       : in(inputs), s(scratch), P((inputs.rows + V - 1) / V * V) {
@@ -454,7 +453,7 @@ struct LaneTile {
     if (lo >= hi) return;
     // Visible key range per row, as floats for lane-wise compares; padded rows see nothing.
     int64_t first_seen = hi, last_seen = -1;
-    all_see_from = 0, all_see_to = hi;
+    int64_t all_see_from = 0, all_see_to = hi;  // keys every row of the tile sees
     for (int64_t r = 0; r < P; ++r) {
       const int64_t t = in.position(std::min(r, in.rows - 1));
       const int64_t row_lo = window > 0 ? t - window + 1 : 0;
@@ -470,22 +469,23 @@ struct LaneTile {
     RowPointers k, v;
     for (int64_t pos0 = lo; pos0 < hi; pos0 += kLaneRun) {
       const int64_t n = std::min(kLaneRun, hi - pos0);
+      const bool masked = pos0 < all_see_from || pos0 + n - 1 > all_see_to;
       gather_rows(in.keys, in.batch, in.req, in.pool_head, pos0, n, in.D, s.keys.data(), k);
       gather_rows(in.values, in.batch, in.req, in.pool_head, pos0, n, in.D, s.values.data(), v);
       for (int64_t c0 = 0; c0 < P; c0 += kMaxVecs * V) {
         switch (std::min<int64_t>(kMaxVecs, (P - c0) / V)) {
-          case 1: process<1>(k, v, pos0, n, c0); break;
-          case 2: process<2>(k, v, pos0, n, c0); break;
-          case 3: process<3>(k, v, pos0, n, c0); break;
-          default: process<4>(k, v, pos0, n, c0); break;
+          case 1: process<1>(k, v, pos0, n, c0, masked); break;
+          case 2: process<2>(k, v, pos0, n, c0, masked); break;
+          case 3: process<3>(k, v, pos0, n, c0, masked); break;
+          default: process<4>(k, v, pos0, n, c0, masked); break;
         }
       }
     }
   }
 
-  // Keys [pos0, pos0 + n) against rows [c0, c0 + C * V).
+  // Keys [pos0, pos0 + n) against rows [c0, c0 + C * V); without `masked` every row sees every key.
   template <int C>
-  void process(const RowPointers& k, const RowPointers& v, int64_t pos0, int64_t n, int64_t c0) {
+  void process(const RowPointers& k, const RowPointers& v, int64_t pos0, int64_t n, int64_t c0, bool masked) {
     constexpr int64_t W = C * V;  // logits row stride: logits[j][c * V + lane]
     float* logits = s.logits.data();
     int64_t j = 0;
@@ -498,7 +498,7 @@ struct LaneTile {
     const fVec neg_inf(kNegInf), zero(0.f);
     fVec row_max[C], alpha[C], shift[C], denom[C];
     for (int c = 0; c < C; ++c) row_max[c] = neg_inf;
-    if (pos0 >= all_see_from && pos0 + n - 1 <= all_see_to) {  // every row sees every key: no mask
+    if (!masked) {
       for (j = 0; j < n; ++j)
         for (int c = 0; c < C; ++c) row_max[c] = at::vec::maximum(row_max[c], fVec::loadu(logits + j * W + c * V));
     } else {

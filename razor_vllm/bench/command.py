@@ -504,11 +504,13 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
     # Room for the widest batch at the longest context in stock (razor needs far less), plus 10%.
     kv_bytes = _kv_fixed(args) or int(1.1 * widest * geo.stock_blocks(max_model_len) * geo.stock_block_bytes)
     points: dict[str, dict[tuple[int, int], dict]] = {}
-    vllm_block_size: dict[str, int] = {}  # read from the stock engine: razor's layout is planned from it
+    started: dict[str, dict[str, Any]] = {}  # engine settings by backend: razor's layout is planned from stock's
 
     def fits(engine: ThroughputEngine, context: int, batch: int, max_tokens: int) -> Optional[str]:
-        check = _fits(geo, engine.backend, args.chunk, vllm_block_size=vllm_block_size.get("stock"))
-        return check(context, batch, max_tokens, engine.info)
+        stock_block = started.get("stock", {}).get("block_size")
+        return _fits(geo, engine.backend, args.chunk, vllm_block_size=stock_block)(
+            context, batch, max_tokens, engine.info
+        )
 
     def measure(kwargs_by_backend: dict[str, dict[str, Any]]) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
@@ -516,7 +518,7 @@ def _throughput(args, model_dir, geo, contexts, batches, decode_tokens, bar):
                 stack.enter_context(ThroughputEngine(kwargs, backend, contexts, args.seed + 1000))
                 for backend, kwargs in kwargs_by_backend.items()
             ]
-            vllm_block_size.update({e.backend: e.info["block_size"] for e in engines if e.backend == "stock"})
+            started.update({e.backend: e.info for e in engines})
             measured = measure_throughput(
                 engines,
                 contexts,
